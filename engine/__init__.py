@@ -1,0 +1,24 @@
+"""A small from-scratch Stable-Diffusion-family engine.
+
+    import engine
+    pipe = engine.load("path/to/diffusers-folder")          # or a single-file LDM .safetensors
+    image = pipe.generate("a red star", steps=30, seed=1)[0]
+"""
+import torch
+
+from .load import LoadError
+from .pipeline import Pipeline
+
+__all__ = ["load", "Pipeline", "LoadError"]
+
+
+def load(path, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Pipeline:
+    """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a Pipeline."""
+    from .load import load as _load
+
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
+        if isinstance(dtype, str):
+            raise ValueError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
+    return Pipeline(_load(path, dtype, device, variant, config, prediction_type))

@@ -1,0 +1,51 @@
+"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic writes."""
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def load(path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL image(s) → (B, 3, H, W) float32 in [-1, 1]."""
+    images = images if isinstance(images, (list, tuple)) else [images]
+    arr = np.stack([np.array(im.convert("RGB")).astype(np.float32) / 255.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in about [-1, 1] → PIL images (clamped, ×255, rounded)."""
+    arr = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+def save(image: Image.Image, path) -> Path:
+    """Write atomically: a temporary file in the same folder, renamed over `path` only once complete."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: output folder does not exist")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

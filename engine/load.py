@@ -1,0 +1,174 @@
+"""Folder / single-file checkpoints → configs + state dicts → models (built on `meta`, filled with assign=True)."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+from .schedule import SchedulerConfig
+from .tokenizer import Tokenizer
+
+PICKLED = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+_MODELS = {"unet": (UNet2DConditionModel, UNetConfig), "vae": (AutoencoderKL, VAEConfig),
+           "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the problem and the fix."""
+
+
+def _refuse_pickle(path: Path):
+    raise LoadError(f"{path}: pickled checkpoints ({path.suffix}) can run arbitrary code when loaded and are refused; "
+                    "convert it to .safetensors (safetensors.torch.save_file) and load that")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path} is missing: a diffusers folder needs it next to the weights") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} is not valid JSON ({e})") from None
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The .safetensors files of one component folder (single, sharded, or an `fp16`-style variant)."""
+    for stem in _WEIGHT_STEMS:
+        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+        if (folder / name).exists():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.exists():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise LoadError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [folder / s for s in shards]
+    pickled = [p for p in folder.glob("*") if p.suffix in PICKLED]
+    if pickled:
+        _refuse_pickle(pickled[0])
+    want = f" (variant {variant!r})" if variant else ""
+    raise LoadError(f"{folder}: no .safetensors weights found{want}; expected diffusion_pytorch_model.safetensors "
+                    "or model.safetensors, or a *.safetensors.index.json")
+
+
+def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
+    sd = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+            for k in fh.keys():
+                t = fh.get_tensor(k)
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return sd
+
+
+def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
+    """load_state_dict(assign=True) after checking names and shapes, reporting every mismatch by name."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in sorted(set(want) & set(sd))
+              if sd[k].shape != want[k].shape]
+    problems = [f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
+                f"{len(unexpected)} unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
+                f"{len(shapes)} mis-shaped: {'; '.join(shapes[:3])}" if shapes else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise LoadError(f"{where}: weights do not match the config: {' | '.join(problems)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def clip_keys(sd: dict) -> dict:
+    """transformers ≥ 5 saves CLIPTextModel keys without the `text_model.` prefix that older files carry."""
+    sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
+    sd.pop("text_model.embeddings.position_ids", None)
+    return sd
+
+
+def build(name: str, config: dict, sd: dict, where: str) -> torch.nn.Module:
+    cls, cfg_cls = _MODELS[name]
+    with torch.device("meta"):
+        model = cls(cfg_cls.from_dict(config))
+    return fill(model, sd, where)
+
+
+def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", variant=None) -> torch.nn.Module:
+    folder = Path(folder)
+    sd = read_state_dict(weight_files(folder, variant), device, dtype)
+    if name == "text_encoder":
+        sd = clip_keys(sd)
+    return build(name, read_json(folder / "config.json"), sd, str(folder))
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Tokenizer
+    scheduler: SchedulerConfig
+    low_res_scheduler: SchedulerConfig | None = None
+    max_noise_level: int | None = None
+
+
+def _scheduler(folder: Path) -> SchedulerConfig:
+    return SchedulerConfig.from_dict(read_json(folder / "scheduler_config.json"))
+
+
+def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> Components:
+    index = read_json(path / "model_index.json")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if name not in index:
+            raise LoadError(f"{path / 'model_index.json'} has no {name!r} component; this engine needs "
+                            "unet, vae, text_encoder, tokenizer and scheduler")
+    models = {n: load_component(path / n, n, dtype, device, variant) for n in _MODELS}
+    low_res = _scheduler(path / "low_res_scheduler") if "low_res_scheduler" in index else None
+    return Components(**models, tokenizer=Tokenizer.from_dir(path / "tokenizer"),
+                      scheduler=_scheduler(path / "scheduler"), low_res_scheduler=low_res,
+                      max_noise_level=index.get("max_noise_level"))
+
+
+def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path | None = None,
+                     prediction_type: str | None = None) -> Components:
+    """An SD 1.x / 2.x checkpoint in the original LDM key layout; configs + tokenizer from `config` (a
+    diffusers folder, weights not needed) or, without it, inferred from the tensor shapes (tokenizer still needed)."""
+    from . import ldm
+
+    sd = read_state_dict([path], device, dtype)
+    if config is not None:
+        config = Path(config)
+        configs = {n: read_json(config / n / "config.json") for n in _MODELS}
+        configs["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
+    else:
+        configs = ldm.infer_configs(sd)
+    if prediction_type is not None:
+        configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
+    if config is None or not (config / "tokenizer").exists():
+        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; pass config=DIR "
+                        "(a diffusers folder with tokenizer/vocab.json and tokenizer/merges.txt)")
+    converted = ldm.convert(sd, configs)
+    models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
+    return Components(**models, tokenizer=Tokenizer.from_dir(config / "tokenizer"),
+                      scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
+
+
+def load(path, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Components:
+    """A diffusers folder (model_index.json) or a single-file LDM `.safetensors` checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist; pass a diffusers model folder or a .safetensors file")
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise LoadError(f"{path} has no model_index.json; pass the top folder of a diffusers model")
+        return load_folder(path, dtype, device, variant)
+    if path.suffix in PICKLED:
+        _refuse_pickle(path)
+    if path.suffix != ".safetensors":
+        raise LoadError(f"{path}: unknown checkpoint type {path.suffix!r}; pass a folder or a .safetensors file")
+    return load_single_file(path, dtype, device, config, prediction_type)

@@ -1,0 +1,151 @@
+"""Text→image, img2img and x4 upscaling on loaded components: the Python API the CLI is a thin layer over."""
+import math
+
+import torch
+from PIL import Image
+
+from . import images, schedule
+from .denoiser import Denoiser, constant
+from .load import Components
+from .profile import stage
+from .rng import generator as make_generator, randn_tensor
+from .sample import ddim
+
+
+def _check_steps(steps):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: need a positive whole number of denoising steps, e.g. 50")
+
+
+def _check_guidance(g):
+    if not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance={g!r}: need a finite number ≥ 0 (7.5 is typical; ≤ 1 disables CFG)")
+
+
+def _check_eta(eta):
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta={eta!r}: need a finite number ≥ 0 (0 = deterministic DDIM)")
+
+
+class Pipeline:
+    """A loaded model. Methods return PIL images (output="pil") or tensors in [-1, 1] (output="pt")."""
+
+    def __init__(self, components: Components):
+        self.c = components
+        self.device = next(components.unet.parameters()).device
+        self.dtype = next(components.unet.parameters()).dtype
+
+    @property
+    def is_upscaler(self) -> bool:
+        return self.c.low_res_scheduler is not None
+
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None, guided: bool) -> torch.Tensor:
+        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D)."""
+        texts = (negative or [""] * len(prompts)) + prompts if guided else prompts
+        with stage("tokenize"):
+            ids = self.c.tokenizer(texts).to(self.device)
+        with stage("text encode"):
+            return self.c.text_encoder(ids)
+
+    def _prompts(self, prompt, negative):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt: need a string or a non-empty list of strings")
+        if negative is not None:
+            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            if len(negative) != len(prompts):
+                raise ValueError(f"negative: {len(negative)} negative prompts for {len(prompts)} prompts")
+        return prompts, negative
+
+    def _decode(self, latents, output):
+        with stage("vae decode"):
+            x = self.c.vae.decode_latents(latents.to(self.dtype))
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("the decoded image has NaN/inf values; try float32 (--dtype float32)")
+        return x if output == "pt" else images.to_pil(x)
+
+    @torch.no_grad()
+    def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None, width=None, eta=0.0,
+                 output="pil", progress=True):
+        """Text → image with DDIM. Same seed → same image as diffusers' StableDiffusionPipeline + DDIMScheduler."""
+        if self.is_upscaler:
+            raise ValueError("this is an x4 upscaler model: use upscale(), not generate()")
+        prompts, negative = self._prompts(prompt, negative)
+        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        f = self.c.vae.downscale
+        height, width = self._size(height, width)
+        den = Denoiser(self.c.unet, guidance)
+        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        gen = make_generator(seed)
+        shape = (len(prompts), self.c.unet.config.in_channels, height // f, width // f)
+        x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
+        x = ddim(den, x, cond, self.c.scheduler, steps, eta=eta, generator=gen, progress=progress)
+        return self._decode(x, output)
+
+    @torch.no_grad()
+    def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0, eta=0.0,
+                output="pil", progress=True):
+        """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt (diffusers img2img)."""
+        prompts, negative = self._prompts(prompt, negative)
+        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r}: need a number in (0, 1]; 1 ignores the image")
+        x0 = self._image_tensor(image, self.c.vae.downscale, len(prompts))
+        timesteps = schedule.timesteps(self.c.scheduler, steps, strength)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; raise either")
+        den = Denoiser(self.c.unet, guidance)
+        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        gen = make_generator(seed)
+        with stage("vae encode"):
+            z0 = self.c.vae.encode_latents(x0, sample=True, generator=gen)
+        noise = randn_tensor(z0.shape, gen, self.device, torch.float32).to(self.dtype)
+        x = schedule.q_sample(self.c.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
+        x = ddim(den, x, cond, self.c.scheduler, steps, strength, eta, gen, progress)
+        return self._decode(x, output)
+
+    @torch.no_grad()
+    def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0, eta=0.0,
+                output="pil", progress=True):
+        """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4 upscaler)."""
+        if not self.is_upscaler:
+            raise ValueError("upscale() needs an x4 upscaler model (a folder with low_res_scheduler/)")
+        prompts, negative = self._prompts(prompt, negative)
+        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        top = self.c.max_noise_level if self.c.max_noise_level is not None else 350
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+            raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
+        low = self._image_tensor(image, 1, len(prompts))
+        den = Denoiser(self.c.unet, guidance)
+        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        gen = make_generator(seed)
+        level = torch.tensor([noise_level], dtype=torch.long, device=self.device)
+        noise = randn_tensor(low.shape, gen, self.device, torch.float32).to(self.dtype)
+        den.concat = schedule.q_sample(self.c.low_res_scheduler, low, level, noise)
+        den.class_labels = level.repeat(low.shape[0])
+        shape = (low.shape[0], self.c.vae.config.latent_channels, *low.shape[2:])
+        x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
+        x = ddim(den, x, cond, self.c.scheduler, steps, eta=eta, generator=gen, progress=progress)
+        return self._decode(x, output)
+
+    def _size(self, height, width):
+        f = self.c.vae.downscale
+        default = (self.c.unet.config.sample_size or 64) * f
+        height, width = height or default, width or default
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
+                raise ValueError(f"{name}={v!r}: need a positive multiple of {f} (the VAE's downscale factor)")
+        return height, width
+
+    def _image_tensor(self, image, multiple, batch):
+        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+            image = images.load(image)
+        x = images.to_tensor(image) if isinstance(image, Image.Image) else torch.as_tensor(image)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image: need an RGB image or a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+        h, w = x.shape[2:]
+        if h % multiple or w % multiple:
+            raise ValueError(f"image is {w}×{h}: both sides must be multiples of {multiple}; resize or crop it")
+        if x.shape[0] == 1 and batch > 1:
+            x = x.repeat(batch, 1, 1, 1)
+        return x.to(self.device, self.dtype)

@@ -1,0 +1,18 @@
+"""Seeded noise drawn exactly as diffusers draws it, so the same seed gives the same image."""
+import torch
+
+
+def generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator("cpu").manual_seed(int(seed))
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None):
+    """diffusers' `randn_tensor`: drawn on the generator's device (a CPU generator draws on the CPU, then
+    moves), one draw per batch item when given a list of generators."""
+    device = torch.device(device or "cpu")
+    gens = generator if isinstance(generator, list) else [generator]
+    rand_device = gens[0].device if gens[0] is not None else device
+    if len(gens) == 1:
+        return torch.randn(shape, generator=gens[0], device=rand_device, dtype=dtype).to(device)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
+                      for g in gens[:shape[0]]]).to(device)

@@ -1,0 +1,36 @@
+"""The single kernel dispatch point.
+
+Models call only these functions. On CUDA with a supported shape and dtype a Triton kernel runs;
+everywhere else the torch op runs. `ENGINE_KERNELS=torch|triton` forces a path (the Triton kernels
+arrive with the kernels issue; until then every call takes the torch path).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("auto", "torch", "triton")
+
+
+def mode() -> str:
+    m = os.environ.get("ENGINE_KERNELS", "auto").lower()
+    if m not in _MODES:
+        raise ValueError(f"ENGINE_KERNELS={m!r} is not one of {_MODES}; unset it or pick one")
+    return m
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim) tensors; is_causal masks keys after the query."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None) -> torch.Tensor:
+    """GroupNorm, optionally followed by SiLU (act='silu')."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if act == "silu" else y
+
+
+def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, stride, padding)

@@ -1,0 +1,111 @@
+"""Tiny random SD-family models saved with diffusers / transformers `save_pretrained` (the references)."""
+import json
+import string
+
+import pytest
+import torch
+
+# The three families the engine must load: SD 1.x, SD 2.x, and the x4 upscaler, shrunk.
+UNETS = {
+    "sd1": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, cross_attention_dim=32,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=8,
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4),
+    "sd2": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=48,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, upcast_attention=True),
+    "x4": dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=16, in_channels=7,
+               cross_attention_dim=48, norm_num_groups=8, num_class_embeds=1000,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+               only_cross_attention=[True, True, False], attention_head_dim=8, use_linear_projection=True),
+}
+TEXT = {
+    "sd1": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"),
+    "sd2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
+    "x4": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
+}
+VAES = {
+    "sd1": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    "sd2": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    "x4": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+               scaling_factor=0.08333, down_block_types=("DownEncoderBlock2D",) * 3,
+               up_block_types=("UpDecoderBlock2D",) * 3),
+}
+SCHEDULERS = {
+    "sd1": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"),
+    "sd2": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"),
+    "x4": dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"),
+}
+
+
+def write_vocab(folder, pad="<|endoftext|>"):
+    """A character-level CLIP vocabulary (printable ASCII, with and without </w>) plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    chars = sorted(set(string.printable.strip()))
+    vocab = {}
+    for c in chars + [c + "</w>" for c in chars] + ["re", "red</w>", "st", "star</w>", "<|startoftext|>",
+                                                      "<|endoftext|>"]:
+        vocab.setdefault(c, len(vocab))
+    merges = ["#version: 0.2", "r e", "re d</w>", "s t", "st a", "sta r</w>"]
+    vocab["sta"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=77)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _perturb(model, scale=0.02):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def make_pipeline(kind: str, folder):
+    """Save a tiny diffusers pipeline of the given family into `folder` and return the diffusers object."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                           StableDiffusionUpscalePipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed({"sd1": 1, "sd2": 2, "x4": 3}[kind])
+    unet = _perturb(UNet2DConditionModel(**UNETS[kind]).eval())
+    vae = _perturb(AutoencoderKL(latent_channels=4, **VAES[kind]).eval())
+    tok = write_vocab(folder / "_vocab", pad="<|endoftext|>" if kind == "sd1" else "!")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), max_position_embeddings=77,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, **TEXT[kind])).eval()
+    sched = DDIMScheduler(**SCHEDULERS[kind])
+    if kind == "x4":
+        low = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
+        pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                              low_res_scheduler=low, scheduler=sched, max_noise_level=350)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # transformers 5 writes only tokenizer.json; hub SD folders have both
+        (folder / "tokenizer" / name).write_bytes((folder / "_vocab" / name).read_bytes())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """kind -> (folder, diffusers pipeline), built once per test session."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            folder = tmp_path_factory.mktemp(kind)
+            cache[kind] = (folder, make_pipeline(kind, folder))
+        return cache[kind]
+    return get
