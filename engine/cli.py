@@ -1,0 +1,98 @@
+"""`python -m engine generate|img2img|upscale ...`: a thin layer over the Python API."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from . import images
+from .profile import profiled
+
+
+def _common(p: argparse.ArgumentParser, steps: int, guidance: float):
+    p.add_argument("--model", required=True, help="a diffusers model folder (with model_index.json) or a "
+                   "single-file SD 1.x/2.x checkpoint in LDM key layout (.safetensors only)")
+    p.add_argument("--config", help="single-file checkpoints only: a diffusers folder whose configs and "
+                   "tokenizer to use (its weights are not needed)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
+                   help="override the scheduler's prediction type (e.g. v_prediction for SD 2.x 768-v single files)")
+    p.add_argument("--variant", help="load weight files of this variant, e.g. fp16 (unet/diffusion_pytorch_model.fp16.safetensors)")
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--negative", default=None, help="negative prompt, used as the unconditional branch of CFG (default: empty)")
+    p.add_argument("--steps", type=int, default=steps, help=f"number of DDIM denoising steps (default {steps})")
+    p.add_argument("--guidance", type=float, default=guidance,
+                   help=f"classifier-free guidance scale; ≤ 1 turns CFG off (default {guidance})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CPU generator; same seed → same image (default 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when complete")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR and print a "
+                   "per-stage timing table (tokenize, text encode, each UNet step, VAE decode)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text → image", description="Text → image with DDIM and classifier-free guidance.")
+    _common(g, 50, 7.5)
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's size)")
+    g.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's size)")
+    i = sub.add_parser("img2img", help="image + text → image (SDEdit)",
+                       description="Noise an image to a level set by --strength, then denoise it under the prompt.")
+    _common(i, 50, 7.5)
+    i.add_argument("--image", required=True, help="input image; its sides must be multiples of 8")
+    i.add_argument("--strength", type=float, default=0.8,
+                   help="how much of the schedule to run, in (0, 1]: 1 ignores the image (default 0.8)")
+    u = sub.add_parser("upscale", help="×4 super-resolution (SD x4-upscaler models)",
+                       description="×4 super-resolution conditioned on the noise-augmented low-res image.")
+    _common(u, 75, 9.0)
+    u.add_argument("--image", required=True, help="the low-resolution input image")
+    u.add_argument("--noise-level", type=int, default=20,
+                   help="noise added to the low-res image, 0..max_noise_level (default 20)")
+    return ap
+
+
+def _check_out(out: str) -> Path:
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {path.parent} does not exist")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image extension {path.suffix!r}; use .png or .jpg")
+    return path
+
+
+def run(args) -> Path:
+    import engine
+
+    out = _check_out(args.out)
+    with profiled(args.profile):
+        t0 = time.perf_counter()
+        pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                           config=args.config, prediction_type=args.prediction_type)
+        t_load = time.perf_counter() - t0
+        common = dict(negative=args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      eta=args.eta, progress=not args.quiet)
+        if args.command == "generate":
+            image = pipe.generate(args.prompt, height=args.height, width=args.width, **common)[0]
+        elif args.command == "img2img":
+            image = pipe.img2img(args.image, args.prompt, strength=args.strength, **common)[0]
+        else:
+            image = pipe.upscale(args.image, args.prompt, noise_level=args.noise_level, **common)[0]
+    images.save(image, out)
+    print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, total {time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, KeyError, FloatingPointError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
