@@ -1,0 +1,142 @@
+"""CLIP text transformer. Attribute names mirror the `text_model.*` keys of SD text-encoder checkpoints, so a
+transformers `model.safetensors` loads with `load_state_dict(sd, strict=True, assign=True)` into a model built
+on the meta device (see `_canonical_keys` for the two key layouts accepted)."""
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import attention
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP (SD 1.x)
+    "gelu": F.gelu,  # OpenCLIP (SD 2.x)
+}
+
+
+def _canonical_keys(module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook. transformers 4.x (the hub's SD text encoders) saved `text_model.*` keys, before
+    4.31 plus a `text_model.embeddings.position_ids` buffer; transformers 5 saves the same weights without the
+    `text_model.` prefix. Drop the buffer (positions are computed in forward); add the prefix where missing."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):].removeprefix("text_model.")
+        if rest == "embeddings.position_ids":
+            del state_dict[key]
+        elif not key.startswith(prefix + "text_model."):
+            state_dict[prefix + "text_model." + rest] = state_dict.pop(key)
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # 2 marks legacy configs: pool at argmax(input_ids) instead of the first eos.
+    eos_token_id: int = 49407
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+        """From a transformers config.json (a CLIPTextConfig, or a CLIPConfig's text_config); other keys are ignored."""
+        d = d.get("text_config", d)
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        if not isinstance(cfg.eos_token_id, int):
+            raise ValueError(f"eos_token_id={cfg.eos_token_id!r} must be a single int")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+        return cfg
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        n, max_n = inputs_embeds.shape[1], self.position_embedding.num_embeddings
+        if n > max_n:
+            raise ValueError(f"sequence of {n} tokens is longer than max_position_embeddings={max_n}")
+        return inputs_embeds + self.position_embedding(torch.arange(n, device=inputs_embeds.device))
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        # Bare containers only to reproduce the `text_model.encoder.layers.N` key prefixes.
+        self.text_model = nn.Module()
+        self.text_model.embeddings = Embeddings(cfg)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.register_load_state_dict_pre_hook(_canonical_keys)
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, skip_last_layers: int = 0
+    ) -> torch.Tensor:
+        """(B, N) token ids, or (B, N, D) token embeddings that replace their lookup -> (B, N, D) last_hidden_state.
+
+        skip_last_layers=k stops k layers early, then applies final_layer_norm (diffusers' clip_skip=k)."""
+        tm, layers = self.text_model, self.text_model.encoder.layers
+        if not 0 <= skip_last_layers < len(layers):
+            raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {len(layers)})")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = tm.embeddings.token_embedding(input_ids)
+        x = tm.embeddings(inputs_embeds)
+        for layer in layers[: len(layers) - skip_last_layers]:
+            x = layer(x)
+        return tm.final_layer_norm(x)
+
+    def pooled(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) hidden state at each sequence's first eos token (transformers' `pooler_output`)."""
+        ids = input_ids.to(device=last_hidden_state.device, dtype=torch.int)
+        eos = self.config.eos_token_id
+        pos = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
+        return last_hidden_state[torch.arange(ids.shape[0], device=ids.device), pos]
