@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.clip import CLIPTextConfig, CLIPTextModel, canonical_keys
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .schedule import SchedulerConfig
@@ -60,7 +60,11 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
 def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
     sd = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+        try:
+            fh = safe_open(str(f), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error type for a corrupt or non-safetensors file
+            raise LoadError(f"{f}: not a readable .safetensors file ({e})") from None
+        with fh:
             for k in fh.keys():
                 t = fh.get_tensor(k)
                 sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -84,13 +88,6 @@ def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def clip_keys(sd: dict) -> dict:
-    """transformers ≥ 5 saves CLIPTextModel keys without the `text_model.` prefix that older files carry."""
-    sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
-    sd.pop("text_model.embeddings.position_ids", None)
-    return sd
-
-
 def build(name: str, config: dict, sd: dict, where: str) -> torch.nn.Module:
     cls, cfg_cls = _MODELS[name]
     with torch.device("meta"):
@@ -102,7 +99,7 @@ def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", v
     folder = Path(folder)
     sd = read_state_dict(weight_files(folder, variant), device, dtype)
     if name == "text_encoder":
-        sd = clip_keys(sd)
+        canonical_keys(None, sd, "")
     return build(name, read_json(folder / "config.json"), sd, str(folder))
 
 
@@ -136,23 +133,26 @@ def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> 
 
 def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path | None = None,
                      prediction_type: str | None = None) -> Components:
-    """An SD 1.x / 2.x checkpoint in the original LDM key layout; configs + tokenizer from `config` (a
-    diffusers folder, weights not needed) or, without it, inferred from the tensor shapes (tokenizer still needed)."""
+    """An SD 1.x / 2.x checkpoint in the original LDM key layout. Configs come from `config` (a diffusers folder;
+    its weights are not needed) where it has them, else are inferred from tensor shapes; the tokenizer must
+    come from `config`, since single files carry none."""
     from . import ldm
 
+    if config is None or not (Path(config) / "tokenizer").is_dir():
+        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; pass config=DIR (--config), a "
+                        "diffusers folder with tokenizer/vocab.json + merges.txt (weights not needed)")
+    config = Path(config)
     sd = read_state_dict([path], device, dtype)
-    if config is not None:
-        config = Path(config)
-        configs = {n: read_json(config / n / "config.json") for n in _MODELS}
-        configs["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
-    else:
-        configs = ldm.infer_configs(sd)
+    given = {n: read_json(config / n / "config.json") for n in _MODELS if (config / n / "config.json").exists()}
+    if (config / "scheduler" / "scheduler_config.json").exists():
+        given["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
+    configs = given if len(given) == 4 else {**ldm.infer_configs(sd, prediction_type), **given}
     if prediction_type is not None:
         configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
-    if config is None or not (config / "tokenizer").exists():
-        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; pass config=DIR "
-                        "(a diffusers folder with tokenizer/vocab.json and tokenizer/merges.txt)")
-    converted = ldm.convert(sd, configs)
+    try:
+        converted = ldm.convert(sd, configs)
+    except KeyError as e:
+        raise LoadError(f"{path}: {e.args[0] if e.args else e}") from None
     models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
     return Components(**models, tokenizer=Tokenizer.from_dir(config / "tokenizer"),
                       scheduler=SchedulerConfig.from_dict(configs["scheduler"]))

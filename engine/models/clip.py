@@ -1,6 +1,6 @@
 """CLIP text transformer. Attribute names mirror the `text_model.*` keys of SD text-encoder checkpoints, so a
 transformers `model.safetensors` loads with `load_state_dict(sd, strict=True, assign=True)` into a model built
-on the meta device (see `_canonical_keys` for the two key layouts accepted)."""
+on the meta device (see `canonical_keys` for the two key layouts accepted)."""
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,7 +15,7 @@ ACTIVATIONS = {
 }
 
 
-def _canonical_keys(module, state_dict: dict, prefix: str, *_) -> None:
+def canonical_keys(module, state_dict: dict, prefix: str, *_) -> None:
     """load_state_dict pre-hook. transformers 4.x (the hub's SD text encoders) saved `text_model.*` keys, before
     4.31 plus a `text_model.embeddings.position_ids` buffer; transformers 5 saves the same weights without the
     `text_model.` prefix. Drop the buffer (positions are computed in forward); add the prefix where missing."""
@@ -114,7 +114,7 @@ class CLIPTextModel(nn.Module):
         self.text_model.encoder = nn.Module()
         self.text_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.text_model.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.register_load_state_dict_pre_hook(_canonical_keys)
+        self.register_load_state_dict_pre_hook(canonical_keys)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, skip_last_layers: int = 0

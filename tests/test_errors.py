@@ -1,0 +1,135 @@
+"""Bad input → one clear line on stderr, exit code 2, and no output file."""
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from engine.cli import main
+
+
+def _copy(tiny, kind, tmp_path):
+    folder, _ = tiny(kind)
+    return shutil.copytree(folder, tmp_path / f"model_{kind}")
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def _edit_weights(path, fn):
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path)
+
+
+def bad_path(tiny, tmp):
+    return ["--model", str(tmp / "nope")], "does not exist"
+
+
+def pickled_file(tiny, tmp):
+    (tmp / "model.ckpt").write_bytes(pickle.dumps({"state_dict": {}}))
+    return ["--model", str(tmp / "model.ckpt")], "pickled"
+
+
+def pickled_component(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    w = m / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(m / "unet" / "diffusion_pytorch_model.bin")
+    return ["--model", str(m)], "pickled"
+
+
+def corrupt_safetensors(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    (m / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file at all")
+    return ["--model", str(m)], "not a readable .safetensors"
+
+
+def missing_key(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_weights(m / "unet" / "diffusion_pytorch_model.safetensors", lambda sd: sd.pop("conv_in.weight"))
+    return ["--model", str(m)], "missing: conv_in.weight"
+
+
+def wrong_shape(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_weights(m / "vae" / "diffusion_pytorch_model.safetensors",
+                  lambda sd: sd.update({"quant_conv.bias": sd["quant_conv.bias"][:3].clone()}))
+    return ["--model", str(m)], "mis-shaped: quant_conv.bias"
+
+
+def unknown_scheduler_value(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_json(m / "scheduler" / "scheduler_config.json", beta_schedule="cosine_wobble")
+    return ["--model", str(m)], "beta_schedule"
+
+
+def unsupported_unet_value(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_json(m / "unet" / "config.json", act_fn="gelu")
+    return ["--model", str(m)], "act_fn"
+
+
+def height_not_multiple_of_8(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--height", "60"], "height=60"
+
+
+def negative_steps(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--steps", "-3"], "steps=-3"
+
+
+def guidance_nan(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--guidance", "nan"], "guidance=nan"
+
+
+def missing_out_folder(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--out", str(tmp / "no" / "such" / "dir.png")], "does not exist"
+
+
+def single_file_without_tokenizer(tiny, tmp):
+    (tmp / "m.safetensors").write_bytes(b"")
+    return ["--model", str(tmp / "m.safetensors")], "tokenizer"
+
+
+CASES = [bad_path, pickled_file, pickled_component, corrupt_safetensors, missing_key, wrong_shape,
+         unknown_scheduler_value, unsupported_unet_value, height_not_multiple_of_8, negative_steps, guidance_nan,
+         missing_out_folder, single_file_without_tokenizer]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_generate_bad_input(tiny, tmp_path, capsys, case):
+    args, expected = case(tiny, tmp_path)
+    capsys.readouterr()  # drop what building the fixture printed
+    out = tmp_path / "out.png"
+    argv = ["generate", "--prompt", "a star", "--steps", "2", "--out", str(out), "--quiet"] + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.png*"))  # no temporary left behind
+
+
+def test_img2img_wrong_image_size(tiny, tmp_path, capsys):
+    Image.fromarray(np.zeros((60, 64, 3), np.uint8)).save(tmp_path / "in.png")
+    out, model = tmp_path / "out.png", str(tiny("sd1")[0])
+    capsys.readouterr()
+    assert main(["img2img", "--model", model, "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                 "--steps", "2", "--out", str(out), "--quiet"]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_upscale_noise_level_too_high(tiny, tmp_path, capsys):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
+    out, model = tmp_path / "out.png", str(tiny("x4")[0])
+    capsys.readouterr()
+    assert main(["upscale", "--model", model, "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                 "--steps", "2", "--noise-level", "400", "--out", str(out), "--quiet"]) == 2
+    assert "noise_level=400" in capsys.readouterr().err
+    assert not out.exists()
