@@ -34,6 +34,7 @@ class Pipeline:
         self.c = components
         self.device = next(components.unet.parameters()).device
         self.dtype = next(components.unet.parameters()).dtype
+        self.vae_dtype = next(components.vae.parameters()).dtype  # fp32 when the VAE asks for force_upcast
 
     @property
     def is_upscaler(self) -> bool:
@@ -59,7 +60,7 @@ class Pipeline:
 
     def _decode(self, latents, output):
         with stage("vae decode"):
-            x = self.c.vae.decode_latents(latents.to(self.dtype))
+            x = self.c.vae.decode_latents(latents.to(self.vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image has NaN/inf values; try float32 (--dtype float32)")
         return x if output == "pt" else images.to_pil(x)
@@ -98,7 +99,7 @@ class Pipeline:
         cond = constant(self.encode_prompt(prompts, negative, den.guided))
         gen = make_generator(seed)
         with stage("vae encode"):
-            z0 = self.c.vae.encode_latents(x0, sample=True, generator=gen)
+            z0 = self.c.vae.encode_latents(x0.to(self.vae_dtype), sample=True, generator=gen).to(self.dtype)
         noise = randn_tensor(z0.shape, gen, self.device, torch.float32).to(self.dtype)
         x = schedule.q_sample(self.c.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
         x = ddim(den, x, cond, self.c.scheduler, steps, strength, eta, gen, progress)

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import conv
+
 _MODES = ("auto", "torch", "triton")
 
 
@@ -33,4 +35,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: 
 
 
 def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    if mode() == "auto" and conv.im2col_applies(x, weight, stride, padding):
+        return conv.im2col_conv3x3(x, weight, bias, stride)
     return F.conv2d(x, weight, bias, stride, padding)

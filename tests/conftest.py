@@ -1,6 +1,8 @@
 """Tiny random SD-family models saved with diffusers / transformers `save_pretrained` (the references)."""
 import json
 import string
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +81,8 @@ def make_pipeline(kind: str, folder):
     torch.manual_seed({"sd1": 1, "sd2": 2, "x4": 3}[kind])
     unet = _perturb(UNet2DConditionModel(**UNETS[kind]).eval())
     vae = _perturb(AutoencoderKL(latent_channels=4, **VAES[kind]).eval())
-    tok = write_vocab(folder / "_vocab", pad="<|endoftext|>" if kind == "sd1" else "!")
+    vocab = Path(tempfile.mkdtemp())
+    tok = write_vocab(vocab, pad="<|endoftext|>" if kind == "sd1" else "!")
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), max_position_embeddings=77,
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id, **TEXT[kind])).eval()
@@ -93,7 +96,7 @@ def make_pipeline(kind: str, folder):
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # transformers 5 writes only tokenizer.json; hub SD folders have both
-        (folder / "tokenizer" / name).write_bytes((folder / "_vocab" / name).read_bytes())
+        (folder / "tokenizer" / name).write_bytes((vocab / name).read_bytes())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -171,4 +171,4 @@ class UNet2DConditionModel(nn.Module):
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, skips[-1].shape[2:])
 
-        return self.conv_out(self.conv_norm_out(h, act="silu"))
+        return self.conv_out(self.conv_norm_out(h, act="silu")).contiguous()

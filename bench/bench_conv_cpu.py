@@ -1,0 +1,63 @@
+"""3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) on the CPU: oneDNN (channels-last) vs NHWC
+im2col + GEMM (kernels/conv.py). Medians of alternating runs; writes bench/results/conv_cpu.json.
+
+    python bench/bench_conv_cpu.py [--repeats 7]
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kernels.conv import IM2COL_MAX_PIXELS, im2col_conv3x3  # noqa: E402
+
+# (C_in, C_out, H = W, stride) of the SD1.5 UNet's 3×3 convolutions at a 64×64 latent
+SHAPES = [(320, 320, 64, 1), (640, 320, 64, 1), (640, 640, 32, 1), (1280, 640, 32, 1), (320, 320, 64, 2),
+          (640, 640, 32, 2), (1280, 1280, 16, 1), (2560, 1280, 16, 1), (1280, 1280, 16, 2), (1280, 1280, 8, 1),
+          (2560, 1280, 8, 1)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    rows = []
+    with torch.inference_mode():
+        for cin, cout, s, stride in SHAPES:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, cin, s, s, generator=g).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5).contiguous(
+                memory_format=torch.channels_last)
+            b = torch.randn(cout, generator=g)
+            fns = {"onednn": lambda: F.conv2d(x, w, b, stride, 1), "im2col": lambda: im2col_conv3x3(x, w, b, stride)}
+            diff = (fns["onednn"]() - fns["im2col"]()).abs().max().item()
+            times = {k: [] for k in fns}
+            for _ in range(args.repeats):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            out_px = 2 * ((s - 1) // stride + 1) ** 2
+            gflop = 2 * out_px * cout * cin * 9 / 1e9
+            rows.append({"c_in": cin, "c_out": cout, "size": s, "stride": stride, "out_pixels": out_px,
+                         "gflop": gflop, "ms": med, "speedup_im2col": med["onednn"] / med["im2col"],
+                         "engine_uses_im2col": out_px <= IM2COL_MAX_PIXELS, "max_abs_diff": diff})
+            print(f"{cin:>5}→{cout:<5} {s:>3}² s{stride}  oneDNN {med['onednn']:7.1f} ms  im2col {med['im2col']:7.1f} ms"
+                  f"  ×{rows[-1]['speedup_im2col']:.2f}  {'(used)' if rows[-1]['engine_uses_im2col'] else ''}")
+    out = ROOT / "bench" / "results" / "conv_cpu.json"
+    out.write_text(json.dumps({"device": f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
+                               "torch": torch.__version__, "batch": 2, "dtype": "float32",
+                               "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    print(f"→ {out}")
+
+
+if __name__ == "__main__":
+    main()

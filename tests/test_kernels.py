@@ -1,0 +1,45 @@
+"""The dispatch point and the CPU im2col convolution against torch's reference op."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.conv import im2col_applies, im2col_conv3x3
+
+
+@pytest.mark.parametrize("cin,cout,h,w,stride", [
+    (1280, 1280, 8, 8, 1), (2560, 1280, 8, 8, 1), (640, 1280, 16, 16, 2),  # SD1.5 UNet classes, batch 1
+    (7, 5, 9, 13, 1), (7, 5, 9, 13, 2), (3, 4, 1, 1, 1)])                  # odd sizes
+def test_im2col_matches_conv2d(cin, cout, h, w, stride):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    b = torch.randn(cout, generator=g)
+    want = F.conv2d(x, wt, b, stride, 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = im2col_conv3x3(x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt), b, stride)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert (im2col_conv3x3(x, wt, None, stride) - F.conv2d(x, wt, None, stride, 1)).abs().max().item() <= 1e-4
+
+
+def test_dispatch_rule_and_kill_switch(monkeypatch):
+    small, large = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 32, 32)
+    wt, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    assert im2col_applies(small, wt, 1, 1) and not im2col_applies(large, wt, 1, 1)
+    assert not im2col_applies(small, torch.randn(8, 8, 1, 1), 1, 0)
+    monkeypatch.setenv("ENGINE_KERNELS", "torch")
+    assert torch.equal(kernels.conv2d(small, wt, b, 1, 1), F.conv2d(small, wt, b, 1, 1))
+    monkeypatch.setenv("ENGINE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ENGINE_KERNELS"):
+        kernels.conv2d(small, wt, b, 1, 1)
+
+
+def test_attention_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 77, 40, generator=g) for _ in range(3))
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 40**0.5, -1) @ v
+    assert (kernels.attention(q, k, v) - ref).abs().max().item() <= 1e-5
+    mask = torch.ones(77, 77, dtype=torch.bool).tril()
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 40**0.5).masked_fill(~mask, float("-inf")), -1) @ v
+    assert (kernels.attention(q, k, v, is_causal=True) - ref).abs().max().item() <= 1e-5
