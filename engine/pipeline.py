@@ -12,19 +12,14 @@ from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
 
 
-def _check_steps(steps):
+def _check(steps, guidance, eta, output):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}: need a positive whole number of denoising steps, e.g. 50")
-
-
-def _check_guidance(g):
-    if not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-        raise ValueError(f"guidance={g!r}: need a finite number ≥ 0 (7.5 is typical; ≤ 1 disables CFG)")
-
-
-def _check_eta(eta):
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta={eta!r}: need a finite number ≥ 0 (0 = deterministic DDIM)")
+    for name, v, hint in (("guidance", guidance, "7.5 is typical; ≤ 1 disables CFG"), ("eta", eta, "0 = deterministic DDIM")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}={v!r}: need a finite number ≥ 0 ({hint})")
+    if output not in ("pil", "pt"):
+        raise ValueError(f"output={output!r}: use 'pil' for PIL images or 'pt' for tensors in [-1, 1]")
 
 
 class Pipeline:
@@ -48,7 +43,11 @@ class Pipeline:
         with stage("text encode"):
             return self.c.text_encoder(ids)
 
-    def _prompts(self, prompt, negative):
+    def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False):
+        """Check the arguments shared by every method before any work; returns (prompts, negatives)."""
+        if upscaler != self.is_upscaler:
+            raise ValueError("this is an x4 upscaler model: use upscale()" if self.is_upscaler else
+                             "upscale() needs an x4 upscaler model (a folder with low_res_scheduler/)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt: need a string or a non-empty list of strings")
@@ -56,6 +55,7 @@ class Pipeline:
             negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
             if len(negative) != len(prompts):
                 raise ValueError(f"negative: {len(negative)} negative prompts for {len(prompts)} prompts")
+        _check(steps, guidance, eta, output)
         return prompts, negative
 
     def _decode(self, latents, output):
@@ -69,10 +69,7 @@ class Pipeline:
     def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None, width=None, eta=0.0,
                  output="pil", progress=True):
         """Text → image with DDIM. Same seed → same image as diffusers' StableDiffusionPipeline + DDIMScheduler."""
-        if self.is_upscaler:
-            raise ValueError("this is an x4 upscaler model: use upscale(), not generate()")
-        prompts, negative = self._prompts(prompt, negative)
-        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         f = self.c.vae.downscale
         height, width = self._size(height, width)
         den = Denoiser(self.c.unet, guidance)
@@ -87,8 +84,7 @@ class Pipeline:
     def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0, eta=0.0,
                 output="pil", progress=True):
         """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt (diffusers img2img)."""
-        prompts, negative = self._prompts(prompt, negative)
-        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: need a number in (0, 1]; 1 ignores the image")
         x0 = self._image_tensor(image, self.c.vae.downscale, len(prompts))
@@ -109,10 +105,7 @@ class Pipeline:
     def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0, eta=0.0,
                 output="pil", progress=True):
         """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4 upscaler)."""
-        if not self.is_upscaler:
-            raise ValueError("upscale() needs an x4 upscaler model (a folder with low_res_scheduler/)")
-        prompts, negative = self._prompts(prompt, negative)
-        _check_steps(steps), _check_guidance(guidance), _check_eta(eta)
+        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output, upscaler=True)
         top = self.c.max_noise_level if self.c.max_noise_level is not None else 350
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")

@@ -117,21 +117,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    # On the CPU every fresh buffer over 32 MB is mmapped and page-faulted anew; token chunks whose GEGLU
-    # activations stay under 16 MB reuse malloc's heap instead (measured 22% faster on SD1.5's 64² level).
-    CPU_CHUNK_ELEMENTS = 1 << 22
-
     def __init__(self, dim, mult=4):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
 
     def forward(self, x):
-        rows = x.shape[:-1].numel()
-        chunks = -(-rows * self.net[0].proj.out_features // self.CPU_CHUNK_ELEMENTS) if x.device.type == "cpu" else 1
-        if chunks <= 1:
-            return self.net[2](self.net[0](x))
-        flat = x.reshape(rows, -1)
-        return torch.cat([self.net[2](self.net[0](c)) for c in flat.chunk(chunks)]).view(*x.shape[:-1], -1)
+        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
