@@ -1,5 +1,5 @@
-"""3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) on the CPU: oneDNN (channels-last) vs NHWC
-im2col + GEMM (kernels/conv.py). Medians of alternating runs; writes bench/results/conv_cpu.json.
+"""3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) on the CPU: oneDNN on NCHW and on channels-last
+tensors, and NHWC im2col + GEMM (kernels/conv.py). Medians of alternating runs; writes bench/results/conv_cpu.json.
 
     python bench/bench_conv_cpu.py [--repeats 7]
 """
@@ -36,7 +36,9 @@ def main():
             w = (torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5).contiguous(
                 memory_format=torch.channels_last)
             b = torch.randn(cout, generator=g)
-            fns = {"onednn": lambda: F.conv2d(x, w, b, stride, 1), "im2col": lambda: im2col_conv3x3(x, w, b, stride)}
+            xn, wn = x.contiguous(), w.contiguous()
+            fns = {"onednn_nchw": lambda: F.conv2d(xn, wn, b, stride, 1), "onednn": lambda: F.conv2d(x, w, b, stride, 1),
+                   "im2col": lambda: im2col_conv3x3(x, w, b, stride)}
             diff = (fns["onednn"]() - fns["im2col"]()).abs().max().item()
             times = {k: [] for k in fns}
             for _ in range(args.repeats):
@@ -49,8 +51,10 @@ def main():
             gflop = 2 * out_px * cout * cin * 9 / 1e9
             rows.append({"c_in": cin, "c_out": cout, "size": s, "stride": stride, "out_pixels": out_px,
                          "gflop": gflop, "ms": med, "speedup_im2col": med["onednn"] / med["im2col"],
+                         "speedup_channels_last": med["onednn_nchw"] / med["onednn"],
                          "engine_uses_im2col": out_px <= IM2COL_MAX_PIXELS, "max_abs_diff": diff})
-            print(f"{cin:>5}→{cout:<5} {s:>3}² s{stride}  oneDNN {med['onednn']:7.1f} ms  im2col {med['im2col']:7.1f} ms"
+            print(f"{cin:>5}→{cout:<5} {s:>3}² s{stride}  NCHW {med['onednn_nchw']:7.1f} ms  NHWC {med['onednn']:7.1f} ms"
+                  f"  im2col {med['im2col']:7.1f} ms"
                   f"  ×{rows[-1]['speedup_im2col']:.2f}  {'(used)' if rows[-1]['engine_uses_im2col'] else ''}")
     out = ROOT / "bench" / "results" / "conv_cpu.json"
     out.write_text(json.dumps({"device": f"CPU {platform.machine()} x{torch.get_num_threads()} threads",

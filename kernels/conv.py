@@ -1,7 +1,7 @@
 """Convolution paths other than the plain torch op.
 
 CPU: oneDNN's direct 3×3 convolution is slow when there are few output pixels (the SD UNet's 16×16 and 8×8
-levels); there, gathering NHWC patches and doing one GEMM is faster (1.1–2.0× in bench/results/conv_cpu.json).
+levels); there, gathering NHWC patches and doing one GEMM is faster (1.1–1.8× in bench/results/conv_cpu.json).
 """
 import torch
 import torch.nn.functional as F
