@@ -44,6 +44,9 @@ def save(image: Image.Image, path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

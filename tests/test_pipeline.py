@@ -1,4 +1,5 @@
 """End-to-end parity with diffusers pipelines on the same folders (CPU, fp32), and the loader's components."""
+import os
 import subprocess
 import sys
 
@@ -121,6 +122,9 @@ def test_cli_writes_image_and_profile(tiny, tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--prompt", "a red star", "--steps", "3", "--out", str(out),
                  "--profile", str(tmp_path / "prof"), "--quiet"]) == 0
     assert Image.open(out).size == (64, 64)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     printed = capsys.readouterr().out
     for stage in ("tokenize", "text encode", "unet step 3", "vae decode"):
