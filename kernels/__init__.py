@@ -1,8 +1,8 @@
 """The single kernel dispatch point.
 
-Models call only these functions. On CUDA with a supported shape and dtype a Triton kernel runs;
-everywhere else the torch op runs. `ENGINE_KERNELS=torch|triton` forces a path (the Triton kernels
-arrive with the kernels issue; until then every call takes the torch path).
+Models call only these functions. `ENGINE_KERNELS=auto` (default) takes the fastest path measured for the
+device: for now the torch ops, except small 3×3 convolutions on the CPU (kernels/conv.py). `torch` forces the
+plain torch ops everywhere. `triton` is reserved for the Triton kernels (CUDA), which are not written yet.
 """
 import os
 

@@ -56,7 +56,7 @@ class UNetConfig:
     def from_dict(cls, d: dict) -> "UNetConfig":
         names = {f.name for f in fields(cls)}
         for k, v in d.items():
-            if k in _FIXED and v != _FIXED[k] and not (isinstance(v, float) and v == _FIXED[k]):
+            if k in _FIXED and v != _FIXED[k]:
                 raise ValueError(f"unet config: {k}={v!r} is not supported (only {_FIXED[k]!r})")
             if k not in names and k not in _FIXED and k not in _IGNORED:
                 raise ValueError(f"unet config: unknown field {k!r}; this engine does not implement it")
