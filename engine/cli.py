@@ -4,8 +4,6 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from . import images
 from .profile import profiled
 
@@ -56,19 +54,10 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_out(out: str) -> Path:
-    path = Path(out)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {path.parent} does not exist")
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--out {out}: unknown image extension {path.suffix!r}; use .png or .jpg")
-    return path
-
-
 def run(args) -> Path:
     import engine
 
-    out = _check_out(args.out)
+    out, _ = images.check_out(args.out)
     with profiled(args.profile):
         t0 = time.perf_counter()
         pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,

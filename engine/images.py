@@ -32,14 +32,20 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
 
 
-def save(image: Image.Image, path) -> Path:
-    """Write atomically: a temporary file in the same folder, renamed over `path` only once complete."""
+def check_out(path) -> tuple[Path, str]:
+    """(path, PIL format) of an image file we may write, or a one-line error; call it before long work."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: output folder does not exist")
+        raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")
+    return path, fmt
+
+
+def save(image: Image.Image, path) -> Path:
+    """Write atomically: a temporary file in the same folder, renamed over `path` only once complete."""
+    path, fmt = check_out(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
