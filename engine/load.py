@@ -172,6 +172,12 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
 def load(path, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Components:
     """A diffusers folder (model_index.json) or a single-file LDM `.safetensors` checkpoint."""
     path = Path(path)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LoadError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"device={str(device)!r}: this torch has no CUDA device; use --device cpu")
     if not path.exists():
         raise LoadError(f"{path} does not exist; pass a diffusers model folder or a .safetensors file")
     if path.is_dir():

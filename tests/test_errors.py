@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -96,7 +97,13 @@ def single_file_without_tokenizer(tiny, tmp):
     return ["--model", str(tmp / "m.safetensors")], "tokenizer"
 
 
-CASES = [bad_path, pickled_file, pickled_component, corrupt_safetensors, missing_key, wrong_shape,
+def unavailable_device(tiny, tmp):
+    if torch.cuda.is_available():
+        return ["--model", str(tiny("sd1")[0]), "--device", "warp9"], "not a torch device"
+    return ["--model", str(tiny("sd1")[0]), "--device", "cuda"], "no CUDA device"
+
+
+CASES = [unavailable_device, bad_path, pickled_file, pickled_component, corrupt_safetensors, missing_key, wrong_shape,
          unknown_scheduler_value, unsupported_unet_value, height_not_multiple_of_8, negative_steps, guidance_nan,
          missing_out_folder, single_file_without_tokenizer]
 
