@@ -96,7 +96,7 @@ def main():
     pair_ratio = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     top = prof.key_averages().table(sort_by=key, row_limit=12)
-    total_self = sum(getattr(e, key.replace("_total", "_total")) for e in prof.key_averages())
+    total_self = sum(getattr(e, key) for e in prof.key_averages())
     top_ops = [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total_self, "calls": e.count}
                for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:12]]
     result = {

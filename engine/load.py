@@ -85,13 +85,15 @@ def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
     if problems:
         raise LoadError(f"{where}: weights do not match the config: {' | '.join(problems)}")
     model.load_state_dict(sd, strict=True, assign=True)
-    # channels-last conv weights make every conv run NHWC (oneDNN and cuDNN are fastest there; measured in
-    # bench/), and turn the NCHW ↔ token-sequence permutes of the attention blocks into free views
+    # channels-last conv weights make every activation NHWC: the NCHW ↔ token-sequence permutes around the
+    # attention blocks become free views, and oneDNN's convs are 0–10% faster (bench/results/conv_cpu.json)
     return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 def build(name: str, config: dict, sd: dict, where: str) -> torch.nn.Module:
     cls, cfg_cls = _MODELS[name]
+    if name == "vae" and config.get("force_upcast", True):  # SD VAEs overflow in fp16; diffusers upcasts them too
+        sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
     with torch.device("meta"):
         model = cls(cfg_cls.from_dict(config))
     return fill(model, sd, where)
@@ -120,20 +122,13 @@ def _scheduler(folder: Path) -> SchedulerConfig:
     return SchedulerConfig.from_dict(read_json(folder / "scheduler_config.json"))
 
 
-def _dtype_for(path: Path, name: str, dtype):
-    """SD VAEs overflow in fp16; diffusers' `force_upcast` (the default) keeps them in fp32."""
-    if name == "vae" and dtype == torch.float16 and read_json(path / "vae" / "config.json").get("force_upcast", True):
-        return torch.float32
-    return dtype
-
-
 def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> Components:
     index = read_json(path / "model_index.json")
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if name not in index:
             raise LoadError(f"{path / 'model_index.json'} has no {name!r} component; this engine needs "
                             "unet, vae, text_encoder, tokenizer and scheduler")
-    models = {n: load_component(path / n, n, _dtype_for(path, n, dtype), device, variant) for n in _MODELS}
+    models = {n: load_component(path / n, n, dtype, device, variant) for n in _MODELS}
     low_res = _scheduler(path / "low_res_scheduler") if "low_res_scheduler" in index else None
     return Components(**models, tokenizer=Tokenizer.from_dir(path / "tokenizer"),
                       scheduler=_scheduler(path / "scheduler"), low_res_scheduler=low_res,
@@ -162,8 +157,6 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
         converted = ldm.convert(sd, configs)
     except KeyError as e:
         raise LoadError(f"{path}: {e.args[0] if e.args else e}") from None
-    if dtype == torch.float16 and configs["vae"].get("force_upcast", True):
-        converted["vae"] = {k: v.float() for k, v in converted["vae"].items()}
     models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
     return Components(**models, tokenizer=Tokenizer.from_dir(config / "tokenizer"),
                       scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
