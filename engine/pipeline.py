@@ -10,6 +10,7 @@ from .load import Components
 from .profile import stage
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
+from .tiles import Tiled
 
 
 def _check(steps, guidance, eta, output):
@@ -103,9 +104,14 @@ class Pipeline:
 
     @torch.no_grad()
     def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0, eta=0.0,
-                output="pil", progress=True):
-        """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4 upscaler)."""
+                output="pil", progress=True, tile=None, overlap=16):
+        """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4 upscaler).
+
+        tile: run the UNet on tile × tile windows of the low-res image overlapping by `overlap` pixels and blend
+        them every step (engine.tiles), for inputs larger than the model was trained on."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output, upscaler=True)
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8):
+            raise ValueError(f"tile={tile!r}: need a multiple of 8 pixels of the low-res image, e.g. 64")
         top = self.c.max_noise_level if self.c.max_noise_level is not None else 350
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
@@ -119,6 +125,8 @@ class Pipeline:
         den.class_labels = level.repeat(low.shape[0])
         shape = (low.shape[0], self.c.vae.config.latent_channels, *low.shape[2:])
         x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
+        if tile is not None and max(shape[2:]) > tile:
+            den = Tiled(den, tile, overlap)
         x = ddim(den, x, cond, self.c.scheduler, steps, eta=eta, generator=gen, progress=progress)
         return self._decode(x, output)
 
