@@ -4,13 +4,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import images
+from . import demo, images
 from .profile import profiled
 
 
-def _common(p: argparse.ArgumentParser, steps: int, guidance: float):
-    p.add_argument("--model", required=True, help="a diffusers model folder (with model_index.json) or a "
-                   "single-file SD 1.x/2.x checkpoint in LDM key layout (.safetensors only)")
+def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path):
+    p.add_argument("--model", default=str(model), help="a diffusers model folder (with model_index.json) or a "
+                   f"single-file SD 1.x/2.x checkpoint in LDM key layout (.safetensors only); default: the embedded "
+                   f"model {model.relative_to(model.parent.parent)}")
     p.add_argument("--config", help="single-file checkpoints only: a diffusers folder whose configs and "
                    "tokenizer to use (its weights are not needed)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
@@ -36,21 +37,32 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text → image", description="Text → image with DDIM and classifier-free guidance.")
-    _common(g, 50, 7.5)
-    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's size)")
-    g.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's size)")
+    _common(g, 50, 7.5, demo.DEFAULT_MODEL)
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor: 8 for SD, 4 for the embedded model (default: the model's size)")
+    g.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE factor (default: the model's size)")
     i = sub.add_parser("img2img", help="image + text → image (SDEdit)",
                        description="Noise an image to a level set by --strength, then denoise it under the prompt.")
-    _common(i, 50, 7.5)
-    i.add_argument("--image", required=True, help="input image; its sides must be multiples of 8")
+    _common(i, 50, 7.5, demo.DEFAULT_MODEL)
+    i.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor (8 for SD, 4 for the embedded model)")
     i.add_argument("--strength", type=float, default=0.8,
                    help="how much of the schedule to run, in (0, 1]: 1 ignores the image (default 0.8)")
     u = sub.add_parser("upscale", help="×4 super-resolution (SD x4-upscaler models)",
                        description="×4 super-resolution conditioned on the noise-augmented low-res image.")
-    _common(u, 75, 9.0)
+    _common(u, 75, 9.0, demo.DEFAULT_UPSCALER)
     u.add_argument("--image", required=True, help="the low-resolution input image")
     u.add_argument("--noise-level", type=int, default=20,
                    help="noise added to the low-res image, 0..max_noise_level (default 20)")
+    u.add_argument("--tile", type=int, help="run the UNet on TILE×TILE windows of the low-res image, blended "
+                   "every step (for inputs larger than the model was trained on, e.g. 64)")
+    u.add_argument("--overlap", type=int, default=16, help="overlap of neighbouring tiles in pixels (default 16)")
+    d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
+                       description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "
+                       "on the embedded model; PNGs and a captioned contact sheet under --out.")
+    d.add_argument("--out", default="out", help="output folder (default out/)")
+    d.add_argument("--steps", type=int, default=50, help="DDIM steps of the base model (default 50)")
+    d.add_argument("--sr-steps", type=int, default=20, help="DDIM steps of each upscale (default 20)")
+    d.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
@@ -70,7 +82,8 @@ def run(args) -> Path:
         elif args.command == "img2img":
             image = pipe.img2img(args.image, args.prompt, strength=args.strength, **common)[0]
         else:
-            image = pipe.upscale(args.image, args.prompt, noise_level=args.noise_level, **common)[0]
+            image = pipe.upscale(args.image, args.prompt, noise_level=args.noise_level, tile=args.tile,
+                                 overlap=args.overlap, **common)[0]
     images.save(image, out)
     print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, total {time.perf_counter() - t0:.1f}s)")
     return out
@@ -79,7 +92,10 @@ def run(args) -> Path:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        run(args)
+        if args.command == "demo":
+            demo.run(args.out, args.steps, args.sr_steps, seed=args.seed, progress=not args.quiet)
+        else:
+            run(args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

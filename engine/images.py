@@ -58,3 +58,25 @@ def save(image: Image.Image, path) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def contact_sheet(items: list[tuple[Image.Image, str]], cell: int = 256, columns: int = 4) -> Image.Image:
+    """Images resized to cell × cell (nearest when enlarging, to show pixels as they are) with wrapped captions."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = max(8, int(cell / (font.getlength("x") or 6)))
+    lines = [textwrap.wrap(cap, width) for _, cap in items]
+    text_h = 12 * max(len(ls) for ls in lines) + 8
+    rows = -(-len(items) // columns)
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, ((im, _), ls) in enumerate(zip(items, lines)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        resample = Image.NEAREST if im.width < cell else Image.LANCZOS
+        sheet.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
+        for j, line in enumerate(ls):
+            draw.text((x + 4, y + cell + 4 + 12 * j), line, fill="black", font=font)
+    return sheet
