@@ -1,6 +1,7 @@
 """A small from-scratch Stable-Diffusion-family engine.
 
     import engine
+    pipe = engine.load()                                    # the embedded model, weights/tiny
     pipe = engine.load("path/to/diffusers-folder")          # or a single-file LDM .safetensors
     image = pipe.generate("a red star", steps=30, seed=1)[0]
 """
@@ -12,10 +13,12 @@ from .pipeline import Pipeline
 __all__ = ["load", "Pipeline", "LoadError"]
 
 
-def load(path, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Pipeline:
-    """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a Pipeline."""
-    from .load import load as _load
+def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Pipeline:
+    """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a Pipeline.
+    No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4)."""
+    from .load import DEFAULT_MODEL, load as _load
 
+    path = DEFAULT_MODEL if path is None else path
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)

@@ -6,9 +6,7 @@ import numpy as np
 from PIL import Image
 
 from . import images, world
-
-ROOT = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_MODEL, DEFAULT_UPSCALER = ROOT / "tiny", ROOT / "tiny-x4"
+from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 PROMPTS = ["a large red star in the center, on a plain white background",
            "a small yellow circle on the left and a large blue square on the right, on a striped gray background"]

@@ -22,6 +22,11 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
+# the embedded model (weights/README.md), the default of every command
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny"
+DEFAULT_UPSCALER = DEFAULT_MODEL.with_name("tiny-x4")
+
+
 def _refuse_pickle(path: Path):
     raise LoadError(f"{path}: pickled checkpoints ({path.suffix}) can run arbitrary code when loaded and are refused; "
                     "convert it to .safetensors (safetensors.torch.save_file) and load that")

@@ -18,31 +18,35 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ImageEncoder(nn.Module):
-    """A small CNN: (B, 3, 64, 64) in [-1, 1] → (B, dim). Other sizes are area-resized to 64² first."""
+    """A small CNN: (B, 3, 64, 64) in [-1, 1] → (B, dim). Other sizes are area-resized to 64² first.
+
+    The head sees the final 4×4 map both flattened (where things are) and averaged (what they are)."""
 
     def __init__(self, dim: int, width: int = 32):
         super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
+        chans = [3, width, width, 2 * width, 2 * width, 4 * width, 4 * width, 4 * width]
+        strides = [2, 1, 2, 1, 2, 1, 2]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=s, padding=1)
+                                   for a, b, s in zip(chans, chans[1:], strides))
         self.norms = nn.ModuleList(nn.GroupNorm(8, b) for b in chans[1:])
-        self.proj = nn.Linear(chans[-1] * 16, dim)
+        self.proj = nn.Linear(chans[-1] * 17, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (64, 64):
             x = F.interpolate(x, size=(64, 64), mode="area")
         for conv, norm in zip(self.convs, self.norms):
             x = F.silu(norm(conv(x)))
-        return self.proj(x.flatten(1))
+        return self.proj(torch.cat([x.flatten(1), x.mean((2, 3))], 1))
 
 
 class Scorer(nn.Module):
     """CLIP score of the embedded model: cosine similarity of projected image and pooled text embeddings."""
 
-    def __init__(self, text_encoder, tokenizer: Tokenizer, dim: int):
+    def __init__(self, text_encoder, tokenizer: Tokenizer, dim: int, visual: nn.Module | None = None):
         super().__init__()
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         width = text_encoder.config.hidden_size
-        self.visual = ImageEncoder(dim)
+        self.visual = ImageEncoder(dim) if visual is None else visual
         self.text_projection = nn.Linear(width, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP starts
 
@@ -54,7 +58,8 @@ class Scorer(nn.Module):
             raise FileNotFoundError(f"{folder}/clip_scorer/model.safetensors not found: only the embedded model "
                                     "(weights/tiny) ships a CLIP scorer")
         cfg = json.loads((folder / "clip_scorer" / "config.json").read_text())
-        s = cls(load_component(folder, "text_encoder"), Tokenizer.from_dir(folder / "tokenizer"), cfg["projection_dim"])
+        text = load_component(folder / "text_encoder", "text_encoder")
+        s = cls(text, Tokenizer.from_dir(folder / "tokenizer"), cfg["projection_dim"])
         missing = s.load_state_dict(load_file(folder / "clip_scorer" / "model.safetensors"), strict=False).missing_keys
         if any(not k.startswith("text_encoder.") for k in missing):
             raise ValueError(f"{folder}/clip_scorer: missing keys {missing}")

@@ -142,7 +142,10 @@ class Pipeline:
     def _image_tensor(self, image, multiple, batch):
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             image = images.load(image)
-        x = images.to_tensor(image) if isinstance(image, Image.Image) else torch.as_tensor(image)
+        pils = isinstance(image, (list, tuple)) and image and all(isinstance(im, Image.Image) for im in image)
+        if pils and len({im.size for im in image}) > 1:
+            raise ValueError(f"images: need one size for a batch, got {sorted({im.size for im in image})}")
+        x = images.to_tensor(image) if pils or isinstance(image, Image.Image) else torch.as_tensor(image)
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"image: need an RGB image or a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[2:]
