@@ -1,0 +1,98 @@
+"""The embedded model in weights/: loads in our engine and in diffusers with the same outputs; demo runs."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+from engine import world
+from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.metrics import Scorer
+from engine.tokenizer import Tokenizer
+
+PIXEL_TOL = 2 / 255
+
+
+def test_tokenizer_matches_transformers():
+    from transformers import CLIPTokenizer
+
+    ours, ref = Tokenizer.from_dir(DEFAULT_MODEL / "tokenizer"), CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    texts = [s.caption() for s in world.scenes(50, 200)] + ["A Large RED star!!", "", "zebra 42 café"]
+    for t in texts:
+        assert ours(t)[0].tolist() == ref(t, padding="max_length", max_length=77)["input_ids"]
+    assert all(len(ours.encode(w)) == 3 for w in list(world.COLOURS) + list(world.SHAPES))  # one token per word
+
+
+def test_folders_are_small_and_share_the_text_stack():
+    size = sum(f.stat().st_size for d in (DEFAULT_MODEL, DEFAULT_UPSCALER) for f in d.rglob("*") if f.is_file())
+    assert size <= 60e6
+    for sub in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json"):
+        assert (DEFAULT_MODEL / sub).read_bytes() == (DEFAULT_UPSCALER / sub).read_bytes()
+
+
+def test_generate_matches_diffusers():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    assert isinstance(ref.scheduler, DDIMScheduler)
+    prompt = "a large red star in the center, on a plain white background"
+    want = ref(prompt, num_inference_steps=5, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    got = engine.load(DEFAULT_MODEL).generate(prompt, steps=5, guidance=5.0, seed=1, output="pt", progress=False)
+    assert got.shape == want.shape == (1, 3, 64, 64)
+    assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL
+
+
+def test_upscale_matches_diffusers():
+    from diffusers import StableDiffusionUpscalePipeline
+
+    ref = StableDiffusionUpscalePipeline.from_pretrained(DEFAULT_UPSCALER)
+    s = world.scenes(51, 1)[0]
+    low = Image.fromarray((world.render(s, 32) * 255).round().astype(np.uint8))
+    want = ref(s.caption(), image=low, num_inference_steps=4, guidance_scale=1.0, noise_level=20,
+               generator=torch.Generator().manual_seed(2), output_type="pt").images
+    got = engine.load(DEFAULT_UPSCALER).upscale(low, s.caption(), steps=4, guidance=1.0, noise_level=20, seed=2,
+                                                output="pt", progress=False)
+    assert got.shape == want.shape == (1, 3, 128, 128)
+    assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL
+
+
+def test_clip_scorer_tells_colours_and_shapes_apart():
+    scorer = Scorer.from_pretrained(DEFAULT_MODEL)
+    s = world.Scene((world.Obj("star", "red", "large", "in the center"),), "plain", "white")
+    x = torch.from_numpy(world.render_batch([s], 64))
+    texts = [s.caption(), s.replace(0, colour="blue").caption(), s.replace(0, shape="circle").caption()]
+    score = scorer.score(x.repeat(3, 1, 1, 1), texts)
+    assert score[0] > score[1] and score[0] > score[2]
+
+
+def test_scorer_needs_the_embedded_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="clip_scorer"):
+        Scorer.from_pretrained(tmp_path)
+
+
+def test_demo_writes_every_image(tmp_path):
+    from engine.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--sr-steps", "1", "--quiet"]) == 0
+    sizes = {p.name: Image.open(p).size for p in tmp_path.glob("*.png")}
+    assert sizes["generate_0.png"] == (64, 64) and sizes["img2img.png"] == (64, 64)
+    assert sizes["upscale_256.png"] == (256, 256) and sizes["upscale_1024.png"] == (1024, 1024)
+    assert "contact_sheet.png" in sizes and not list(tmp_path.glob(".*"))
+
+
+def test_commands_default_to_the_embedded_model(tmp_path):
+    from engine.cli import parser
+
+    args = parser().parse_args(["generate", "--prompt", "x", "--out", str(tmp_path / "a.png")])
+    assert args.model == str(DEFAULT_MODEL)
+    assert parser().parse_args(["upscale", "--prompt", "x", "--image", "a.png", "--out", "b.png"]).model == str(DEFAULT_UPSCALER)
+
+
+def test_upscale_refuses_bad_tiles_and_mixed_sizes():
+    pipe = engine.load(DEFAULT_UPSCALER)
+    a, b = Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))
+    with pytest.raises(ValueError, match="tile=7"):
+        pipe.upscale(a, "x", tile=7)
+    with pytest.raises(ValueError, match="one size"):
+        pipe.upscale([a, b], ["x", "y"])

@@ -1,0 +1,538 @@
+"""Reproduce the embedded model (weights/tiny and weights/tiny-x4) from scratch, on the CPU, with fixed seeds.
+
+    python weights/recipe.py                 # every stage, resuming from weights/build/ where it stopped
+    python weights/recipe.py --stage vae     # one stage (its inputs must exist)
+
+Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → sr → clip_image
+(the scorer's image tower) → ship.
+Each training stage checkpoints to weights/build/<stage>.pt every few hundred steps and resumes from it.
+Training runs the engine's own models (engine.models); only `ship` writes the diffusers folders.
+"""
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from engine import schedule, world
+from engine.metrics import ImageEncoder, Scorer
+from engine.models.clip import CLIPTextConfig, CLIPTextModel
+from engine.models.unet import UNet2DConditionModel, UNetConfig
+from engine.models.vae import AutoencoderKL, VAEConfig
+from engine.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent
+BUILD = ROOT / "build"
+TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
+SR_SEED, SR_N = 2, 6_000
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry")  # held out: chelsea, hubble
+
+TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu")
+PROJ_DIM = 128
+VAE = dict(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+           up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
+           sample_size=64, force_upcast=False)
+BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            attention_head_dim=2, cross_attention_dim=128, norm_num_groups=32)
+SR = dict(in_channels=7, out_channels=4, sample_size=64, block_out_channels=[32, 64, 128], layers_per_block=1,
+          down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+          up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+          attention_head_dim=4, cross_attention_dim=128, norm_num_groups=32, num_class_embeds=1000)
+BASE_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+SR_SCHED = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+LOW_RES_SCHED = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+MAX_NOISE_LEVEL = 350
+# diffusers' StableDiffusionUpscalePipeline overwrites any other VAE scaling_factor with 0.08333, so both
+# folders use it and the data stage rescales the VAE's latent space to unit std under it.
+SCALING_FACTOR = 0.08333
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def pool(seed: int, n: int, res: int) -> tuple[list, np.ndarray]:
+    """Scenes and their renders as uint8 (N, 3, res, res), cached in weights/build/."""
+    ss = world.scenes(seed, n)
+    path = BUILD / f"renders_{seed}_{n}_{res}.npy"
+    if not path.exists():
+        log(f"rendering {n} scenes at {res}²")
+        arr = np.stack([(world.render(s, res) * 255).round().astype(np.uint8).transpose(2, 0, 1) for s in ss])
+        np.save(path, arr)
+    return ss, np.load(path, mmap_mode="r")
+
+
+def as_float(u8) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(u8, dtype=np.float32)) / 127.5 - 1
+
+
+def hard_negative(s: world.Scene, rng: np.random.Generator) -> str:
+    """The caption of the same scene with one attribute changed (or two objects' colours swapped)."""
+    i = int(rng.integers(len(s.objects)))
+    o = s.objects[i]
+    kind = rng.choice(["colour", "shape", "colour", "shape", "size", "position", "background", "bg_colour", "swap"])
+    if kind == "swap" and len(s.objects) == 2 and s.objects[0].colour != s.objects[1].colour:
+        return s.replace(0, colour=s.objects[1].colour).replace(1, colour=s.objects[0].colour).caption()
+    if kind in ("background", "bg_colour"):
+        options = world.BACKGROUNDS if kind == "background" else list(world.BG_COLOURS)
+        cur = s.background if kind == "background" else s.bg_colour
+        return s.replace(**{kind: str(rng.choice([x for x in options if x != cur]))}).caption()
+    if kind == "position":
+        taken = {x.position for x in s.objects}
+        options = [p for p in world.POSITIONS if p not in taken]
+        return s.replace(i, position=str(rng.choice(options))).caption()
+    options = {"colour": list(world.COLOURS), "shape": world.SHAPES, "size": list(world.SIZES)}.get(kind, world.SHAPES)
+    attr = kind if kind in ("colour", "shape", "size") else "shape"
+    return s.replace(i, **{attr: str(rng.choice([x for x in options if x != getattr(o, attr)]))}).caption()
+
+
+# ---------------------------------------------------------------------------------------------- training utils
+
+def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int = 200):
+    """Run step_fn(step, rng) for steps [start, total), saving modules + optimiser to build/<name>.pt; resumes.
+
+    Each step draws from generators seeded by (stage, step), so a resumed run equals an uninterrupted one."""
+    path = BUILD / f"{name}.pt"
+    start = 0
+    if path.exists():
+        ck = torch.load(path, weights_only=False)
+        for k, m in modules.items():
+            m.load_state_dict(ck[k])
+        opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+        log(f"{name}: resuming at step {start}")
+    t0, losses = time.time(), []
+    for step in range(start, total):
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
+        key = list(STAGES).index(name)
+        torch.manual_seed(key * 1_000_003 + step)
+        losses.append(step_fn(step, np.random.default_rng([key, step])))
+        if (step + 1) % every == 0 or step + 1 == total:
+            torch.save({**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
+                        "step": step + 1}, path)
+            log(f"{name}: step {step + 1}/{total} loss {np.mean(losses[-every:]):.4f} "
+                f"({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
+
+
+def adamw(params, lr, wd=0.0):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    for g in opt.param_groups:
+        g["base_lr"] = lr
+    return opt
+
+
+class EMA:
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v, 1 - self.decay) if v.is_floating_point() else self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, sd):
+        self.shadow = {k: v.clone() for k, v in sd.items()}
+
+
+def text_model(tok: Tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), eos_token_id=tok.eos_id, **TEXT))
+
+
+def trimmed(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop trailing padding beyond the first eos: with a causal mask the pooled state does not change."""
+    return ids[:, : int((ids != pad_id).sum(1).max()) + 1]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def stage_tokenizer():
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    out = BUILD / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = [s.caption() for s in world.scenes(TRAIN_SEED, 20_000)]
+    proto = Tokenizer({"a": 0, "<|endoftext|>": 1, "<|startoftext|>": 2}, [])  # CLIP normaliser + pre-tokenizer
+    bpe = Backend(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer, bpe.pre_tokenizer = proto._tok.normalizer, proto._tok.pre_tokenizer
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=ByteLevel.alphabet(), end_of_word_suffix="</w>")
+    bpe.train_from_iterator(corpus, trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    # CLIP's layout: the 256 byte symbols, the same with </w>, merge results in merge order, then the specials
+    alphabet = sorted(ByteLevel.alphabet(), key=lambda c: ord(c))
+    vocab = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]:
+        vocab.setdefault(tok, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+         "pad_token": "<|endoftext|>"}, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+         "pad_token": "<|endoftext|>"}, indent=2))
+    tok = Tokenizer.from_dir(out)
+    longest = max(len(tok.encode(c)) for c in corpus)
+    log(f"tokenizer: {len(tok)} tokens, {len(merges)} merges, longest caption {longest} tokens")
+
+
+class JointTower(nn.Module):
+    """The image tower the text tower is trained against (4 strided convs, position-specific head). Its
+    weights are discarded: `clip_image` then trains the shipped ImageEncoder against the frozen text side."""
+
+    def __init__(self, dim: int, width: int = 32):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, b) for b in chans[1:])
+        self.proj = nn.Linear(chans[-1] * 16, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv(x)))
+        return self.proj(x.flatten(1))
+
+
+def stage_clip(steps=2400, batch=128):
+    """Contrastive training of the text tower (the diffusion models' text encoder) with hard negatives."""
+    tok = Tokenizer.from_dir(BUILD / "tokenizer")
+    torch.manual_seed(0)
+    scorer = Scorer(text_model(tok), tok, PROJ_DIM, visual=JointTower(PROJ_DIM))
+    ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
+    captions = [s.caption() for s in ss]
+    opt = adamw(scorer.parameters(), 1e-3, wd=0.01)
+
+    def step(i, rng):
+        idx = np.sort(rng.choice(len(ss), batch, replace=False))
+        x = as_float(imgs[idx])
+        texts = [captions[j] for j in idx] + [hard_negative(ss[j], rng) for j in idx]
+        img = scorer.encode_image(x)
+        txt = scorer.encode_text(trimmed(tok(texts), tok.pad_id))
+        logits = scorer.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, 2B): true captions + hard negatives
+        labels = torch.arange(batch)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    checkpointed("clip", {"scorer": scorer}, opt, steps, step)
+
+
+def stage_clip_image(steps=1500, batch=128, negatives=3):
+    """The shipped image tower, trained against the frozen text tower and projection of `clip`."""
+    scorer = load_scorer()
+    torch.manual_seed(0)
+    scorer.visual = ImageEncoder(PROJ_DIM)
+    tok = scorer.tokenizer
+    ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
+    captions = [s.caption() for s in ss]
+    opt = adamw(scorer.visual.parameters(), 1e-3, wd=0.01)
+    scale = scorer.logit_scale.exp().clamp(max=100)
+
+    def step(i, rng):
+        idx = np.sort(rng.choice(len(ss), batch, replace=False))
+        texts = [captions[j] for j in idx] + [hard_negative(ss[j], rng) for j in idx for _ in range(negatives)]
+        with torch.no_grad():
+            txt = scorer.encode_text(trimmed(tok(texts), tok.pad_id))
+        logits = scale * scorer.encode_image(as_float(imgs[idx])) @ txt.T
+        labels = torch.arange(batch)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    checkpointed("clip_image", {"visual": scorer.visual}, opt, steps, step)
+
+
+def load_scorer() -> Scorer:
+    """The text side from `clip`, and the image tower from `clip_image` once it exists."""
+    tok = Tokenizer.from_dir(BUILD / "tokenizer")
+    s = Scorer(text_model(tok), tok, PROJ_DIM)
+    sd = {k: v for k, v in torch.load(BUILD / "clip.pt", weights_only=False)["scorer"].items()
+          if not k.startswith("visual.")}
+    s.load_state_dict(sd, strict=False)
+    if (BUILD / "clip_image.pt").exists():
+        s.visual.load_state_dict(torch.load(BUILD / "clip_image.pt", weights_only=False)["visual"])
+    return s.eval().requires_grad_(False)
+
+
+def photos(names) -> list[np.ndarray]:
+    """scikit-image's bundled sample photos as (3, H, W) uint8 (a recipe-only dependency)."""
+    import skimage.data
+
+    return [getattr(skimage.data, n)()[..., :3].transpose(2, 0, 1) for n in names]
+
+
+def stage_vae(steps=3000, batch=32, crop=32):
+    """A quarter of each batch is crops of natural photos, so the VAE does not only know the world."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
+    _, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
+    _, big = pool(SR_SEED, SR_N, 256)
+    photo = photos(TRAIN_PHOTOS)
+    opt = adamw(vae.parameters(), 1e-3)
+
+    def crops(arr, n, rng):
+        idx = np.sort(rng.choice(len(arr), n, replace=False))
+        h = arr.shape[-1]
+        ys, xs = rng.integers(0, h - crop + 1, n) // 4 * 4, rng.integers(0, h - crop + 1, n) // 4 * 4
+        return torch.stack([as_float(arr[i, :, y:y + crop, x:x + crop]) for i, y, x in zip(idx, ys, xs)])
+
+    def photo_crops(n, rng):
+        out = []
+        for k in rng.integers(len(photo), size=n):
+            p = photo[k]
+            y, x = rng.integers(p.shape[1] - crop + 1), rng.integers(p.shape[2] - crop + 1)
+            out.append(as_float(p[:, y:y + crop, x:x + crop]))
+        return torch.stack(out)
+
+    def step(i, rng):
+        q = batch // 4
+        x = torch.cat([crops(imgs, (batch - q) // 2, rng), crops(big, batch - q - (batch - q) // 2, rng),
+                       photo_crops(q, rng)])
+        mean, logvar = vae.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    checkpointed("vae", {"vae": vae}, opt, steps, step)
+
+
+def load_vae() -> AutoencoderKL:
+    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
+    vae.load_state_dict(torch.load(BUILD / "vae.pt", weights_only=False)["vae"])
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def rescale_latents(vae: AutoencoderKL, k: float):
+    """Make the VAE's latents k times larger without changing what it encodes or decodes."""
+    lc = vae.config.latent_channels
+    vae.quant_conv.weight[:lc] *= k
+    vae.quant_conv.bias[:lc] *= k
+    vae.quant_conv.bias[lc:] += 2 * math.log(k)  # logvar: the posterior's std scales with its mean
+    vae.post_quant_conv.weight /= k
+
+
+@torch.no_grad()
+def stage_data():
+    """Scale the latents to unit std under SCALING_FACTOR, then cache the latent means of the training pool,
+    the SR crops and the text embeddings."""
+    vae, scorer = load_vae(), load_scorer()
+    ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
+    encode = lambda x: torch.cat([vae.encode(as_float(x[i:i + 500]))[0] for i in range(0, len(x), 500)])  # noqa: E731
+    std = encode(imgs).std().item()
+    rescale_latents(vae, 1 / (SCALING_FACTOR * std))
+    lat = encode(imgs) * SCALING_FACTOR
+    log(f"data: latent std {std:.4f} rescaled so that scaling_factor {SCALING_FACTOR} gives std {lat.std():.4f}")
+    emb = embed_captions(scorer, [s.caption() for s in ss])
+    torch.save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
+                "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
+
+    sr_ss, big = pool(SR_SEED, SR_N, 256)
+    _, small = pool(SR_SEED, SR_N, 64)
+    rng = np.random.default_rng(2)
+    hi, lo, owner = [], [], []
+    for i in range(SR_N):
+        for _ in range(4):  # four random 64² crops of the 256² render, aligned to the 4× grid
+            y, x = rng.integers(0, 49, 2)
+            hi.append(big[i, :, 4 * y:4 * y + 64, 4 * x:4 * x + 64])
+            lo.append(small[i, :, y:y + 16, x:x + 16])
+            owner.append(i)
+    torch.save({"latents": (encode(np.stack(hi)) * SCALING_FACTOR).half(), "low": torch.from_numpy(np.stack(lo)),
+                "owner": torch.tensor(owner), "emb": embed_captions(scorer, [s.caption() for s in sr_ss]).half()},
+               BUILD / "data_sr.pt")
+    log(f"data: {len(ss)} base latents, {len(hi)} SR crops")
+
+
+def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
+    tok = scorer.tokenizer
+    return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])) for i in range(0, len(captions), 500)])
+
+
+def stage_base(steps=2500, batch=64, drop=0.1):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
+    ema = EMA(unet, 0.995)
+    data = torch.load(BUILD / "data_base.pt")
+    lat, emb, null = data["latents"], data["emb"], data["null"]
+    sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
+    opt = adamw(unet.parameters(), 8e-4)
+
+    def step(i, _):
+        idx = torch.randint(len(lat), (batch,))
+        x0, c = lat[idx].float(), emb[idx].float()
+        c[torch.rand(batch) < drop] = null
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(x0)
+        loss = F.mse_loss(unet(schedule.q_sample(sched, x0, t, noise), t, c), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet)
+        return loss.item()
+
+    checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
+
+
+def stage_sr(steps=2000, batch=32, drop=0.1):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
+    ema = EMA(unet, 0.995)
+    data = torch.load(BUILD / "data_sr.pt")
+    null = torch.load(BUILD / "data_base.pt")["null"]
+    sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
+    low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
+    opt = adamw(unet.parameters(), 5e-4)
+
+    def step(i, _):
+        idx = torch.randint(len(data["latents"]), (batch,))
+        x0 = data["latents"][idx].float()
+        c = data["emb"][data["owner"][idx]].float()
+        c[torch.rand(batch) < drop] = null
+        low = data["low"][idx].float() / 127.5 - 1
+        level = torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,))
+        low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(x0)
+        xt = schedule.q_sample(sched, x0, t, noise)
+        out = unet(torch.cat([xt, low], 1), t, c, level)
+        loss = F.mse_loss(out, schedule.get_velocity(sched, x0, t, noise))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet)
+        return loss.item()
+
+    checkpointed("sr", {"unet": unet, "ema": ema}, opt, steps, step)
+
+
+# ---------------------------------------------------------------------------------------------- ship
+
+def _save(sd: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+
+
+def _json(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _unet_config(cfg: dict) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "act_fn": "silu",
+            "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+            "mid_block_scale_factor": 1, "norm_eps": 1e-5, "use_linear_projection": False,
+            "upcast_attention": False, **cfg}
+
+
+def stage_ship():
+    tok = Tokenizer.from_dir(BUILD / "tokenizer")
+    scorer, vae = load_scorer(), load_vae()
+    vae.load_state_dict(torch.load(BUILD / "data_base.pt")["vae"])
+    text_cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": len(tok),
+                "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+                "projection_dim": PROJ_DIM, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dropout": 0.0,
+                "initializer_factor": 1.0, "initializer_range": 0.02, "torch_dtype": "float32", **TEXT}
+    vae_cfg = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "in_channels": 3,
+               "out_channels": 3, "act_fn": "silu", "scaling_factor": SCALING_FACTOR, **VAE}
+    sched_common = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
+                    "trained_betas": None, "clip_sample_range": 1.0, "thresholding": False,
+                    "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
+    for name, unet_cfg, stage, sched, extra in (
+            ("tiny", BASE, "base", BASE_SCHED, {}),
+            ("tiny-x4", SR, "sr", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
+        out = ROOT / name
+        tmp = ROOT / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save(scorer.text_encoder.state_dict(), tmp / "text_encoder" / "model.safetensors")
+        _json(text_cfg, tmp / "text_encoder" / "config.json")
+        for f in (BUILD / "tokenizer").iterdir():
+            (tmp / "tokenizer").mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, tmp / "tokenizer" / f.name)
+        _save(vae.state_dict(), tmp / "vae" / "diffusion_pytorch_model.safetensors")
+        _json(vae_cfg, tmp / "vae" / "config.json")
+        ck = torch.load(BUILD / f"{stage}.pt", weights_only=False)
+        _save(ck["ema"], tmp / "unet" / "diffusion_pytorch_model.safetensors")
+        _json(_unet_config(unet_cfg), tmp / "unet" / "config.json")
+        _json({**sched_common, **sched}, tmp / "scheduler" / "scheduler_config.json")
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                 "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+                 "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+        if name == "tiny":
+            sd = {k: v for k, v in scorer.state_dict().items() if not k.startswith("text_encoder.")}
+            _save(sd, tmp / "clip_scorer" / "model.safetensors")
+            _json({"projection_dim": PROJ_DIM, "image_size": 64}, tmp / "clip_scorer" / "config.json")
+        else:
+            index = {**index, "_class_name": "StableDiffusionUpscalePipeline", "max_noise_level": MAX_NOISE_LEVEL,
+                     "low_res_scheduler": ["diffusers", "DDPMScheduler"]}
+            for k in ("image_encoder", "requires_safety_checker"):
+                index.pop(k)
+            _json({"_class_name": "DDPMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
+                   "clip_sample": False, "variance_type": "fixed_small", "prediction_type": "epsilon",
+                   **LOW_RES_SCHED}, tmp / "low_res_scheduler" / "scheduler_config.json")
+        _json(index, tmp / "model_index.json")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        log(f"ship: {out} ({size / 1e6:.1f} MB)")
+
+
+# (the order is the run order, and each stage's index seeds its steps: append new stages, do not reorder)
+STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
+          "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "ship": stage_ship}
+DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=list(STAGES), help="run one stage (default: all, skipping finished ones)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    BUILD.mkdir(parents=True, exist_ok=True)
+    for name in [args.stage] if args.stage else list(STAGES):
+        if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
+            continue
+        log(f"stage {name}")
+        STAGES[name]()
+
+
+if __name__ == "__main__":
+    main()
