@@ -39,12 +39,15 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text → image", description="Text → image with DDIM and classifier-free guidance.")
     _common(g, 50, 7.5, DEFAULT_MODEL)
-    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor: 8 for SD, 4 for the embedded model (default: the model's size)")
-    g.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE factor (default: the model's size)")
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor: 8 for SD, "
+                   "4 for the embedded model (default: the model's size)")
+    g.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE factor "
+                   "(default: the model's size)")
     i = sub.add_parser("img2img", help="image + text → image (SDEdit)",
                        description="Noise an image to a level set by --strength, then denoise it under the prompt.")
     _common(i, 50, 7.5, DEFAULT_MODEL)
-    i.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor (8 for SD, 4 for the embedded model)")
+    i.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor "
+                   "(8 for SD, 4 for the embedded model)")
     i.add_argument("--strength", type=float, default=0.8,
                    help="how much of the schedule to run, in (0, 1]: 1 ignores the image (default 0.8)")
     u = sub.add_parser("upscale", help="×4 super-resolution (SD x4-upscaler models)",

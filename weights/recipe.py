@@ -129,6 +129,18 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
                 f"({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
 
 
+def update(loss, opt, model=None, ema=None) -> float:
+    """One optimiser step on loss; with a model: gradient norm clipped to 1 and its EMA updated."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if model is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.item()
+
+
 def adamw(params, lr, wd=0.0):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     for g in opt.param_groups:
@@ -236,10 +248,7 @@ def stage_clip(steps=2400, batch=128):
         logits = scorer.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, 2B): true captions + hard negatives
         labels = torch.arange(batch)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return update(loss, opt)
 
     checkpointed("clip", {"scorer": scorer}, opt, steps, step)
 
@@ -263,10 +272,7 @@ def stage_clip_image(steps=1500, batch=128, negatives=3):
         logits = scale * scorer.encode_image(as_float(imgs[idx])) @ txt.T
         labels = torch.arange(batch)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch].T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return update(loss, opt)
 
     checkpointed("clip_image", {"visual": scorer.visual}, opt, steps, step)
 
@@ -322,10 +328,7 @@ def stage_vae(steps=3000, batch=32, crop=32):
         rec = vae.decode(z)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return update(loss, opt)
 
     checkpointed("vae", {"vae": vae}, opt, steps, step)
 
@@ -398,12 +401,7 @@ def stage_base(steps=2500, batch=64, drop=0.1):
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(x0)
         loss = F.mse_loss(unet(schedule.q_sample(sched, x0, t, noise), t, c), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.update(unet)
-        return loss.item()
+        return update(loss, opt, unet, ema)
 
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
@@ -431,12 +429,7 @@ def stage_sr(steps=2000, batch=32, drop=0.1):
         xt = schedule.q_sample(sched, x0, t, noise)
         out = unet(torch.cat([xt, low], 1), t, c, level)
         loss = F.mse_loss(out, schedule.get_velocity(sched, x0, t, noise))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.update(unet)
-        return loss.item()
+        return update(loss, opt, unet, ema)
 
     checkpointed("sr", {"unet": unet, "ema": ema}, opt, steps, step)
 
