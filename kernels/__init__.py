@@ -1,8 +1,12 @@
-"""The single kernel dispatch point.
+"""The single kernel dispatch point: models call only these functions.
 
-Models call only these functions. `ENGINE_KERNELS=auto` (default) takes the fastest path measured for the
-device: for now the torch ops, except small 3×3 convolutions on the CPU (kernels/conv.py). `torch` forces the
-plain torch ops everywhere. `triton` is reserved for the Triton kernels (CUDA), which are not written yet.
+`ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per shape, the
+faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU the torch ops, except
+small 3×3 convolutions (im2col + GEMM, kernels/conv.py). `torch` forces the torch ops everywhere. `triton`
+forces the Triton kernels wherever their guards allow (dtype, shape; anything else falls back to torch); on
+the CPU that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
+The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and autograd
+formulas, so torch.compile traces through them and training differentiates through them.
 """
 import os
 
@@ -10,8 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from . import conv
+from .conv import HAS_TRITON
 
 _MODES = ("auto", "torch", "triton")
+if HAS_TRITON:  # imported before the functions below are defined, which take back the name `attention`
+    from . import attention as flash
+    from . import groupnorm as gn
 
 
 def mode() -> str:
@@ -21,20 +29,46 @@ def mode() -> str:
     return m
 
 
+def _triton(x: torch.Tensor) -> bool:
+    """Whether the Triton path may run on x's device in the current mode."""
+    m = mode()
+    if m == "torch":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if m == "triton" and not (HAS_TRITON and (x.is_cuda or interpret)):
+        raise RuntimeError("ENGINE_KERNELS=triton needs triton and a CUDA device (on the CPU: TRITON_INTERPRET=1, "
+                           "slow); unset ENGINE_KERNELS to use the torch ops")
+    return HAS_TRITON and (x.is_cuda or (m == "triton" and interpret))
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, is_causal: bool = False
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim) tensors; is_causal masks keys after the query."""
+    if _triton(q):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if flash.supported(q, k, v):
+            return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, is_causal)[0]
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None) -> torch.Tensor:
     """GroupNorm, optionally followed by SiLU (act='silu')."""
+    if _triton(x) and weight is not None and bias is not None:
+        if gn.supported(x, num_groups):
+            return gn.group_norm_op(x, weight, bias, num_groups, eps, act == "silu")[0]
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if act == "silu" else y
 
 
-def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0) -> torch.Tensor:
+def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
+           act: str | None = None) -> torch.Tensor:
+    """conv2d(x) + bias [+ residual] [then SiLU (act='silu')]; the Triton kernel does all of it in one pass.
+    It has no backward: under autograd the convolution is torch's."""
+    differentiated = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    if not differentiated and _triton(x) and conv.triton_supported(x, weight, stride, padding):
+        return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu", mode() == "triton")
     if mode() == "auto" and conv.im2col_applies(x, weight, stride, padding):
-        return conv.im2col_conv3x3(x, weight, bias, stride)
-    return F.conv2d(x, weight, bias, stride, padding)
+        return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
+    return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)
