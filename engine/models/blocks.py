@@ -1,5 +1,6 @@
 """Building blocks shared by the UNet and the VAE. Attribute names mirror diffusers' state-dict keys."""
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -8,16 +9,24 @@ from torch import nn
 import kernels
 
 
+# When set, GroupNorm.forward(x, act) returns GROUP_NORM_HOOK(module, x, act): engine.tiled_vae uses it to
+# normalise every tile with statistics of the whole image.
+GROUP_NORM_HOOK: ContextVar = ContextVar("GROUP_NORM_HOOK", default=None)
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm routed through the kernel dispatch point, with an optional fused SiLU."""
 
     def forward(self, x, act=None):
+        hook = GROUP_NORM_HOOK.get()
+        if hook is not None:
+            return hook(self, x, act)
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act)
 
 
 class Conv2d(nn.Conv2d):
-    def forward(self, x):
-        return kernels.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+    def forward(self, x, residual=None):
+        return kernels.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], residual)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0, max_period=10000):
@@ -54,9 +63,8 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.norm2(h, act="silu"))
         x = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = x + h
+        out = self.conv2(self.norm2(h, act="silu"), residual=x)
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 

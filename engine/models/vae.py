@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .. import tiled_vae
 from ..rng import randn_tensor
 from .blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D
 
@@ -158,16 +159,23 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
         self.post_quant_conv = Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        # engine.tiled_vae settings; None: ENGINE_VAE_TILE_PIXELS / ENGINE_VAE_TILE or the defaults there
+        self.tile_pixels: int | None = None  # encode/decode images with more pixels than this tile by tile
+        self.tile_size: int | None = None  # tile side in latent pixels
 
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image in [-1, 1] → (mean, logvar) of the unscaled latent Gaussian; logvar clamped to [-30, 20]."""
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
+        """Image in [-1, 1] → (mean, logvar) of the unscaled latent Gaussian; logvar clamped to [-30, 20].
+        Tiled (same result, bounded memory) above the pixel budget when no gradient is recorded."""
+        if tiled_vae.applies(self, x.shape[-2] * x.shape[-1]):
+            h = tiled_vae.encode(self, x)
+        else:
+            h = self.encoder(x)
+            if self.quant_conv is not None:
+                h = self.quant_conv(h)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -180,7 +188,9 @@ class AutoencoderKL(nn.Module):
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents → image in about [-1, 1] (not clamped)."""
+        """Unscaled latents → image in about [-1, 1] (not clamped). Tiled above the pixel budget, as encode."""
+        if tiled_vae.applies(self, z.shape[-2] * z.shape[-1] * self.downscale ** 2):
+            return tiled_vae.decode(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

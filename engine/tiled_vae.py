@@ -1,0 +1,213 @@
+"""Tiled VAE encode/decode whose output equals the untiled one: overlapping tiles, GroupNorm statistics shared.
+
+The latent grid is cut into tiles; each tile runs the unmodified blocks on a crop that adds a halo wider than the
+receptive radius (real image borders keep their true zero padding), and keeps only its core. GroupNorm is the one
+non-local op: a stretch of the network with K norms runs K + 1 passes over the tiles. Pass k normalises norms
+0..k-1 with whole-image statistics already gathered, sums norm k's input over the tile cores (float64) and stops
+there; the last pass writes the output. The mid block's attention is global: it runs at latent resolution, queries
+in chunks against the keys and values of the whole latent. Peak memory is a few latent-resolution tensors of the
+mid-block width plus one tile's activations, whatever the image size; the price is recomputation (about K/2
+forward passes' worth). Inference only: the tiled path runs under torch.no_grad.
+"""
+import itertools
+import math
+import os
+
+import torch
+
+import kernels
+from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
+
+TILE_PIXELS = 1024 * 1024  # default budget: images with more pixels than this are tiled (ENGINE_VAE_TILE_PIXELS)
+TILE_IMAGE_PX = 512  # default tile side in image pixels, i.e. 512 // downscale latent pixels (ENGINE_VAE_TILE)
+
+
+def settings(vae) -> tuple[int, int]:
+    """(pixel budget, tile side in latent px) from vae.tile_pixels / vae.tile_size, else the environment."""
+    def read(attr, env, default, least):
+        raw = getattr(vae, attr, None)
+        raw = os.environ.get(env, default) if raw is None else raw
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < least or isinstance(raw, float) and raw != value:
+            raise ValueError(f"VAE tiling: {attr} (env {env}) = {raw!r}; need an integer >= {least}")
+        return value
+    return (read("tile_pixels", "ENGINE_VAE_TILE_PIXELS", TILE_PIXELS, 0),
+            read("tile_size", "ENGINE_VAE_TILE", max(1, TILE_IMAGE_PX // vae.downscale), 1))
+
+
+def applies(vae, pixels: int) -> bool:
+    """Whether an image of `pixels` pixels (height × width) goes through the tiled path."""
+    budget, _ = settings(vae)
+    return pixels > budget and not torch.is_grad_enabled()
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """vae.decode(z), tile by tile."""
+    d = vae.decoder
+    ops = [m for m in (vae.post_quant_conv, d.conv_in) if m is not None]
+    ops += [*_mid(d.mid_block), *d.up_blocks, lambda h: d.conv_norm_out(h, act="silu"), d.conv_out]
+    return _run(ops, z, 1, settings(vae)[1] if tile is None else tile)
+
+
+@torch.no_grad()
+def encode(vae, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """The encoder's output after quant_conv (mean and logvar stacked on channels), tile by tile."""
+    e = vae.encoder
+    ops = [e.conv_in, *e.down_blocks, *_mid(e.mid_block), lambda h: e.conv_norm_out(h, act="silu"), e.conv_out]
+    ops += [vae.quant_conv] if vae.quant_conv is not None else []
+    return _run(ops, x, vae.downscale, settings(vae)[1] if tile is None else tile)
+
+
+def _mid(block):
+    return [block.resnets[0], *block.attentions, block.resnets[1]]
+
+
+def _run(ops, x, fi, tile):
+    """Local ops run tile by tile in stretches; global attention between them. fi: input px per latent px."""
+    if not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"VAE tiling: tile={tile!r}; need an integer >= 1 (latent pixels)")
+    stretch = []
+    for op in [*ops, None]:
+        if op is not None and not isinstance(op, SpatialSelfAttention):
+            stretch.append(op)
+            continue
+        x, fi, stretch = _tiled(lambda h, fs=tuple(stretch): _chain(fs, h), x, fi, tile), 1, []
+        if op is not None:
+            x = _attention(op, x, tile)
+    return x
+
+
+def _chain(fs, h):
+    for f in fs:
+        h = f(h)
+    return h
+
+
+class _Stop(Exception):
+    """Ends a statistics pass at the GroupNorm whose statistics it gathers."""
+
+
+def _moments(x, groups):
+    """[sum, sum of squares, count] per (batch, group), in float64."""
+    r = x.reshape(x.shape[0], groups, -1).double()
+    return torch.stack([r.sum(-1), (r * r).sum(-1), torch.full_like(r[..., 0], r.shape[-1])])
+
+
+def _finish(m):
+    mean = m[0] / m[2]
+    return mean, (m[1] / m[2] - mean * mean).clamp_min(0)
+
+
+def _norm(gn, x, mean, var, act):
+    """GroupNorm of x with given per-(batch, group) mean and variance."""
+    rep = x.shape[1] // gn.num_groups
+    scale = (var + gn.eps).rsqrt().repeat_interleave(rep, 1) * gn.weight.double()
+    mean = mean.repeat_interleave(rep, 1)
+    y = torch.addcmul(gn.bias.to(x.dtype)[:, None, None], x - mean.to(x.dtype)[..., None, None],
+                      scale.to(x.dtype)[..., None, None])
+    return torch.nn.functional.silu(y) if act == "silu" else y
+
+
+class _Sync:
+    """GroupNorm hook for one crop: norms before `target` use the global statistics; norm `target` adds the
+    moments of its input over the tile core to `acc` and stops the pass."""
+
+    def __init__(self, stats, target, acc, core, rhos):
+        self.stats, self.target, self.acc, self.core, self.rhos, self.i = stats, target, acc, core, rhos, 0
+
+    def __call__(self, gn, x, act):
+        i, self.i = self.i, self.i + 1
+        if i < len(self.stats):
+            return _norm(gn, x, *self.stats[i], act)
+        assert i == self.target, "GroupNorm calls changed order between passes"
+        r = self.rhos[i]
+        (y0, y1, ylast), (x0, x1, xlast) = self.core
+        self.acc.append(_moments(x[:, :, y0 * r:None if ylast else y1 * r, x0 * r:None if xlast else x1 * r],
+                                 gn.num_groups))
+        raise _Stop
+
+
+def _probe(fn, x, fi, p=4):
+    """Run fn on a p × p latent-px input; per GroupNorm call: its resolution (px per latent px) and the receptive
+    radius (latent px) of the convolutions before it; then the total radius and the output px per latent px."""
+    rhos, radius, r = [], [], [0.0]
+
+    def conv(m, args):
+        if isinstance(m, torch.nn.Conv2d):  # spread of a k×k conv to either side, in its input's px
+            k, pad = m.kernel_size[0], m.padding[0]
+            r[0] += max(pad, k - 1 - pad) / (args[0].shape[-1] // p)
+
+    def gn(m, y, act):  # only shapes matter here
+        rhos.append(y.shape[-1] // p)
+        radius.append(r[0])
+        return y
+
+    handle, token = torch.nn.modules.module.register_module_forward_pre_hook(conv), GROUP_NORM_HOOK.set(gn)
+    try:
+        out = fn(x.new_zeros(1, x.shape[1], p * fi, p * fi))
+    finally:
+        handle.remove()
+        GROUP_NORM_HOOK.reset(token)
+    return rhos, radius + r, out.shape[-1] // p
+
+
+def _cuts(n, tile):
+    k = -(-n // tile)
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def _crop(a, b, n, halo, fi, size):
+    """Input slice of the crop around core [a, b) of n latent px; the core in crop coordinates; is it the last."""
+    lo, hi = max(a - halo, 0), min(b + halo, n)
+    return slice(lo * fi, size if hi == n else hi * fi), (a - lo, b - lo, b == n)
+
+
+def _tiled(fn, x, fi, tile):
+    """fn(x) for fn made of local ops, tile by tile, its GroupNorms synchronised across tiles."""
+    n = (x.shape[2] // fi, x.shape[3] // fi)
+    tiles = list(itertools.product(_cuts(n[0], tile), _cuts(n[1], tile)))
+    if len(tiles) == 1:
+        return fn(x)
+    rhos, radius, fo = _probe(fn, x, fi)
+    stats, out = [], None
+    for k in range(len(rhos) + 1):
+        halo, acc = math.ceil(radius[k]) + 1, []
+        for (ya, yb), (xa, xb) in tiles:
+            (ys, yc), (xs, xc) = _crop(ya, yb, n[0], halo, fi, x.shape[2]), _crop(xa, xb, n[1], halo, fi, x.shape[3])
+            token = GROUP_NORM_HOOK.set(_Sync(stats, k, acc, (yc, xc), rhos))
+            try:
+                y = fn(x[:, :, ys, xs])
+            except _Stop:
+                continue
+            finally:
+                GROUP_NORM_HOOK.reset(token)
+            if out is None:
+                out = y.new_empty(x.shape[0], y.shape[1], n[0] * fo, n[1] * fo)
+            out[:, :, ya * fo:yb * fo, xa * fo:xb * fo] = y[:, :, yc[0] * fo:yc[1] * fo, xc[0] * fo:xc[1] * fo]
+        if k < len(rhos):
+            stats.append(_finish(sum(acc)))
+    return out
+
+
+def _attention(attn, x, tile):
+    """x + attn(x), written into x: queries in chunks of rows against keys and values of every pixel."""
+    b, c, h, w = x.shape
+    step = max(1, 4 * tile * tile // w)
+    rows = [slice(i, min(i + step, h)) for i in range(0, h, step)]
+    mean, var = _finish(sum(_moments(x[:, :, r], attn.group_norm.num_groups) for r in rows))
+
+    def tokens(r):
+        return _norm(attn.group_norm, x[:, :, r], mean, var, None).permute(0, 2, 3, 1).reshape(b, 1, -1, c)
+
+    k, v = x.new_empty(b, 1, h * w, c), x.new_empty(b, 1, h * w, c)
+    for r in rows:
+        t, span = tokens(r), slice(r.start * w, r.stop * w)
+        k[:, :, span], v[:, :, span] = attn.to_k(t), attn.to_v(t)
+    for r in rows:
+        out = attn.to_out[0](kernels.attention(attn.to_q(tokens(r)), k, v)[:, 0])
+        x[:, :, r] += out.reshape(b, -1, w, c).permute(0, 3, 1, 2)
+    return x
