@@ -50,6 +50,18 @@ def _fwd(X, W, B, Y, MEAN, RSTD, sb, sc, ss, G, C_PER_G, S, eps, SILU: tl.conste
 
 
 @triton.jit
+def _xhat_dy(X, DY, off, mask, mean, rstd, w, bias, SILU: tl.constexpr):
+    """The normalised input and the gradient reaching the affine output (through SiLU's derivative)."""
+    xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        y = xhat * w[:, None] + bias[:, None]
+        sig = tl.sigmoid(y)
+        dy = dy * sig * (1.0 + y * (1.0 - sig))
+    return xhat, dy
+
+
+@triton.jit
 def _bwd(X, W, B, DY, DX, MEAN, RSTD, DW, DB, sb, sc, ss, G, C_PER_G, S, SILU: tl.constexpr,
          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
@@ -64,12 +76,7 @@ def _bwd(X, W, B, DY, DX, MEAN, RSTD, DW, DB, sb, sc, ss, G, C_PER_G, S, SILU: t
     db = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)   # Σ dy per channel
     for s0 in range(0, S, BLOCK_S):
         off, mask = _tile(base, c, s0 + tl.arange(0, BLOCK_S), C_PER_G, S, sc, ss)
-        xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(off + DY, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            y = xhat * w[:, None] + bias[:, None]
-            sig = tl.sigmoid(y)
-            dy = dy * sig * (1.0 + y * (1.0 - sig))
+        xhat, dy = _xhat_dy(X, DY, off, mask, mean, rstd, w, bias, SILU)
         dw += tl.where(mask, dy * xhat, 0.0)
         db += dy
     dw_c, db_c = tl.sum(dw, 1), tl.sum(db, 1)
@@ -77,12 +84,7 @@ def _bwd(X, W, B, DY, DX, MEAN, RSTD, DW, DB, sb, sc, ss, G, C_PER_G, S, SILU: t
     mean_dyw_xhat = tl.sum(dw_c * w, 0) / count     # mean of dy·w·x̂
     for s0 in range(0, S, BLOCK_S):
         off, mask = _tile(base, c, s0 + tl.arange(0, BLOCK_S), C_PER_G, S, sc, ss)
-        xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(off + DY, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            y = xhat * w[:, None] + bias[:, None]
-            sig = tl.sigmoid(y)
-            dy = dy * sig * (1.0 + y * (1.0 - sig))
+        xhat, dy = _xhat_dy(X, DY, off, mask, mean, rstd, w, bias, SILU)
         dx = (dy * w[:, None] - mean_dyw - xhat * mean_dyw_xhat) * rstd
         tl.store(off + DX, dx.to(DX.dtype.element_ty), mask=mask)
     cm = c < C_PER_G
