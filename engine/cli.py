@@ -4,12 +4,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import demo, images
+from . import demo, editing, images
 from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
 from .profile import profiled
 
 
-def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path):
+def _model_args(p: argparse.ArgumentParser, model: Path):
     p.add_argument("--model", default=str(model), help="a diffusers model folder (with model_index.json) or a "
                    f"single-file SD 1.x/2.x checkpoint in LDM key layout (.safetensors only); default: the embedded "
                    f"model {model.relative_to(model.parent.parent)}")
@@ -18,6 +18,16 @@ def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
                    help="override the scheduler's prediction type (e.g. v_prediction for SD 2.x 768-v single files)")
     p.add_argument("--variant", help="load weight files of this variant, e.g. fp16 (unet/diffusion_pytorch_model.fp16.safetensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR and print a "
+                   "per-stage timing table (tokenize, text encode, each UNet step, VAE decode)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path):
+    _model_args(p, model)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--negative", default=None, help="negative prompt, used as the unconditional branch of CFG (default: empty)")
     p.add_argument("--steps", type=int, default=steps, help=f"number of DDIM denoising steps (default {steps})")
@@ -26,12 +36,6 @@ def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path
     p.add_argument("--seed", type=int, default=0, help="seed of the CPU generator; same seed → same image (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when complete")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="weights and compute dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR and print a "
-                   "per-stage timing table (tokenize, text encode, each UNet step, VAE decode)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +63,45 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--tile", type=int, help="run the UNet on TILE×TILE windows of the low-res image, blended "
                    "every step (for inputs larger than the model was trained on, e.g. 64)")
     u.add_argument("--overlap", type=int, default=16, help="overlap of neighbouring tiles in pixels (default 16)")
+    v = sub.add_parser("invert", help="image → DDIM-inverted noise trajectory (+ null-text embeddings)",
+                       description="DDIM-invert an image; write the trajectory (latents, noises, null-text "
+                       "embeddings) as .safetensors and the image sampled back from it.")
+    _model_args(v, DEFAULT_MODEL)
+    v.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor "
+                   "(8 for SD, 4 for the embedded model)")
+    v.add_argument("--prompt", default="", help="prompt the image is inverted under (default: empty)")
+    v.add_argument("--steps", type=int, default=50, help="DDIM inversion steps (default 50)")
+    v.add_argument("--convention", choices=["destination", "source"], default="destination",
+                   help="evaluate the noise at the next timestep (null-text inversion, diffusers) or the current "
+                   "one (Direct Inversion) (default destination)")
+    v.add_argument("--null-text", choices=["reference", "fast"], help="also optimise per-step unconditional "
+                   "embeddings for guided reconstruction: the reference method or our fast variant")
+    v.add_argument("--guidance", type=float, default=7.5, help="CFG scale the null-text embeddings are "
+                   "optimised for (default 7.5)")
+    v.add_argument("--out", required=True, help="trajectory file (.safetensors); written only when complete")
+    v.add_argument("--reconstruction", help="image sampled back from the trajectory (default: OUT with .png)")
+    e = sub.add_parser("edit", help="image + text → edited image (Direct Inversion)",
+                       description="Direct Inversion: DDIM-invert the image under --source, then sample the edit "
+                       "prompt with CFG from the inverted noise, merging λ of the inverted noise on the injected "
+                       "steps. Writes the edit, a before/after sheet (OUT_sheet.png) and metrics (OUT.json).")
+    _model_args(e, DEFAULT_MODEL)
+    e.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor")
+    prompt = e.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the edit prompt: the whole target image described in words")
+    prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit each, "
+                        "written as OUT_0, OUT_1, …")
+    e.add_argument("--source", default="", help="prompt the image is inverted under (default: empty)")
+    e.add_argument("--negative", default=None, help="negative prompt of CFG (default: empty)")
+    e.add_argument("--lambda", dest="lam", type=float, default=0.5,
+                   help="noise merge λ in [0, 1]: 0 = plain CFG from the inverted noise, 1 = the input back (default 0.5)")
+    e.add_argument("--steps", type=int, default=100, help="inversion and sampling steps (default 100)")
+    e.add_argument("--inject-steps", type=int, help="merge the inverted noise on the first K sampling steps "
+                   "only (the paper's t_stop); 0 = only start from it (default: every step)")
+    e.add_argument("--every", type=int, default=1, help="merge on every k-th of those steps (default 1)")
+    e.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    e.add_argument("--convention", choices=["destination", "source"], default="source",
+                   help="inversion convention (default source, as Direct Inversion's code)")
+    e.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
                        description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "
                        "on the embedded model; PNGs and a captioned contact sheet under --out.")
@@ -98,6 +141,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "demo":
             demo.run(args.out, args.steps, args.sr_steps, seed=args.seed, progress=not args.quiet)
+        elif args.command in ("invert", "edit"):
+            editing.run(args)
         else:
             run(args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:

@@ -15,6 +15,15 @@ def constant(emb: torch.Tensor) -> Cond:
     return lambda t: emb
 
 
+def per_step(table: dict[int, torch.Tensor]) -> Cond:
+    """A different embedding at each grid timestep (null-text inversion's per-step unconditional embedding)."""
+    def cond(t):
+        if int(t) not in table:
+            raise KeyError(f"no embedding for timestep {int(t)}: sample on the grid the embeddings were made on")
+        return table[int(t)]
+    return cond
+
+
 @dataclass
 class Denoiser:
     """ε̂ / v̂ (x, t) with CFG in one batched UNet call: out = out_u + w · (out_c − out_u) (Ho & Salimans 2022)."""

@@ -43,13 +43,13 @@ def check_out(path) -> tuple[Path, str]:
     return path, fmt
 
 
-def save(image: Image.Image, path) -> Path:
-    """Write atomically: a temporary file in the same folder, renamed over `path` only once complete."""
-    path, fmt = check_out(path)
+def write_atomic(path, write) -> Path:
+    """Call write(binary file) on a temporary file in path's folder, renamed over `path` only once complete."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
+            write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
@@ -58,6 +58,12 @@ def save(image: Image.Image, path) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def save(image: Image.Image, path) -> Path:
+    """Write an image atomically (never a half-written file)."""
+    path, fmt = check_out(path)
+    return write_atomic(path, lambda f: image.save(f, format=fmt))
 
 
 def contact_sheet(items: list[tuple[Image.Image, str]], cell: int = 256, columns: int = 4) -> Image.Image:

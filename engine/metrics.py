@@ -1,4 +1,7 @@
-"""Image metrics: PSNR, and the tiny CLIP score (our text tower + a small image tower trained on the world)."""
+"""Image metrics: MSE, PSNR, SSIM (optionally restricted to a mask), and the CLIP score of the embedded model.
+
+Images are (B, 3, H, W) in [-1, 1]; MSE/PSNR/SSIM are computed on the [0, 1] scale, per image. A mask is
+(B or 1, 1, H, W) with 1 on the pixels that count (e.g. outside the edited object)."""
 import json
 from pathlib import Path
 
@@ -11,10 +14,54 @@ from .load import load_component
 from .tokenizer import Tokenizer
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (computed on the [0, 1] scale)."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).square().flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+def _masked_mean(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return v.flatten(1).mean(1)
+    m = mask.to(v).expand(v.shape[0], 1, *v.shape[2:])
+    total = (m.sum((1, 2, 3)) * v.shape[1]).clamp_min(1e-12)
+    return (v * m).sum((1, 2, 3)) / total
+
+
+def _unit(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"metrics: need two (B, C, H, W) images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a.double().clamp(-1, 1) + 1) / 2, (b.double().clamp(-1, 1) + 1) / 2
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image mean squared error on the [0, 1] scale."""
+    a, b = _unit(a, b)
+    return _masked_mean((a - b).square(), mask).float()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB on the [0, 1] scale: 10·log10(1 / MSE)."""
+    return 10 * torch.log10(1 / mse(a, b, mask).clamp_min(1e-12))
+
+
+def _gaussian(sigma: float, dtype) -> torch.Tensor:
+    r = int(3.5 * sigma + 0.5)  # scipy.ndimage.gaussian_filter's radius at truncate=3.5, as skimage uses it
+    x = torch.arange(-r, r + 1, dtype=dtype)
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004, eq. 13) with a Gaussian window, averaged over channels and over the
+    pixels whose window lies inside the image (scikit-image's structural_similarity with gaussian_weights=True,
+    use_sample_covariance=False, data_range=1)."""
+    a, b = _unit(a, b)
+    g = _gaussian(sigma, a.dtype)
+    r, c = len(g) // 2, a.shape[1]
+    if min(a.shape[2:]) <= 2 * r:
+        raise ValueError(f"ssim: images of {tuple(a.shape[2:])} are smaller than the {2 * r + 1}-pixel window")
+    kh, kw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    blur = lambda x: F.conv2d(F.conv2d(x, kh, groups=c), kw, groups=c)  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return _masked_mean(s, None if mask is None else mask[..., r:-r, r:-r]).float()
 
 
 class ImageEncoder(nn.Module):

@@ -4,7 +4,7 @@ import math
 import torch
 from PIL import Image
 
-from . import images, schedule
+from . import direct, images, invert as inv, schedule
 from .denoiser import Denoiser, constant
 from .load import Components
 from .profile import stage
@@ -130,6 +130,59 @@ class Pipeline:
         x = ddim(den, x, cond, self.c.scheduler, steps, eta=eta, generator=gen, progress=progress)
         return self._decode(x, output)
 
+    @torch.no_grad()
+    def invert(self, image, prompt="", steps=50, convention="destination", null_text=None, guidance=7.5,
+               strength=1.0, progress=True) -> inv.Trajectory:
+        """DDIM-invert an image (its VAE mean latent) under `prompt`, without CFG (engine.invert). With
+        null_text="reference" or "fast", also optimise per-step unconditional embeddings so that CFG sampling at
+        `guidance` reconstructs the image (null-text inversion); `reconstruct` uses them."""
+        prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
+        if null_text is not None and null_text not in inv.NULL_TEXT_METHODS:
+            raise ValueError(f"null_text={null_text!r}: use None, 'reference' or 'fast'")
+        x = self._image_tensor(image, self.c.vae.downscale, len(prompts))
+        with stage("vae encode"):
+            z0 = self.c.vae.encode_latents(x.to(self.vae_dtype)).to(self.dtype)
+        cond = self.encode_prompt(prompts, None, False)
+        traj = inv.invert(Denoiser(self.c.unet), z0, constant(cond), self.c.scheduler, steps, strength, convention,
+                          progress)
+        if not torch.isfinite(traj.latents[-1]).all():
+            raise FloatingPointError("the inversion produced NaN/inf values; try float32 (--dtype float32)")
+        if null_text is not None:
+            uncond = self.encode_prompt([""] * len(prompts), None, False)
+            traj = inv.null_text(Denoiser(self.c.unet, guidance), traj, cond, uncond, self.c.scheduler, null_text,
+                                 progress=progress)
+        return traj
+
+    @torch.no_grad()
+    def reconstruct(self, traj: inv.Trajectory, prompt="", steps=None, output="pil", progress=True):
+        """Sample back from the trajectory's x_T under the prompt it was inverted with: on its own grid with its
+        null-text embeddings and CFG when it has them, else without CFG; `steps` samples on another grid."""
+        prompts, _ = self._begin(prompt, None, steps or traj.num_steps, traj.guidance or 1.0, 0.0, output)
+        cond = self.encode_prompt(prompts, None, False)
+        if traj.uncond is not None and steps in (None, traj.num_steps):
+            den, c = Denoiser(self.c.unet, traj.guidance), inv.null_text_cond(traj, cond)
+        else:
+            den, c = Denoiser(self.c.unet), constant(cond)
+        z = ddim(den, traj.latents[-1], c, self.c.scheduler, steps or traj.num_steps, traj.strength,
+                 progress=progress)
+        return self._decode(z, output)
+
+    @torch.no_grad()
+    def edit(self, image, prompt, source="", steps=100, guidance=3.0, lam=0.5, inject_steps=None, every=1,
+             negative=None, convention="source", output="pil", progress=True):
+        """Direct Inversion (engine.direct): invert the image under `source` (default ""), then sample each edit
+        prompt with CFG from the inverted noise, merging λ of the inverted noise on the injected steps.
+        Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5, injection on every step.
+        Returns (edited images, trajectory); one image and several prompts give one edit per prompt."""
+        prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output)
+        direct.check_lambda(lam)
+        direct.injected_steps(steps, inject_steps, every)
+        traj = self.invert(image, source, steps, convention, progress=progress)
+        den = Denoiser(self.c.unet, guidance)
+        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        z = direct.edit(den, traj.expand(len(prompts)), cond, self.c.scheduler, lam, inject_steps, every, progress)
+        return self._decode(z, output), traj
+
     def _size(self, height, width):
         f = self.c.vae.downscale
         default = (self.c.unet.config.sample_size or 64) * f
@@ -151,6 +204,8 @@ class Pipeline:
         h, w = x.shape[2:]
         if h % multiple or w % multiple:
             raise ValueError(f"image is {w}×{h}: both sides must be multiples of {multiple}; resize or crop it")
+        if not torch.isfinite(x).all():
+            raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if x.shape[0] == 1 and batch > 1:
             x = x.repeat(batch, 1, 1, 1)
         return x.to(self.device, self.dtype)

@@ -221,14 +221,31 @@ def ddim_step(cfg, model_output, t, t_prev, x, eta=0.0, noise=None):
     return x_prev, x0
 
 
-def ddim_inverse_step(cfg, model_output, t, t_next, x):
+def ddim_inverse_step(cfg, model_output, t, t_next, x, t_model=None):
     """Deterministic DDIM inversion (eta=0, no clipping): x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps.
 
-    model_output is the model evaluated at (x, t_next); it is turned into eps at t_next, and x0 is
-    re-derived from x at its own level t, so this is the exact algebraic inverse of ddim_step(t_next -> t)
+    model_output is the model evaluated at (x, t_model): t_model = t_next (default) is the destination
+    convention of null-text inversion and diffusers, t_model = t the source convention of Direct Inversion.
+    x0 is re-derived from x at its own level t, so this is the exact algebraic inverse of ddim_step(t_next -> t)
     whenever both see the same eps.
     """
-    a, a_next = _abar(cfg, t, x.dtype), _abar(cfg, t_next, x.dtype)
-    _, eps = predict_x0_eps(cfg, model_output, t_next, x)
+    _, eps = predict_x0_eps(cfg, model_output, t_next if t_model is None else t_model, x)
+    return ddim_eps_step(cfg, eps, t, t_next, x)
+
+
+def ddim_eps_step(cfg, eps, t, t_to, x):
+    """Move x from level t to level t_to along a given eps, either way (DDIM eq. 12 with sigma = 0, no clipping)."""
+    a, a_to = _abar(cfg, t, x.dtype), _abar(cfg, t_to, x.dtype)
     x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
-    return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
+    return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
+
+
+def eps_to_output(cfg, eps, t, x):
+    """The model output that predict_x0_eps(cfg, ., t, x) reads as `eps` (inverse of its eps half)."""
+    a = _abar(cfg, t, x.dtype)
+    b = 1 - a
+    if cfg.prediction_type == "epsilon":
+        return eps
+    if cfg.prediction_type == "sample":
+        return (x - b**0.5 * eps) / a**0.5
+    return (eps - b**0.5 * x) / a**0.5

@@ -1,0 +1,243 @@
+"""DDIM inversion, null-text inversion, Direct Inversion and the image metrics."""
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+import engine
+from engine import direct, images, metrics, schedule as S, world
+from engine.cli import main
+from engine.denoiser import Denoiser, constant
+from engine.invert import Trajectory, invert, null_text, null_text_cond
+from engine.sample import ddim
+
+EPS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+           set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+V = {**EPS, "prediction_type": "v_prediction"}
+
+
+class Toy:
+    """A 'UNet' whose implied ε is a fixed tensor scaled by a function of t (or constant), in the config's
+    prediction type; DDIM is exactly invertible for it because ε does not depend on x."""
+
+    def __init__(self, sched, eps, depends_on_t=True):
+        self.sched, self.eps, self.depends_on_t = sched, eps, depends_on_t
+
+    def __call__(self, x, t, emb, labels=None):
+        e = self.eps * (1 + t / 1000 if self.depends_on_t else 1.0) * (1 + emb.mean((1, 2)).view(-1, 1, 1, 1))
+        return S.eps_to_output(self.sched, e.to(x), t, x)
+
+
+def _toy(d, depends_on_t, guidance=1.0):
+    sched = S.SchedulerConfig.from_dict(d)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(1, 4, 8, 8, generator=g)
+    return sched, Denoiser(Toy(sched, eps.double(), depends_on_t), guidance), z0
+
+
+@pytest.mark.parametrize("d", [EPS, V], ids=["eps", "v"])
+@pytest.mark.parametrize("convention,depends_on_t", [("destination", True), ("source", False)])
+@pytest.mark.parametrize("steps,strength", [(10, 1.0), (50, 1.0), (20, 0.5)])
+def test_inversion_then_sampling_reconstructs_exactly(d, convention, depends_on_t, steps, strength):
+    sched, den, z0 = _toy(d, depends_on_t)
+    cond = constant(torch.zeros(2, 3, 5, dtype=torch.float64))
+    traj = invert(den, z0, cond, sched, steps, strength, convention, progress=False)
+    assert len(traj.latents) == traj.steps + 1 == len(traj.timesteps) and traj.timesteps[-1] > traj.timesteps[0]
+    assert torch.equal(traj.latents[0], z0) and not torch.allclose(traj.latents[-1], z0)
+    x = ddim(den, traj.latents[-1], cond, sched, steps, strength, progress=False)
+    assert (x - z0).abs().max() <= 1e-5
+
+
+def test_source_convention_evaluates_at_the_current_timestep():
+    sched, den, z0 = _toy(EPS, True)
+    seen = []
+    unet = den.unet
+    den.unet = lambda x, t, emb, labels=None: (seen.append(t), unet(x, t, emb))[1]
+    cond = constant(torch.zeros(2, 3, 5, dtype=torch.float64))
+    invert(den, z0, cond, sched, 10, convention="source", progress=False)
+    assert seen == [0] + list(range(1, 901, 100))  # the clean latent is evaluated at t = 0
+    seen.clear()
+    invert(den, z0, cond, sched, 10, convention="destination", progress=False)
+    assert seen == list(range(1, 1001, 100))
+
+
+@pytest.mark.parametrize("d", [EPS, V], ids=["eps", "v"])
+def test_direct_inversion_lambda_one_walks_the_inversion_back(d):
+    sched, den, z0 = _toy(d, True)
+    cond = constant(torch.zeros(2, 3, 5, dtype=torch.float64))
+    traj = invert(den, z0, cond, sched, 20, convention="source", progress=False)  # source: not exact without it
+    assert (ddim(den, traj.latents[-1], cond, sched, 20, progress=False) - z0).abs().max() > 1e-2
+    edit_den = Denoiser(den.unet, 3.0)
+    guided = constant(torch.cat([torch.full((2, 3, 5), 0.5, dtype=torch.float64), torch.zeros(2, 3, 5).double()]))
+    x = direct.edit(edit_den, traj, guided, sched, lam=1.0, progress=False)
+    assert (x - z0).abs().max() <= 1e-5
+
+
+def test_direct_inversion_lambda_zero_is_plain_cfg_sampling():
+    sched, den, z0 = _toy(EPS, True)
+    traj = invert(den, z0, constant(torch.zeros(2, 3, 5, dtype=torch.float64)), sched, 20, progress=False)
+    guided_den = Denoiser(den.unet, 3.0)
+    guided = constant(torch.cat([torch.full((2, 3, 5), 0.5).double(), torch.full((2, 3, 5), -0.2).double()]))
+    want = ddim(guided_den, traj.latents[-1], guided, sched, 20, progress=False)
+    assert torch.equal(direct.edit(guided_den, traj, guided, sched, lam=0.0, progress=False), want)
+    # λ in between, only the first steps: differs from both ends
+    mid = direct.edit(guided_den, traj, guided, sched, lam=0.5, inject_steps=5, progress=False)
+    assert not torch.allclose(mid, want) and not torch.allclose(mid, z0)
+
+
+def test_injected_steps():
+    assert direct.injected_steps(10) == list(range(10))
+    assert direct.injected_steps(10, 4) == [0, 1, 2, 3]
+    assert direct.injected_steps(10, None, 3) == [0, 3, 6, 9]
+    assert direct.injected_steps(10, 0) == []
+    for bad in (dict(inject_steps=11), dict(inject_steps=-1), dict(every=0), dict(inject_steps=True)):
+        with pytest.raises(ValueError):
+            direct.injected_steps(10, **bad)
+    with pytest.raises(ValueError, match="lambda"):
+        direct.check_lambda(1.5)
+
+
+def test_trajectory_save_load_roundtrip(tmp_path):
+    sched, den, z0 = _toy(V, True)
+    traj = invert(den, z0.float(), constant(torch.zeros(2, 3, 5)), sched, 7, 0.6, progress=False)
+    path = traj.save(tmp_path / "t.safetensors", {"prompt": "x"})
+    back = Trajectory.load(path)
+    assert (back.timesteps, back.convention, back.num_steps, back.strength) == (traj.timesteps, "destination", 7, 0.6)
+    assert all(torch.equal(a, b) for a, b in zip(back.latents + back.noises, traj.latents + traj.noises))
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+    with pytest.raises(FileNotFoundError):
+        Trajectory.load(tmp_path / "nope.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = engine.load()
+    scenes = world.scenes(900, 2)
+    return pipe, scenes, torch.from_numpy(world.render_batch(scenes, 64))
+
+
+@pytest.mark.parametrize("method", ["reference", "fast"])
+def test_null_text_beats_plain_guided_reconstruction(tiny, method):
+    pipe, scenes, x = tiny
+    caps = [s.caption() for s in scenes]
+    traj = pipe.invert(x, caps, steps=10, null_text=method, progress=False)
+    assert traj.guidance == 7.5 and len(traj.uncond) == 10
+    nti = pipe.reconstruct(traj, caps, output="pt", progress=False)
+    c = pipe.c
+    with torch.no_grad():
+        emb = pipe.encode_prompt(caps, None, True)
+        plain = c.vae.decode_latents(ddim(Denoiser(c.unet, 7.5), traj.latents[-1], constant(emb), c.scheduler, 10,
+                                          progress=False))
+    # the null-text loss (distance to the inverted latents) is what is optimised; the image follows
+    assert (metrics.psnr(nti, x) > metrics.psnr(plain, x) + 5).all()
+    assert (metrics.psnr(nti, x) > 25).all()
+
+
+def test_null_text_needs_guidance(tiny):
+    sched, den, z0 = _toy(EPS, True)
+    traj = invert(den, z0, constant(torch.zeros(2, 3, 5).double()), sched, 5, progress=False)
+    with pytest.raises(ValueError, match="guidance"):
+        null_text(den, traj, torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), sched)
+    with pytest.raises(ValueError, match="null-text"):
+        null_text_cond(traj, torch.zeros(2, 3, 5))
+
+
+def test_edit_changes_the_named_attribute_and_is_deterministic(tiny):
+    pipe, scenes, x = tiny
+    s = scenes[0]
+    target = s.replace(0, colour="blue" if s.objects[0].colour != "blue" else "red")
+    a, traj = pipe.edit(x[:1], [target.caption(), s.caption()], steps=20, lam=0.5, output="pt", progress=False)
+    b, _ = pipe.edit(x[:1], [target.caption(), s.caption()], steps=20, lam=0.5, output="pt", progress=False)
+    assert torch.equal(a, b) and traj.convention == "source" and traj.steps == 20
+    assert metrics.psnr(a[1:], x[:1]) > metrics.psnr(a[:1], x[:1])  # the unedited prompt stays closer
+
+
+def test_ssim_matches_scikit_image():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 40, 33, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    ours = metrics.ssim(a, b)
+    ref = [structural_similarity(((a[i] + 1) / 2).numpy(), ((b[i] + 1) / 2).numpy(), gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)
+           for i in range(2)]
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+    assert torch.allclose(metrics.ssim(a, a), torch.ones(2))
+
+
+def test_masked_metrics():
+    a = torch.zeros(1, 3, 32, 32)
+    b = a.clone()
+    b[..., :16, :] = 1.0  # top half differs by 0.5 on the [0, 1] scale
+    bottom = torch.zeros(1, 1, 32, 32)
+    bottom[..., 16:, :] = 1
+    assert metrics.mse(a, b).item() == pytest.approx(0.125)
+    assert metrics.mse(a, b, bottom).item() == 0 and metrics.mse(a, b, 1 - bottom).item() == pytest.approx(0.25)
+    assert metrics.psnr(a, b, 1 - bottom).item() == pytest.approx(10 * np.log10(4))
+    assert metrics.ssim(a, b, bottom).item() > metrics.ssim(a, b).item() > metrics.ssim(a, b, 1 - bottom).item()
+    with pytest.raises(ValueError, match="shape"):
+        metrics.psnr(a, b[..., :16])
+
+
+def _src(tmp_path, size=64):
+    arr = world.render(world.scenes(901, 1)[0], size)
+    path = tmp_path / "src.png"
+    images.save(images.to_pil(torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1)[0], path)
+    return path
+
+
+def _cli_error(args, tmp_path, capsys, match):
+    before = set(tmp_path.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert set(tmp_path.iterdir()) == before  # nothing written, no temporary left
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    src = _src(tmp_path)
+    odd = tmp_path / "odd.png"
+    images.save(images.to_pil(torch.zeros(1, 3, 30, 30))[0], odd)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    out = str(tmp_path / "e.png")
+    _cli_error(["edit", "--image", str(odd), "--prompt", "a red star", "--out", out], tmp_path, capsys,
+               "multiples of 4")
+    _cli_error(["edit", "--image", str(src), "--prompt-file", str(empty), "--out", out], tmp_path, capsys,
+               "no prompts")
+    _cli_error(["edit", "--image", str(src), "--prompt-file", str(tmp_path / "nope.txt"), "--out", out], tmp_path,
+               capsys, "no such prompt file")
+    _cli_error(["edit", "--image", str(src), "--prompt", "x", "--lambda", "2", "--out", out], tmp_path, capsys,
+               "lambda")
+    _cli_error(["edit", "--image", str(src), "--prompt", "x", "--inject-steps", "101", "--out", out], tmp_path,
+               capsys, "inject_steps")
+    _cli_error(["edit", "--image", str(tmp_path / "nope.png"), "--prompt", "x", "--out", out], tmp_path, capsys,
+               "no such image")
+    _cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "t.png")], tmp_path, capsys, ".safetensors")
+    _cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "no" / "t.safetensors")], tmp_path, capsys,
+               ".safetensors")
+
+
+def test_nan_image_is_refused(tiny):
+    pipe, _, x = tiny
+    bad = x[:1].clone()
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.invert(bad, "", steps=2, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.edit(bad, "a red star", steps=2, progress=False)
+
+
+def test_cli_invert_and_edit_write_their_files(tmp_path, capsys):
+    src = _src(tmp_path)
+    assert main(["invert", "--image", str(src), "--steps", "5", "--null-text", "fast", "--out",
+                 str(tmp_path / "t.safetensors"), "--quiet"]) == 0
+    traj = Trajectory.load(tmp_path / "t.safetensors")
+    assert traj.steps == 5 and traj.uncond is not None and (tmp_path / "t.png").is_file()
+    (tmp_path / "p.txt").write_text("a small red star in the center, on a plain white background\n\na blue ring\n")
+    assert main(["edit", "--image", str(src), "--prompt-file", str(tmp_path / "p.txt"), "--steps", "5",
+                 "--out", str(tmp_path / "e.png"), "--quiet"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["e.json", "e_0.png", "e_1.png", "e_sheet.png", "p.txt", "src.png", "t.png", "t.safetensors"]
+    import json
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert len(report["edits"]) == 2 and {"psnr_to_source", "ssim_to_source", "clip_score_edit"} <= set(report["edits"][0])
