@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     e.add_argument("--convention", choices=["destination", "source"], default="source",
                    help="inversion convention (default source, as Direct Inversion's code)")
+    e.add_argument("--clip", help="CLIP checkpoint for the CLIP scores in OUT.json: a transformers CLIPModel "
+                   "folder (default: the model's own tiny CLIP when it has one, as the embedded model does)")
     e.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
                        description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "

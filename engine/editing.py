@@ -21,11 +21,13 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _scorer(model: str):
+def _scorer(args):
+    if args.clip:
+        return metrics.Scorer.from_pretrained(args.clip)
     try:
-        return metrics.Scorer.from_pretrained(model)
+        return metrics.Scorer.from_pretrained(args.model)
     except FileNotFoundError:
-        return None  # only the embedded model ships a CLIP image tower
+        return None  # of the models, only the embedded one ships a CLIP image tower
 
 
 def run(args) -> list[Path]:
@@ -63,7 +65,7 @@ def run(args) -> list[Path]:
         edited, _ = pipe.edit(image, prompts, args.source, args.steps, args.guidance, args.lam, args.inject_steps,
                               args.every, args.negative, args.convention, output="pt", progress=not args.quiet)
     src = images.to_tensor(image).to(edited).expand_as(edited)
-    scorer = _scorer(args.model)
+    scorer = _scorer(args)
     rows = [{"prompt": p, "file": str(o), "psnr_to_source": round(metrics.psnr(e[None], s[None]).item(), 3),
              "ssim_to_source": round(metrics.ssim(e[None], s[None]).item(), 4)}
             for p, o, e, s in zip(prompts, outs, edited, src)]
@@ -72,7 +74,7 @@ def run(args) -> list[Path]:
             row.update(clip_score_source=round(before.item(), 2), clip_score_edit=round(after.item(), 2))
     report = {"image": str(args.image), "source": args.source, "steps": args.steps, "guidance": args.guidance,
               "lambda": args.lam, "inject_steps": args.inject_steps, "every": args.every,
-              "convention": args.convention, "clip_scorer": "tiny CLIP of the model" if scorer else None,
+              "convention": args.convention, "clip_scorer": args.clip or (args.model if scorer else None),
               "edits": rows}
     pils = images.to_pil(edited)
     sheet = images.contact_sheet([(image, f"source: {args.source or '(empty prompt)'}")] +

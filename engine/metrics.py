@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .load import load_component
+from .load import build, fill, load_component, read_json, read_state_dict, weight_files
+from .models.clip import CLIPVisionConfig, CLIPVisionModel
 from .tokenizer import Tokenizer
 
 
@@ -86,8 +87,29 @@ class ImageEncoder(nn.Module):
         return self.proj(torch.cat([x.flatten(1), x.mean((2, 3))], 1))
 
 
+class CLIPImageTower(nn.Module):
+    """The image side of a transformers CLIPModel: CLIP's preprocessing (centre square crop, bicubic resize to
+    image_size, CLIP mean / std) on tensors in [-1, 1], the ViT, and visual_projection."""
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, cfg: CLIPVisionConfig, dim: int):
+        super().__init__()
+        self.vision = CLIPVisionModel(cfg)
+        self.visual_projection = nn.Linear(cfg.hidden_size, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        s, size = min(h, w), self.vision.config.image_size
+        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        if s != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in (self.MEAN, self.STD))
+        return self.visual_projection(self.vision(((x.clamp(-1, 1) + 1) / 2 - mean) / std))
+
+
 class Scorer(nn.Module):
-    """CLIP score of the embedded model: cosine similarity of projected image and pooled text embeddings."""
+    """CLIP score: cosine similarity of projected image and pooled text embeddings. The embedded model's tiny
+    CLIP (a small CNN image tower), or any transformers CLIPModel checkpoint (ViT image tower)."""
 
     def __init__(self, text_encoder, tokenizer: Tokenizer, dim: int, visual: nn.Module | None = None):
         super().__init__()
@@ -99,17 +121,36 @@ class Scorer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "Scorer":
-        """A model folder with text_encoder/, tokenizer/ and clip_scorer/ (config.json + model.safetensors)."""
+        """An engine model folder with clip_scorer/ (the embedded model), or a transformers CLIPModel folder
+        (config.json with a vision_config, model.safetensors, the tokenizer files)."""
         folder = Path(folder)
+        if (folder / "config.json").is_file() and "vision_config" in read_json(folder / "config.json"):
+            return cls._from_clip(folder)
         if not (folder / "clip_scorer" / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{folder}/clip_scorer/model.safetensors not found: only the embedded model "
-                                    "(weights/tiny) ships a CLIP scorer")
+            raise FileNotFoundError(f"{folder}: no CLIP image tower: need clip_scorer/ (the embedded model "
+                                    "weights/tiny) or a transformers CLIPModel folder (config.json with vision_config)")
         cfg = json.loads((folder / "clip_scorer" / "config.json").read_text())
         text = load_component(folder / "text_encoder", "text_encoder")
         s = cls(text, Tokenizer.from_dir(folder / "tokenizer"), cfg["projection_dim"])
         missing = s.load_state_dict(load_file(folder / "clip_scorer" / "model.safetensors"), strict=False).missing_keys
         if any(not k.startswith("text_encoder.") for k in missing):
             raise ValueError(f"{folder}/clip_scorer: missing keys {missing}")
+        return s.eval().requires_grad_(False)
+
+    @classmethod
+    def _from_clip(cls, folder: Path) -> "Scorer":
+        cfg = read_json(folder / "config.json")
+        sd = read_state_dict(weight_files(folder))
+        part = lambda prefix, to="": {to + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+        text = build("text_encoder", cfg, part("text_model.", "text_model."), str(folder))
+        dim = cfg.get("projection_dim", 512)
+        with torch.device("meta"):
+            tower = CLIPImageTower(CLIPVisionConfig.from_dict(cfg), dim)
+        fill(tower, {**part("vision_model.", "vision.vision_model."), **part("visual_projection.", "visual_projection.")},
+             str(folder))
+        s = cls(text, Tokenizer.from_dir(folder), dim, visual=tower)
+        fill(s.text_projection, part("text_projection."), str(folder))
+        s.logit_scale.data = sd.get("logit_scale", s.logit_scale.data).reshape(())
         return s.eval().requires_grad_(False)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:

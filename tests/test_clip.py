@@ -89,3 +89,38 @@ def test_bad_skip_and_overlong_input_raise():
         model(torch.zeros(1, 77, dtype=torch.long), skip_last_layers=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 78, dtype=torch.long))
+
+
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_full_clip_checkpoint_scores_match_transformers(tmp_path, image_size):
+    """A transformers CLIPModel folder (text + ViT image tower + projections) as the CLIP scorer: embeddings and
+    scores match CLIPModel fed CLIP's normalisation of the same pixels (images already image_size² here, so our
+    crop / resize is the identity)."""
+    from conftest import write_vocab
+    from engine.metrics import Scorer
+
+    tok = write_vocab(tmp_path)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, hidden_act="quick_gelu"),
+        projection_dim=24)
+    ref = transformers.CLIPModel(cfg).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours = Scorer.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, image_size, image_size, generator=g) * 2 - 1
+    texts = ["a red star", "star", "re d st ar red"]
+    ids = tok(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ours.visual.MEAN, ours.visual.STD))
+    with torch.no_grad():
+        out = ref(input_ids=ids, pixel_values=((x + 1) / 2 - mean) / std)
+    torch.testing.assert_close(ours.encode_image(x), out.image_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.texts(texts), out.text_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.score(x, texts), 100 * (out.image_embeds * out.text_embeds).sum(-1), atol=1e-2, rtol=0)
+    assert ours.logit_scale.item() == pytest.approx(ref.logit_scale.item())
+    # another size is centre-cropped and resized to image_size first
+    assert ours.encode_image(torch.rand(1, 3, 50, 70, generator=g)).shape == (1, 24)

@@ -1,6 +1,7 @@
-"""CLIP text transformer. Attribute names mirror the `text_model.*` keys of SD text-encoder checkpoints, so a
-transformers `model.safetensors` loads with `load_state_dict(sd, strict=True, assign=True)` into a model built
-on the meta device (see `canonical_keys` for the two key layouts accepted)."""
+"""CLIP text transformer, and the vision transformer of full CLIP checkpoints (for CLIP scores). Attribute names
+mirror the `text_model.*` / `vision_model.*` keys of transformers checkpoints, so a `model.safetensors` loads
+with `load_state_dict(sd, strict=True, assign=True)` into a model built on the meta device (see
+`canonical_keys` for the two text key layouts accepted)."""
 from dataclasses import dataclass, fields
 
 import torch
@@ -55,16 +56,16 @@ class CLIPTextConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         d = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
+        self.heads, self.causal = cfg.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, d))
+        return self.out_proj(attention(q, k, v, is_causal=self.causal).transpose(1, 2).reshape(b, n, d))
 
 
 class MLP(nn.Module):
@@ -79,9 +80,9 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -140,3 +141,63 @@ class CLIPTextModel(nn.Module):
         eos = self.config.eos_token_id
         pos = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
         return last_hidden_state[torch.arange(ids.shape[0], device=ids.device), pos]
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
+        """From a transformers CLIPVisionConfig, or a CLIPConfig's vision_config; other keys are ignored."""
+        d = d.get("vision_config", d)
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
+        return cfg
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, d)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1)
+        return x + self.position_embedding.weight
+
+
+class CLIPVisionModel(nn.Module):
+    """ViT image tower: (B, 3, image_size, image_size) normalised pixels → (B, D) pooled output (the class token)."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = nn.Module()
+        self.vision_model.embeddings = VisionEmbeddings(cfg)
+        self.vision_model.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, as the keys
+        self.vision_model.encoder = nn.Module()
+        self.vision_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg, causal=False)
+                                                         for _ in range(cfg.num_hidden_layers))
+        self.vision_model.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return vm.post_layernorm(x[:, 0])
