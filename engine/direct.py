@@ -60,7 +60,7 @@ def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.Sched
     """Direct Inversion sampling (paper §3.2, Fig. 4 [2]): DDIM from x̃_T = traj.latents[-1] on the inversion's
     grid, merging λ of the inverted noise on the injected steps. Returns the edited clean latent."""
     check_lambda(lam)
-    sampling = list(reversed(traj.timesteps[1:]))
-    steps = frozenset(sampling[i] for i in injected_steps(len(sampling), inject_steps, every))
+    pairs = traj.sampling_pairs
+    steps = frozenset(pairs[i][0] for i in injected_steps(len(pairs), inject_steps, every))
     den = Injected(denoiser, traj, sched, float(lam), steps)
     return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength, progress=progress)

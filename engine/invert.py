@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import safetensors.torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -42,6 +41,11 @@ class Trajectory:
     @property
     def steps(self) -> int:
         return len(self.noises)
+
+    @property
+    def sampling_pairs(self) -> list[tuple[int, int]]:
+        """[(t, t_prev)] of the sampling steps that mirror this inversion, in sampling order."""
+        return list(zip(reversed(self.timesteps[1:]), reversed(self.timesteps[:-1])))
 
     def noise_into(self, t: int) -> torch.Tensor:
         """The eps of the inverse step that arrived at t: what the sampling step leaving t mirrors."""
@@ -124,8 +128,7 @@ def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: 
     plain = replace(denoiser, guidance=1.0)
     w = denoiser.guidance
     x, u, out = traj.latents[-1], uncond.detach(), []
-    pairs = list(zip(reversed(traj.timesteps[1:]), reversed(traj.timesteps[:-1])))
-    bar = tqdm(pairs, desc=f"null-text ({method})", disable=not progress, leave=False)
+    bar = tqdm(traj.sampling_pairs, desc=f"null-text ({method})", disable=not progress, leave=False)
     for i, (t, t_prev) in enumerate(bar):
         target = traj.latents[n - 1 - i]
         with torch.no_grad():
@@ -182,6 +185,5 @@ def _line_search(residual, u, iters, stop):
 def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:
     """Conditioning for guided sampling with the per-step null-text embeddings of `traj`."""
     if traj.uncond is None:
-        raise ValueError("this trajectory has no null-text embeddings: invert with null_text=True")
-    ts = list(reversed(traj.timesteps[1:]))
-    return per_step({t: torch.cat([u, cond]) for t, u in zip(ts, traj.uncond)})
+        raise ValueError("this trajectory has no null-text embeddings: invert with null_text='reference' or 'fast'")
+    return per_step({t: torch.cat([u, cond]) for (t, _), u in zip(traj.sampling_pairs, traj.uncond)})

@@ -140,6 +140,10 @@ class Pipeline:
         if null_text is not None and null_text not in inv.NULL_TEXT_METHODS:
             raise ValueError(f"null_text={null_text!r}: use None, 'reference' or 'fast'")
         x = self._image_tensor(image, self.c.vae.downscale, len(prompts))
+        if len(prompts) == 1 < x.shape[0]:
+            prompts = prompts * x.shape[0]
+        if len(prompts) != x.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {x.shape[0]} images: give one prompt or one per image")
         with stage("vae encode"):
             z0 = self.c.vae.encode_latents(x.to(self.vae_dtype)).to(self.dtype)
         cond = self.encode_prompt(prompts, None, False)

@@ -128,7 +128,11 @@ def test_null_text_beats_plain_guided_reconstruction(tiny, method):
         emb = pipe.encode_prompt(caps, None, True)
         plain = c.vae.decode_latents(ddim(Denoiser(c.unet, 7.5), traj.latents[-1], constant(emb), c.scheduler, 10,
                                           progress=False))
-    # the null-text loss (distance to the inverted latents) is what is optimised; the image follows
+        # the null-text loss of the first step: the guided step from x_T against the inverted latent
+        (t, t_prev), x_t = traj.sampling_pairs[0], traj.latents[-1]
+        loss = lambda u: (S.ddim_step(c.scheduler, Denoiser(c.unet, 7.5)(x_t, t, constant(torch.cat([u, emb[2:]]))),  # noqa: E731
+                                      t, t_prev, x_t)[0] - traj.latents[-2]).square().mean().item()
+        assert loss(traj.uncond[0]) < 0.5 * loss(emb[:2])
     assert (metrics.psnr(nti, x) > metrics.psnr(plain, x) + 5).all()
     assert (metrics.psnr(nti, x) > 25).all()
 
