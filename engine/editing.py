@@ -66,9 +66,8 @@ def run(args) -> list[Path]:
                               args.every, args.negative, args.convention, output="pt", progress=not args.quiet)
     src = images.to_tensor(image).to(edited).expand_as(edited)
     scorer = _scorer(args)
-    rows = [{"prompt": p, "file": str(o), "psnr_to_source": round(metrics.psnr(e[None], s[None]).item(), 3),
-             "ssim_to_source": round(metrics.ssim(e[None], s[None]).item(), 4)}
-            for p, o, e, s in zip(prompts, outs, edited, src)]
+    rows = [{"prompt": p, "file": str(o), "psnr_to_source": round(a.item(), 3), "ssim_to_source": round(b.item(), 4)}
+            for p, o, a, b in zip(prompts, outs, metrics.psnr(edited, src), metrics.ssim(edited, src))]
     if scorer is not None:
         for row, before, after in zip(rows, scorer.score(src.float(), prompts), scorer.score(edited.float(), prompts)):
             row.update(clip_score_source=round(before.item(), 2), clip_score_edit=round(after.item(), 2))

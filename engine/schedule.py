@@ -221,15 +221,14 @@ def ddim_step(cfg, model_output, t, t_prev, x, eta=0.0, noise=None):
     return x_prev, x0
 
 
-def ddim_inverse_step(cfg, model_output, t, t_next, x, t_model=None):
+def ddim_inverse_step(cfg, model_output, t, t_next, x):
     """Deterministic DDIM inversion (eta=0, no clipping): x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps.
 
-    model_output is the model evaluated at (x, t_model): t_model = t_next (default) is the destination
-    convention of null-text inversion and diffusers, t_model = t the source convention of Direct Inversion.
-    x0 is re-derived from x at its own level t, so this is the exact algebraic inverse of ddim_step(t_next -> t)
+    model_output is the model evaluated at (x, t_next); it is turned into eps at t_next, and x0 is
+    re-derived from x at its own level t, so this is the exact algebraic inverse of ddim_step(t_next -> t)
     whenever both see the same eps.
     """
-    _, eps = predict_x0_eps(cfg, model_output, t_next if t_model is None else t_model, x)
+    _, eps = predict_x0_eps(cfg, model_output, t_next, x)
     return ddim_eps_step(cfg, eps, t, t_next, x)
 
 
