@@ -44,15 +44,20 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
         """From a transformers config.json (a CLIPTextConfig, or a CLIPConfig's text_config); other keys are ignored."""
-        d = d.get("text_config", d)
-        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        cfg = _tower_config(cls, d.get("text_config", d))
         if not isinstance(cfg.eos_token_id, int):
             raise ValueError(f"eos_token_id={cfg.eos_token_id!r} must be a single int")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
         return cfg
+
+
+def _tower_config(cls, d: dict):
+    """A config dataclass from the keys of a transformers tower config (others ignored), with the shared checks."""
+    cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+    return cfg
 
 
 class Attention(nn.Module):
@@ -158,10 +163,7 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
         """From a transformers CLIPVisionConfig, or a CLIPConfig's vision_config; other keys are ignored."""
-        d = d.get("vision_config", d)
-        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        cfg = _tower_config(cls, d.get("vision_config", d))
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
         return cfg
