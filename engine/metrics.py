@@ -1,4 +1,5 @@
-"""Image metrics: MSE, PSNR, SSIM (optionally restricted to a mask), and CLIP scores (the embedded tiny CLIP or any transformers CLIPModel).
+"""Image metrics: MSE, PSNR, SSIM (optionally restricted to a mask), and CLIP scores (the embedded tiny CLIP,
+or any transformers CLIPModel).
 
 Images are (B, 3, H, W) in [-1, 1]; MSE/PSNR/SSIM are computed on the [0, 1] scale, per image. A mask is
 (B or 1, 1, H, W) with 1 on the pixels that count (e.g. outside the edited object)."""
