@@ -38,6 +38,45 @@ def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when complete")
 
 
+def _iterinv_args(sub, name):
+    edit = name == "iterinv-edit"
+    p = sub.add_parser(name, help="IterInv + DiffEdit: edit an image through the cascade" if edit else
+                       "image → inversion through the cascade (base + ×4 stages) by IterInv",
+                       description=("Edit through the cascade: a DiffEdit mask and masked DDIM on the base stage, "
+                                    "then every ×4 stage sampled from the source's IterInv latents under the edit "
+                                    "prompt. Writes OUT/edit.png, mask.png, sheet.png and edit.json.") if edit else
+                       ("Invert an image through the cascade: stage 1 by DDIM + null-text inversion, each ×4 stage "
+                        "by IterInv. Writes OUT/inversion.safetensors, reconstruction.png, the lower stages, "
+                        "sheet.png and metrics.json."))
+    _model_args(p, DEFAULT_MODEL)
+    p.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
+                   "(default: the embedded weights/tiny-x4)")
+    p.add_argument("--clip", help="CLIP checkpoint for the CLIP score (default: the model's tiny CLIP)")
+    p.add_argument("--image", required=True, help="a square input image; it is resized to each stage's side")
+    p.add_argument("--prompt", required=True, help="the caption of the input image")
+    if edit:
+        p.add_argument("--edit", required=True, help="the edit prompt: the whole edited image described in words")
+        p.add_argument("--inversion", help="inversion.safetensors written by `iterinv` for this image, size and "
+                       "noise level (default: invert the image first)")
+        p.add_argument("--strength", type=float, default=0.8, help="DiffEdit's inpaint strength: how much of the "
+                       "base stage's schedule the edit runs (default 0.8)")
+        p.add_argument("--edit-guidance", type=float, default=3.0, help="CFG of the mask and the edit (default 3)")
+    p.add_argument("--size", type=int, default=256, choices=[256, 1024], help="output side (default 256)")
+    p.add_argument("--mode", default="fast", choices=["paper", "fast", "ddim", "ddim-reference"],
+                   help="SR-stage inversion: IterInv paper (50 × 21 gradient steps) or fast (ours: Anderson "
+                   "fixed point), or the baselines ddim (v-aware) and ddim-reference (the reference code's) "
+                   "(default fast)")
+    p.add_argument("--stage1", default="fast", choices=["fast", "reference", "npi", "ddim"],
+                   help="base-stage inversion: null-text fast / reference, NPI, or plain DDIM (default fast)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of every stage (default 50)")
+    p.add_argument("--guidance", type=float, default=3.0, help="CFG of the base stage's null-text inversion (default 3)")
+    p.add_argument("--noise-level", type=int, default=100, help="noise level of the low-res conditioning (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the low-res conditioning noise (default 0)")
+    p.add_argument("--tile", type=int, default=64, help="×4 stages run tile by tile above this low-res side (default 64)")
+    p.add_argument("--overlap", type=int, default=16, help="tile overlap in low-res pixels (default 16)")
+    p.add_argument("--out", required=True, help="output folder (created; files written only when complete)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -104,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--clip", help="CLIP checkpoint for the CLIP scores in OUT.json: a transformers CLIPModel "
                    "folder (default: the model's own tiny CLIP when it has one, as the embedded model does)")
     e.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
+    for name in ("iterinv", "iterinv-edit"):
+        _iterinv_args(sub, name)
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
                        description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "
                        "on the embedded model; PNGs and a captioned contact sheet under --out.")
@@ -145,6 +186,8 @@ def main(argv=None) -> int:
             demo.run(args.out, args.steps, args.sr_steps, seed=args.seed, progress=not args.quiet)
         elif args.command in ("invert", "edit"):
             editing.run(args)
+        elif args.command in ("iterinv", "iterinv-edit"):
+            editing.run_iterinv(args)
         else:
             run(args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:

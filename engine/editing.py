@@ -87,3 +87,95 @@ def run(args) -> list[Path]:
         clip = f", CLIP {row['clip_score_source']} → {row['clip_score_edit']}" if scorer else ""
         print(f"  {row['prompt']!r}: PSNR to source {row['psnr_to_source']} dB, SSIM {row['ssim_to_source']}{clip}")
     return written
+
+
+def _scene_out(folder) -> Path:
+    out = Path(folder)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out}: its parent folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; --out names the folder the results go to")
+    return out
+
+
+def _json(path, report) -> Path:
+    return images.write_atomic(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+
+
+def run_iterinv(args) -> list[Path]:
+    """`iterinv`: the cascade inversion, its reconstruction, a metrics JSON. `iterinv-edit`: IterInv + DiffEdit."""
+    import engine
+    from .iterinv import Cascade, CascadeInversion, pyramid
+
+    image = images.load(args.image)
+    out = _scene_out(args.out)
+    pyr = pyramid(image, args.size)  # checks the image and the size before any work
+    stages = None
+    if args.command == "iterinv-edit" and args.inversion:
+        meta, stages = CascadeInversion.load_stages(args.inversion)
+        if meta["sizes"][-1] != args.size:
+            raise ValueError(f"{args.inversion}: inverted up to {meta['sizes'][-1]}², not --size {args.size}")
+    t0 = time.perf_counter()
+    with profiled(args.profile):
+        base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                           config=args.config, prediction_type=args.prediction_type)
+        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant)
+        cas = Cascade(base, sr, args.tile, args.overlap)
+        progress = not args.quiet
+        if args.command == "iterinv" or stages is None:
+            inv = cas.invert(image, args.prompt, args.size, args.mode, args.stage1, args.steps, args.guidance,
+                             args.noise_level, args.seed, progress)
+            stages = inv.stages
+        if args.command == "iterinv-edit":
+            edits, mask = cas.edit(image, args.prompt, args.edit, stages, args.noise_level, args.steps,
+                                   args.edit_guidance, args.strength, seed=args.seed, progress=progress)
+    seconds = time.perf_counter() - t0
+    truth = pyr[-1].to(edits[-1] if args.command == "iterinv-edit" else inv.images[-1])
+    out.mkdir(exist_ok=True)
+    scorer = _scorer(args)
+    if args.command == "iterinv":
+        rec = inv.images[-1]
+        with torch.no_grad():
+            vae = cas.sr.c.vae
+            ceiling = vae.decode_latents(vae.encode_latents(truth.to(cas.sr.vae_dtype))).float()
+        report = {"image": str(args.image), "prompt": args.prompt, "size": args.size, "mode": args.mode,
+                  "stage1": args.stage1, "steps": args.steps, "noise_level": args.noise_level, "seed": args.seed,
+                  "reconstruction": {
+                      "mse": metrics.mse(rec, truth).item(), "psnr": metrics.psnr(rec, truth).item(),
+                      "ssim": metrics.ssim(rec, truth).item(),
+                      "clip_score": scorer.score(rec, [args.prompt]).item() if scorer else None,
+                      "vae_ceiling_psnr": metrics.psnr(ceiling, truth).item(), "seconds": round(seconds, 2)},
+                  "stages": [{"size": im.shape[-1], "psnr": metrics.psnr(im, x.to(im)).item()}
+                             for im, x in zip(inv.images, pyr)],
+                  "sr_solver": [{"evals": st.evals, "seconds": round(st.seconds, 2),
+                                 "max_one_step_error": None if st.errors is None else
+                                 max(e.max().item() for e in st.errors)} for st in inv.stages]}
+        pils = [images.to_pil(im)[0] for im in inv.images]
+        written = [inv.save(out / "inversion.safetensors"), images.save(pils[-1], out / "reconstruction.png")]
+        written += [images.save(p, out / f"stage_{p.width}.png") for p in pils[:-1]]
+        sheet = [(image, "input")] + [(p, f"stage {p.width}²") for p in pils]
+        r = report["reconstruction"]
+        print(f"reconstruction at {args.size}²: PSNR {r['psnr']:.2f} dB (VAE ceiling {r['vae_ceiling_psnr']:.2f}), "
+              f"SSIM {r['ssim']:.4f}, MSE {r['mse']:.2e} ({seconds:.1f}s)")
+    else:
+        edit = edits[-1]
+        up = torch.nn.functional.interpolate(mask.float(), size=edit.shape[-2:], mode="nearest").to(edit)
+        report = {"image": str(args.image), "prompt": args.prompt, "edit": args.edit, "size": args.size,
+                  "inversion": args.inversion, "mask_fraction": mask.float().mean().item(),
+                  "psnr_outside_mask": metrics.psnr(edit, truth, 1 - up).item(),
+                  "psnr_to_source": metrics.psnr(edit, truth).item(),
+                  "clip_score_source": scorer.score(truth, [args.edit]).item() if scorer else None,
+                  "clip_score_edit": scorer.score(edit, [args.edit]).item() if scorer else None,
+                  "seconds": round(seconds, 2)}
+        pils = [images.to_pil(im)[0] for im in edits]
+        mask_pil = images.to_pil(up * 2 - 1)[0]
+        written = [images.save(pils[-1], out / "edit.png"), images.save(mask_pil, out / "mask.png")]
+        written += [images.save(p, out / f"edit_{p.width}.png") for p in pils[:-1]]
+        sheet = [(image, f"source: {args.prompt}"), (mask_pil, "DiffEdit mask")] + \
+                [(p, f"edit {p.width}²: {args.edit}") for p in pils]
+        print(f"edit at {args.size}²: PSNR outside the mask {report['psnr_outside_mask']:.2f} dB, mask covers "
+              f"{100 * report['mask_fraction']:.1f}% ({seconds:.1f}s)")
+    written.append(images.save(images.contact_sheet(sheet, columns=len(sheet)), out / "sheet.png"))
+    written.append(_json(out / ("metrics.json" if args.command == "iterinv" else "edit.json"), report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return written

@@ -1,0 +1,135 @@
+"""IterInv Table 1 on the embedded cascade, over held-out world scenes (seed 106), and one 1024² edit.
+
+    python bench/bench_iterinv.py --size 256 --scenes 20 --paper-scenes 4
+    python bench/bench_iterinv.py --size 1024 --scenes 5 --methods ddim fast
+    python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle
+
+Rows (reconstruction of the input at --size from the cascade 64² → 256² (→ 1024², tiled)):
+vae            the x4 VAE's encode → decode of the input: the ceiling of every row
+ddim-all       the reference's DDIM baseline at every stage: plain DDIM inversion at stage 1 sampled back with
+               CFG 3; SR stages inverted reading the v output as ε, ĉ redrawn for the reconstruction
+ddim-sr        stage 1 as IterInv's (null-text, fast); SR stages as ddim-all's
+ddim-fair      stage 1 as IterInv's; SR stages by v-aware DDIM inversion with the same ĉ
+paper / fast   stage 1 as IterInv's; SR stages by IterInv, paper mode (T = 50, N = 21) or ours
+Paper mode runs on the first --paper-scenes scenes only (its cost: 1050 UNet forward+backward per stage); fast
+is rerun on exactly those scenes, in the same batch, for the time ratio (SR-stage solve time only).
+Metrics on [0, 1]: MSE, PSNR, SSIM (engine.metrics) and the tiny-CLIP score against the caption.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import engine
+from engine import images, iterinv, metrics, world
+from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "iterinv.json"
+ROWS = {"ddim-all": ("ddim", "ddim-reference"), "ddim-sr": ("fast", "ddim-reference"), "ddim-fair": ("fast", "ddim"),
+        "paper": ("fast", "paper"), "fast": ("fast", "fast")}
+
+
+def save(key, value):
+    d = json.loads(OUT.read_text()) if OUT.exists() else {}
+    d[key] = value
+    OUT.write_text(json.dumps(d, indent=1))
+
+
+def pil(scene, res):
+    return Image.fromarray((world.render(scene, res) * 255).round().astype(np.uint8))
+
+
+def scores(rec, truth, scorer, caps):
+    return {"mse": metrics.mse(rec, truth).tolist(), "psnr": metrics.psnr(rec, truth).tolist(),
+            "ssim": metrics.ssim(rec, truth).tolist(), "clip": scorer.score(rec, caps).tolist()}
+
+
+METRICS = ("mse", "psnr", "ssim", "clip")
+
+
+def summary(per):
+    return {k: statistics.mean(v) if k in METRICS else v for k, v in per.items()}
+
+
+def table(size, n_paper, n):
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    ss = world.scenes(106, n)
+    caps, pils = [s.caption() for s in ss], [pil(s, size) for s in ss]
+    truth = images.to_tensor(pils)
+    vae = cas.sr.c.vae
+    with torch.no_grad():
+        rows = {"vae": scores(vae.decode_latents(vae.encode_latents(truth)), truth, scorer, caps)}
+    print(f"{size}² vae: {statistics.mean(rows['vae']['psnr']):.2f} dB")
+    for name in ARGS.methods:
+        stage1, method = ROWS[name]
+        k = n_paper if name == "paper" else n
+        if k == 0:
+            continue
+        t0 = time.perf_counter()
+        inv = cas.invert(pils[:k], caps[:k], size, method, stage1)
+        rows[name] = scores(inv.images[-1], truth[:k], scorer, caps[:k]) | {
+            "scenes": k, "sr_solve_seconds": sum(st.seconds for st in inv.stages),
+            "sr_evals": sum(st.evals for st in inv.stages), "total_seconds": time.perf_counter() - t0,
+            "max_one_step_error": [None if st.errors is None else max(e.max().item() for e in st.errors)
+                                   for st in inv.stages]}
+        print(f"{size}² {name}: {statistics.mean(rows[name]['psnr']):.2f} dB, SR solve {rows[name]['sr_solve_seconds']:.0f}s")
+        if name == "paper":  # fast on the same scenes, same batch, for the time ratio
+            fast = cas.invert(pils[:k], caps[:k], size, "fast", stage1)
+            rows["fast-on-paper-scenes"] = scores(fast.images[-1], truth[:k], scorer, caps[:k]) | {
+                "scenes": k, "sr_solve_seconds": sum(st.seconds for st in fast.stages),
+                "sr_evals": sum(st.evals for st in fast.stages)}
+            rows["paper"]["vae_psnr_same_scenes"] = statistics.mean(rows["vae"]["psnr"][:k])
+        save(f"table_{size}", {"scenes": n, "paper_scenes": n_paper, "seed": 106,
+                               "rows": {r: summary(v) for r, v in rows.items()}, "per_scene": rows})
+
+
+def edit():
+    size = 1024
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    src = world.Scene((world.Obj("circle", "red", "large", "in the center"),), "striped", "gray")
+    tgt = src.replace(0, colour="blue")
+    image = pil(src, size)
+    t0 = time.perf_counter()
+    inv = cas.invert(image, src.caption(), size, "fast", "fast")
+    t_inv = time.perf_counter() - t0
+    outs, mask = cas.edit(image, src.caption(), tgt.caption(), inv.stages)
+    t_edit = time.perf_counter() - t0 - t_inv
+    truth, edited = images.to_tensor(image), outs[-1]
+    up = torch.nn.functional.interpolate(mask, size=(size, size), mode="nearest")
+    obj = torch.from_numpy(world.masks(src, size)[:1])[None]
+    grown = torch.nn.functional.max_pool2d(obj, 2 * 16 + 1, 1, 16)  # the object dilated by 16 px
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    gt = images.to_tensor(pil(tgt, size))
+    result = {"source": src.caption(), "edit": tgt.caption(), "size": size,
+              "reconstruction_psnr": metrics.psnr(inv.images[-1], truth).item(),
+              "mask_fraction": mask.mean().item(),
+              "psnr_outside_diffedit_mask": metrics.psnr(edited, truth, 1 - up).item(),
+              "psnr_outside_object_dilated_16px": metrics.psnr(edited, truth, 1 - grown).item(),
+              "psnr_to_ground_truth_edit": metrics.psnr(edited, gt).item(),
+              "clip_edit_prompt": {"source": scorer.score(truth, [tgt.caption()]).item(),
+                                   "edit": scorer.score(edited, [tgt.caption()]).item()},
+              "seconds": {"invert": t_inv, "edit": t_edit}}
+    sheet = [(image, "source 1024²: " + src.caption()), (images.to_pil(up * 2 - 1)[0], "DiffEdit mask (16² latent)")]
+    sheet += [(images.to_pil(o)[0], f"edit {o.shape[-1]}²: {tgt.caption()}") for o in outs]
+    images.save(images.contact_sheet(sheet, columns=len(sheet)), RESULTS / "iterinv_edit_1024.png")
+    save("edit_1024", result)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256, choices=[256, 1024])
+    ap.add_argument("--scenes", type=int, default=20)
+    ap.add_argument("--paper-scenes", type=int, default=4)
+    ap.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--edit", action="store_true", help="only the 1024² edit example")
+    ARGS = ap.parse_args()
+    torch.manual_seed(0)
+    edit() if ARGS.edit else table(ARGS.size, ARGS.paper_scenes, ARGS.scenes)

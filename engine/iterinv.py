@@ -1,0 +1,376 @@
+"""IterInv (Tang, Wang, van de Weijer 2023): invert an image through a cascade, base model + ×4 SR stages.
+
+Stage 1 (the base model) is DDIM inversion plus null-text inversion (engine.invert). Each SR stage is inverted
+by IterInv: for t from low to high noise, solve z_t so that one deterministic DDIM step from it lands on the
+already-solved z_{t−Δ}; reconstruction is ordinary DDIM sampling from the solved z_T. The noise-augmented
+low-res conditioning ĉ is drawn once per stage and reused for the reconstruction (the reference's essential
+detail). Solvers:
+
+- paper: N plain gradient steps on Σ(step(z) − z_{t−Δ})², step size 0.3·√linspace(1, 0.5, T)[k], warm-started
+  from the previous solution (ITERINV `SDUP_inv_pipeline.py`: T = 50, N = 21, no momentum, no early stop).
+- fast (ours): the same equation as a fixed point. z = g(z) with g(z) = the DDIM move of z_{t−Δ} up to t along
+  ε̂(z, t) holds exactly when step(z) = z_{t−Δ} (no clipping); iterate it with Anderson acceleration, forward
+  passes only, and stop once the one-step error's RMS is below `tol`. It starts from g(z_{t−Δ}), the ordinary
+  DDIM-inversion step, so its first iterate is the DDIM baseline.
+
+Editing (end2end_diffedit.py): a DiffEdit mask and masked DDIM on stage 1, then every SR stage samples from the
+cached z_T of the source's inversion under the edit prompt, conditioned on the edited lower stage.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from . import schedule
+from .denoiser import Cond, Denoiser
+
+MODES = ("paper", "fast")
+
+
+def step_sizes(n: int, scale: float = 0.3) -> torch.Tensor:
+    """The paper's gradient step per inverse step k (k = 0 the lowest timestep): scale·√linspace(1, 0.5, n)[k]."""
+    return scale * torch.linspace(1.0, 0.5, n, dtype=torch.float64).sqrt()
+
+
+def one_step(den, sched, z, t, t_prev, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DDIM step t → t_prev from z, the model output at (z, t))."""
+    out = den(z, t, cond)
+    return schedule.ddim_step(sched, out, t, t_prev, z)[0], out
+
+
+def _rms(r: torch.Tensor) -> torch.Tensor:
+    return r.detach().double().square().flatten(1).mean(1).sqrt()
+
+
+@dataclass
+class Solution:
+    """latents[k] sits at timesteps[k] (ascending; -1 is the clean latent); errors[k] is the per-sample RMS of
+    the last evaluated one-step error of inverse step k; evals the model calls made (paper: forward+backward)."""
+    timesteps: list[int]
+    latents: list[torch.Tensor]
+    errors: list[torch.Tensor]
+    evals: int
+
+
+def solve_paper(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig, steps: int = 50,
+                inner_steps: int = 21, scale: float = 0.3, progress: bool = True) -> Solution:
+    """IterInv's SR-stage inversion (paper Alg. 1; code SDUP_inv_pipeline): per t ascending, `inner_steps`
+    gradient steps z ← z − s_k ∇_z Σ(step(z) − z_{t−Δ})², z warm-started from z_{t−Δ}."""
+    pairs = schedule.inversion_timesteps(sched, steps)
+    sizes = step_sizes(len(pairs), scale)
+    z, latents, errors = z0, [z0], []
+    for k, (t_prev, t) in enumerate(tqdm(pairs, desc="iterinv (paper)", disable=not progress, leave=False)):
+        target = latents[-1]
+        for _ in range(inner_steps):
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                r = one_step(den, sched, z, t, t_prev, cond)[0] - target
+                (g,) = torch.autograd.grad(r.square().sum(), z)
+            z = z.detach() - sizes[k].item() * g
+        latents.append(z)
+        errors.append(_rms(r))
+    return Solution([pairs[0][0]] + [t for _, t in pairs], latents, errors, len(pairs) * inner_steps)
+
+
+def solve_fast(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig, steps: int = 50,
+               tol: float = 1e-5, max_iter: int = 8, memory: int = 3, progress: bool = True) -> Solution:
+    """Ours: per t ascending, the fixed point z = g(z) of the one-step equation by Anderson acceleration
+    (Walker & Ni 2011, type II, `memory` past iterates), per sample, until the one-step error RMS < tol."""
+    pairs = schedule.inversion_timesteps(sched, steps)
+    latents, errors, evals = [z0], [], 0
+    bar = tqdm(pairs, desc="iterinv (fast)", disable=not progress, leave=False)
+    with torch.no_grad():
+        for t_prev, t in bar:
+            target = latents[-1]
+            z, hist = target, []
+            err = torch.full((z.shape[0],), float("inf"), dtype=torch.float64)
+            for it in range(max_iter + 1):
+                stepped, out = one_step(den, sched, z, t, t_prev, cond)
+                evals += 1
+                if it > 0:  # at it = 0, z is z_{t−Δ} itself: only its g (the DDIM inversion step) is wanted
+                    err = _rms(stepped - target)
+                    if bool((err < tol).all()) or it == max_iter:
+                        break
+                eps = schedule.predict_x0_eps(sched, out, t, z)[1]
+                gz = schedule.ddim_eps_step(sched, eps, t_prev, t, target)
+                hist = (hist + [(z, gz)])[-(memory + 1):]
+                new = _anderson(hist)
+                done = (err < tol).view(-1, *(1,) * (z.ndim - 1)).to(z.device)
+                z = torch.where(done, z, new)
+            latents.append(z)
+            errors.append(err)
+            bar.set_postfix(err=f"{err.max().item():.1e}", iters=it)
+    return Solution([pairs[0][0]] + [t for _, t in pairs], latents, errors, evals)
+
+
+def _anderson(hist: list[tuple[torch.Tensor, torch.Tensor]], reg: float = 1e-10) -> torch.Tensor:
+    """Type-II Anderson mixing of iterates (z_i, g(z_i)): g_k − ΔG·γ with γ = argmin ‖f_k − ΔF·γ‖, f = g − z,
+    solved per sample by regularised normal equations in float64."""
+    z, g = hist[-1]
+    if len(hist) == 1:
+        return g
+    b = z.shape[0]
+    f = [(gi - zi).reshape(b, -1).double() for zi, gi in hist]
+    dF = torch.stack([f[i + 1] - f[i] for i in range(len(f) - 1)], -1)              # (B, n, m)
+    dG = torch.stack([(hist[i + 1][1] - hist[i][1]).reshape(b, -1).double() for i in range(len(f) - 1)], -1)
+    A = dF.transpose(1, 2) @ dF
+    A = A + reg * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(A.shape[-1],
+                                                                                                   dtype=A.dtype)
+    gamma = torch.linalg.solve(A, dF.transpose(1, 2) @ f[-1].unsqueeze(-1))
+    return (g.reshape(b, -1).double() - (dG @ gamma).squeeze(-1)).reshape(z.shape).to(z.dtype)
+
+
+def solve(mode: str, den, z0, cond, sched, steps=50, progress=True, **kw) -> Solution:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES}")
+    return (solve_paper if mode == "paper" else solve_fast)(den, z0, cond, sched, steps, progress=progress, **kw)
+
+
+# ---- DiffEdit on stage 1 (algorithms.md 6.3) -------------------------------------------------------------
+
+def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Cond, sched, steps: int = 30,
+                  strength: float = 0.1, maps: int = 10, ratio: float = 1.0, generator=None) -> torch.Tensor:
+    """DiffEdit mask (Couairon et al. 2023, §3.1): the mean over `maps` noisings of z0 at t(strength) and over
+    channels of |ε̂_tgt − ε̂_src|, clamped to [0, ratio·mean], scaled to [0, 1] and binarised at 0.5.
+    cond_*(t) give (2·maps·B, L, D) [uncond; cond] embeddings when `den` is guided. Returns (B, 1, h, w) in {0, 1}."""
+    from .rng import randn_tensor
+
+    t = int(schedule.timesteps(sched, steps, strength)[0])
+    b = z0.shape[0]
+    zs = z0.repeat(maps, 1, 1, 1)
+    x = schedule.q_sample(sched, zs, t, randn_tensor(zs.shape, generator, z0.device, torch.float32).to(z0.dtype))
+    with torch.no_grad():
+        e_src = schedule.predict_x0_eps(sched, den(x, t, cond_src), t, x)[1]
+        e_tgt = schedule.predict_x0_eps(sched, den(x, t, cond_tgt), t, x)[1]
+    m = (e_tgt - e_src).abs().mean(1, keepdim=True).view(maps, b, 1, *z0.shape[2:]).mean(0)
+    bound = m.flatten(1).mean(1).view(b, 1, 1, 1) * ratio
+    return ((m.clamp_min(0).minimum(bound) / bound.clamp_min(1e-12)) > 0.5).to(z0.dtype)
+
+
+def masked_ddim(den: Denoiser, traj, cond: Cond, sched, mask: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """DiffEdit's masked DDIM: sample from the trajectory's top latent under `cond`; after every step keep the
+    inverted latent of the same level outside the mask, x ← m·x + (1 − m)·z*_{t_prev}. (DiffEdit's code blends
+    with the latent one level noisier; here both sit at t_prev, and the last step keeps z0 outside the mask.)"""
+    x = traj.latents[-1]
+    level = {t: z for t, z in zip(traj.timesteps, traj.latents)}
+    for t, t_prev in tqdm(traj.sampling_pairs, desc="masked edit", disable=not progress, leave=False):
+        x = schedule.ddim_step(sched, den(x, t, cond), t, t_prev, x)[0]
+        x = mask * x + (1 - mask) * level[t_prev]
+    return x
+
+
+# ---- the cascade: base model at 64² → ×4 → ×4 ------------------------------------------------------------
+
+STAGE1 = ("fast", "reference", "npi", "ddim")     # null-text fast / reference; u = c (NPI); plain DDIM + CFG
+METHODS = MODES + ("ddim", "ddim-reference")      # SR-stage inversions; the last two are the baselines
+
+
+@dataclass
+class SRInversion:
+    """One inverted SR stage: the solved top latent and the noise n of its conditioning ĉ = q(c, level, n)."""
+    z_T: torch.Tensor
+    noise: torch.Tensor
+    errors: list[torch.Tensor] | None = None
+    evals: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CascadeInversion:
+    """What the cascade inversion of one batch of images keeps: stage 1's trajectory (with null-text embeddings
+    when made) and each SR stage's z_T + noise; `images` are the reconstructions, one per stage (64², 256², …)."""
+    prompt: list[str]
+    method: str
+    stage1: str
+    steps: int
+    noise_level: int
+    seed: int
+    stage1_traj: object
+    stages: list[SRInversion]
+    images: list[torch.Tensor]
+
+    def save(self, path):
+        """One .safetensors file, written whole: stage1.* (the trajectory) and sr{k}.z_T / sr{k}.noise."""
+        import json
+        import safetensors.torch
+        from .images import write_atomic
+
+        tr = self.stage1_traj
+        t = {"stage1.latents": torch.stack(tr.latents), "stage1.timesteps": torch.tensor(tr.timesteps)}
+        if tr.uncond is not None:
+            t["stage1.uncond"] = torch.stack(tr.uncond)
+        for k, st in enumerate(self.stages):
+            t[f"sr{k}.z_T"], t[f"sr{k}.noise"] = st.z_T, st.noise
+        meta = {"prompt": json.dumps(self.prompt), "method": self.method, "stage1": self.stage1,
+                "steps": str(self.steps), "noise_level": str(self.noise_level), "seed": str(self.seed),
+                "sizes": json.dumps([im.shape[-1] for im in self.images])}
+        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in t.items()}, metadata=meta)
+        return write_atomic(path, lambda f: f.write(blob))
+
+    @staticmethod
+    def load_stages(path) -> tuple[dict, list[SRInversion]]:
+        """(metadata, SR stages) of a file written by `save`: what an edit needs."""
+        import json
+        from pathlib import Path
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such inversion file (write one with `python -m engine iterinv`)")
+        with safe_open(path, "pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+            if "sr0.z_T" not in keys or "method" not in meta:
+                raise ValueError(f"{path}: not a cascade inversion file (needs sr0.z_T; made by `engine iterinv`)")
+            stages = [SRInversion(f.get_tensor(f"sr{k}.z_T"), f.get_tensor(f"sr{k}.noise"))
+                      for k in range(len(keys)) if f"sr{k}.z_T" in keys]
+        meta = {k: json.loads(v) if k in ("prompt", "sizes") else v for k, v in meta.items()}
+        return meta, stages
+
+
+def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
+    """The input at every stage's side (base, 4·base, …, size) as (B, 3, s, s) in [-1, 1], each resized from
+    the input itself with PIL's bicubic filter, as the reference does."""
+    from PIL import Image
+    from . import images as im
+
+    pils = image if isinstance(image, (list, tuple)) else [image]
+    if not pils or not all(isinstance(p, Image.Image) for p in pils):
+        raise ValueError("image: need a PIL image or a list of them")
+    sides = [base]
+    while sides[-1] < size:
+        sides.append(sides[-1] * 4)
+    if sides[-1] != size or len(sides) < 2:
+        raise ValueError(f"size={size}: need {base}·4^k with k ≥ 1 (256 or 1024 for the embedded cascade)")
+    for p in pils:
+        if p.width != p.height:
+            raise ValueError(f"image is {p.width}×{p.height}: the cascade inverts square images; crop it square first")
+    return [im.to_tensor([p if p.width == s else p.resize((s, s), Image.BICUBIC) for p in pils]) for s in sides]
+
+
+class Cascade:
+    """The base pipeline and the ×4 SR pipeline (applied once per ×4, tile by tile above `tile` low-res pixels)."""
+
+    def __init__(self, base, sr, tile: int = 64, overlap: int = 16):
+        if not sr.is_upscaler or base.is_upscaler:
+            raise ValueError("Cascade(base, sr): need a text→image model and an x4 upscaler model, in that order")
+        self.base, self.sr, self.tile, self.overlap = base, sr, tile, overlap
+
+    def _sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
+        """The stage's denoiser, with ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
+        from .tiles import Tiled
+
+        c = self.sr.c
+        lv = torch.tensor([level], device=low.device)
+        den = Denoiser(c.unet, 1.0, concat=schedule.q_sample(c.low_res_scheduler, low, lv, noise.to(low)),
+                       class_labels=lv.repeat(low.shape[0]))
+        return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
+
+    def _stage1(self, x64, prompt, stage1, steps, guidance, progress):
+        from .sample import ddim
+        from .denoiser import constant
+
+        b = self.base
+        if stage1 in ("fast", "reference"):
+            traj = b.invert(x64, prompt, steps, "destination", stage1, guidance, progress=progress)
+            return traj, b.reconstruct(traj, prompt, output="pt", progress=progress)
+        traj = b.invert(x64, prompt, steps, "destination", progress=progress)
+        if stage1 == "npi":  # u = c: CFG collapses to the conditional prediction
+            return traj, b.reconstruct(traj, prompt, output="pt", progress=progress)
+        den = Denoiser(b.c.unet, guidance)
+        cond = constant(b.encode_prompt(prompt, None, den.guided))
+        return traj, b._decode(ddim(den, traj.latents[-1], cond, b.c.scheduler, steps, progress=progress), "pt")
+
+    @torch.no_grad()
+    def invert(self, image, prompt, size: int = 256, method: str = "fast", stage1: str = "fast", steps: int = 50,
+               guidance: float = 3.0, noise_level: int = 100, seed: int = 0, progress: bool = True,
+               **solver) -> CascadeInversion:
+        """Invert `image` (PIL, square) through the cascade up to `size`, then reconstruct every stage.
+        stage1: null-text inversion 'fast' or 'reference' at CFG `guidance` (IterInv's default 3), 'npi', or
+        'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or 'fast' for the SR
+        stages, or the baselines 'ddim' (v-aware DDIM inversion, same ĉ) and 'ddim-reference' (the reference
+        code's: the v output read as ε, ĉ redrawn for the reconstruction)."""
+        import time
+        from .denoiser import constant
+        from .invert import invert as ddim_invert
+        from .rng import generator, randn_tensor
+        from .sample import ddim
+
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: use one of {METHODS}")
+        if stage1 not in STAGE1:
+            raise ValueError(f"stage1={stage1!r}: use one of {STAGE1}")
+        top = self.sr.c.max_noise_level or 350
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+            raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        pyr = [x.to(self.base.device) for x in pyramid(image, size)]
+        if len(prompts) != pyr[0].shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {pyr[0].shape[0]} images: give one prompt per image")
+        traj, low = self._stage1(pyr[0].to(self.base.dtype), prompts, stage1, steps, guidance, progress)
+        outs, stages = [low.float()], []
+        c = self.sr.c
+        cond = constant(self.sr.encode_prompt(prompts, None, False))
+        for target in pyr[1:]:
+            gen = generator(seed)  # re-seeded per stage, as the reference
+            noise = randn_tensor(low.shape, gen, low.device, torch.float32)
+            den = self._sr_denoiser(low.to(self.sr.dtype), noise, noise_level)
+            z0 = c.vae.encode_latents(target.to(self.sr.vae_dtype)).to(self.sr.dtype)
+            t0 = time.perf_counter()
+            if method in MODES:
+                sol = solve(method, den, z0, cond, c.scheduler, steps, progress=progress, **solver)
+                st = SRInversion(sol.latents[-1], noise, sol.errors, sol.evals)
+            else:
+                sched = c.scheduler if method == "ddim" else replace(c.scheduler, prediction_type="epsilon")
+                tr = ddim_invert(den, z0, cond, sched, steps, progress=progress)
+                st = SRInversion(tr.latents[-1], noise, None, steps)
+                if method == "ddim-reference":  # the generator was not re-seeded before the reconstruction
+                    den = self._sr_denoiser(low.to(self.sr.dtype), randn_tensor(low.shape, gen, low.device,
+                                                                                torch.float32), noise_level)
+            st.seconds = time.perf_counter() - t0
+            z = ddim(den, st.z_T, cond, c.scheduler, steps, progress=progress)
+            low = self.sr._decode(z, "pt")
+            outs.append(low.float())
+            stages.append(st)
+        return CascadeInversion(prompts, method, stage1, steps, noise_level, seed, traj, stages, outs)
+
+    @torch.no_grad()
+    def edit(self, image, source, target, stages: list[SRInversion], noise_level: int = 100, steps: int = 50,
+             guidance: float = 3.0, strength: float = 0.8, mask_steps: int = 30, mask_strength: float = 0.1,
+             mask_maps: int = 10, mask_ratio: float = 1.0, seed: int = 0, progress: bool = True):
+        """IterInv + DiffEdit (end2end_diffedit.py): DiffEdit mask and masked DDIM edit on stage 1 (DDIM inversion
+        under `source` with CFG, truncated to `strength`; sampling under `target`), then each SR stage samples
+        from the source's cached z_T under `target`, conditioned on the edited stage below. Returns
+        (edited images per stage, the stage-1 latent mask (B, 1, h, w))."""
+        from .denoiser import constant
+        from .invert import invert as ddim_invert
+        from .rng import generator
+        from .sample import ddim
+
+        b, sr = self.base, self.sr
+        sources = [source] if isinstance(source, str) else list(source)
+        targets = [target] if isinstance(target, str) else list(target)
+        pyr = pyramid(image, 64 * 4 ** len(stages))
+        x64 = pyr[0].to(b.device, b.dtype)
+        if not len(sources) == len(targets) == x64.shape[0]:
+            raise ValueError(f"{len(sources)} source and {len(targets)} edit prompts for {x64.shape[0]} images")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r}: need a number in (0, 1]")
+        den = Denoiser(b.c.unet, guidance)
+        z0 = b.c.vae.encode_latents(x64.to(b.vae_dtype)).to(b.dtype)
+        rep = lambda ps: constant(b.encode_prompt(ps * mask_maps, None, den.guided))  # noqa: E731
+        mask = diffedit_mask(den, z0, rep(sources), rep(targets), b.c.scheduler, mask_steps, mask_strength,
+                             mask_maps, mask_ratio, generator(seed))
+        src, tgt = (constant(b.encode_prompt(ps, None, den.guided)) for ps in (sources, targets))
+        traj = ddim_invert(den, z0, src, b.c.scheduler, steps, strength, "destination", progress)
+        low = b._decode(masked_ddim(den, traj, tgt, b.c.scheduler, mask, progress), "pt")
+        outs = [low.float()]
+        cond = constant(sr.encode_prompt(targets, None, False))
+        for st in stages:
+            if st.z_T.shape[0] != x64.shape[0] or st.z_T.shape[-1] != 4 * low.shape[-1] // sr.c.vae.downscale:
+                raise ValueError(f"the cached SR latents {tuple(st.z_T.shape)} do not fit this image; invert it "
+                                 "with the same size first")
+            den_sr = self._sr_denoiser(low.to(sr.dtype), st.noise, noise_level)
+            low = sr._decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.c.scheduler, steps,
+                                  progress=progress), "pt")
+            outs.append(low.float())
+        return outs, mask
