@@ -64,8 +64,10 @@ def table(size, n_paper, n):
     caps, pils = [s.caption() for s in ss], [pil(s, size) for s in ss]
     truth = images.to_tensor(pils)
     vae = cas.sr.c.vae
+    old = json.loads(OUT.read_text()).get(f"table_{size}", {}) if OUT.exists() else {}
+    rows = old.get("per_scene", {}) if old.get("scenes") == n else {}  # rows of earlier runs on these scenes
     with torch.no_grad():
-        rows = {"vae": scores(vae.decode_latents(vae.encode_latents(truth)), truth, scorer, caps)}
+        rows["vae"] = scores(vae.decode_latents(vae.encode_latents(truth)), truth, scorer, caps)
     print(f"{size}² vae: {statistics.mean(rows['vae']['psnr']):.2f} dB")
     for name in ARGS.methods:
         stage1, method = ROWS[name]
@@ -79,14 +81,15 @@ def table(size, n_paper, n):
             "sr_evals": sum(st.evals for st in inv.stages), "total_seconds": time.perf_counter() - t0,
             "max_one_step_error": [None if st.errors is None else max(e.max().item() for e in st.errors)
                                    for st in inv.stages]}
-        print(f"{size}² {name}: {statistics.mean(rows[name]['psnr']):.2f} dB, SR solve {rows[name]['sr_solve_seconds']:.0f}s")
+        print(f"{size}² {name}: {statistics.mean(rows[name]['psnr']):.2f} dB, "
+              f"SR solve {rows[name]['sr_solve_seconds']:.0f}s")
         if name == "paper":  # fast on the same scenes, same batch, for the time ratio
             fast = cas.invert(pils[:k], caps[:k], size, "fast", stage1)
             rows["fast-on-paper-scenes"] = scores(fast.images[-1], truth[:k], scorer, caps[:k]) | {
                 "scenes": k, "sr_solve_seconds": sum(st.seconds for st in fast.stages),
                 "sr_evals": sum(st.evals for st in fast.stages)}
             rows["paper"]["vae_psnr_same_scenes"] = statistics.mean(rows["vae"]["psnr"][:k])
-        save(f"table_{size}", {"scenes": n, "paper_scenes": n_paper, "seed": 106,
+        save(f"table_{size}", {"scenes": n, "paper_scenes": rows.get("paper", {}).get("scenes", 0), "seed": 106,
                                "rows": {r: summary(v) for r, v in rows.items()}, "per_scene": rows})
 
 
@@ -116,7 +119,8 @@ def edit():
               "clip_edit_prompt": {"source": scorer.score(truth, [tgt.caption()]).item(),
                                    "edit": scorer.score(edited, [tgt.caption()]).item()},
               "seconds": {"invert": t_inv, "edit": t_edit}}
-    sheet = [(image, "source 1024²: " + src.caption()), (images.to_pil(up * 2 - 1)[0], "DiffEdit mask (16² latent)")]
+    mask_pil = images.to_pil((up * 2 - 1).expand(-1, 3, -1, -1))[0]
+    sheet = [(image, "source 1024²: " + src.caption()), (mask_pil, "DiffEdit mask (16² latent)")]
     sheet += [(images.to_pil(o)[0], f"edit {o.shape[-1]}²: {tgt.caption()}") for o in outs]
     images.save(images.contact_sheet(sheet, columns=len(sheet)), RESULTS / "iterinv_edit_1024.png")
     save("edit_1024", result)

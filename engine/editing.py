@@ -113,8 +113,11 @@ def run_iterinv(args) -> list[Path]:
     stages = None
     if args.command == "iterinv-edit" and args.inversion:
         meta, stages = CascadeInversion.load_stages(args.inversion)
-        if meta["sizes"][-1] != args.size:
-            raise ValueError(f"{args.inversion}: inverted up to {meta['sizes'][-1]}², not --size {args.size}")
+        made = {"size": meta["sizes"][-1], "steps": int(meta["steps"]), "noise_level": int(meta["noise_level"])}
+        asked = {"size": args.size, "steps": args.steps, "noise_level": args.noise_level}
+        if made != asked:
+            raise ValueError(f"{args.inversion} was made with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                             made.items()) + "; edit with the same settings or invert again")
     t0 = time.perf_counter()
     with profiled(args.profile):
         base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
@@ -168,7 +171,7 @@ def run_iterinv(args) -> list[Path]:
                   "clip_score_edit": scorer.score(edit, [args.edit]).item() if scorer else None,
                   "seconds": round(seconds, 2)}
         pils = [images.to_pil(im)[0] for im in edits]
-        mask_pil = images.to_pil(up * 2 - 1)[0]
+        mask_pil = images.to_pil((up * 2 - 1).expand(-1, 3, -1, -1))[0]
         written = [images.save(pils[-1], out / "edit.png"), images.save(mask_pil, out / "mask.png")]
         written += [images.save(p, out / f"edit_{p.width}.png") for p in pils[:-1]]
         sheet = [(image, f"source: {args.prompt}"), (mask_pil, "DiffEdit mask")] + \

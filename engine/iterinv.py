@@ -16,13 +16,23 @@ detail). Solvers:
 Editing (end2end_diffedit.py): a DiffEdit mask and masked DDIM on stage 1, then every SR stage samples from the
 cached z_T of the source's inversion under the edit prompt, conditioned on the edited lower stage.
 """
+import json
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import safetensors.torch
 import torch
+from PIL import Image
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import schedule
-from .denoiser import Cond, Denoiser
+from . import images, schedule
+from .denoiser import Cond, Denoiser, constant
+from .invert import invert as ddim_invert
+from .rng import generator, randn_tensor
+from .sample import ddim
+from .tiles import Tiled
 
 MODES = ("paper", "fast")
 
@@ -114,8 +124,8 @@ def _anderson(hist: list[tuple[torch.Tensor, torch.Tensor]], reg: float = 1e-10)
     dF = torch.stack([f[i + 1] - f[i] for i in range(len(f) - 1)], -1)              # (B, n, m)
     dG = torch.stack([(hist[i + 1][1] - hist[i][1]).reshape(b, -1).double() for i in range(len(f) - 1)], -1)
     A = dF.transpose(1, 2) @ dF
-    A = A + reg * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(A.shape[-1],
-                                                                                                   dtype=A.dtype)
+    scale = A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+    A = A + reg * scale * torch.eye(A.shape[-1], dtype=A.dtype)
     gamma = torch.linalg.solve(A, dF.transpose(1, 2) @ f[-1].unsqueeze(-1))
     return (g.reshape(b, -1).double() - (dG @ gamma).squeeze(-1)).reshape(z.shape).to(z.dtype)
 
@@ -133,8 +143,6 @@ def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Con
     """DiffEdit mask (Couairon et al. 2023, §3.1): the mean over `maps` noisings of z0 at t(strength) and over
     channels of |ε̂_tgt − ε̂_src|, clamped to [0, ratio·mean], scaled to [0, 1] and binarised at 0.5.
     cond_*(t) give (2·maps·B, L, D) [uncond; cond] embeddings when `den` is guided. Returns (B, 1, h, w) in {0, 1}."""
-    from .rng import randn_tensor
-
     t = int(schedule.timesteps(sched, steps, strength)[0])
     b = z0.shape[0]
     zs = z0.repeat(maps, 1, 1, 1)
@@ -191,10 +199,6 @@ class CascadeInversion:
 
     def save(self, path):
         """One .safetensors file, written whole: stage1.* (the trajectory) and sr{k}.z_T / sr{k}.noise."""
-        import json
-        import safetensors.torch
-        from .images import write_atomic
-
         tr = self.stage1_traj
         t = {"stage1.latents": torch.stack(tr.latents), "stage1.timesteps": torch.tensor(tr.timesteps)}
         if tr.uncond is not None:
@@ -205,15 +209,11 @@ class CascadeInversion:
                 "steps": str(self.steps), "noise_level": str(self.noise_level), "seed": str(self.seed),
                 "sizes": json.dumps([im.shape[-1] for im in self.images])}
         blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in t.items()}, metadata=meta)
-        return write_atomic(path, lambda f: f.write(blob))
+        return images.write_atomic(path, lambda f: f.write(blob))
 
     @staticmethod
     def load_stages(path) -> tuple[dict, list[SRInversion]]:
         """(metadata, SR stages) of a file written by `save`: what an edit needs."""
-        import json
-        from pathlib import Path
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such inversion file (write one with `python -m engine iterinv`)")
@@ -230,9 +230,6 @@ class CascadeInversion:
 def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
     """The input at every stage's side (base, 4·base, …, size) as (B, 3, s, s) in [-1, 1], each resized from
     the input itself with PIL's bicubic filter, as the reference does."""
-    from PIL import Image
-    from . import images as im
-
     pils = image if isinstance(image, (list, tuple)) else [image]
     if not pils or not all(isinstance(p, Image.Image) for p in pils):
         raise ValueError("image: need a PIL image or a list of them")
@@ -244,7 +241,7 @@ def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
     for p in pils:
         if p.width != p.height:
             raise ValueError(f"image is {p.width}×{p.height}: the cascade inverts square images; crop it square first")
-    return [im.to_tensor([p if p.width == s else p.resize((s, s), Image.BICUBIC) for p in pils]) for s in sides]
+    return [images.to_tensor([p if p.width == s else p.resize((s, s), Image.BICUBIC) for p in pils]) for s in sides]
 
 
 class Cascade:
@@ -257,8 +254,6 @@ class Cascade:
 
     def _sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
         """The stage's denoiser, with ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
-        from .tiles import Tiled
-
         c = self.sr.c
         lv = torch.tensor([level], device=low.device)
         den = Denoiser(c.unet, 1.0, concat=schedule.q_sample(c.low_res_scheduler, low, lv, noise.to(low)),
@@ -266,9 +261,6 @@ class Cascade:
         return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
 
     def _stage1(self, x64, prompt, stage1, steps, guidance, progress):
-        from .sample import ddim
-        from .denoiser import constant
-
         b = self.base
         if stage1 in ("fast", "reference"):
             traj = b.invert(x64, prompt, steps, "destination", stage1, guidance, progress=progress)
@@ -289,12 +281,6 @@ class Cascade:
         'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or 'fast' for the SR
         stages, or the baselines 'ddim' (v-aware DDIM inversion, same ĉ) and 'ddim-reference' (the reference
         code's: the v output read as ε, ĉ redrawn for the reconstruction)."""
-        import time
-        from .denoiser import constant
-        from .invert import invert as ddim_invert
-        from .rng import generator, randn_tensor
-        from .sample import ddim
-
         if method not in METHODS:
             raise ValueError(f"method={method!r}: use one of {METHODS}")
         if stage1 not in STAGE1:
@@ -341,11 +327,6 @@ class Cascade:
         under `source` with CFG, truncated to `strength`; sampling under `target`), then each SR stage samples
         from the source's cached z_T under `target`, conditioned on the edited stage below. Returns
         (edited images per stage, the stage-1 latent mask (B, 1, h, w))."""
-        from .denoiser import constant
-        from .invert import invert as ddim_invert
-        from .rng import generator
-        from .sample import ddim
-
         b, sr = self.base, self.sr
         sources = [source] if isinstance(source, str) else list(source)
         targets = [target] if isinstance(target, str) else list(target)
