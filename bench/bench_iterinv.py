@@ -3,6 +3,8 @@
     python bench/bench_iterinv.py --size 256 --scenes 20 --paper-scenes 4
     python bench/bench_iterinv.py --size 1024 --scenes 5 --methods ddim fast
     python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle
+    python bench/bench_iterinv.py --timing                   # paper vs fast solve time, alone, alternating
+    python bench/bench_iterinv.py --mask                     # DiffEdit mask settings vs the world's masks
 
 Rows (reconstruction of the input at --size from the cascade 64² → 256² (→ 1024², tiled)):
 vae            the x4 VAE's encode → decode of the input: the ceiling of every row
@@ -27,7 +29,10 @@ from PIL import Image
 
 import engine
 from engine import images, iterinv, metrics, world
+from engine.denoiser import Denoiser, constant
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.rng import generator, randn_tensor
+from engine.sample import ddim
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "iterinv.json"
@@ -93,6 +98,59 @@ def table(size, n_paper, n):
                                "rows": {r: summary(v) for r, v in rows.items()}, "per_scene": rows})
 
 
+def timing(k=4, rounds=2):
+    """The SR-stage solve alone (64² render as conditioning → 256²), paper vs fast on the same batch of k
+    scenes, alternating which goes first, `rounds` times; nothing else running."""
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    c = cas.sr.c
+    ss = world.scenes(106, k)
+    low, truth = (torch.from_numpy(world.render_batch(ss, r)) for r in (64, 256))
+    den = cas._sr_denoiser(low, randn_tensor(low.shape, generator(0)), 100)
+    cond = constant(cas.sr.encode_prompt([s.caption() for s in ss], None, False))
+    runs = []
+    with torch.no_grad():
+        z0 = c.vae.encode_latents(truth)
+        for r in range(rounds):
+            for mode in iterinv.MODES if r % 2 == 0 else iterinv.MODES[::-1]:
+                t0 = time.perf_counter()
+                sol = iterinv.solve(mode, den, z0, cond, c.scheduler, 50, progress=False)
+                dt = time.perf_counter() - t0
+                z = ddim(den, sol.latents[-1], cond, c.scheduler, 50, progress=False)
+                runs.append({"round": r, "mode": mode, "seconds": dt, "evals": sol.evals,
+                             "psnr": metrics.psnr(c.vae.decode_latents(z), truth).mean().item(),
+                             "latent_mse": (z - z0).square().mean().item()})
+                print(runs[-1])
+    ratios = [next(x["seconds"] for x in runs if x["round"] == r and x["mode"] == "fast") /
+              next(x["seconds"] for x in runs if x["round"] == r and x["mode"] == "paper") for r in range(rounds)]
+    save("timing_256", {"scenes": k, "batch": k, "runs": runs, "fast_over_paper": ratios,
+                        "median_fast_over_paper": statistics.median(ratios)})
+    print("fast / paper time:", ratios)
+
+
+def mask(n=20):
+    """DiffEdit mask settings on the base model: IoU and recall against the world's mask of the recoloured object."""
+    from bench_direct import edits
+
+    base = engine.load(DEFAULT_MODEL)
+    ss = world.scenes(106, n)
+    x = torch.from_numpy(world.render_batch(ss, 64))
+    truth = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None] > 0.5
+    den = Denoiser(base.c.unet, 3.0)
+    rep = lambda ps: constant(base.encode_prompt(ps * 10, None, True))  # noqa: E731
+    src, tgt = rep([s.caption() for s in ss]), rep([s.caption() for s in edits(ss)])
+    out = []
+    with torch.no_grad():
+        z0 = base.c.vae.encode_latents(x)
+        for strength, ratio in ((0.1, 1.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0), (0.5, 4.0), (0.8, 3.0)):
+            m = iterinv.diffedit_mask(den, z0, src, tgt, base.c.scheduler, 50, strength, 10, ratio, generator(0))
+            m = torch.nn.functional.interpolate(m, size=(64, 64), mode="nearest") > 0.5
+            inter, union = (m & truth).sum((1, 2, 3)), (m | truth).sum((1, 2, 3))
+            out.append({"strength": strength, "ratio": ratio, "iou": (inter / union).mean().item(),
+                        "recall": (inter / truth.sum((1, 2, 3))).mean().item(), "mask_fraction": m.float().mean().item()})
+            print(out[-1])
+    save("mask", {"scenes": n, "seed": 106, "object_fraction": truth.float().mean().item(), "settings": out})
+
+
 def edit():
     size = 1024
     cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
@@ -134,6 +192,15 @@ if __name__ == "__main__":
     ap.add_argument("--paper-scenes", type=int, default=4)
     ap.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--edit", action="store_true", help="only the 1024² edit example")
+    ap.add_argument("--timing", action="store_true", help="only the paper-vs-fast solve timing at 256²")
+    ap.add_argument("--mask", action="store_true", help="only the DiffEdit mask settings against the world's masks")
     ARGS = ap.parse_args()
     torch.manual_seed(0)
-    edit() if ARGS.edit else table(ARGS.size, ARGS.paper_scenes, ARGS.scenes)
+    if ARGS.timing:
+        timing()
+    elif ARGS.mask:
+        mask()
+    elif ARGS.edit:
+        edit()
+    else:
+        table(ARGS.size, ARGS.paper_scenes, ARGS.scenes)

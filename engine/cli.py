@@ -61,6 +61,10 @@ def _iterinv_args(sub, name):
         p.add_argument("--strength", type=float, default=0.8, help="DiffEdit's inpaint strength: how much of the "
                        "base stage's schedule the edit runs (default 0.8)")
         p.add_argument("--edit-guidance", type=float, default=3.0, help="CFG of the mask and the edit (default 3)")
+        p.add_argument("--mask-strength", type=float, default=0.5, help="DiffEdit mask: the noise level the two "
+                       "predictions are compared at, as an img2img strength (default 0.5)")
+        p.add_argument("--mask-ratio", type=float, default=3.0, help="DiffEdit mask: clamp the difference map at "
+                       "this multiple of its mean before binarising at half of it (default 3; larger = tighter)")
     p.add_argument("--size", type=int, default=256, choices=[256, 1024], help="output side (default 256)")
     p.add_argument("--mode", default="fast", choices=["paper", "fast", "ddim", "ddim-reference"],
                    help="SR-stage inversion: IterInv paper (50 × 21 gradient steps) or fast (ours: Anderson "

@@ -131,7 +131,8 @@ def run_iterinv(args) -> list[Path]:
             stages = inv.stages
         if args.command == "iterinv-edit":
             edits, mask = cas.edit(image, args.prompt, args.edit, stages, args.noise_level, args.steps,
-                                   args.edit_guidance, args.strength, seed=args.seed, progress=progress)
+                                   args.edit_guidance, args.strength, mask_strength=args.mask_strength,
+                                   mask_ratio=args.mask_ratio, seed=args.seed, progress=progress)
     seconds = time.perf_counter() - t0
     truth = pyr[-1].to(edits[-1] if args.command == "iterinv-edit" else inv.images[-1])
     out.mkdir(exist_ok=True)
