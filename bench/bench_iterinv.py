@@ -31,6 +31,7 @@ from PIL import Image
 import engine
 from engine import images, iterinv, metrics, world
 from engine.denoiser import Denoiser, constant
+from engine.invert import invert
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.rng import generator, randn_tensor
 from engine.sample import ddim
@@ -119,6 +120,10 @@ def timing(k=4, rounds=2):
                              "psnr": metrics.psnr(c.vae.decode_latents(z), truth).mean().item(),
                              "latent_mse": (z - z0).square().mean().item()})
                 print(runs[-1])
+        traj = invert(den, z0, cond, c.scheduler, 50, progress=False)  # fair DDIM, for the latent error
+        z = ddim(den, traj.latents[-1], cond, c.scheduler, 50, progress=False)
+        runs.append({"round": None, "mode": "ddim", "psnr": metrics.psnr(c.vae.decode_latents(z), truth).mean().item(),
+                     "latent_mse": (z - z0).square().mean().item()})
     ratios = [next(x["seconds"] for x in runs if x["round"] == r and x["mode"] == "fast") /
               next(x["seconds"] for x in runs if x["round"] == r and x["mode"] == "paper") for r in range(rounds)]
     save("timing_256", {"scenes": k, "batch": k, "runs": runs, "fast_over_paper": ratios,

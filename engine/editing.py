@@ -81,7 +81,7 @@ def run(args) -> list[Path]:
                                  columns=min(4, len(prompts) + 1))
     written = [images.save(im, o) for im, o in zip(pils, outs)]
     written.append(images.save(sheet, sheet_path))
-    written.append(images.write_atomic(json_path, lambda f: f.write(json.dumps(report, indent=2).encode())))
+    written.append(_json(json_path, report))
     print(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - t0:.1f}s)")
     for row in rows:
         clip = f", CLIP {row['clip_score_source']} → {row['clip_score_edit']}" if scorer else ""
