@@ -81,6 +81,59 @@ def _iterinv_args(sub, name):
     p.add_argument("--out", required=True, help="output folder (created; files written only when complete)")
 
 
+def _blend_args(sub):
+    from .blended import Options
+
+    o = Options()
+    p = sub.add_parser("blend", help="image + mask + text → high-resolution edit (multi-stage blended diffusion)",
+                       description="Edit the masked region: blended latent diffusion at the base model's size "
+                       "(RePaint, CLIP-reranked candidates), then ×4 stages of super-resolution + blended diffusion "
+                       "from an intermediate step against a low-passed original, tiled above --max-side. The "
+                       "result is the original outside the mask, pixel for pixel. Writes OUT, OUT_sheet.png "
+                       "(every stage) and OUT.json.")
+    _model_args(p, DEFAULT_MODEL)
+    p.add_argument("--upscaler-model", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
+                   "(default: the embedded weights/tiny-x4)")
+    p.add_argument("--clip", help="CLIP checkpoint for reranking and the CLIP score (default: the model's tiny CLIP)")
+    p.add_argument("--image", required=True, help="the input image")
+    p.add_argument("--mask", required=True, help="the mask image: white = edit (grey values are thresholded at 0.5)")
+    p.add_argument("--prompt", required=True, help="the edited image described in words")
+    p.add_argument("--size", type=int, help="output side: the (square) image and mask are resized to SIZE² first, "
+                   "e.g. 1024 or 2048 (default: the image's own size)")
+    p.add_argument("--candidates", type=int, default=o.candidates, help="stage-1 samples reranked by CLIP "
+                   f"(default {o.candidates})")
+    p.add_argument("--rerank", choices=["whole", "masked"], default=o.rerank, help="CLIP-score the whole "
+                   f"candidate or only its masked region (default {o.rerank})")
+    p.add_argument("--steps", type=int, default=o.steps, help=f"stage-1 DDIM steps (default {o.steps})")
+    p.add_argument("--guidance", type=float, default=o.guidance, help=f"stage-1 CFG (default {o.guidance})")
+    p.add_argument("--eta", type=float, default=o.eta, help=f"DDIM eta of every stage (default {o.eta})")
+    p.add_argument("--repaint", type=int, default=o.repaint, help="RePaint resampling repeats per stage-1 step "
+                   f"(default {o.repaint}; 0 = off)")
+    p.add_argument("--jump", type=int, default=o.jump, help=f"RePaint jump length (default {o.jump})")
+    p.add_argument("--blend", choices=["after", "exact", "before"], default=o.blend, help="blend after each step "
+                   "with the background at the step's t (MSBD), after at t_prev, or before the step (BLD's LDM code) "
+                   f"(default {o.blend})")
+    p.add_argument("--dilate", type=int, default=o.dilate, help="progressive mask dilation steps at stage 1 "
+                   f"(default {o.dilate})")
+    p.add_argument("--upscaler", choices=["sr", "bicubic"], default=o.upscaler, help="how each stage upscales "
+                   f"the previous one (default {o.upscaler})")
+    p.add_argument("--sr-steps", type=int, default=o.sr_steps, help=f"DDIM steps of each ×4 (default {o.sr_steps})")
+    p.add_argument("--stage-model", choices=["sr", "base"], default=o.stage_model, help="the model of the stages' "
+                   f"blended diffusion (default {o.stage_model})")
+    p.add_argument("--stage-steps", type=int, default=o.stage_steps, help="the stages' DDIM schedule, of which "
+                   f"the lowest --start runs (default {o.stage_steps})")
+    p.add_argument("--start", type=float, default=o.start, help=f"start of whole stages (default {o.start})")
+    p.add_argument("--tiled-start", type=float, default=o.tiled_start, help="start of tiled stages "
+                   f"(default {o.tiled_start})")
+    p.add_argument("--max-side", type=int, default=o.max_side, help="the memory budget: stages larger than this "
+                   f"side run in tiles of it (default {o.max_side})")
+    p.add_argument("--overlap", type=int, default=o.overlap, help=f"tile overlap in pixels (default {o.overlap})")
+    p.add_argument("--margin", type=float, help="edit a square crop of MARGIN × the mask's bounding box around it "
+                   "(e.g. 1.2, for large photos with small masks; default: the whole image)")
+    p.add_argument("--seed", type=int, default=o.seed, help=f"seed of every stage and tile (default {o.seed})")
+    p.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -149,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
     for name in ("iterinv", "iterinv-edit"):
         _iterinv_args(sub, name)
+    _blend_args(sub)
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
                        description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "
                        "on the embedded model; PNGs and a captioned contact sheet under --out.")
@@ -192,6 +246,8 @@ def main(argv=None) -> int:
             editing.run(args)
         elif args.command in ("iterinv", "iterinv-edit"):
             editing.run_iterinv(args)
+        elif args.command == "blend":
+            editing.run_blend(args)
         else:
             run(args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:

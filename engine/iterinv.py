@@ -258,10 +258,7 @@ class Cascade:
 
     def _sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
         """The stage's denoiser, with ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
-        c = self.sr.c
-        lv = torch.tensor([level], device=low.device)
-        den = Denoiser(c.unet, 1.0, concat=schedule.q_sample(c.low_res_scheduler, low, lv, noise.to(low)),
-                       class_labels=lv.repeat(low.shape[0]))
+        den = self.sr.upscaler_denoiser(low, level, noise)
         return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
 
     def _stage1(self, x64, prompt, stage1, steps, guidance, progress):

@@ -116,19 +116,24 @@ class Pipeline:
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
         low = self._image_tensor(image, 1, len(prompts))
-        den = Denoiser(self.c.unet, guidance)
-        cond = constant(self.encode_prompt(prompts, negative, den.guided))
         gen = make_generator(seed)
-        level = torch.tensor([noise_level], dtype=torch.long, device=self.device)
         noise = randn_tensor(low.shape, gen, self.device, torch.float32).to(self.dtype)
-        den.concat = schedule.q_sample(self.c.low_res_scheduler, low, level, noise)
-        den.class_labels = level.repeat(low.shape[0])
+        den = self.upscaler_denoiser(low, noise_level, noise, guidance)
+        cond = constant(self.encode_prompt(prompts, negative, den.guided))
         shape = (low.shape[0], self.c.vae.config.latent_channels, *low.shape[2:])
         x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
         if tile is not None and max(shape[2:]) > tile:
             den = Tiled(den, tile, overlap)
         x = ddim(den, x, cond, self.c.scheduler, steps, eta=eta, generator=gen, progress=progress)
         return self._decode(x, output)
+
+    def upscaler_denoiser(self, low: torch.Tensor, noise_level: int, noise: torch.Tensor,
+                          guidance: float = 1.0) -> Denoiser:
+        """The x4 upscaler's denoiser conditioned on ĉ = q_sample(low, noise_level, noise), fixed for a whole run."""
+        level = torch.tensor([noise_level], dtype=torch.long, device=low.device)
+        return Denoiser(self.c.unet, guidance, concat=schedule.q_sample(self.c.low_res_scheduler, low, level,
+                                                                        noise.to(low)),
+                        class_labels=level.repeat(low.shape[0]))
 
     @torch.no_grad()
     def invert(self, image, prompt="", steps=50, convention="destination", null_text=None, guidance=7.5,

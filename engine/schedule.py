@@ -239,6 +239,13 @@ def ddim_eps_step(cfg, eps, t, t_to, x):
     return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
 
 
+def renoise(cfg, x, t, t_to, noise):
+    """Forward-diffuse x from level t up to t_to > t (DDPM eq. 4 between two levels; RePaint's jump back up):
+    x_to = sqrt(a_to / a) x + sqrt(1 - a_to / a) noise; t = -1 is the final alpha."""
+    r = _abar(cfg, t_to, x.dtype) / _abar(cfg, t, x.dtype)
+    return r**0.5 * x + (1 - r) ** 0.5 * noise
+
+
 def eps_to_output(cfg, eps, t, x):
     """The model output that predict_x0_eps(cfg, ., t, x) reads as `eps` (inverse of its eps half)."""
     a = _abar(cfg, t, x.dtype)

@@ -1,0 +1,389 @@
+"""Blended latent diffusion (Avrahami, Fried & Lischinski 2023) and multi-stage high-resolution editing
+(Ackermann & Li 2022, "High-Resolution Image Editing via Multi-Stage Blended Diffusion").
+
+Blended diffusion samples the whole latent under the prompt and, at every step, replaces what lies outside the
+mask with the source latent noised to the same level, so only the masked region is generated. The multi-stage
+edit runs it at the base model's resolution (with RePaint resampling and CLIP reranking of a batch of
+candidates), then upscales in stages: ×4 super-resolution, then blended diffusion started at an intermediate
+step against a low-passed original. Stages larger than `max_side` run in overlapping tiles composited with
+sigmoid alpha ramps, so peak memory depends on the tile, not on the output. The result is the original outside
+the mask, pixel for pixel.
+"""
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import schedule
+from .denoiser import Cond, Denoiser, constant
+from .rng import generator as make_generator, randn_tensor
+from .sample import ddim
+
+BLENDS = ("after", "exact", "before")  # after the step at t (MSBD, BLD-SD2), after at t_prev, before at t (BLD-LDM)
+UPSCALERS = ("sr", "bicubic")
+STAGE_MODELS = ("sr", "base")
+RERANKS = ("whole", "masked")
+
+
+def resize(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased resize of (B, C, H, W) to `size` (side or (h, w)); a no-op at the same size."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=mode, antialias=mode in ("bilinear", "bicubic"), align_corners=False)
+
+
+def binary_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """The mask at `size` as MSBD makes it: antialiased bilinear resize, then any value > 0 is 1 (a slight dilation)."""
+    return (resize(mask.float(), size) > 0).to(mask.dtype)
+
+
+def progressive(mask: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """BLD's progressive mask shrinking: dilations by kernels 3 + 2i, largest first, then the mask itself."""
+    return [F.max_pool2d(mask, 3 + 2 * i, 1, 1 + i) for i in reversed(range(n))] + [mask]
+
+
+def repaint_ops(pairs: list[tuple[int, int]], repeats: int, jump: int = 1) -> list[tuple[str, int, int, int]]:
+    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j): walk `jump` steps down, then
+    `repeats` times jump back up to where the walk started and walk down again. Ops: ("down", t, t_prev, k) with
+    k the index of the pair, ("up", t_from, t_to, k)."""
+    ops = []
+    for i in range(0, len(pairs), jump):
+        chunk = [(t, tp, i + j) for j, (t, tp) in enumerate(pairs[i:i + jump])]
+        for r in range(repeats + 1):
+            if r:
+                ops.append(("up", chunk[-1][1], chunk[0][0], chunk[0][2]))
+            ops += [("down", t, tp, k) for t, tp, k in chunk]
+    return ops
+
+
+def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond, sched: schedule.SchedulerConfig,
+            steps: int, strength: float = 1.0, eta: float = 1.0, blend: str = "after", repeats: int = 0,
+            jump: int = 1, generator=None, progress: bool = True, desc: str = "blend") -> torch.Tensor:
+    """Blended latent diffusion (Avrahami et al. 2023, Alg. 1) from x at the grid's top timestep: a DDIM step
+    under `cond`, then x ← m·x + (1 − m)·q(z_src, level). `mask` (B, 1, h, w) in {0, 1}, or a list of masks used
+    over equal parts of the schedule (`progressive`). Background noise comes from its own generator, so an all-ones
+    mask gives exactly `sample.ddim`."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend={blend!r}: use one of {BLENDS}")
+    masks = mask if isinstance(mask, list) else [mask]
+    pairs = schedule.step_pairs(sched, steps, strength)
+    bg_gen = None if generator is None else torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
+    draw = lambda g: randn_tensor(x.shape, g, x.device, torch.float32).to(x.dtype)  # noqa: E731
+
+    def background(t):
+        return z_src if t < 0 else schedule.q_sample(sched, z_src, t, draw(bg_gen))
+
+    for op, t, t_to, k in tqdm(repaint_ops(pairs, repeats, jump), desc=desc, disable=not progress, leave=False):
+        if op == "up":
+            x = schedule.renoise(sched, x, t, t_to, draw(generator))
+            continue
+        m = masks[k * len(masks) // len(pairs)]
+        if blend == "before":
+            x = m * x + (1 - m) * background(t)
+        out = den(x, t, cond)
+        x = schedule.ddim_step(sched, out, t, t_to, x, eta, draw(generator) if eta > 0 else None)[0]
+        if blend != "before":
+            x = m * x + (1 - m) * background(t if blend == "after" else t_to)
+    return x
+
+
+# ---- tiles composited with sigmoid alpha ramps (MSBD `upscale_in_parts`) ------------------------------------
+
+def tile_boxes(h: int, w: int, tile: int, overlap: int, align: int = 16) -> list[tuple[int, int, int, int]]:
+    """(y, x, th, tw) tiles of at most tile × tile covering h × w in raster order, neighbours sharing at least
+    `overlap` pixels, corners on multiples of `align`."""
+    from .tiles import starts
+
+    if tile % align or h % align or w % align:
+        raise ValueError(f"tiles: tile {tile} and image {h}×{w} must be multiples of {align}")
+    a = lambda n: [s * align for s in starts(n // align, tile // align, -(-overlap // align))]  # noqa: E731
+    return [(y, x, min(tile, h), min(tile, w)) for y in a(h) for x in a(w)]
+
+
+def alpha(th: int, tw: int, ramp: int, left: bool, top: bool) -> torch.Tensor:
+    """(1, 1, th, tw) tile opacity: 1, rising as sigmoid(linspace(−5, 5, ramp)) over the first `ramp` pixels of
+    the left / top edge when that edge overlaps an earlier tile (later tiles are composited over earlier ones)."""
+    rise = torch.sigmoid(torch.linspace(-5, 5, ramp)) if ramp > 0 else torch.ones(0)
+    a = []
+    for n, on in ((th, top), (tw, left)):
+        v = torch.ones(n)
+        if on and ramp:
+            v[:ramp] = rise[:n]
+        a.append(v)
+    return (a[0][:, None] * a[1][None, :])[None, None]
+
+
+def composite(canvas: torch.Tensor, tiles, ramp: int) -> torch.Tensor:
+    """Alpha-composite ((y, x, th, tw), image) tiles over the canvas in the order given (raster order)."""
+    out = canvas.clone()
+    for (y, x, th, tw), im in tiles:
+        a = alpha(th, tw, ramp, left=x > 0, top=y > 0).to(out)
+        region = out[:, :, y:y + th, x:x + tw]
+        out[:, :, y:y + th, x:x + tw] = a * im + (1 - a) * region
+    return out
+
+
+# ---- the multi-stage edit -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Options:
+    """Defaults are MSBD's (algorithms.md §4) unless noted."""
+    steps: int = 50                 # stage 1 DDIM steps
+    guidance: float = 7.5           # stage 1 CFG
+    eta: float = 1.0
+    candidates: int = 5             # stage 1 batch, reranked by CLIP
+    rerank: str = "whole"           # score the whole sample (MSBD) or only the masked region (BLD)
+    repaint: int = 5                # RePaint repeats per step, stage 1 only
+    jump: int = 1
+    blend: str = "after"
+    dilate: int = 0                 # progressive mask dilation (BLD), stage 1
+    upscaler: str = "sr"            # our ×4 model, or bicubic
+    sr_steps: int = 20              # ours: DDIM steps of each ×4 super-resolution
+    sr_noise_level: int = 20
+    sr_guidance: float = 1.0
+    stage_model: str = "sr"         # ours: the SR model denoises the stages (the base one knows only its own size)
+    stage_steps: int = 100          # the stages' schedule, of which the lowest `start` fraction runs
+    start: float = 0.4
+    tiled_start: float = 0.25
+    max_side: int = 256             # the memory budget: larger stages run in tiles of this side
+    overlap: int = 64               # tile overlap; the alpha ramp is half of it
+    margin: float | None = None     # crop a square of margin × the mask's box around it; None: the whole image
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, ok, need in (
+                ("steps", _whole(self.steps, 1), "a whole number ≥ 1"),
+                ("candidates", _whole(self.candidates, 1), "a whole number ≥ 1"),
+                ("repaint", _whole(self.repaint, 0), "a whole number ≥ 0"),
+                ("jump", _whole(self.jump, 1), "a whole number ≥ 1"),
+                ("dilate", _whole(self.dilate, 0), "a whole number ≥ 0"),
+                ("sr_steps", _whole(self.sr_steps, 1), "a whole number ≥ 1"),
+                ("stage_steps", _whole(self.stage_steps, 1), "a whole number ≥ 1"),
+                ("sr_noise_level", _whole(self.sr_noise_level, 0), "a whole number ≥ 0"),
+                ("max_side", _whole(self.max_side, 16) and self.max_side % 16 == 0, "a multiple of 16, e.g. 256"),
+                ("overlap", _whole(self.overlap, 0) and self.overlap < self.max_side, "a whole number < max_side"),
+                ("guidance", _num(self.guidance, 0), "a number ≥ 0"),
+                ("sr_guidance", _num(self.sr_guidance, 0), "a number ≥ 0"),
+                ("eta", _num(self.eta, 0), "a number ≥ 0"),
+                ("start", _num(self.start, 0) and 0 < self.start <= 1, "a number in (0, 1]"),
+                ("tiled_start", _num(self.tiled_start, 0) and 0 < self.tiled_start <= 1, "a number in (0, 1]"),
+                ("margin", self.margin is None or _num(self.margin, 1), "None or a number ≥ 1"),
+                ("blend", self.blend in BLENDS, f"one of {BLENDS}"),
+                ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),
+                ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
+                ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")
+
+
+def _whole(v, least):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _num(v, least):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= least
+
+
+@dataclass
+class Result:
+    """The edit at full resolution, each stage's output (crop, stitched with the original at that resolution),
+    the binary mask, the crop box (y, x, side), the candidates' CLIP scores and per-stage tile counts and times."""
+    image: torch.Tensor
+    stages: list[torch.Tensor]
+    mask: torch.Tensor
+    box: tuple[int, int, int]
+    scores: list[float] = field(default_factory=list)
+    chosen: int = 0
+    log: list[dict] = field(default_factory=list)
+
+
+def prepare_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) in {0, 1} from a PIL image / array / tensor: resized (nearest) to the image when only its
+    scale differs, thresholded at 0.5 when it has grey values, both with a warning; other sizes are refused."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255
+    m = (mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))).float()
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise ValueError(f"mask: need one single-channel mask (H, W), got shape {tuple(m.shape)}")
+    m = m[None, None]
+    if not torch.isfinite(m).all():
+        raise ValueError("mask has NaN/inf values: need values in [0, 1] (white = edit)")
+    if m.max() > 1:
+        m = m / 255
+    (h, w), (mh, mw) = size, m.shape[-2:]
+    if (mh, mw) != (h, w):
+        if mh * w != mw * h:
+            raise ValueError(f"mask is {mw}×{mh} but the image is {w}×{h}: draw the mask at the image's size")
+        warnings.warn(f"mask is {mw}×{mh}, the image {w}×{h}: resized it (nearest)", stacklevel=3)
+        m = F.interpolate(m, size=(h, w), mode="nearest")
+    grey = ((m > 0) & (m < 1)).sum().item()
+    if grey:
+        warnings.warn(f"mask has {grey} grey pixels: thresholded at 0.5", stacklevel=3)
+    return (m >= 0.5).float()
+
+
+def crop_box(mask: torch.Tensor, margin: float | None, least: int, align: int = 16) -> tuple[int, int, int]:
+    """(y, x, side) of the square that is edited: MSBD's crop of margin × the mask's bounding box (rounded up to
+    `align`, at least `least`, at most the image), centred on the mask's centre of mass unless that would cut the
+    mask; with margin None, the whole (square) image."""
+    h, w = mask.shape[-2:]
+    if margin is None:
+        if h != w:
+            raise ValueError(f"image is {w}×{h}: without a margin the whole image is edited and must be square; "
+                             "give a margin (e.g. 1.2) to edit a square crop around the mask")
+        return 0, 0, h
+    ys, xs = torch.nonzero(mask[0, 0], as_tuple=True)
+    y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
+    side = max(math.ceil(max(y1 - y0, x1 - x0) * margin / align) * align, least)
+    side = min(side, min(h, w) // align * align)
+    if side < least:
+        raise ValueError(f"image is {w}×{h}: need at least {least}×{least} pixels (the base model's size)")
+
+    def place(lo, hi, com, n):
+        s = round(com - side / 2)
+        if s > lo or s + side < hi:  # the centre of mass crop would cut the mask: centre on its box instead
+            s = round((lo + hi - side) / 2)
+        return min(max(s, 0), n - side)
+
+    return place(y0, y1, ys.float().mean().item(), h), place(x0, x1, xs.float().mean().item(), w), side
+
+
+def stage_sides(side: int, base: int) -> list[int]:
+    """Every stage's side: the base model's, ×4 while below `side`, then `side` itself."""
+    sides = [base]
+    while sides[-1] * 4 < side:
+        sides.append(sides[-1] * 4)
+    return sides + [side] if side > sides[-1] else sides
+
+
+class MultiStage:
+    """The base pipeline (stage 1) and the ×4 SR pipeline (upscaling and, by default, the stages' diffusion)."""
+
+    def __init__(self, base, sr, scorer=None):
+        if base.is_upscaler or (sr is not None and not sr.is_upscaler):
+            raise ValueError("MultiStage(base, sr): need a text→image model and an x4 upscaler model, in that order")
+        self.base, self.sr, self.scorer = base, sr, scorer
+        self.base_side = (base.c.unet.config.sample_size or 64) * base.c.vae.downscale
+
+    @torch.no_grad()
+    def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), progress: bool = True) -> Result:
+        """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`."""
+        if image.ndim != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"image: need one RGB image (1, 3, H, W), got shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
+        if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
+            raise ValueError("the SR upscaler / stage model needs an x4 model; pass one or use bicubic + base")
+        m = prepare_mask(mask, image.shape[-2:]).to(image)
+        if not m.any():
+            warnings.warn("the mask is empty: nothing to edit, returning the image unchanged", stacklevel=2)
+            return Result(image.clone(), [image.clone()], m, (0, 0, image.shape[-1]))
+        y, x, side = crop_box(m, opts.margin, self.base_side)
+        if side < self.base_side or side % 16:
+            raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]}: the edited square must be a multiple of "
+                             f"16 pixels and at least the base model's {self.base_side}²; resize the image")
+        crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
+        sides = stage_sides(side, self.base_side)
+        res = Result(image, [], m, (y, x, side))
+        t0 = time.perf_counter()
+        out = self._stage1(crop, mc, prompt, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
+        res.log.append({"stage": 1, "side": sides[0], "seconds": round(time.perf_counter() - t0, 2)})
+        res.stages.append(out)
+        for k, s in enumerate(sides[1:], 2):
+            t0 = time.perf_counter()
+            out, n, skipped = self._upscale(out, crop, mc, s, prompt, opts, progress, f"stage {k}/{len(sides)} ({s}²)")
+            res.log.append({"stage": k, "side": s, "tiles": n, "skipped_tiles": skipped,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            res.stages.append(out)
+        final = resize(out, side) if out.shape[-1] != side else out
+        res.image = image.clone()
+        res.image[..., y:y + side, x:x + side] = mc * final + (1 - mc) * crop  # the tight stitch
+        return res
+
+    def _stage1(self, crop, mc, prompt, o: Options, res: Result, progress, desc, side: int | None = None):
+        """Blended diffusion of the crop at the base model's side (or `side`: the direct baseline)."""
+        b, n = self.base, o.candidates
+        s = side or self.base_side
+        src = resize(crop, s)
+        m_px = binary_mask(mc, s)
+        m_z = binary_mask(mc, s // b.c.vae.downscale)
+        z_src = b.c.vae.encode_latents(src.to(b.device, b.vae_dtype)).to(b.dtype).repeat(n, 1, 1, 1)
+        den = Denoiser(b.c.unet, o.guidance)
+        cond = constant(b.encode_prompt([prompt] * n, None, den.guided))
+        gen = make_generator(o.seed)
+        x = randn_tensor(z_src.shape, gen, b.device, torch.float32).to(b.dtype)
+        masks = progressive(m_z.to(x), o.dilate) if o.dilate else m_z.to(x)
+        z = blended(den, x, z_src, masks, cond, b.c.scheduler, o.steps, 1.0, o.eta, o.blend, o.repaint, o.jump, gen,
+                    progress, desc)
+        cands = m_px * b._decode(z, "pt").float() + (1 - m_px) * src
+        if n > 1:
+            if self.scorer is None:
+                raise ValueError(f"candidates={n} needs a CLIP scorer to rerank them; pass one or use 1 candidate")
+            scored = cands if o.rerank == "whole" else cands * m_px
+            scores = self.scorer.score(scored, [prompt] * n)
+            res.scores, res.chosen = [round(v, 3) for v in scores.tolist()], int(scores.argmax())
+        return cands[res.chosen:res.chosen + 1]
+
+    def _upscale(self, prev, crop, mc, side, prompt, o: Options, progress, desc):
+        """One stage: SR (or bicubic) of the previous stage, composited with the low-passed original outside the
+        mask, then blended diffusion from `start`; in tiles above `max_side`. Returns (stitched, tiles, skipped)."""
+        ref = resize(resize(crop, prev.shape[-1]), side)              # the original, low-passed to prev's detail
+        orig = resize(crop, side)
+        m = binary_mask(mc, side)
+        lr = resize(prev, side // 4)                                  # what the ×4 model upscales
+        canvas = resize(prev, side, "bicubic")
+        tiled = side > o.max_side
+        boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
+        done, skipped = [], 0
+        for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""), disable=not progress):
+            mt = m[..., y:y + th, x:x + tw]
+            if not mt.any():  # outside the mask everything is the original again after the final stitch
+                skipped += 1
+                continue
+            box = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
+            lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4), slice(x // 4, (x + tw) // 4))
+            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, prompt, o,
+                                  o.tiled_start if tiled else o.start, progress and not tiled)
+            done.append(((y, x, th, tw), im))
+        out = composite(canvas, done, o.overlap // 2)
+        return m * out + (1 - m) * orig, len(boxes), skipped
+
+    def _stage_tile(self, lr, bicubic, ref, m, prompt, o: Options, start, progress):
+        gen = make_generator(o.seed)  # re-seeded per tile, as MSBD: a tile's result does not depend on the others
+        if o.stage_model == "sr" or o.upscaler == "sr":
+            sr = self.sr
+            noise = randn_tensor(lr.shape, gen, sr.device, torch.float32)
+            sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise, o.sr_guidance)
+            sr_cond = constant(sr.encode_prompt([prompt], None, sr_den.guided))
+        if o.upscaler == "sr":
+            shape = (1, sr.c.vae.config.latent_channels, *(4 * n // sr.c.vae.downscale for n in lr.shape[-2:]))
+            z = randn_tensor(shape, gen, sr.device, torch.float32).to(sr.dtype)
+            up = sr._decode(ddim(sr_den, z, sr_cond, sr.c.scheduler, o.sr_steps, progress=False), "pt").float()
+        else:
+            up = bicubic
+        comp = m * up + (1 - m) * ref
+        if o.stage_model == "sr":
+            p, den, cond = sr, sr_den, sr_cond
+        else:
+            p = self.base
+            den = Denoiser(p.c.unet, o.guidance)
+            cond = constant(p.encode_prompt([prompt], None, den.guided))
+        f = p.c.vae.downscale
+        z_src = p.c.vae.encode_latents(comp.to(p.device, p.vae_dtype)).to(p.dtype)
+        m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)
+        t_start = int(schedule.timesteps(p.c.scheduler, o.stage_steps, start)[0])
+        x = schedule.q_sample(p.c.scheduler, z_src, t_start, randn_tensor(z_src.shape, gen, p.device,
+                                                                          torch.float32).to(p.dtype))
+        z = blended(den, x, z_src, m_z, cond, p.c.scheduler, o.stage_steps, start, o.eta, o.blend, 0, 1, gen,
+                    progress, "stage diffusion")
+        return p._decode(z, "pt").float()

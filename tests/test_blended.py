@@ -1,0 +1,261 @@
+"""Blended latent diffusion, tiles + alpha compositing, the multi-stage edit and the blend CLI."""
+import json
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+from engine import blended as B, images, metrics, schedule as S, world
+from engine.cli import main
+from engine.denoiser import Denoiser, constant
+from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.rng import generator
+from engine.sample import ddim
+
+EPS = S.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                        set_alpha_to_one=False, steps_offset=1)
+FAST = dict(steps=4, candidates=2, repaint=1, sr_steps=2, stage_steps=10)  # enough to run every code path
+
+
+class Toy:
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(4, 4, 1, 1, generator=g) * 0.5
+
+    def __call__(self, x, t, emb, labels=None):
+        return torch.tanh(torch.nn.functional.conv2d(x, self.w)) * (1 + t / 1000)
+
+
+def _toy():
+    g = torch.Generator().manual_seed(1)
+    z_src, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    return Denoiser(Toy()), z_src, x, constant(torch.zeros(2, 3, 5))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_all_ones_mask_is_plain_sampling(eta):
+    den, z_src, x, cond = _toy()
+    ones = torch.ones(2, 1, 8, 8)
+    for blend in B.BLENDS:
+        got = B.blended(den, x, z_src, ones, cond, EPS, 10, eta=eta, blend=blend, generator=generator(3), progress=False)
+        assert torch.equal(got, ddim(den, x, cond, EPS, 10, eta=eta, generator=generator(3), progress=False)), blend
+
+
+def test_all_zeros_mask_keeps_the_source_and_half_masks_keep_their_half():
+    den, z_src, x, cond = _toy()
+    zeros = torch.zeros(2, 1, 8, 8)
+    assert torch.equal(B.blended(den, x, z_src, zeros, cond, EPS, 10, blend="exact", generator=generator(0),
+                                 progress=False), z_src)
+    half = torch.zeros(2, 1, 8, 8)
+    half[..., 4:] = 1
+    for blend in ("exact", "before", "after"):
+        got = B.blended(den, x, z_src, half, cond, EPS, 10, blend=blend, repeats=2, generator=generator(0),
+                        progress=False)
+        outside = (got - z_src)[..., :4].abs().max().item()
+        # "exact" ends on the clean source; the others on it noised to t = 1 (or not blended after the last step)
+        assert outside == 0 if blend == "exact" else 0 < outside < 0.2, (blend, outside)
+        assert (got - z_src)[..., 4:].abs().max() > 0.5
+
+
+def test_repaint_schedule():
+    pairs = S.step_pairs(EPS, 4)
+    assert [op[0] for op in B.repaint_ops(pairs, 0)] == ["down"] * 4
+    ops = B.repaint_ops(pairs, 2)
+    assert sum(op[0] == "down" for op in ops) == 12 and sum(op[0] == "up" for op in ops) == 8
+    (t, tp), up = pairs[0], ops[1]
+    assert ops[0] == ("down", t, tp, 0) and up == ("up", tp, t, 0)  # jump back up to where the step started
+    ops = B.repaint_ops(pairs, 1, jump=2)
+    assert [op[0] for op in ops[:6]] == ["down", "down", "up", "down", "down", "down"]
+    assert ops[2] == ("up", pairs[1][1], pairs[0][0], 0)
+    # re-noising from t up to t_to keeps a sample of q(x0, t) a sample of q(x0, t_to): its noise variance
+    g = torch.Generator().manual_seed(0)
+    n1, n2 = torch.randn(2, 200_000, generator=g, dtype=torch.float64)
+    abar = S.alphas_cumprod(EPS).double()
+    up = S.renoise(EPS, S.q_sample(EPS, torch.zeros_like(n1), 200, n1), 200, 500, n2)
+    assert abs(up.var().item() - (1 - abar[500].item())) < 0.01
+    assert torch.allclose(S.renoise(EPS, n1, 200, 500, 0 * n2), (abar[500] / abar[200]).sqrt() * n1)
+
+
+def test_progressive_masks_shrink_to_the_mask():
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., 6:9, 6:9] = 1
+    ms = B.progressive(m, 2)
+    assert len(ms) == 3 and torch.equal(ms[-1], m)
+    assert ms[0].sum() > ms[1].sum() > ms[2].sum() and bool((ms[0] >= ms[1]).all())
+
+
+# ---- tiles --------------------------------------------------------------------------------------------------
+
+def test_tile_boxes_cover_align_and_overlap():
+    boxes = B.tile_boxes(1024, 512, 256, 64)
+    cover = torch.zeros(1024, 512)
+    for y, x, th, tw in boxes:
+        assert y % 16 == 0 and x % 16 == 0 and th == tw == 256
+        cover[y:y + th, x:x + tw] += 1
+    assert cover.min() >= 1
+    ys, xs = sorted({b[0] for b in boxes}), sorted({b[1] for b in boxes})
+    assert all(b - a <= 256 - 64 for a, b in zip(ys, ys[1:])) and all(b - a <= 256 - 64 for a, b in zip(xs, xs[1:]))
+    assert boxes == sorted(boxes)  # raster order
+    assert B.tile_boxes(256, 256, 256, 64) == [(0, 0, 256, 256)]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        B.tile_boxes(1000, 1000, 256, 64)
+
+
+def test_identity_stage_in_tiles_reproduces_the_input_over_any_canvas():
+    g = torch.Generator().manual_seed(0)
+    x, canvas = torch.rand(1, 3, 640, 640, generator=g), torch.rand(1, 3, 640, 640, generator=g)
+    tiles = [((y, x0, th, tw), x[..., y:y + th, x0:x0 + tw]) for y, x0, th, tw in B.tile_boxes(640, 640, 256, 64)]
+    assert (B.composite(canvas, tiles, 32) - x).abs().max() < 1e-6
+
+
+def test_alpha_ramps_leave_no_seam():
+    boxes = B.tile_boxes(512, 512, 256, 64)
+    tiles = [((y, x, th, tw), torch.full((1, 1, th, tw), float(k))) for k, (y, x, th, tw) in enumerate(boxes)]
+    out = B.composite(torch.zeros(1, 1, 512, 512), tiles, 32)
+    step = max((out[..., 1:] - out[..., :-1]).abs().max(), (out[..., 1:, :] - out[..., :-1, :]).abs().max())
+    assert step < 0.1 * len(boxes)  # neighbouring tiles differ by up to len(boxes) − 1; the ramps spread it
+    hard = B.composite(torch.zeros(1, 1, 512, 512), tiles, 0)
+    assert (hard[..., 1:] - hard[..., :-1]).abs().max() >= 1  # without ramps: a hard seam
+
+
+# ---- masks, crops, stages, options --------------------------------------------------------------------------
+
+def test_mask_is_resized_thresholded_or_refused():
+    m = np.zeros((32, 32), np.float32)
+    m[8:16, 8:16] = 1
+    assert torch.equal(B.prepare_mask(m, (32, 32)), torch.from_numpy(m)[None, None])
+    with pytest.warns(UserWarning, match="resized"):
+        big = B.prepare_mask(Image.fromarray((m * 255).astype(np.uint8)), (64, 64))
+    assert big.shape == (1, 1, 64, 64) and big.sum() == 4 * m.sum()
+    soft = m * 0.7
+    soft[0, 0] = 0.3
+    with pytest.warns(UserWarning, match="2 grey|grey pixels"):
+        hard = B.prepare_mask(soft, (32, 32))
+    assert torch.equal(hard, torch.from_numpy(m)[None, None])
+    with pytest.raises(ValueError, match="draw the mask at the image's size"):
+        B.prepare_mask(m, (32, 48))
+    with pytest.raises(ValueError, match="NaN"):
+        B.prepare_mask(m * np.nan, (32, 32))
+    with pytest.raises(ValueError, match="single-channel"):
+        B.prepare_mask(np.zeros((2, 32, 32)), (32, 32))
+
+
+def test_crop_box_and_stage_sides():
+    m = torch.zeros(1, 1, 2048, 3072)
+    m[..., 1000:1300, 2000:2100] = 1
+    y, x, side = B.crop_box(m, 1.2, 64)
+    assert side == 368 and side % 16 == 0
+    assert y <= 1000 and y + side >= 1300 and x <= 2000 and x + side >= 2100
+    edge = torch.zeros(1, 1, 512, 512)
+    edge[..., :100, :100] = 1
+    assert B.crop_box(edge, 1.0, 256) == (0, 0, 256)  # clamped to the image
+    assert B.crop_box(torch.ones(1, 1, 256, 256), None, 64) == (0, 0, 256)
+    with pytest.raises(ValueError, match="square"):
+        B.crop_box(m, None, 64)
+    assert [B.stage_sides(s, 64) for s in (64, 256, 512, 1024, 2048)] == [
+        [64], [64, 256], [64, 256, 512], [64, 256, 1024], [64, 256, 1024, 2048]]
+
+
+@pytest.mark.parametrize("bad,match", [(dict(candidates=0), "candidates"), (dict(blend="during"), "blend"),
+                                       (dict(max_side=100), "max_side"), (dict(overlap=256), "overlap"),
+                                       (dict(start=0), "start"), (dict(margin=0.5), "margin")])
+def test_options_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        B.Options(**bad)
+
+
+# ---- the embedded cascade -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def editor():
+    return B.MultiStage(engine.load(), engine.load(DEFAULT_UPSCALER), metrics.Scorer.from_pretrained(DEFAULT_MODEL))
+
+
+def _scene(res):
+    sc = world.scenes(907, 1)[0]
+    new = sc.replace(0, colour="blue" if sc.objects[0].colour != "blue" else "red")
+    mask = (world.masks(sc, res)[0] >= 0.5).astype(np.float32)
+    return sc, new, torch.from_numpy(world.render_batch([sc], res)), mask
+
+
+def test_edit_keeps_the_outside_exactly_and_is_deterministic(editor):
+    _, new, src, mask = _scene(256)
+    opts = B.Options(**FAST, max_side=128, overlap=32)  # stage 2 in 3 × 3 tiles
+    res = editor.edit(src, mask, new.caption(), opts, progress=False)
+    m = torch.from_numpy(mask)[None, None]
+    assert [s.shape[-1] for s in res.stages] == [64, 256]
+    assert res.log[1]["tiles"] == 9 and 0 < res.log[1]["skipped_tiles"] < 9
+    assert torch.equal(res.image * (1 - m), src * (1 - m))
+    assert (res.image - src).abs().mul(m).mean() > 0.02
+    assert len(res.scores) == 2 and res.chosen == int(np.argmax(res.scores))
+    again = editor.edit(src, mask, new.caption(), opts, progress=False)
+    assert torch.equal(res.image, again.image)
+    other = editor.edit(src, mask, new.caption(), replace(opts, seed=1), progress=False)
+    assert not torch.equal(res.image, other.image)
+
+
+def test_edit_with_an_empty_mask_returns_the_source(editor):
+    _, new, src, mask = _scene(256)
+    with pytest.warns(UserWarning, match="empty"):
+        res = editor.edit(src, mask * 0, new.caption(), B.Options(**FAST), progress=False)
+    assert torch.equal(res.image, src)
+
+
+def test_edit_variants_run_and_refuse_bad_input(editor):
+    _, new, src, mask = _scene(256)
+    for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2)):
+        res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
+        m = torch.from_numpy(mask)[None, None]
+        assert torch.equal(res.image * (1 - m), src * (1 - m))
+    with pytest.raises(ValueError, match="NaN"):
+        editor.edit(src * np.nan, mask, "x", B.Options(**FAST), progress=False)
+    with pytest.raises(ValueError, match="at least the base model"):
+        editor.edit(src[..., :48, :48], np.ones((48, 48)), "x", B.Options(**FAST), progress=False)
+    no_scorer = B.MultiStage(editor.base, editor.sr)
+    with pytest.raises(ValueError, match="CLIP scorer"):
+        no_scorer.edit(src, mask, "x", B.Options(**FAST), progress=False)
+
+
+def _cli_error(argv, tmp_path, capsys, match):
+    before = set(tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_cli_blend(tmp_path, capsys):
+    sc, new, _, mask = _scene(128)
+    src = images.save(Image.fromarray((world.render(sc, 128) * 255).round().astype(np.uint8)), tmp_path / "in.png")
+    mpath = images.save(Image.fromarray((mask * 255).astype(np.uint8)), tmp_path / "mask.png")
+    fast = ["--steps", "3", "--candidates", "2", "--repaint", "0", "--sr-steps", "2", "--stage-steps", "10", "--quiet"]
+    out = tmp_path / "edit.png"
+    assert main(["blend", "--image", str(src), "--mask", str(mpath), "--prompt", new.caption(), "--size", "256",
+                 *fast, "--out", str(out)]) == 0
+    assert "pixel for pixel" in capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["size"] == 256 and report["outside_mask_max_abs_diff"] == 0
+    assert [s["side"] for s in report["stages"]] == [64, 256] and len(report["candidate_clip_scores"]) == 2
+    assert Image.open(out).size == (256, 256) and (tmp_path / "edit_sheet.png").is_file()
+    # the written image is the source outside the mask, byte for byte
+    edit = np.asarray(Image.open(out)).astype(int)
+    big = np.asarray(images.load(src).resize((256, 256), Image.LANCZOS)).astype(int)
+    keep = np.asarray(Image.open(mpath).resize((256, 256), Image.NEAREST)) < 128
+    assert (edit[keep] == big[keep]).all()
+
+    wide = images.save(Image.new("L", (128, 64)), tmp_path / "wide.png")
+    args = ["blend", "--image", str(src), "--prompt", "x", *fast]
+    _cli_error([*args, "--mask", str(wide), "--out", str(tmp_path / "e2.png")], tmp_path, capsys, "mask is 128×64")
+    _cli_error([*args, "--mask", str(tmp_path / "no.png"), "--out", str(tmp_path / "e2.png")], tmp_path, capsys,
+               "no such image")
+    _cli_error([*args, "--mask", str(mpath), "--max-side", "100", "--out", str(tmp_path / "e2.png")], tmp_path, capsys,
+               "max_side")
+    _cli_error([*args, "--mask", str(mpath), "--out", str(tmp_path / "e2.txt")], tmp_path, capsys, "extension")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _cli_error([*args, "--mask", str(mpath), "--size", "250", "--out", str(tmp_path / "e2.png")], tmp_path,
+                   capsys, "multiple of 16")
