@@ -276,14 +276,17 @@ class MultiStage:
         self.base_side = (base.c.unet.config.sample_size or 64) * base.c.vae.downscale
 
     @torch.no_grad()
-    def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), progress: bool = True) -> Result:
-        """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`."""
+    def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), progress: bool = True,
+             first: torch.Tensor | None = None) -> Result:
+        """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`. `first`: a stage-1 result
+        (`Result.stages[0]`) to upscale instead of sampling stage 1 again, e.g. to compare upscaling options."""
         if image.ndim != 4 or image.shape[:2] != (1, 3):
             raise ValueError(f"image: need one RGB image (1, 3, H, W), got shape {tuple(image.shape)}")
         if not torch.isfinite(image).all():
             raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
             raise ValueError("the SR upscaler / stage model needs an x4 model; pass one or use bicubic + base")
+        image = image.to(self.base.device, torch.float32)
         m = prepare_mask(mask, image.shape[-2:]).to(image)
         if not m.any():
             warnings.warn("the mask is empty: nothing to edit, returning the image unchanged", stacklevel=2)
@@ -296,7 +299,11 @@ class MultiStage:
         sides = stage_sides(side, self.base_side)
         res = Result(image, [], m, (y, x, side))
         t0 = time.perf_counter()
-        out = self._stage1(crop, mc, prompt, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
+        if first is not None and tuple(first.shape) != (1, 3, sides[0], sides[0]):
+            raise ValueError(f"first: a stage-1 result must be (1, 3, {sides[0]}, {sides[0]}), "
+                             f"got {tuple(first.shape)}")
+        out = first.to(image) if first is not None else \
+            self._stage1(crop, mc, prompt, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
         res.log.append({"stage": 1, "side": sides[0], "seconds": round(time.perf_counter() - t0, 2)})
         res.stages.append(out)
         for k, s in enumerate(sides[1:], 2):
@@ -305,9 +312,8 @@ class MultiStage:
             res.log.append({"stage": k, "side": s, "tiles": n, "skipped_tiles": skipped,
                             "seconds": round(time.perf_counter() - t0, 2)})
             res.stages.append(out)
-        final = resize(out, side) if out.shape[-1] != side else out
         res.image = image.clone()
-        res.image[..., y:y + side, x:x + side] = mc * final + (1 - mc) * crop  # the tight stitch
+        res.image[..., y:y + side, x:x + side] = mc * out + (1 - mc) * crop  # the tight stitch
         return res
 
     def _stage1(self, crop, mc, prompt, o: Options, res: Result, progress, desc, side: int | None = None):

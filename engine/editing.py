@@ -222,12 +222,13 @@ def run_blend(args) -> list[Path]:
               "outside_mask_max_abs_diff": outside,
               "clip_score_source": scorer.score(src, [args.prompt]).item() if scorer else None,
               "clip_score_edit": scorer.score(edit, [args.prompt]).item() if scorer else None,
-              "candidate_clip_scores": res.scores, "chosen": res.chosen, "stages": res.log, "seconds": round(seconds, 2)}
+              "candidate_clip_scores": res.scores, "chosen": res.chosen, "stages": res.log,
+              "seconds": round(seconds, 2)}
     pil = images.to_pil(edit)[0]
     mask_pil = images.to_pil((res.mask.cpu() * 2 - 1).expand(-1, 3, -1, -1))[0]
-    sheet = [(image, "input"), (mask_pil, "mask")] + \
-            [(images.to_pil(s.float().cpu())[0], f"stage {k}: {s.shape[-1]}²") for k, s in enumerate(res.stages, 1)] + \
-            [(pil, f"edit: {args.prompt}")]
+    stages = [(images.to_pil(s.float().cpu())[0], f"stage {k}: {s.shape[-1]}x{s.shape[-1]}")
+              for k, s in enumerate(res.stages, 1)]
+    sheet = [(image, "input"), (mask_pil, "mask"), *stages, (pil, f"edit: {args.prompt}")]
     written = [images.save(pil, out), images.save(images.contact_sheet(sheet, columns=min(len(sheet), 4)), sheet_path),
                _json(json_path, report)]
     print(f"wrote {', '.join(map(str, written))}: {image.width}² edit in {seconds:.1f}s; outside the mask the "

@@ -211,6 +211,11 @@ def test_edit_variants_run_and_refuse_bad_input(editor):
         res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
         m = torch.from_numpy(mask)[None, None]
         assert torch.equal(res.image * (1 - m), src * (1 - m))
+    first = res.stages[0]
+    again = editor.edit(src, mask, new.caption(), B.Options(**FAST, upscaler="bicubic"), progress=False, first=first)
+    assert torch.equal(again.stages[0], first) and not torch.equal(again.image, res.image)
+    with pytest.raises(ValueError, match="stage-1 result"):
+        editor.edit(src, mask, "x", B.Options(**FAST), progress=False, first=first[..., :32, :32])
     with pytest.raises(ValueError, match="NaN"):
         editor.edit(src * np.nan, mask, "x", B.Options(**FAST), progress=False)
     with pytest.raises(ValueError, match="at least the base model"):
