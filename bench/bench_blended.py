@@ -1,7 +1,7 @@
 """Multi-stage blended diffusion on the embedded cascade, over held-out world scenes (seed 107).
 
     python bench/bench_blended.py --size 256 --scenes 30
-    python bench/bench_blended.py --size 1024 --scenes 30
+    python bench/bench_blended.py --size 1024 --scenes 30 --no-bicubic-row
     python bench/bench_blended.py --rss 2048                 # one 2048² CLI edit: peak RSS and time
 
 Each scene: the mask is object 0's mask from the world (coverage ≥ 0.5), the prompt is the scene's caption with
@@ -68,7 +68,7 @@ def scores(x, src, truth, m, scorer, new, colour):
             "clip": scorer.score(x, [new.caption()]).item()}
 
 
-def table(size, seed, n):
+def table(size, seed, n, with_bicubic=True):
     base, sr = engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ms = blended.MultiStage(base, sr, scorer)
@@ -84,9 +84,10 @@ def table(size, seed, n):
         t0 = time.perf_counter()
         r = ms.edit(src, m, prompt, replace(opts, seed=i), progress=False)
         t_ms = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rb = ms.edit(src, m, prompt, replace(bicubic, seed=i), progress=False, first=r.stages[0])
-        t_b = time.perf_counter() - t0
+        if with_bicubic:
+            t0 = time.perf_counter()
+            rb = ms.edit(src, m, prompt, replace(bicubic, seed=i), progress=False, first=r.stages[0])
+            t_b = time.perf_counter() - t0
         up = blended.resize(r.stages[0], size, "bicubic")
         s1 = m * up + (1 - m) * src
         t0 = time.perf_counter()
@@ -100,23 +101,24 @@ def table(size, seed, n):
                "truth_success": scores(truth, src, truth, m, scorer, new, colour)["success"],
                "multistage": {**scores(r.image, src, truth, m, scorer, new, colour), "seconds": round(t_ms, 2),
                               "stages": r.log},
-               "multistage-bicubic": {**scores(rb.image, src, truth, m, scorer, new, colour),
-                                      "seconds_after_stage1": round(t_b, 2)},
                "stage1-bicubic": scores(s1, src, truth, m, scorer, new, colour),
                "direct": {**scores(dr, src, truth, m, scorer, new, colour), "seconds": round(t_d, 2)}}
+        if with_bicubic:
+            row["multistage-bicubic"] = {**scores(rb.image, src, truth, m, scorer, new, colour),
+                                         "seconds_after_stage1": round(t_b, 2)}
         per.append(row)
         print(f"{i:2d} {prompt[:60]:60s} " + "  ".join(
-            f"{k} {row[k]['psnr']:.2f}/{'ok' if row[k]['success'] else '--'}" for k in ROWS) +
+            f"{k} {row[k]['psnr']:.2f}/{'ok' if row[k]['success'] else '--'}" for k in ROWS if k in row) +
             f"  ({t_ms:.0f}s + {t_d:.0f}s)", flush=True)
         if i < 6:
             sheet += [(images.to_pil(src)[0], f"{i}: source"), (images.to_pil(truth)[0], f"truth: {prompt}")]
-            sheet += [(images.to_pil(x)[0], k) for k, x in (("multistage", r.image), ("multistage, bicubic ×4",
-                                                           rb.image), ("stage 1 + bicubic", s1), ("direct", dr))]
+            shots = [("multistage", r.image)] + ([("multistage, bicubic x4", rb.image)] if with_bicubic else [])
+            sheet += [(images.to_pil(x)[0], k) for k, x in shots + [("stage 1 + bicubic", s1), ("direct", dr)]]
         summary = summarize(per)
         save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts), "bicubic_options": {
                               "upscaler": "bicubic", "start": 0.25},
                               "direct_options": {"candidates": 1, "repaint": 0}, "summary": summary, "per_scene": per})
-    images.contact_sheet(sheet, cell=192, columns=6).save(RESULTS / f"blended_{size}.png")
+    images.contact_sheet(sheet, cell=192, columns=5 + with_bicubic).save(RESULTS / f"blended_{size}.png")
     write_markdown()
     return summary
 
@@ -124,7 +126,7 @@ def table(size, seed, n):
 def summarize(per):
     out = {"source_success": statistics.mean(r["source_success"] for r in per),
            "truth_success": statistics.mean(r["truth_success"] for r in per)}
-    for k in ROWS:
+    for k in (k for k in ROWS if k in per[0]):
         rows = [r[k] for r in per]
         out[k] = {"psnr": statistics.mean(r["psnr"] for r in rows), "ssim": statistics.mean(r["ssim"] for r in rows),
                   "psnr_in_mask": statistics.mean(r["psnr_in_mask"] for r in rows),
@@ -149,7 +151,7 @@ def write_markdown():
              "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in d if k.startswith("size_")):
         s = d[key]["summary"]
-        for k in ROWS:
+        for k in (k for k in ROWS if k in s):
             r = s[k]
             outside = "exact (∞ dB)" if r["outside_max_abs_diff"] == 0 else f"{r['outside_max_abs_diff']:.1e}"
             lines.append(f"| {key[5:]}² ({d[key]['scenes']} scenes) | {k} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
@@ -164,7 +166,7 @@ def write_markdown():
     (RESULTS / "blended.md").write_text("\n".join(lines) + "\n")
 
 
-def rss(size, seed):
+def rss(size, seed, max_side=None):
     """One `python -m engine blend` at size² in a child process: its peak RSS (ru_maxrss) and wall time."""
     sc, new, _ = cases(seed, 1)[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,17 +175,21 @@ def rss(size, seed):
         Image.fromarray(((world.masks(sc, size)[0] >= 0.5) * 255).astype(np.uint8)).save(tmp / "mask.png")
         cmd = [sys.executable, "-m", "engine", "blend", "--image", str(tmp / "in.png"), "--mask", str(tmp / "mask.png"),
                "--prompt", new.caption(), "--quiet", "--out", str(tmp / "out.png")]
+        cmd += ["--max-side", str(max_side)] if max_side else []
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t0
         report = json.loads((tmp / "out.json").read_text())
-        Image.open(tmp / "out_sheet.png").save(RESULTS / f"blended_{size}_sheet.png")
+        if not max_side:
+            Image.open(tmp / "out_sheet.png").save(RESULTS / f"blended_{size}_sheet.png")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB
-    row = {"size": size, "command": "python -m engine blend --image IN --mask MASK --prompt TEXT --out OUT",
+    flag = f" --max-side {max_side}" if max_side else ""
+    row = {"size": size, "max_side": max_side or blended.Options().max_side,
+           "command": f"python -m engine blend --image IN --mask MASK --prompt TEXT{flag} --out OUT",
            "prompt": new.caption(), "peak_rss_gib": peak, "seconds": seconds, "cores": torch.get_num_threads(),
            "stages": report["stages"], "outside_mask_max_abs_diff": report["outside_mask_max_abs_diff"]}
     d = json.loads(OUT.read_text()) if OUT.exists() else {}
-    save("rss", [r for r in d.get("rss", []) if r["size"] != size] + [row])
+    save("rss", [r for r in d.get("rss", []) if (r["size"], r.get("max_side", 256)) != (size, row["max_side"])] + [row])
     write_markdown()
     print(json.dumps(row, indent=1))
 
@@ -193,9 +199,11 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--scenes", type=int, default=30)
     ap.add_argument("--seed", type=int, default=107)
+    ap.add_argument("--no-bicubic-row", action="store_true", help="skip the multistage-bicubic row (saves time)")
     ap.add_argument("--rss", type=int, help="measure one CLI edit at this size instead")
+    ap.add_argument("--max-side", type=int, help="with --rss: the CLI's --max-side")
     a = ap.parse_args()
     if a.rss:
-        rss(a.rss, a.seed)
+        rss(a.rss, a.seed, a.max_side)
     else:
-        print(json.dumps(table(a.size, a.seed, a.scenes), indent=1))
+        print(json.dumps(table(a.size, a.seed, a.scenes, not a.no_bicubic_row), indent=1))
