@@ -6,8 +6,8 @@ mask with the source latent noised to the same level, so only the masked region 
 edit runs it at the base model's resolution (with RePaint resampling and CLIP reranking of a batch of
 candidates), then upscales in stages: ×4 super-resolution, then blended diffusion started at an intermediate
 step against a low-passed original. Stages larger than `max_side` run in overlapping tiles composited with
-sigmoid alpha ramps, so peak memory depends on the tile, not on the output. The result is the original outside
-the mask, pixel for pixel.
+sigmoid alpha ramps, so the working set depends on the tile; only the full-resolution image buffers grow with the
+output. The result is the original outside the mask, pixel for pixel.
 """
 import math
 import time
@@ -22,6 +22,7 @@ from . import schedule
 from .denoiser import Cond, Denoiser, constant
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
+from .tiles import starts
 
 BLENDS = ("after", "exact", "before")  # after the step at t (MSBD, BLD-SD2), after at t_prev, before at t (BLD-LDM)
 UPSCALERS = ("sr", "bicubic")
@@ -97,8 +98,6 @@ def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond, sched: 
 def tile_boxes(h: int, w: int, tile: int, overlap: int, align: int = 16) -> list[tuple[int, int, int, int]]:
     """(y, x, th, tw) tiles of at most tile × tile covering h × w in raster order, neighbours sharing at least
     `overlap` pixels, corners on multiples of `align`."""
-    from .tiles import starts
-
     if tile % align or h % align or w % align:
         raise ValueError(f"tiles: tile {tile} and image {h}×{w} must be multiples of {align}")
     a = lambda n: [s * align for s in starts(n // align, tile // align, -(-overlap // align))]  # noqa: E731
@@ -173,6 +172,8 @@ class Options:
                 ("start", _num(self.start, 0) and 0 < self.start <= 1, "a number in (0, 1]"),
                 ("tiled_start", _num(self.tiled_start, 0) and 0 < self.tiled_start <= 1, "a number in (0, 1]"),
                 ("margin", self.margin is None or _num(self.margin, 1), "None or a number ≥ 1"),
+                ("stage_steps", int(self.stage_steps * min(self.start, self.tiled_start)) >= 1,
+                 "stage_steps × start ≥ 1 (at least one step from the intermediate start)"),
                 ("blend", self.blend in BLENDS, f"one of {BLENDS}"),
                 ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),
                 ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
@@ -286,6 +287,9 @@ class MultiStage:
             raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
             raise ValueError("the SR upscaler / stage model needs an x4 model; pass one or use bicubic + base")
+        top = (self.sr.c.max_noise_level or 350) if self.sr is not None else 350
+        if opts.sr_noise_level > top:
+            raise ValueError(f"sr_noise_level={opts.sr_noise_level}: the x4 model takes at most {top}")
         image = image.to(self.base.device, torch.float32)
         m = prepare_mask(mask, image.shape[-2:]).to(image)
         if not m.any():

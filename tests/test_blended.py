@@ -162,7 +162,8 @@ def test_crop_box_and_stage_sides():
 
 @pytest.mark.parametrize("bad,match", [(dict(candidates=0), "candidates"), (dict(blend="during"), "blend"),
                                        (dict(max_side=100), "max_side"), (dict(overlap=256), "overlap"),
-                                       (dict(start=0), "start"), (dict(margin=0.5), "margin")])
+                                       (dict(start=0), "start"), (dict(margin=0.5), "margin"),
+                                       (dict(stage_steps=3), "stage_steps")])
 def test_options_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         B.Options(**bad)
