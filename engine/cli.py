@@ -38,6 +38,13 @@ def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when complete")
 
 
+def _cascade_args(p: argparse.ArgumentParser, clip_use: str):
+    _model_args(p, DEFAULT_MODEL)
+    p.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
+                   "(default: the embedded weights/tiny-x4)")
+    p.add_argument("--clip", help=f"CLIP checkpoint for {clip_use} (default: the model's tiny CLIP)")
+
+
 def _iterinv_args(sub, name):
     edit = name == "iterinv-edit"
     p = sub.add_parser(name, help="IterInv + DiffEdit: edit an image through the cascade" if edit else
@@ -48,10 +55,7 @@ def _iterinv_args(sub, name):
                        ("Invert an image through the cascade: stage 1 by DDIM + null-text inversion, each ×4 stage "
                         "by IterInv. Writes OUT/inversion.safetensors, reconstruction.png, the lower stages, "
                         "sheet.png and metrics.json."))
-    _model_args(p, DEFAULT_MODEL)
-    p.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
-                   "(default: the embedded weights/tiny-x4)")
-    p.add_argument("--clip", help="CLIP checkpoint for the CLIP score (default: the model's tiny CLIP)")
+    _cascade_args(p, "the CLIP score")
     p.add_argument("--image", required=True, help="a square input image; it is resized to each stage's side")
     p.add_argument("--prompt", required=True, help="the caption of the input image")
     if edit:
@@ -91,10 +95,7 @@ def _blend_args(sub):
                        "from an intermediate step against a low-passed original, tiled above --max-side. The "
                        "result is the original outside the mask, pixel for pixel. Writes OUT, OUT_sheet.png "
                        "(every stage) and OUT.json.")
-    _model_args(p, DEFAULT_MODEL)
-    p.add_argument("--upscaler-model", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
-                   "(default: the embedded weights/tiny-x4)")
-    p.add_argument("--clip", help="CLIP checkpoint for reranking and the CLIP score (default: the model's tiny CLIP)")
+    _cascade_args(p, "reranking and the CLIP score")
     p.add_argument("--image", required=True, help="the input image")
     p.add_argument("--mask", required=True, help="the mask image: white = edit (grey values are thresholded at 0.5)")
     p.add_argument("--prompt", required=True, help="the edited image described in words")
@@ -115,8 +116,8 @@ def _blend_args(sub):
                    f"(default {o.blend})")
     p.add_argument("--dilate", type=int, default=o.dilate, help="progressive mask dilation steps at stage 1 "
                    f"(default {o.dilate})")
-    p.add_argument("--upscaler", choices=["sr", "bicubic"], default=o.upscaler, help="how each stage upscales "
-                   f"the previous one (default {o.upscaler})")
+    p.add_argument("--upscale-with", choices=["sr", "bicubic"], default=o.upscaler, help="how each stage "
+                   f"upscales the previous one: the ×4 model or bicubic (default {o.upscaler})")
     p.add_argument("--sr-steps", type=int, default=o.sr_steps, help=f"DDIM steps of each ×4 (default {o.sr_steps})")
     p.add_argument("--stage-model", choices=["sr", "base"], default=o.stage_model, help="the model of the stages' "
                    f"blended diffusion (default {o.stage_model})")

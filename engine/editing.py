@@ -194,7 +194,7 @@ def run_blend(args) -> list[Path]:
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
     opts = Options(steps=args.steps, guidance=args.guidance, eta=args.eta, candidates=args.candidates,
                    rerank=args.rerank, repaint=args.repaint, jump=args.jump, blend=args.blend, dilate=args.dilate,
-                   upscaler=args.upscaler, sr_steps=args.sr_steps, stage_model=args.stage_model,
+                   upscaler=args.upscale_with, sr_steps=args.sr_steps, stage_model=args.stage_model,
                    stage_steps=args.stage_steps, start=args.start, tiled_start=args.tiled_start,
                    max_side=args.max_side, overlap=args.overlap, margin=args.margin, seed=args.seed)
     image, mask = images.load(args.image), images.load(args.mask)
@@ -209,7 +209,7 @@ def run_blend(args) -> list[Path]:
     with profiled(args.profile):
         base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                            config=args.config, prediction_type=args.prediction_type)
-        sr = engine.load(args.upscaler_model, dtype=args.dtype, device=args.device, variant=args.variant)
+        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant)
         scorer = _scorer(args)
         res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask, args.prompt, opts,
                                                 progress=not args.quiet)

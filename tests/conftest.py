@@ -116,3 +116,18 @@ def tiny(tmp_path_factory):
             cache[kind] = (folder, make_pipeline(kind, folder))
         return cache[kind]
     return get
+
+
+@pytest.fixture
+def cli_error(tmp_path, capsys):
+    """check(argv, match): the command exits 2 with one `error: …` line containing `match`, and writes nothing
+    into tmp_path (no output, no temporary left)."""
+    from engine.cli import main
+
+    def check(argv, match):
+        before = set(tmp_path.iterdir())
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+        assert set(tmp_path.iterdir()) == before
+    return check

@@ -226,15 +226,7 @@ def test_edit_variants_run_and_refuse_bad_input(editor):
         no_scorer.edit(src, mask, "x", B.Options(**FAST), progress=False)
 
 
-def _cli_error(argv, tmp_path, capsys, match):
-    before = set(tmp_path.iterdir())
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
-    assert set(tmp_path.iterdir()) == before
-
-
-def test_cli_blend(tmp_path, capsys):
+def test_cli_blend(tmp_path, capsys, cli_error):
     sc, new, _, mask = _scene(128)
     src = images.save(Image.fromarray((world.render(sc, 128) * 255).round().astype(np.uint8)), tmp_path / "in.png")
     mpath = images.save(Image.fromarray((mask * 255).astype(np.uint8)), tmp_path / "mask.png")
@@ -255,13 +247,10 @@ def test_cli_blend(tmp_path, capsys):
 
     wide = images.save(Image.new("L", (128, 64)), tmp_path / "wide.png")
     args = ["blend", "--image", str(src), "--prompt", "x", *fast]
-    _cli_error([*args, "--mask", str(wide), "--out", str(tmp_path / "e2.png")], tmp_path, capsys, "mask is 128×64")
-    _cli_error([*args, "--mask", str(tmp_path / "no.png"), "--out", str(tmp_path / "e2.png")], tmp_path, capsys,
-               "no such image")
-    _cli_error([*args, "--mask", str(mpath), "--max-side", "100", "--out", str(tmp_path / "e2.png")], tmp_path, capsys,
-               "max_side")
-    _cli_error([*args, "--mask", str(mpath), "--out", str(tmp_path / "e2.txt")], tmp_path, capsys, "extension")
+    cli_error([*args, "--mask", str(wide), "--out", str(tmp_path / "e2.png")], "mask is 128×64")
+    cli_error([*args, "--mask", str(tmp_path / "no.png"), "--out", str(tmp_path / "e2.png")], "no such image")
+    cli_error([*args, "--mask", str(mpath), "--max-side", "100", "--out", str(tmp_path / "e2.png")], "max_side")
+    cli_error([*args, "--mask", str(mpath), "--out", str(tmp_path / "e2.txt")], "extension")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _cli_error([*args, "--mask", str(mpath), "--size", "250", "--out", str(tmp_path / "e2.png")], tmp_path,
-                   capsys, "multiple of 16")
+        cli_error([*args, "--mask", str(mpath), "--size", "250", "--out", str(tmp_path / "e2.png")], "multiple of 16")

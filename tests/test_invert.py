@@ -189,36 +189,21 @@ def _src(tmp_path, size=64):
     return path
 
 
-def _cli_error(args, tmp_path, capsys, match):
-    before = set(tmp_path.iterdir())
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
-    assert set(tmp_path.iterdir()) == before  # nothing written, no temporary left
-
-
-def test_cli_bad_inputs(tmp_path, capsys):
+def test_cli_bad_inputs(tmp_path, capsys, cli_error):
     src = _src(tmp_path)
     odd = tmp_path / "odd.png"
     images.save(images.to_pil(torch.zeros(1, 3, 30, 30))[0], odd)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     out = str(tmp_path / "e.png")
-    _cli_error(["edit", "--image", str(odd), "--prompt", "a red star", "--out", out], tmp_path, capsys,
-               "multiples of 4")
-    _cli_error(["edit", "--image", str(src), "--prompt-file", str(empty), "--out", out], tmp_path, capsys,
-               "no prompts")
-    _cli_error(["edit", "--image", str(src), "--prompt-file", str(tmp_path / "nope.txt"), "--out", out], tmp_path,
-               capsys, "no such prompt file")
-    _cli_error(["edit", "--image", str(src), "--prompt", "x", "--lambda", "2", "--out", out], tmp_path, capsys,
-               "lambda")
-    _cli_error(["edit", "--image", str(src), "--prompt", "x", "--inject-steps", "101", "--out", out], tmp_path,
-               capsys, "inject_steps")
-    _cli_error(["edit", "--image", str(tmp_path / "nope.png"), "--prompt", "x", "--out", out], tmp_path, capsys,
-               "no such image")
-    _cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "t.png")], tmp_path, capsys, ".safetensors")
-    _cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "no" / "t.safetensors")], tmp_path, capsys,
-               ".safetensors")
+    cli_error(["edit", "--image", str(odd), "--prompt", "a red star", "--out", out], "multiples of 4")
+    cli_error(["edit", "--image", str(src), "--prompt-file", str(empty), "--out", out], "no prompts")
+    cli_error(["edit", "--image", str(src), "--prompt-file", str(tmp_path / "nope.txt"), "--out", out], "no such prompt file")
+    cli_error(["edit", "--image", str(src), "--prompt", "x", "--lambda", "2", "--out", out], "lambda")
+    cli_error(["edit", "--image", str(src), "--prompt", "x", "--inject-steps", "101", "--out", out], "inject_steps")
+    cli_error(["edit", "--image", str(tmp_path / "nope.png"), "--prompt", "x", "--out", out], "no such image")
+    cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "t.png")], ".safetensors")
+    cli_error(["invert", "--image", str(src), "--out", str(tmp_path / "no" / "t.safetensors")], ".safetensors")
 
 
 def test_nan_image_is_refused(tiny):
@@ -231,7 +216,7 @@ def test_nan_image_is_refused(tiny):
         pipe.edit(bad, "a red star", steps=2, progress=False)
 
 
-def test_cli_invert_and_edit_write_their_files(tmp_path, capsys):
+def test_cli_invert_and_edit_write_their_files(tmp_path, capsys, cli_error):
     src = _src(tmp_path)
     assert main(["invert", "--image", str(src), "--steps", "5", "--null-text", "fast", "--out",
                  str(tmp_path / "t.safetensors"), "--quiet"]) == 0

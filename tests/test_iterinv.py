@@ -157,15 +157,7 @@ def test_pyramid_and_argument_errors(cascade):
         cas.invert(pil, "x", noise_level=400)
 
 
-def _cli_error(argv, tmp_path, capsys, match):
-    before = set(tmp_path.iterdir())
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
-    assert set(tmp_path.iterdir()) == before
-
-
-def test_cli_iterinv_and_edit(cascade, tmp_path, capsys):
+def test_cli_iterinv_and_edit(cascade, tmp_path, capsys, cli_error):
     _, scene, pil, _ = cascade
     src = images.save(pil, tmp_path / "src.png")
     out = tmp_path / "inv"
@@ -181,21 +173,19 @@ def test_cli_iterinv_and_edit(cascade, tmp_path, capsys):
                  "--inversion", str(out / "inversion.safetensors"), "--steps", "5", "--out", str(edit),
                  "--quiet"]) == 0
     assert {"edit.png", "mask.png", "sheet.png", "edit.json"} <= {p.name for p in edit.iterdir()}
-    _cli_error(["iterinv-edit", "--image", str(src), "--prompt", "x", "--edit", target, "--inversion",
-                str(out / "inversion.safetensors"), "--out", str(tmp_path / "edit2")], tmp_path, capsys,
-               "--steps 5")
+    cli_error(["iterinv-edit", "--image", str(src), "--prompt", "x", "--edit", target, "--inversion",
+                str(out / "inversion.safetensors"), "--out", str(tmp_path / "edit2")], "--steps 5")
     assert "psnr_outside_mask" in json.loads((edit / "edit.json").read_text())
 
 
-def test_cli_iterinv_bad_inputs(cascade, tmp_path, capsys):
+def test_cli_iterinv_bad_inputs(cascade, tmp_path, capsys, cli_error):
     _, _, pil, _ = cascade
     src = images.save(pil, tmp_path / "src.png")
     wide = images.save(pil.crop((0, 0, 256, 128)), tmp_path / "wide.png")
     (tmp_path / "inv").mkdir()
     base = ["--prompt", "x", "--out", str(tmp_path / "inv")]
-    _cli_error(["iterinv", "--image", str(wide), *base], tmp_path, capsys, "square")
-    _cli_error(["iterinv", "--image", str(tmp_path / "nope.png"), *base], tmp_path, capsys, "no such image")
-    _cli_error(["iterinv", "--image", str(src), "--out", str(tmp_path / "a" / "b"), "--prompt", "x"], tmp_path,
-               capsys, "does not exist")
-    _cli_error(["iterinv-edit", "--image", str(src), "--edit", "y", "--inversion", str(tmp_path / "no.safetensors"),
-                *base], tmp_path, capsys, "no such inversion file")
+    cli_error(["iterinv", "--image", str(wide), *base], "square")
+    cli_error(["iterinv", "--image", str(tmp_path / "nope.png"), *base], "no such image")
+    cli_error(["iterinv", "--image", str(src), "--out", str(tmp_path / "a" / "b"), "--prompt", "x"], "does not exist")
+    cli_error(["iterinv-edit", "--image", str(src), "--edit", "y", "--inversion", str(tmp_path / "no.safetensors"),
+                *base], "no such inversion file")
