@@ -149,7 +149,7 @@ def write_markdown():
     d = json.loads(OUT.read_text())
     lines = ["| size | method | PSNR to truth | SSIM | PSNR in mask | outside mask | edit success | CLIP | s/edit (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in d if k.startswith("size_")):
+    for key in sorted((k for k in d if k.startswith("size_")), key=lambda k: int(k[5:])):
         s = d[key]["summary"]
         for k in (k for k in ROWS if k in s):
             r = s[k]
@@ -162,7 +162,8 @@ def write_markdown():
     if "rss" in d:
         for r in d["rss"]:
             lines.append(f"\n{r['size']}² edit (`{r['command']}`): peak RSS {r['peak_rss_gib']:.2f} GiB, "
-                         f"{r['seconds']:.0f} s on {r['cores']} cores")
+                         f"{r['seconds']:.0f} s on {r['cores']} cores" +
+                         ("" if r.get("alone", True) else " (beside other runs: the time is not comparable)"))
     (RESULTS / "blended.md").write_text("\n".join(lines) + "\n")
 
 
