@@ -354,6 +354,9 @@ class MultiStage:
         canvas = resize(prev, side, "bicubic")
         tiled = side > o.max_side
         boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
+        sr_cond = constant(self.sr.encode_prompt([prompt], None, o.sr_guidance > 1)) if self.sr is not None else None
+        base_cond = constant(self.base.encode_prompt([prompt], None, o.guidance > 1)) \
+            if o.stage_model == "base" else None
         done, skipped = [], 0
         for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""), disable=not progress):
             mt = m[..., y:y + th, x:x + tw]
@@ -362,19 +365,18 @@ class MultiStage:
                 continue
             box = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
             lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4), slice(x // 4, (x + tw) // 4))
-            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, prompt, o,
+            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, sr_cond, base_cond, o,
                                   o.tiled_start if tiled else o.start, progress and not tiled)
             done.append(((y, x, th, tw), im))
         out = composite(canvas, done, o.overlap // 2)
         return m * out + (1 - m) * orig, len(boxes), skipped
 
-    def _stage_tile(self, lr, bicubic, ref, m, prompt, o: Options, start, progress):
+    def _stage_tile(self, lr, bicubic, ref, m, sr_cond, base_cond, o: Options, start, progress):
         gen = make_generator(o.seed)  # re-seeded per tile, as MSBD: a tile's result does not depend on the others
         if o.stage_model == "sr" or o.upscaler == "sr":
             sr = self.sr
             noise = randn_tensor(lr.shape, gen, sr.device, torch.float32)
             sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise, o.sr_guidance)
-            sr_cond = constant(sr.encode_prompt([prompt], None, sr_den.guided))
         if o.upscaler == "sr":
             shape = (1, sr.c.vae.config.latent_channels, *(4 * n // sr.c.vae.downscale for n in lr.shape[-2:]))
             z = randn_tensor(shape, gen, sr.device, torch.float32).to(sr.dtype)
@@ -385,9 +387,7 @@ class MultiStage:
         if o.stage_model == "sr":
             p, den, cond = sr, sr_den, sr_cond
         else:
-            p = self.base
-            den = Denoiser(p.c.unet, o.guidance)
-            cond = constant(p.encode_prompt([prompt], None, den.guided))
+            p, den, cond = self.base, Denoiser(self.base.c.unet, o.guidance), base_cond
         f = p.c.vae.downscale
         z_src = p.c.vae.encode_latents(comp.to(p.device, p.vae_dtype)).to(p.dtype)
         m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)
