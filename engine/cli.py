@@ -86,7 +86,7 @@ def _iterinv_args(sub, name):
 
 
 def _blend_args(sub):
-    from .blended import Options
+    from .blended import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS, Options
 
     o = Options()
     p = sub.add_parser("blend", help="image + mask + text → high-resolution edit (multi-stage blended diffusion)",
@@ -103,7 +103,7 @@ def _blend_args(sub):
                    "e.g. 1024 or 2048 (default: the image's own size)")
     p.add_argument("--candidates", type=int, default=o.candidates, help="stage-1 samples reranked by CLIP "
                    f"(default {o.candidates})")
-    p.add_argument("--rerank", choices=["whole", "masked"], default=o.rerank, help="CLIP-score the whole "
+    p.add_argument("--rerank", choices=RERANKS, default=o.rerank, help="CLIP-score the whole "
                    f"candidate or only its masked region (default {o.rerank})")
     p.add_argument("--steps", type=int, default=o.steps, help=f"stage-1 DDIM steps (default {o.steps})")
     p.add_argument("--guidance", type=float, default=o.guidance, help=f"stage-1 CFG (default {o.guidance})")
@@ -111,15 +111,15 @@ def _blend_args(sub):
     p.add_argument("--repaint", type=int, default=o.repaint, help="RePaint resampling repeats per stage-1 step "
                    f"(default {o.repaint}; 0 = off)")
     p.add_argument("--jump", type=int, default=o.jump, help=f"RePaint jump length (default {o.jump})")
-    p.add_argument("--blend", choices=["after", "exact", "before"], default=o.blend, help="blend after each step "
+    p.add_argument("--blend", choices=BLENDS, default=o.blend, help="blend after each step "
                    "with the background at the step's t (MSBD), after at t_prev, or before the step (BLD's LDM code) "
                    f"(default {o.blend})")
     p.add_argument("--dilate", type=int, default=o.dilate, help="progressive mask dilation steps at stage 1 "
                    f"(default {o.dilate})")
-    p.add_argument("--upscale-with", choices=["sr", "bicubic"], default=o.upscaler, help="how each stage "
+    p.add_argument("--upscale-with", choices=UPSCALERS, default=o.upscaler, help="how each stage "
                    f"upscales the previous one: the ×4 model or bicubic (default {o.upscaler})")
     p.add_argument("--sr-steps", type=int, default=o.sr_steps, help=f"DDIM steps of each ×4 (default {o.sr_steps})")
-    p.add_argument("--stage-model", choices=["sr", "base"], default=o.stage_model, help="the model of the stages' "
+    p.add_argument("--stage-model", choices=STAGE_MODELS, default=o.stage_model, help="the model of the stages' "
                    f"blended diffusion (default {o.stage_model})")
     p.add_argument("--stage-steps", type=int, default=o.stage_steps, help="the stages' DDIM schedule, of which "
                    f"the lowest --start runs (default {o.stage_steps})")

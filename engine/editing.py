@@ -202,9 +202,9 @@ def run_blend(args) -> list[Path]:
         if args.size < 16 or args.size % 16 or image.width != image.height:
             raise ValueError(f"--size {args.size} with a {image.width}×{image.height} image: need a square image "
                              "and a multiple of 16")
+        if mask.size == image.size:  # a mask of another size is left to the edit's own check
+            mask = mask.resize((args.size, args.size), images.Image.NEAREST)
         image = image.resize((args.size, args.size), images.Image.LANCZOS)
-        if mask.size != image.size:
-            mask = mask.resize(image.size, images.Image.NEAREST)
     t0 = time.perf_counter()
     with profiled(args.profile):
         base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
