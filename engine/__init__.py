@@ -13,9 +13,11 @@ from .pipeline import Pipeline
 __all__ = ["load", "Pipeline", "LoadError"]
 
 
-def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Pipeline:
+def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None,
+         embeddings=(), semi="zero") -> Pipeline:
     """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a Pipeline.
-    No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4)."""
+    No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4). embeddings: files of
+    pseudo-words for its prompts (Pipeline.load_embeddings); semi: how <C(i)> drops the concept ("zero" / "remove")."""
     from .load import DEFAULT_MODEL, load as _load
 
     path = DEFAULT_MODEL if path is None else path
@@ -24,4 +26,11 @@ def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
         if isinstance(dtype, str):
             raise ValueError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
-    return Pipeline(_load(path, dtype, device, variant, config, prediction_type))
+    from .prompt import SEMI
+
+    if semi not in SEMI:
+        raise ValueError(f"semi={semi!r}: use 'zero' (a zero input vector, the paper's code) or 'remove' (no token)")
+    pipe = Pipeline(_load(path, dtype, device, variant, config, prediction_type))
+    pipe.semi = semi
+    pipe.load_embeddings(*(embeddings or ()))
+    return pipe

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import schedule
-from .denoiser import Cond, Denoiser, constant
+from .denoiser import Cond, Denoiser
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
 from .tiles import starts
@@ -329,7 +329,7 @@ class MultiStage:
         m_z = binary_mask(mc, s // b.c.vae.downscale)
         z_src = b.c.vae.encode_latents(src.to(b.device, b.vae_dtype)).to(b.dtype).repeat(n, 1, 1, 1)
         den = Denoiser(b.c.unet, o.guidance)
-        cond = constant(b.encode_prompt([prompt] * n, None, den.guided))
+        cond = b.prompt_cond([prompt] * n, None, den.guided)
         gen = make_generator(o.seed)
         x = randn_tensor(z_src.shape, gen, b.device, torch.float32).to(b.dtype)
         masks = progressive(m_z.to(x), o.dilate) if o.dilate else m_z.to(x)
@@ -354,8 +354,8 @@ class MultiStage:
         canvas = resize(prev, side, "bicubic")
         tiled = side > o.max_side
         boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
-        sr_cond = constant(self.sr.encode_prompt([prompt], None, o.sr_guidance > 1)) if self.sr is not None else None
-        base_cond = constant(self.base.encode_prompt([prompt], None, o.guidance > 1)) \
+        sr_cond = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1) if self.sr is not None else None
+        base_cond = self.base.prompt_cond([prompt], None, o.guidance > 1) \
             if o.stage_model == "base" else None
         done, skipped = [], 0
         for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""), disable=not progress):

@@ -26,8 +26,17 @@ def _model_args(p: argparse.ArgumentParser, model: Path):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _prompt_args(p: argparse.ArgumentParser):
+    p.add_argument("--embeddings", action="append", default=[], metavar="FILE", help="pseudo-words for the "
+                   "prompts: a train-ti file (write <C>, <C|i|>, <C(i)>, <C[i]>, or C*|t|, C*(t), C*[t]) or a "
+                   "diffusers / A1111 .safetensors embedding (write <name>); repeat for several")
+    p.add_argument("--semi", choices=["zero", "remove"], default="zero", help="what <C(i)> puts in the concept's "
+                   "place below bin i: a zero input vector (the paper's code) or nothing (default zero)")
+
+
 def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path):
     _model_args(p, model)
+    _prompt_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--negative", default=None, help="negative prompt, used as the unconditional branch of CFG (default: empty)")
     p.add_argument("--steps", type=int, default=steps, help=f"number of DDIM denoising steps (default {steps})")
@@ -40,6 +49,7 @@ def _common(p: argparse.ArgumentParser, steps: int, guidance: float, model: Path
 
 def _cascade_args(p: argparse.ArgumentParser, clip_use: str):
     _model_args(p, DEFAULT_MODEL)
+    _prompt_args(p)
     p.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution model folder "
                    "(default: the embedded weights/tiny-x4)")
     p.add_argument("--clip", help=f"CLIP checkpoint for {clip_use} (default: the model's tiny CLIP)")
@@ -135,6 +145,42 @@ def _blend_args(sub):
     p.add_argument("--out", required=True, help="output image (.png/.jpg); written only when complete")
 
 
+def _train_ti_args(sub):
+    from .multires import TEMPLATES
+
+    p = sub.add_parser("train-ti", help="images of a concept → multiresolution textual-inversion embeddings",
+                       description="Learn K time-indexed pseudo-word embeddings of a concept from a few images "
+                       "(multiresolution textual inversion): each step trains the row of its timestep's bin; "
+                       "everything else stays frozen. Checkpoints to OUT.ckpt.safetensors; a rerun of the same "
+                       "command resumes from it. Sample with --embeddings OUT and <C>, <C|i|>, <C(i)>, <C[i]>.")
+    _model_args(p, DEFAULT_MODEL)
+    p.add_argument("--images", required=True, help="a folder of images of the concept (3–5 is typical)")
+    p.add_argument("--token", required=True, help="the concept's name C, written <C|i|> etc. in prompts")
+    p.add_argument("--init-token", required=True, help="a one-token word every row starts from, e.g. star")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (default 3000)")
+    p.add_argument("--bins", type=int, default=10, help="K, the number of time bins (default 10)")
+    p.add_argument("--batch", type=int, default=4, help="examples per step (default 4)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3: the reference's "
+                   "5e-4 scaled by its batch of 4)")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the K rows (default 1e-2)")
+    p.add_argument("--templates", default="auto", choices=["auto", *TEMPLATES], help="prompt templates: the TI "
+                   "object or style sets, or the embedded model's caption language; auto = object when the "
+                   "tokenizer knows its words, else world (default auto)")
+    p.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip (default 0.5)")
+    p.add_argument("--center-crop", action="store_true", help="centre-crop each image to a square first")
+    p.add_argument("--resolution", type=int, help="training side in pixels (default: the model's size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every step's draws (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--out", required=True, help="the embeddings file (.safetensors); written only when complete")
+    x = sub.add_parser("export-ti", help="one row of a train-ti file → a diffusers learned_embeds.safetensors",
+                       description="Write row I of a multiresolution embeddings file as a single-vector "
+                       "embedding that diffusers' load_textual_inversion (and --embeddings) read.")
+    x.add_argument("--embeddings", required=True, help="a file written by train-ti")
+    x.add_argument("--row", type=int, required=True, help="the time bin to export, 0..K−1 (0 = finest detail)")
+    x.add_argument("--token", help="the token string in the file (default <C>)")
+    x.add_argument("--out", required=True, help="output .safetensors (e.g. learned_embeds.safetensors)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -164,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
                        description="DDIM-invert an image; write the trajectory (latents, noises, null-text "
                        "embeddings) as .safetensors and the image sampled back from it.")
     _model_args(v, DEFAULT_MODEL)
+    _prompt_args(v)
     v.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor "
                    "(8 for SD, 4 for the embedded model)")
     v.add_argument("--prompt", default="", help="prompt the image is inverted under (default: empty)")
@@ -182,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
                        "prompt with CFG from the inverted noise, merging λ of the inverted noise on the injected "
                        "steps. Writes the edit, a before/after sheet (OUT_sheet.png) and metrics (OUT.json).")
     _model_args(e, DEFAULT_MODEL)
+    _prompt_args(e)
     e.add_argument("--image", required=True, help="input image; its sides must be multiples of the VAE factor")
     prompt = e.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the edit prompt: the whole target image described in words")
@@ -204,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     for name in ("iterinv", "iterinv-edit"):
         _iterinv_args(sub, name)
     _blend_args(sub)
+    _train_ti_args(sub)
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, into out/",
                        description="Text→image, img2img, a ×4 upscale to 256² and a tiled ×4 upscale to 1024² "
                        "on the embedded model; PNGs and a captioned contact sheet under --out.")
@@ -222,7 +271,8 @@ def run(args) -> Path:
     with profiled(args.profile):
         t0 = time.perf_counter()
         pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type)
+                           config=args.config, prediction_type=args.prediction_type, embeddings=args.embeddings,
+                           semi=args.semi)
         t_load = time.perf_counter() - t0
         common = dict(negative=args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       eta=args.eta, progress=not args.quiet)
@@ -249,6 +299,8 @@ def main(argv=None) -> int:
             editing.run_iterinv(args)
         elif args.command == "blend":
             editing.run_blend(args)
+        elif args.command in ("train-ti", "export-ti"):
+            editing.run_ti(args)
         else:
             run(args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:

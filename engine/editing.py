@@ -42,7 +42,8 @@ def run(args) -> list[Path]:
         rec_path, _ = images.check_out(args.reconstruction or out.with_suffix(".png"))
         with profiled(args.profile):
             pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                               config=args.config, prediction_type=args.prediction_type)
+                               config=args.config, prediction_type=args.prediction_type,
+                               embeddings=args.embeddings, semi=args.semi)
             traj = pipe.invert(image, args.prompt, args.steps, args.convention, args.null_text, args.guidance,
                                progress=not args.quiet)
             rec = pipe.reconstruct(traj, args.prompt, output="pt", progress=not args.quiet)
@@ -61,7 +62,8 @@ def run(args) -> list[Path]:
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
     with profiled(args.profile):
         pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type)
+                           config=args.config, prediction_type=args.prediction_type,
+                           embeddings=args.embeddings, semi=args.semi)
         edited, _ = pipe.edit(image, prompts, args.source, args.steps, args.guidance, args.lam, args.inject_steps,
                               args.every, args.negative, args.convention, output="pt", progress=not args.quiet)
     src = images.to_tensor(image).to(edited).expand_as(edited)
@@ -121,8 +123,10 @@ def run_iterinv(args) -> list[Path]:
     t0 = time.perf_counter()
     with profiled(args.profile):
         base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type)
-        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant)
+                           config=args.config, prediction_type=args.prediction_type,
+                           embeddings=args.embeddings, semi=args.semi)
+        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant,
+                         embeddings=args.embeddings, semi=args.semi)
         cas = Cascade(base, sr, args.tile, args.overlap)
         progress = not args.quiet
         if args.command == "iterinv" or stages is None:
@@ -208,8 +212,10 @@ def run_blend(args) -> list[Path]:
     t0 = time.perf_counter()
     with profiled(args.profile):
         base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type)
-        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant)
+                           config=args.config, prediction_type=args.prediction_type,
+                           embeddings=args.embeddings, semi=args.semi)
+        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant,
+                         embeddings=args.embeddings, semi=args.semi)
         scorer = _scorer(args)
         res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask, args.prompt, opts,
                                                 progress=not args.quiet)
@@ -234,3 +240,36 @@ def run_blend(args) -> list[Path]:
     print(f"wrote {', '.join(map(str, written))}: {image.width}² edit in {seconds:.1f}s; outside the mask the "
           f"image is {'the source, pixel for pixel' if outside == 0 else f'off by up to {outside:.2e}'}")
     return written
+
+
+def run_ti(args) -> list[Path]:
+    """`train-ti`: learn a multiresolution concept from a folder of images; `export-ti`: one row of it."""
+    import engine
+    from . import multires
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors" or not out.parent.is_dir():
+        raise ValueError(f"{out}: need a .safetensors path in an existing folder")
+    if args.command == "export-ti":
+        concepts = multires.load_concepts(args.embeddings)
+        if not concepts[0].multires:
+            raise ValueError(f"{args.embeddings}: an ordinary embedding already; export-ti reads train-ti files")
+        multires.export_row(concepts[0], args.row, out, args.token)
+        print(f"wrote {out}: row {args.row} of <{concepts[0].name}> as {args.token or f'<{concepts[0].name}>'}")
+        return [out]
+    cfg = multires.TrainConfig(args.token, args.init_token, args.bins, args.steps, args.batch, args.lr,
+                               args.weight_decay, args.templates, args.flip, args.seed, args.checkpoint_every)
+    cfg.check()
+    t0 = time.perf_counter()
+    with profiled(args.profile):
+        pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                           config=args.config, prediction_type=args.prediction_type)
+        side = args.resolution or pipe._size(None, None)[0]
+        pixels = multires.load_images(args.images, side, args.center_crop)
+        ckpt = out.with_suffix(".ckpt.safetensors")
+        if ckpt.is_file() and not args.quiet:
+            print(f"resuming from {ckpt}")
+        multires.train(pipe.c, pixels, cfg, out, ckpt, progress=not args.quiet)
+    print(f"wrote {out}: <{args.token}> with {args.bins} time bins from {pixels.shape[0]} images at {side}², "
+          f"{args.steps} steps in {time.perf_counter() - t0:.1f}s")
+    return [out]

@@ -4,8 +4,8 @@ import math
 import torch
 from PIL import Image
 
-from . import direct, images, invert as inv, schedule
-from .denoiser import Denoiser, constant
+from . import direct, images, invert as inv, multires, prompt as pr, schedule
+from .denoiser import Cond, Denoiser, constant
 from .load import Components
 from .profile import stage
 from .rng import generator as make_generator, randn_tensor
@@ -31,18 +31,56 @@ class Pipeline:
         self.device = next(components.unet.parameters()).device
         self.dtype = next(components.unet.parameters()).dtype
         self.vae_dtype = next(components.vae.parameters()).dtype  # fp32 when the VAE asks for force_upcast
+        self.concepts: dict[str, pr.Concept] = {}  # pseudo-words usable in prompts (load_embeddings)
+        self.semi = "zero"  # semi mode <C(i)> below bin i: a zero input vector (the paper's code) or "remove"
 
     @property
     def is_upscaler(self) -> bool:
         return self.c.low_res_scheduler is not None
 
+    def load_embeddings(self, *paths) -> list[str]:
+        """Register the pseudo-words of embedding files (engine.multires.load_concepts); returns their names."""
+        names = []
+        for path in paths:
+            for c in multires.load_concepts(path):
+                self.concepts[c.name] = multires.check_dim(c, self.c.text_encoder, path)
+                names.append(c.name)
+        return names
+
+    def _texts(self, prompts, negative, guided) -> list[str]:
+        return (negative or [""] * len(prompts)) + prompts if guided else prompts
+
+    def _encoder(self, texts) -> pr.Encoder | None:
+        """The pseudo-word encoder when a text has a reference (any syntax error surfaces here), else None."""
+        if not any(isinstance(seg, pr.Ref) for s in texts for seg in pr.parse(s)):
+            return None
+        return pr.Encoder(self.c.tokenizer, self.c.text_encoder, self.concepts, self.semi,
+                          self.c.scheduler.num_train_timesteps)
+
     def encode_prompt(self, prompts: list[str], negative: list[str] | None, guided: bool) -> torch.Tensor:
-        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D)."""
-        texts = (negative or [""] * len(prompts)) + prompts if guided else prompts
+        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D); pseudo-words must not change
+        with t here (prompt_cond takes those)."""
+        texts = self._texts(prompts, negative, guided)
+        enc = self._encoder(texts)
+        if enc is not None:
+            if enc.dynamic(texts):
+                raise pr.PromptError(f"{texts}: a time-dependent pseudo-word (<C>, <C(i)>, <C[i]>) where this "
+                                     "method needs a fixed prompt; write <C|i|>")
+            with stage("text encode"):
+                return enc.encode(texts)
         with stage("tokenize"):
             ids = self.c.tokenizer(texts).to(self.device)
         with stage("text encode"):
             return self.c.text_encoder(ids)
+
+    def prompt_cond(self, prompts: list[str], negative: list[str] | None, guided: bool) -> Cond:
+        """Conditioning as a function of t: constant for plain prompts; with multiresolution pseudo-words the
+        text encoder runs once per time bin the sampler enters."""
+        texts = self._texts(prompts, negative, guided)
+        enc = self._encoder(texts)
+        if enc is None or not enc.dynamic(texts):
+            return constant(self.encode_prompt(prompts, negative, guided))
+        return enc.cond(texts)
 
     def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False):
         """Check the arguments shared by every method before any work; returns (prompts, negatives)."""
@@ -74,7 +112,7 @@ class Pipeline:
         f = self.c.vae.downscale
         height, width = self._size(height, width)
         den = Denoiser(self.c.unet, guidance)
-        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        cond = self.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
         shape = (len(prompts), self.c.unet.config.in_channels, height // f, width // f)
         x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
@@ -93,7 +131,7 @@ class Pipeline:
         if len(timesteps) == 0:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; raise either")
         den = Denoiser(self.c.unet, guidance)
-        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        cond = self.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
         with stage("vae encode"):
             z0 = self.c.vae.encode_latents(x0.to(self.vae_dtype), sample=True, generator=gen).to(self.dtype)
@@ -119,7 +157,7 @@ class Pipeline:
         gen = make_generator(seed)
         noise = randn_tensor(low.shape, gen, self.device, torch.float32).to(self.dtype)
         den = self.upscaler_denoiser(low, noise_level, noise, guidance)
-        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        cond = self.prompt_cond(prompts, negative, den.guided)
         shape = (low.shape[0], self.c.vae.config.latent_channels, *low.shape[2:])
         x = randn_tensor(shape, gen, self.device, torch.float32).to(self.dtype)
         if tile is not None and max(shape[2:]) > tile:
@@ -188,7 +226,7 @@ class Pipeline:
         direct.injected_steps(steps, inject_steps, every)
         traj = self.invert(image, source, steps, convention, progress=progress)
         den = Denoiser(self.c.unet, guidance)
-        cond = constant(self.encode_prompt(prompts, negative, den.guided))
+        cond = self.prompt_cond(prompts, negative, den.guided)
         z = direct.edit(den, traj.expand(len(prompts)), cond, self.c.scheduler, lam, inject_steps, every, progress)
         return self._decode(z, output), traj
 

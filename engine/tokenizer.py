@@ -86,9 +86,13 @@ class Tokenizer:
         """Vocabulary size including added tokens (the text encoder's embedding table needs this many rows)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def ids(self, text: str) -> list[int]:
+        """The tokens of text, without bos / eos."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str) -> list[int]:
         """bos, tokens, eos; no padding, no truncation."""
-        return [self.bos_id, *self._tok.encode(text, add_special_tokens=False).ids, self.eos_id]
+        return [self.bos_id, *self.ids(text), self.eos_id]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
@@ -106,6 +110,17 @@ class Tokenizer:
                 ids = ids[: self.max_length - 1] + [self.eos_id]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
+
+    def pad_embeds(self, embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(n, D) token vectors → (max_length, D): the vectors of bos, them, eos and pads looked up in `table`
+        (a prompt whose pseudo-words are vectors, not ids); longer prompts keep the first ones and warn."""
+        room = self.max_length - 2
+        if embeds.shape[0] > room:
+            warnings.warn(f"prompt is {embeds.shape[0] + 2} tokens, {embeds.shape[0] - room} over "
+                          f"max_length={self.max_length}; its end is cut", stacklevel=3)
+        ids = lambda *i: table[torch.tensor(i, dtype=torch.long, device=table.device)]  # noqa: E731
+        fill = ids(self.pad_id).expand(max(room - embeds.shape[0], 0), -1)
+        return torch.cat([ids(self.bos_id), embeds[:room].to(table), ids(self.eos_id), fill])
 
     def add_tokens(self, words: list[str]) -> list[int]:
         """Whole-word pseudo-tokens (textual inversion), never split; returns their ids (existing ones reused)."""

@@ -33,6 +33,7 @@ class Obj:
     dx: float = 0.0      # jitter of the centre, in image units
     dy: float = 0.0
     angle: float = 0.0   # radians (square, triangle, star)
+    stripes: str | None = None  # a second colour in stripes across the shape: never in a caption (a concept to learn)
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,19 @@ def render(s: Scene, res: int) -> np.ndarray:
     img = _background(s, u, v, res)
     for o in s.objects:
         a = _cover(_shape_sd(o, u, v), res)[..., None]
-        img = img * (1 - a) + np.array(COLOURS[o.colour], np.float64) / 255 * a
+        img = img * (1 - a) + _fill(o, u, v, res) * a
     return img.astype(np.float32)
+
+
+def _fill(o: Obj, u, v, res: int) -> np.ndarray:
+    colour = np.array(COLOURS[o.colour], np.float64) / 255
+    if o.stripes is None:
+        return colour
+    cx, cy = POSITIONS[o.position]
+    period = SIZES[o.size] * 0.6
+    w = ((u - cx - o.dx) * math.cos(o.angle) + (v - cy - o.dy) * math.sin(o.angle)) / period
+    t = _cover((np.abs(w % 1 - 0.5) - 0.25) * period, res)[..., None]
+    return colour * (1 - t) + np.array(COLOURS[o.stripes], np.float64) / 255 * t
 
 
 def render_batch(ss: list[Scene], res: int) -> np.ndarray:

@@ -1,0 +1,196 @@
+"""Prompt syntax → conditioning as a function of t (multiresolution textual inversion, Daras & Dimakis 2022).
+
+A prompt is text with pseudo-word references:
+
+| written | mode | row of concept C used at the step whose time bin is r |
+|---|---|---|
+| `<C>` | native | S[r] (an imported pseudo-word: its vectors, always) |
+| `<C\\|i\\|>` or `C*\\|t\\|` | fixed | S[i] |
+| `<C(i)>` or `C*(t)` | semi | none (a zero input vector, or no token) while r ≤ i, else S[r] |
+| `<C[i]>` or `C*[t]` | fully | S[i] while r ≤ i, else S[r] |
+
+i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a step at
+timestep t of a T-step model. `S*` names the concept S, or the only loaded concept when none is called S.
+"""
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+NAME = r"[\w.\-]+"
+CLOSE = {"|": "|", "(": ")", "[": "]"}
+MODES = {"|": "fixed", "(": "semi", "[": "fully"}
+SEMI = ("zero", "remove")
+_START = re.compile(rf"<{NAME}[|(\[>]|{NAME}\*[|(\[]")
+_ANGLE = re.compile(rf"<(?P<name>{NAME})(?:(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]]))?>")
+_PAPER = re.compile(rf"(?P<name>{NAME})\*(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]])")
+_INT, _UNIT = re.compile(r"\d+"), re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
+HELP = "write <C>, <C|i|>, <C(i)> or <C[i]> with a bin i, or C*|t|, C*(t), C*[t] with t in [0, 1]"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be encoded; the message names the token and the fix."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A pseudo-word in a prompt. Exactly one of index / t is set when mode is."""
+    name: str
+    mode: str | None = None      # None (native), "fixed", "semi", "fully"
+    index: int | None = None     # bin, in the <C|i|> forms
+    t: float | None = None       # in [0, 1], in the paper's C*|t| forms
+    raw: str = field(default="", compare=False)  # as written, so that format(parse(text)) == text
+
+    def __str__(self) -> str:
+        if self.raw:
+            return self.raw
+        if self.mode is None:
+            return f"<{self.name}>"
+        o = next(k for k, m in MODES.items() if m == self.mode)
+        return f"<{self.name}{o}{self.index}{CLOSE[o]}>" if self.t is None else f"{self.name}*{o}{self.t!r}{CLOSE[o]}"
+
+    def bin(self, k: int) -> int:
+        """The bin i of a fixed / semi / fully reference to a concept with k bins."""
+        i = self.index if self.t is None else min(int(self.t * k + 1e-9), k - 1)
+        if not 0 <= i < k:
+            raise PromptError(f"{self}: bin {i} is out of range; {self.name} has bins 0..{k - 1}")
+        return i
+
+
+def _bad(text: str, start: int, why: str) -> PromptError:
+    end = re.compile(r"[\s>]|$").search(text, start + 1).end()
+    return PromptError(f"malformed pseudo-word {text[start:end]!r}: {why}; {HELP}")
+
+
+def parse(text: str) -> list[str | Ref]:
+    """Text and pseudo-word references, in order; ''.join(map(str, parse(text))) == text."""
+    out, pos = [], 0
+    for m in _START.finditer(text):
+        if m.start() < pos:
+            continue
+        full = (_ANGLE if text[m.start()] == "<" else _PAPER).match(text, m.start())
+        if full is None:
+            raise _bad(text, m.start(), "unclosed or with a space inside")
+        o, arg = full["open"], full["arg"]
+        if o is not None and full["close"] != CLOSE[o]:
+            raise _bad(text, m.start(), f"opened with {o!r} but closed with {full['close']!r}")
+        paper = text[m.start()] != "<"
+        if o is not None and not (_UNIT if paper else _INT).fullmatch(arg or ""):
+            raise _bad(text, m.start(), f"{arg!r} is not " + ("a number t in [0, 1]" if paper else "a whole bin number"))
+        t = float(arg) if paper else None
+        if t is not None and t > 1:
+            raise _bad(text, m.start(), f"t = {arg} is above 1")
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        out.append(Ref(full["name"], MODES.get(o), None if paper or o is None else int(arg), t, full[0]))
+        pos = full.end()
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
+
+
+def format(segments: list[str | Ref]) -> str:  # noqa: A001 - the inverse of parse
+    return "".join(map(str, segments))
+
+
+@dataclass
+class Concept:
+    """A pseudo-word's vectors: K time bins of a multiresolution concept (multires), or the n consecutive
+    token vectors of an ordinary textual-inversion embedding."""
+    name: str
+    embeds: torch.Tensor           # (K, D) or (n, D)
+    multires: bool = True
+    initializer: str = ""
+
+    @property
+    def bins(self) -> int:
+        return self.embeds.shape[0] if self.multires else 1
+
+
+ZERO, DROP, ALL = -1, -2, -3  # selections that are not one row: a zero input vector; no token; every vector
+
+
+def selection(ref: Ref, c: Concept, t: int, T: int, semi: str = "zero") -> int:
+    """The row of c that ref uses at timestep t, or ZERO / DROP (semi mode), or ALL (an ordinary pseudo-word)."""
+    if not c.multires:
+        return ALL
+    k = c.bins
+    r = min(int(t) * k // T, k - 1)
+    if ref.mode is None:
+        return r
+    i = ref.bin(k)
+    if ref.mode == "fixed" or r > i:
+        return i if ref.mode == "fixed" else r
+    return i if ref.mode == "fully" else (ZERO if semi == "zero" else DROP)
+
+
+class Encoder:
+    """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection changes."""
+
+    def __init__(self, tokenizer, text_encoder, concepts: dict[str, Concept], semi: str = "zero", T: int = 1000):
+        if semi not in SEMI:
+            raise ValueError(f"semi={semi!r}: use 'zero' (the paper's code: a zero input vector) or 'remove'")
+        self.tokenizer, self.text_encoder, self.concepts, self.semi, self.T = tokenizer, text_encoder, concepts, semi, T
+
+    def resolve(self, text: str) -> list[list[int] | tuple[Ref, Concept]]:
+        """Token ids of the text pieces and the concept of each reference; unknown names are an error here."""
+        out = []
+        for seg in parse(text):
+            if isinstance(seg, str):
+                out.append(self.tokenizer.ids(seg))
+                continue
+            c = self.concepts.get(seg.name)
+            if c is None and seg.t is not None and len(self.concepts) == 1:
+                c = next(iter(self.concepts.values()))  # S* of the paper: the one loaded concept
+            if c is None:
+                known = ", ".join(f"<{n}>" for n in self.concepts) or "none"
+                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; load its file with --embeddings "
+                                  "(Pipeline.load_embeddings)")
+            if seg.mode is not None and not c.multires:
+                raise PromptError(f"{seg}: {c.name} is an ordinary pseudo-word with no time bins; write <{c.name}>")
+            if seg.mode is not None:
+                seg.bin(c.bins)
+            out.append((seg, c))
+        return out
+
+    def _embed(self, resolved, t: int) -> torch.Tensor:
+        """(77, D) input embeddings at timestep t."""
+        table = self.text_encoder.text_model.embeddings.token_embedding.weight
+        pieces = []
+        for seg in resolved:
+            if isinstance(seg, list):
+                pieces.append(table[torch.tensor(seg, dtype=torch.long, device=table.device)])
+                continue
+            s = selection(*seg, t, self.T, self.semi)
+            c = seg[1]
+            pieces.append(c.embeds.to(table) if s == ALL else table.new_zeros(1, table.shape[1]) if s == ZERO
+                          else table[:0] if s == DROP else c.embeds[s:s + 1].to(table))
+        return self.tokenizer.pad_embeds(torch.cat(pieces) if pieces else table[:0], table)
+
+    def _key(self, resolved, t: int) -> tuple:
+        return tuple(selection(*seg, t, self.T, self.semi) for seg in resolved if isinstance(seg, tuple))
+
+    def encode(self, texts: list[str], t: int = 0) -> torch.Tensor:
+        """(B, 77, D) at timestep t."""
+        return self.encode_resolved([self.resolve(s) for s in texts], t)
+
+    def encode_resolved(self, resolved: list, t: int = 0) -> torch.Tensor:
+        return self.text_encoder(inputs_embeds=torch.stack([self._embed(r, t) for r in resolved]))
+
+    def dynamic(self, texts: list[str]) -> bool:
+        """Whether any reference changes with t (a native / semi / fully reference to a multires concept)."""
+        return any(c.multires and ref.mode != "fixed" for s in texts for seg in self.resolve(s)
+                   if not isinstance(seg, list) for ref, c in [seg])
+
+    def cond(self, texts: list[str]) -> Callable[[int], torch.Tensor]:
+        """t → (B, 77, D) embeddings; the text encoder runs once per distinct selection of rows."""
+        resolved = [self.resolve(s) for s in texts]
+        cache = {}
+
+        def cond(t):
+            key = tuple(self._key(r, int(t)) for r in resolved)
+            if key not in cache:
+                cache[key] = self.encode_resolved(resolved, int(t))
+            return cache[key]
+        return cond
