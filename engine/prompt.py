@@ -25,7 +25,7 @@ SEMI = ("zero", "remove")
 _START = re.compile(rf"<{NAME}[|(\[>]|{NAME}\*[|(\[]")
 _ANGLE = re.compile(rf"<(?P<name>{NAME})(?:(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]]))?>")
 _PAPER = re.compile(rf"(?P<name>{NAME})\*(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]])")
-_INT, _UNIT = re.compile(r"\d+"), re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
+_INT, _UNIT = re.compile(r"\d+"), re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 HELP = "write <C>, <C|i|>, <C(i)> or <C[i]> with a bin i, or C*|t|, C*(t), C*[t] with t in [0, 1]"
 
 
@@ -60,7 +60,7 @@ class Ref:
 
 def _bad(text: str, start: int, why: str) -> PromptError:
     end = re.compile(r"[\s>]|$").search(text, start + 1).end()
-    return PromptError(f"malformed pseudo-word {text[start:end]!r}: {why}; {HELP}")
+    return PromptError(f"malformed pseudo-word {text[start:end].rstrip()!r}: {why}; {HELP}")
 
 
 def parse(text: str) -> list[str | Ref]:

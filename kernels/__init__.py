@@ -64,11 +64,12 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: 
 def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
            act: str | None = None) -> torch.Tensor:
     """conv2d(x) + bias [+ residual] [then SiLU (act='silu')]; the Triton kernel does all of it in one pass.
-    It has no backward: under autograd the convolution is torch's."""
+    Under autograd the convolution is torch's: the Triton kernel has no backward, and im2col's (autograd through
+    nine slices) is slower than torch's."""
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not differentiated and _triton(x) and conv.triton_supported(x, weight, stride, padding):
         return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu", mode() == "triton")
-    if mode() == "auto" and conv.im2col_applies(x, weight, stride, padding):
+    if mode() == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
     return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)
