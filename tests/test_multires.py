@@ -160,3 +160,27 @@ def test_cli_trains_exports_and_samples_with_every_mode(tmp_path, cli_error):
     (tmp_path / "empty").mkdir()
     cli_error(["train-ti", "--images", str(tmp_path / "empty"), "--token", "x", "--init-token", "star", "--out",
                str(tmp_path / "x.safetensors")], "no images")
+
+
+def test_pseudo_words_work_in_direct_inversion_and_blended_edits():
+    """A concept whose every row is the embedding of "blue" edits exactly as the word does, in Direct Inversion's
+    `edit` and in the multi-stage blended `edit` (both stages of the cascade): the pseudo-word path composes."""
+    from engine import blended, metrics
+    from engine.load import DEFAULT_UPSCALER
+
+    base, sr = engine.load(), engine.load(DEFAULT_UPSCALER)
+    for p in (base, sr):
+        table = p.c.text_encoder.text_model.embeddings.token_embedding.weight
+        p.concepts["C"] = Concept("C", table[p.c.tokenizer.ids("blue")].repeat(10, 1))
+    sc = world.scenes(907, 1)[0]
+    src = torch.from_numpy(world.render_batch([sc], 64)).float()
+    word, concept = "a large blue ring at the top, on a plain gray background", "a large <C> ring at the top, on a plain gray background"
+    a, _ = base.edit(src, word, steps=6, output="pt", progress=False)
+    b, _ = base.edit(src, concept, steps=6, output="pt", progress=False)
+    assert torch.allclose(a, b, atol=1e-4)
+    editor = blended.MultiStage(base, sr, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
+    src = torch.from_numpy(world.render_batch([sc], 256)).float()
+    mask = (world.masks(sc, 256)[0] >= 0.5).astype("float32")
+    opts = blended.Options(steps=4, candidates=1, repaint=1, sr_steps=2, stage_steps=10)
+    a, b = (editor.edit(src, mask, p, opts, progress=False).image for p in (word, concept))
+    assert torch.allclose(a, b, atol=1e-3) and (a - src).abs().amax() > 0.1
