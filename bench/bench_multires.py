@@ -59,7 +59,7 @@ def fig3(args):
             sim = scorer.encode_image(x) @ ref.T  # (samples, 4)
         return x, sim.mean(1)
 
-    table, cells, grid = {}, {}, []
+    table, cells = {}, {}
     for mode, fmt in MODES.items():
         table[mode] = {}
         for i in BINS:

@@ -26,10 +26,9 @@ def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
         if isinstance(dtype, str):
             raise ValueError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
-    from .prompt import SEMI
+    from .prompt import check_semi
 
-    if semi not in SEMI:
-        raise ValueError(f"semi={semi!r}: use 'zero' (a zero input vector, the paper's code) or 'remove' (no token)")
+    check_semi(semi)
     pipe = Pipeline(_load(path, dtype, device, variant, config, prediction_type))
     pipe.semi = semi
     pipe.load_embeddings(*(embeddings or ()))

@@ -63,9 +63,10 @@ class Pipeline:
         texts = self._texts(prompts, negative, guided)
         enc = self._encoder(texts)
         if enc is not None:
-            if enc.dynamic(texts):
-                raise pr.PromptError(f"{texts}: a time-dependent pseudo-word (<C>, <C(i)>, <C[i]>) where this "
-                                     "method needs a fixed prompt; write <C|i|>")
+            ref = enc.dynamic(texts)
+            if ref is not None:
+                raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs one fixed "
+                                     f"prompt; write <{ref.name}|i|>")
             with stage("text encode"):
                 return enc.encode(texts)
         with stage("tokenize"):
@@ -78,9 +79,9 @@ class Pipeline:
         text encoder runs once per time bin the sampler enters."""
         texts = self._texts(prompts, negative, guided)
         enc = self._encoder(texts)
-        if enc is None or not enc.dynamic(texts):
-            return constant(self.encode_prompt(prompts, negative, guided))
-        return enc.cond(texts)
+        if enc is not None and enc.dynamic(texts) is not None:
+            return enc.cond(texts)
+        return constant(self.encode_prompt(prompts, negative, guided))
 
     def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False):
         """Check the arguments shared by every method before any work; returns (prompts, negatives)."""

@@ -120,18 +120,25 @@ def selection(ref: Ref, c: Concept, t: int, T: int, semi: str = "zero") -> int:
     if ref.mode is None:
         return r
     i = ref.bin(k)
-    if ref.mode == "fixed" or r > i:
-        return i if ref.mode == "fixed" else r
-    return i if ref.mode == "fully" else (ZERO if semi == "zero" else DROP)
+    if ref.mode == "fixed":
+        return i
+    if r > i:
+        return r
+    return i if ref.mode == "fully" else ZERO if semi == "zero" else DROP
+
+
+def check_semi(semi: str) -> str:
+    if semi not in SEMI:
+        raise ValueError(f"semi={semi!r}: use 'zero' (a zero input vector, the paper's code) or 'remove' (no token)")
+    return semi
 
 
 class Encoder:
     """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection changes."""
 
     def __init__(self, tokenizer, text_encoder, concepts: dict[str, Concept], semi: str = "zero", T: int = 1000):
-        if semi not in SEMI:
-            raise ValueError(f"semi={semi!r}: use 'zero' (the paper's code: a zero input vector) or 'remove'")
-        self.tokenizer, self.text_encoder, self.concepts, self.semi, self.T = tokenizer, text_encoder, concepts, semi, T
+        self.tokenizer, self.text_encoder, self.concepts, self.T = tokenizer, text_encoder, concepts, T
+        self.semi = check_semi(semi)
 
     def resolve(self, text: str) -> list[list[int] | tuple[Ref, Concept]]:
         """Token ids of the text pieces and the concept of each reference; unknown names are an error here."""
@@ -178,10 +185,10 @@ class Encoder:
     def encode_resolved(self, resolved: list, t: int = 0) -> torch.Tensor:
         return self.text_encoder(inputs_embeds=torch.stack([self._embed(r, t) for r in resolved]))
 
-    def dynamic(self, texts: list[str]) -> bool:
-        """Whether any reference changes with t (a native / semi / fully reference to a multires concept)."""
-        return any(c.multires and ref.mode != "fixed" for s in texts for seg in self.resolve(s)
-                   if not isinstance(seg, list) for ref, c in [seg])
+    def dynamic(self, texts: list[str]) -> Ref | None:
+        """The first reference that changes with t (native / semi / fully, to a multires concept), if any."""
+        return next((ref for s in texts for seg in self.resolve(s) if isinstance(seg, tuple)
+                     for ref, c in [seg] if c.multires and ref.mode != "fixed"), None)
 
     def cond(self, texts: list[str]) -> Callable[[int], torch.Tensor]:
         """t → (B, 77, D) embeddings; the text encoder runs once per distinct selection of rows."""

@@ -100,7 +100,7 @@ def test_unknown_and_misused_pseudo_words_are_clear_errors(pipe):
         pipe.encode_prompt(["a <C|10|>"], None, False)
     with pytest.raises(PromptError, match="ordinary pseudo-word with no time bins; write <plain>"):
         pipe.encode_prompt(["a <plain(3)>"], None, False)
-    with pytest.raises(PromptError, match="time-dependent pseudo-word"):
+    with pytest.raises(PromptError, match=r"<C\(3\)> changes with t, but this method \(an inversion\) needs"):
         pipe.encode_prompt(["a <C(3)>"], None, False)  # a fixed-prompt path (inversion) gets a fixed one only
 
 
