@@ -168,9 +168,17 @@ def speed(args):
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
         cached = dist.mean, dist.std
+    z, tt, emb = torch.randn(4, 4, 16, 16), torch.randint(1000, (4,)), torch.randn(4, 77, 128, requires_grad=True)
+
+    def unet_alone(n):  # the floor of any loop on this model: our UNet's forward + backward to the text embeddings
+        ours.c.unet.requires_grad_(False)
+        for _ in range(n):
+            ours.c.unet(z, tt, emb).square().mean().backward()
+
     runs = {"ours": lambda n: multires.train(ours.c, pixels, cfg(n), progress=False),
             "diffusers": diffusers_steps,
-            "diffusers + cached latents": lambda n: diffusers_steps(n, cached)}
+            "diffusers + cached latents": lambda n: diffusers_steps(n, cached),
+            "our UNet forward + backward alone": unet_alone}
     for fn in runs.values():
         fn(3)  # warm-up
     times = {k: [] for k in runs}

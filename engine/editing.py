@@ -1,5 +1,6 @@
 """`python -m engine invert|edit`: every input and output path checked before any work, every file written whole."""
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -264,12 +265,17 @@ def run_ti(args) -> list[Path]:
     with profiled(args.profile):
         pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                            config=args.config, prediction_type=args.prediction_type)
-        side = args.resolution or pipe._size(None, None)[0]
+        side = pipe._size(args.resolution, args.resolution)[0]
         pixels = multires.load_images(args.images, side, args.center_crop)
         ckpt = out.with_suffix(".ckpt.safetensors")
         if ckpt.is_file() and not args.quiet:
             print(f"resuming from {ckpt}")
-        multires.train(pipe.c, pixels, cfg, out, ckpt, progress=not args.quiet)
+        try:
+            multires.train(pipe.c, pixels, cfg, out, ckpt, progress=not args.quiet)
+        except KeyboardInterrupt:
+            kept = f"rerun the same command to resume from {ckpt}" if ckpt.is_file() else "no checkpoint yet"
+            print(f"interrupted: {kept}", file=sys.stderr)
+            raise SystemExit(130) from None
     print(f"wrote {out}: <{args.token}> with {args.bins} time bins from {pixels.shape[0]} images at {side}², "
           f"{args.steps} steps in {time.perf_counter() - t0:.1f}s")
     return [out]

@@ -201,14 +201,14 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
     concept = Concept(cfg.token, rows, True, cfg.init_token)
     enc = Encoder(tok, te, {cfg.token: concept})
     temps = templates_for(cfg.templates, tok)
-    resolved = {}  # (template, bin) → token pieces, tokenized once
+    resolved = {}  # prompt text → its token pieces, tokenized once
     opt = torch.optim.AdamW([rows], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
     with torch.no_grad():
         x = pixels.to(dev, torch.float32)
         moments = [vae.encode(v.to(next(vae.parameters()).dtype)) for v in (x, x.flip(-1))]
-        mean, std = (torch.stack([m[j].float() for m in moments]) for j in (0, 1))  # (2, N, C, h, w)
-        std = torch.exp(0.5 * std)
+        mean, logvar = (torch.stack([m[j].float() for m in moments]) for j in (0, 1))  # (flip, N, C, h, w)
+        std = torch.exp(0.5 * logvar)
     f, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     n, T = pixels.shape[0], sched.num_train_timesteps
     run = {**asdict(cfg), "images": _digest(pixels), "templates": temps}
