@@ -65,3 +65,16 @@ def test_replace_changes_one_attribute_only():
     changed = np.abs(world.render(t, 64) - world.render(s, 64)).max(-1) > 1e-6
     assert np.array_equal(changed, world.masks(s, 64)[0] > 0)  # the edit touches exactly the object's pixels
     assert s.replace(None, bg_colour="gray").bg_colour == "gray"
+
+
+def test_stripes_paint_two_colours_inside_the_shape_only():
+    plain = world.Scene((world.Obj("star", "red", "large", "in the center"),), "plain", "white")
+    striped = plain.replace(0, stripes="yellow")
+    a, b = world.render(plain, 128), world.render(striped, 128)
+    cover = world.masks(plain, 128)[0]
+    inside, outside = cover > 0.999, cover == 0
+    assert np.array_equal(a[outside], b[outside])
+    colours = {tuple(np.round(p * 255).astype(int)) for p in b[inside]}
+    assert {world.COLOURS["red"], world.COLOURS["yellow"]} <= colours
+    assert 0.3 < (np.abs(b[inside] - np.array(world.COLOURS["yellow"]) / 255).sum(-1) < 0.01).mean() < 0.7
+    assert striped.caption() == plain.caption()  # no caption names the stripes
