@@ -10,6 +10,18 @@ from . import images, metrics
 from .profile import profiled
 
 
+def _load(args, path=None):
+    """The model of a command (or `path`, its ×4 stage: same dtype, device, variant and pseudo-words)."""
+    import engine
+
+    if path is not None:
+        return engine.load(path, dtype=args.dtype, device=args.device, variant=args.variant,
+                           embeddings=args.embeddings, semi=args.semi)
+    return engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant, config=args.config,
+                       prediction_type=args.prediction_type, embeddings=getattr(args, "embeddings", ()),
+                       semi=getattr(args, "semi", "zero"))
+
+
 def _prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
@@ -32,8 +44,6 @@ def _scorer(args):
 
 
 def run(args) -> list[Path]:
-    import engine
-
     image = images.load(args.image)
     t0 = time.perf_counter()
     if args.command == "invert":
@@ -42,9 +52,7 @@ def run(args) -> list[Path]:
             raise ValueError(f"{out}: need a .safetensors path in an existing folder for the trajectory")
         rec_path, _ = images.check_out(args.reconstruction or out.with_suffix(".png"))
         with profiled(args.profile):
-            pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                               config=args.config, prediction_type=args.prediction_type,
-                               embeddings=args.embeddings, semi=args.semi)
+            pipe = _load(args)
             traj = pipe.invert(image, args.prompt, args.steps, args.convention, args.null_text, args.guidance,
                                progress=not args.quiet)
             rec = pipe.reconstruct(traj, args.prompt, output="pt", progress=not args.quiet)
@@ -62,9 +70,7 @@ def run(args) -> list[Path]:
     outs = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(prompts))]
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
     with profiled(args.profile):
-        pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type,
-                           embeddings=args.embeddings, semi=args.semi)
+        pipe = _load(args)
         edited, _ = pipe.edit(image, prompts, args.source, args.steps, args.guidance, args.lam, args.inject_steps,
                               args.every, args.negative, args.convention, output="pt", progress=not args.quiet)
     src = images.to_tensor(image).to(edited).expand_as(edited)
@@ -107,7 +113,6 @@ def _json(path, report) -> Path:
 
 def run_iterinv(args) -> list[Path]:
     """`iterinv`: the cascade inversion, its reconstruction, a metrics JSON. `iterinv-edit`: IterInv + DiffEdit."""
-    import engine
     from .iterinv import Cascade, CascadeInversion, pyramid
 
     image = images.load(args.image)
@@ -123,11 +128,8 @@ def run_iterinv(args) -> list[Path]:
                              made.items()) + "; edit with the same settings or invert again")
     t0 = time.perf_counter()
     with profiled(args.profile):
-        base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type,
-                           embeddings=args.embeddings, semi=args.semi)
-        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant,
-                         embeddings=args.embeddings, semi=args.semi)
+        base = _load(args)
+        sr = _load(args, args.upscaler)
         cas = Cascade(base, sr, args.tile, args.overlap)
         progress = not args.quiet
         if args.command == "iterinv" or stages is None:
@@ -192,7 +194,6 @@ def run_iterinv(args) -> list[Path]:
 
 def run_blend(args) -> list[Path]:
     """`blend`: the multi-stage blended-diffusion edit, a contact sheet of its stages and a metrics JSON."""
-    import engine
     from .blended import MultiStage, Options
 
     out, _ = images.check_out(args.out)
@@ -212,11 +213,8 @@ def run_blend(args) -> list[Path]:
         image = image.resize((args.size, args.size), images.Image.LANCZOS)
     t0 = time.perf_counter()
     with profiled(args.profile):
-        base = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type,
-                           embeddings=args.embeddings, semi=args.semi)
-        sr = engine.load(args.upscaler, dtype=args.dtype, device=args.device, variant=args.variant,
-                         embeddings=args.embeddings, semi=args.semi)
+        base = _load(args)
+        sr = _load(args, args.upscaler)
         scorer = _scorer(args)
         res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask, args.prompt, opts,
                                                 progress=not args.quiet)
@@ -245,7 +243,6 @@ def run_blend(args) -> list[Path]:
 
 def run_ti(args) -> list[Path]:
     """`train-ti`: learn a multiresolution concept from a folder of images; `export-ti`: one row of it."""
-    import engine
     from . import multires
 
     out = Path(args.out)
@@ -263,8 +260,7 @@ def run_ti(args) -> list[Path]:
     cfg.check()
     t0 = time.perf_counter()
     with profiled(args.profile):
-        pipe = engine.load(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                           config=args.config, prediction_type=args.prediction_type)
+        pipe = _load(args)
         side = pipe._size(args.resolution, args.resolution)[0]
         pixels = multires.load_images(args.images, side, args.center_crop)
         ckpt = out.with_suffix(".ckpt.safetensors")
