@@ -165,14 +165,6 @@ def load_images(folder, resolution: int, center_crop: bool = False) -> torch.Ten
     return torch.cat(out)
 
 
-def _target(sched, z0, t, noise):
-    if sched.prediction_type == "epsilon":
-        return noise
-    if sched.prediction_type == "v_prediction":
-        return schedule.get_velocity(sched, z0, t, noise)
-    return z0
-
-
 def _digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -243,7 +235,7 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
                 resolved[s] = enc.resolve(s)
         emb = enc.encode_resolved([resolved[s] for s in texts])
         pred = unet(schedule.q_sample(sched, z0, t, noise).to(dtype), t, emb.to(dtype))
-        loss = F.mse_loss(pred.float(), _target(sched, z0, t, noise))
+        loss = F.mse_loss(pred.float(), schedule.training_target(sched, z0, t, noise))
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"step {step}: the loss is {value}; lower lr (now {cfg.lr})")

@@ -181,6 +181,15 @@ def get_velocity(cfg, x0, t, noise):
     return a**0.5 * noise - (1 - a) ** 0.5 * x0
 
 
+def training_target(cfg, x0, t, noise):
+    """What the model is trained to output for x_t = q_sample(x0, t, noise): ε, v or x0 by prediction type."""
+    if cfg.prediction_type == "epsilon":
+        return noise
+    if cfg.prediction_type == "v_prediction":
+        return get_velocity(cfg, x0, t, noise)
+    return x0
+
+
 def predict_x0_eps(cfg, model_output, t, x):
     """(x0_hat, eps_hat) from the model output at (x, t) for epsilon / v_prediction / sample (DDIM eq. 12)."""
     a = _abar(cfg, t, x.dtype)
