@@ -146,7 +146,11 @@ def _blend_args(sub):
 
 
 def _train_ti_args(sub):
-    from .multires import TEMPLATES
+    from dataclasses import fields
+
+    from .multires import TEMPLATES, TrainConfig
+
+    o = {f.name: f.default for f in fields(TrainConfig)}
 
     p = sub.add_parser("train-ti", help="images of a concept → multiresolution textual-inversion embeddings",
                        description="Learn K time-indexed pseudo-word embeddings of a concept from a few images "
@@ -157,20 +161,22 @@ def _train_ti_args(sub):
     p.add_argument("--images", required=True, help="a folder of images of the concept (3–5 is typical)")
     p.add_argument("--token", required=True, help="the concept's name C, written <C|i|> etc. in prompts")
     p.add_argument("--init-token", required=True, help="a one-token word every row starts from, e.g. star")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (default 3000)")
-    p.add_argument("--bins", type=int, default=10, help="K, the number of time bins (default 10)")
-    p.add_argument("--batch", type=int, default=4, help="examples per step (default 4)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3: the reference's "
+    p.add_argument("--steps", type=int, default=o["steps"], help=f"optimiser steps (default {o['steps']})")
+    p.add_argument("--bins", type=int, default=o["bins"], help=f"K, the number of time bins (default {o['bins']})")
+    p.add_argument("--batch", type=int, default=o["batch"], help=f"examples per step (default {o['batch']})")
+    p.add_argument("--lr", type=float, default=o["lr"], help=f"AdamW learning rate (default {o['lr']:g}: the reference's "
                    "5e-4 scaled by its batch of 4)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the K rows (default 1e-2)")
-    p.add_argument("--templates", default="auto", choices=["auto", *TEMPLATES], help="prompt templates: the TI "
+    p.add_argument("--weight-decay", type=float, default=o["weight_decay"],
+                   help=f"AdamW weight decay of the K rows (default {o['weight_decay']:g})")
+    p.add_argument("--templates", default=o["templates"], choices=["auto", *TEMPLATES], help="prompt templates: the TI "
                    "object or style sets, or the embedded model's caption language; auto = object when the "
                    "tokenizer knows its words, else world (default auto)")
-    p.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip (default 0.5)")
+    p.add_argument("--flip", type=float, default=o["flip"], help=f"probability of a horizontal flip (default {o['flip']})")
     p.add_argument("--center-crop", action="store_true", help="centre-crop each image to a square first")
     p.add_argument("--resolution", type=int, help="training side in pixels (default: the model's size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every step's draws (default 0)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--seed", type=int, default=o["seed"], help=f"seed of every step's draws (default {o['seed']})")
+    p.add_argument("--checkpoint-every", type=int, default=o["checkpoint_every"],
+                   help=f"steps between checkpoints (default {o['checkpoint_every']})")
     p.add_argument("--out", required=True, help="the embeddings file (.safetensors); written only when complete")
     x = sub.add_parser("export-ti", help="one row of a train-ti file → a diffusers learned_embeds.safetensors",
                        description="Write row I of a multiresolution embeddings file as a single-vector "
