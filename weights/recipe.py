@@ -32,6 +32,10 @@ ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
 SR_SEED, SR_N = 2, 6_000
+SR_LATENTS = 3_000                   # of those, the scenes the SR stage trains on
+# (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
+# so the attention and group norms see at training the extents they see at inference
+SR_CROPS = ((16, 32), (32, 8), (64, 2))
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry")  # held out: chelsea, hubble
 
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -364,20 +368,22 @@ def stage_data():
     torch.save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
                 "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
 
+    torch.save(sr_data(vae, scorer), BUILD / "data_sr.pt")
+    log(f"data: {len(ss)} base latents, {SR_LATENTS} whole SR scenes")
+
+
+@torch.no_grad()
+def sr_data(vae: AutoencoderKL, scorer: Scorer) -> dict:
+    """Latent means of whole 256² renders, their 64² renders (the low-res input) and caption embeddings.
+    `sr` cuts aligned crops of every size from these, so a crop's target is the crop of the whole image's
+    latent — what the decoder sees at inference."""
     sr_ss, big = pool(SR_SEED, SR_N, 256)
     _, small = pool(SR_SEED, SR_N, 64)
-    rng = np.random.default_rng(2)
-    hi, lo, owner = [], [], []
-    for i in range(SR_N):
-        for _ in range(4):  # four random 64² crops of the 256² render, aligned to the 4× grid
-            y, x = rng.integers(0, 49, 2)
-            hi.append(big[i, :, 4 * y:4 * y + 64, 4 * x:4 * x + 64])
-            lo.append(small[i, :, y:y + 16, x:x + 16])
-            owner.append(i)
-    torch.save({"latents": (encode(np.stack(hi)) * SCALING_FACTOR).half(), "low": torch.from_numpy(np.stack(lo)),
-                "owner": torch.tensor(owner), "emb": embed_captions(scorer, [s.caption() for s in sr_ss]).half()},
-               BUILD / "data_sr.pt")
-    log(f"data: {len(ss)} base latents, {len(hi)} SR crops")
+    n = SR_LATENTS
+    lat = torch.cat([vae.encode(as_float(big[i:i + 50]))[0] for i in range(0, n, 50)]) * SCALING_FACTOR
+    return {"latents": lat.half(), "low": torch.from_numpy(np.array(small[:n])),
+            "emb": embed_captions(scorer, [s.caption() for s in sr_ss[:n]]).half(),
+            "null": embed_captions(scorer, [""])[0]}
 
 
 def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
@@ -406,22 +412,24 @@ def stage_base(steps=2500, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
-def stage_sr(steps=2000, batch=32, drop=0.1):
+def stage_sr(steps=5000, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
     ema = EMA(unet, 0.995)
     data = torch.load(BUILD / "data_sr.pt")
-    null = torch.load(BUILD / "data_base.pt")["null"]
+    lat, low_all, emb, null = data["latents"], data["low"], data["emb"], data["null"]
     sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
     low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
     opt = adamw(unet.parameters(), 5e-4)
 
-    def step(i, _):
-        idx = torch.randint(len(data["latents"]), (batch,))
-        x0 = data["latents"][idx].float()
-        c = data["emb"][data["owner"][idx]].float()
+    def step(i, rng):
+        side, batch = SR_CROPS[int(rng.integers(len(SR_CROPS)))]
+        idx = rng.integers(len(lat), size=batch)
+        ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
+        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side] for j, y, x in zip(idx, ys, xs)])  # noqa: E731
+        x0, low = crop(lat).float(), crop(low_all).float() / 127.5 - 1
+        c = emb[idx].float()
         c[torch.rand(batch) < drop] = null
-        low = data["low"][idx].float() / 127.5 - 1
         level = torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,))
         low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
         t = torch.randint(0, 1000, (batch,))
