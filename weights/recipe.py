@@ -353,16 +353,19 @@ def rescale_latents(vae: AutoencoderKL, k: float):
     vae.post_quant_conv.weight /= k
 
 
+def latent_means(vae: AutoencoderKL, u8, batch: int) -> torch.Tensor:
+    return torch.cat([vae.encode(as_float(u8[i:i + batch]))[0] for i in range(0, len(u8), batch)])
+
+
 @torch.no_grad()
 def stage_data():
     """Scale the latents to unit std under SCALING_FACTOR, then cache the latent means of the training pool,
-    the SR crops and the text embeddings."""
+    the whole SR scenes (sr_data) and the text embeddings."""
     vae, scorer = load_vae(), load_scorer()
     ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
-    encode = lambda x: torch.cat([vae.encode(as_float(x[i:i + 500]))[0] for i in range(0, len(x), 500)])  # noqa: E731
-    std = encode(imgs).std().item()
+    std = latent_means(vae, imgs, 500).std().item()
     rescale_latents(vae, 1 / (SCALING_FACTOR * std))
-    lat = encode(imgs) * SCALING_FACTOR
+    lat = latent_means(vae, imgs, 500) * SCALING_FACTOR
     log(f"data: latent std {std:.4f} rescaled so that scaling_factor {SCALING_FACTOR} gives std {lat.std():.4f}")
     emb = embed_captions(scorer, [s.caption() for s in ss])
     torch.save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
@@ -380,7 +383,7 @@ def sr_data(vae: AutoencoderKL, scorer: Scorer) -> dict:
     sr_ss, big = pool(SR_SEED, SR_N, 256)
     _, small = pool(SR_SEED, SR_N, 64)
     n = SR_LATENTS
-    lat = torch.cat([vae.encode(as_float(big[i:i + 50]))[0] for i in range(0, n, 50)]) * SCALING_FACTOR
+    lat = latent_means(vae, big[:n], 50) * SCALING_FACTOR
     return {"latents": lat.half(), "low": torch.from_numpy(np.array(small[:n])),
             "emb": embed_captions(scorer, [s.caption() for s in sr_ss[:n]]).half(),
             "null": embed_captions(scorer, [""])[0]}
