@@ -50,13 +50,18 @@ def gate_clip(n=1000):
 
 
 @torch.no_grad()
+def roundtrip(vae, x: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    """decode(encode(x).mean), batch by batch."""
+    return torch.cat([vae.decode(vae.encode(x[i:i + batch])[0]) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
 def gate_vae(n64=500, n256=50):
     vae = load_component(DEFAULT_MODEL / "vae", "vae").eval()
     out = {}
     for res, n in ((64, n64), (256, n256)):
         x = torch.from_numpy(world.render_batch(world.scenes(101, n), res))
-        rec = torch.cat([vae.decode(vae.encode(x[i:i + 50])[0]) for i in range(0, n, 50)])
-        out[f"psnr_{res}"] = psnr(rec, x).mean().item()
+        out[f"psnr_{res}"] = psnr(roundtrip(vae, x), x).mean().item()
     try:  # natural photos the recipe did not train on (scikit-image's bundled samples), for information
         import skimage.data
     except ImportError:
@@ -94,8 +99,7 @@ def gate_sr(n=50, steps=50, noise_level=20):
                                  noise_level=noise_level, seed=i, output="pt", progress=False)
                     for i in range(0, n, 10)])
     bicubic = images.to_tensor([im.resize((256, 256), Image.BICUBIC) for im in low])
-    with torch.no_grad():  # the ceiling: SR output is decoded by this VAE
-        ceiling = torch.cat([pipe.c.vae.decode(pipe.c.vae.encode(truth[i:i + 10])[0]) for i in range(0, n, 10)])
+    ceiling = roundtrip(pipe.c.vae, truth, 10)  # SR output is decoded by this VAE
     return {"psnr_sr": psnr(sr, truth).mean().item(), "psnr_bicubic": psnr(bicubic, truth).mean().item(),
             "psnr_vae_roundtrip": psnr(ceiling, truth).mean().item()}
 
