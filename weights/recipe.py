@@ -300,6 +300,15 @@ def photos(names) -> list[np.ndarray]:
     return [getattr(skimage.data, n)()[..., :3].transpose(2, 0, 1) for n in names]
 
 
+def photo_crops(photo: list[np.ndarray], n: int, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    out = []
+    for k in rng.integers(len(photo), size=n):
+        p = photo[k]
+        y, x = rng.integers(p.shape[1] - crop + 1), rng.integers(p.shape[2] - crop + 1)
+        out.append(as_float(p[:, y:y + crop, x:x + crop]))
+    return torch.stack(out)
+
+
 def stage_vae(steps=3000, batch=32, crop=32):
     """A quarter of each batch is crops of natural photos, so the VAE does not only know the world."""
     torch.manual_seed(0)
@@ -315,18 +324,10 @@ def stage_vae(steps=3000, batch=32, crop=32):
         ys, xs = rng.integers(0, h - crop + 1, n) // 4 * 4, rng.integers(0, h - crop + 1, n) // 4 * 4
         return torch.stack([as_float(arr[i, :, y:y + crop, x:x + crop]) for i, y, x in zip(idx, ys, xs)])
 
-    def photo_crops(n, rng):
-        out = []
-        for k in rng.integers(len(photo), size=n):
-            p = photo[k]
-            y, x = rng.integers(p.shape[1] - crop + 1), rng.integers(p.shape[2] - crop + 1)
-            out.append(as_float(p[:, y:y + crop, x:x + crop]))
-        return torch.stack(out)
-
     def step(i, rng):
         q = batch // 4
         x = torch.cat([crops(imgs, (batch - q) // 2, rng), crops(big, batch - q - (batch - q) // 2, rng),
-                       photo_crops(q, rng)])
+                       photo_crops(photo, q, crop, rng)])
         mean, logvar = vae.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         rec = vae.decode(z)
@@ -335,6 +336,35 @@ def stage_vae(steps=3000, batch=32, crop=32):
         return update(loss, opt)
 
     checkpointed("vae", {"vae": vae}, opt, steps, step)
+
+
+def stage_decoder(steps=400, small=16):
+    """Fine-tune the decoder on whole renders (one 256², `small` 64² and half as many 64² photo crops per step)
+    with the encoder frozen, so the latents, and the base and x4 models trained on them, do not change.
+    `vae` trains on 32² crops; its decoder otherwise meets 16² and 64² latents only at inference."""
+    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
+    vae.load_state_dict(torch.load(BUILD / "data_base.pt")["vae"])
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    _, big = pool(SR_SEED, SR_N, 256)
+    _, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
+    photo = photos(TRAIN_PHOTOS)
+    opt = adamw(params, 1e-4)
+
+    def step(i, rng):
+        loss = 0.0
+        for x in (as_float(big[int(rng.integers(len(big)))][None]),
+                  torch.cat([as_float(imgs[np.sort(rng.choice(len(imgs), small, replace=False))]),
+                             photo_crops(photo, small // 2, 64, rng)])):
+            with torch.no_grad():
+                z = vae.encode(x)[0]
+            rec = vae.decode(z)
+            loss = loss + F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean()
+        return update(loss, opt)
+
+    checkpointed("decoder", {"vae": vae}, opt, steps, step)
 
 
 def load_vae() -> AutoencoderKL:
@@ -466,8 +496,8 @@ def _unet_config(cfg: dict) -> dict:
 
 def stage_ship():
     tok = Tokenizer.from_dir(BUILD / "tokenizer")
-    scorer, vae = load_scorer(), load_vae()
-    vae.load_state_dict(torch.load(BUILD / "data_base.pt")["vae"])
+    scorer, vae = load_scorer(), AutoencoderKL(VAEConfig.from_dict(VAE))
+    vae.load_state_dict(torch.load(BUILD / "decoder.pt", weights_only=False)["vae"])
     text_cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": len(tok),
                 "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
                 "projection_dim": PROJ_DIM, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dropout": 0.0,
@@ -520,7 +550,8 @@ def stage_ship():
 
 # (the order is the run order, and each stage's index seeds its steps: append new stages, do not reorder)
 STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
-          "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "ship": stage_ship}
+          "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
+          "ship": stage_ship}
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
