@@ -424,7 +424,7 @@ def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
     return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])) for i in range(0, len(captions), 500)])
 
 
-def stage_base(steps=2500, batch=64, drop=0.1):
+def stage_base(steps=4000, batch=64, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     ema = EMA(unet, 0.995)
