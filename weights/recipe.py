@@ -342,9 +342,7 @@ def stage_decoder(steps=400, small=16):
     """Fine-tune the decoder on whole renders (one 256², `small` 64² and half as many 64² photo crops per step)
     with the encoder frozen, so the latents, and the base and x4 models trained on them, do not change.
     `vae` trains on 32² crops; its decoder otherwise meets 16² and 64² latents only at inference."""
-    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
-    vae.load_state_dict(torch.load(BUILD / "data_base.pt")["vae"])
-    vae.requires_grad_(False)
+    vae = load_vae("data_base.pt")
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -367,9 +365,10 @@ def stage_decoder(steps=400, small=16):
     checkpointed("decoder", {"vae": vae}, opt, steps, step)
 
 
-def load_vae() -> AutoencoderKL:
+def load_vae(file: str = "vae.pt") -> AutoencoderKL:
+    """The VAE a stage saved under build/<file>: vae.pt as trained, data_base.pt rescaled, decoder.pt final."""
     vae = AutoencoderKL(VAEConfig.from_dict(VAE))
-    vae.load_state_dict(torch.load(BUILD / "vae.pt", weights_only=False)["vae"])
+    vae.load_state_dict(torch.load(BUILD / file, weights_only=False)["vae"])
     return vae.eval().requires_grad_(False)
 
 
@@ -496,8 +495,7 @@ def _unet_config(cfg: dict) -> dict:
 
 def stage_ship():
     tok = Tokenizer.from_dir(BUILD / "tokenizer")
-    scorer, vae = load_scorer(), AutoencoderKL(VAEConfig.from_dict(VAE))
-    vae.load_state_dict(torch.load(BUILD / "decoder.pt", weights_only=False)["vae"])
+    scorer, vae = load_scorer(), load_vae("decoder.pt")
     text_cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": len(tok),
                 "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
                 "projection_dim": PROJ_DIM, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dropout": 0.0,
