@@ -44,10 +44,12 @@ PROJ_DIM = 128
 VAE = dict(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
            up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
            sample_size=64, force_upcast=False)
+# 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each image's
+# per-channel means (its background colour) right before conv_out
 BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            attention_head_dim=2, cross_attention_dim=128, norm_num_groups=32)
+            attention_head_dim=2, cross_attention_dim=128, norm_num_groups=8)
 SR = dict(in_channels=7, out_channels=4, sample_size=64, block_out_channels=[32, 64, 128], layers_per_block=1,
           down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
@@ -423,7 +425,7 @@ def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
     return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])) for i in range(0, len(captions), 500)])
 
 
-def stage_base(steps=4000, batch=64, drop=0.1):
+def stage_base(steps=8000, batch=64, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     ema = EMA(unet, 0.995)
