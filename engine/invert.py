@@ -138,15 +138,14 @@ def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: 
             out_u = plain(x, t, constant(emb))
             return schedule.ddim_step(sched, out_u + w * (out_c - out_u), t, t_prev, x)[0]
 
-        residual = lambda emb: step(emb) - target  # noqa: E731
         stop = early_stop + 1e-3 * i / n
         if method == "reference":
-            u = _adam(residual, u, lr * (1 - i / (2 * n)), inner_steps, stop)
+            u = _adam(lambda emb: step(emb) - target, u, lr * (1 - i / (2 * n)), inner_steps, stop)
+            with torch.no_grad():
+                x = step(u)
         else:
-            u = _line_search(residual, cond if i == 0 else u, min(inner_steps, 2), stop)
+            u, x = _line_search(step, target, cond if i == 0 else u, min(inner_steps, 2), stop)
         out.append(u)
-        with torch.no_grad():
-            x = step(u)
     return replace(traj, uncond=out, guidance=float(w))
 
 
@@ -164,22 +163,25 @@ def _adam(residual, u, lr, iters, stop):
     return u.detach()
 
 
-def _line_search(residual, u, iters, stop):
+def _line_search(step, target, u, iters, stop):
+    """Returns the embedding and step(embedding). The check runs without autograd: most steps pass it at once."""
+    with torch.no_grad():
+        y = step(u)
     for _ in range(iters):
+        if (y - target).square().mean().item() < stop:
+            break
         u = u.detach().requires_grad_(True)
         with torch.enable_grad():
-            r = residual(u)
-            loss = r.square().mean()
-        if loss.item() < stop:
-            break
-        (g,) = torch.autograd.grad(loss, u)
+            r = step(u) - target
+            (g,) = torch.autograd.grad(r.square().mean(), u)
         p = -g / g.norm().clamp_min(1e-30)
         h = 1e-3 * max(u.detach().norm().item(), 1.0)
         with torch.no_grad():
-            r, jp = r.detach(), (residual(u + h * p) - r.detach()) / h
-            s = -(r * jp).sum() / (jp * jp).sum().clamp_min(1e-30)
-            u = u + s * p
-    return u.detach()
+            r = r.detach()
+            jp = (step(u + h * p) - target - r) / h
+            u = u + (-(r * jp).sum() / (jp * jp).sum().clamp_min(1e-30)) * p
+            y = step(u)
+    return u.detach(), y
 
 
 def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:
