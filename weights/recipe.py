@@ -44,8 +44,8 @@ PROJ_DIM = 128
 VAE = dict(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
            up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
            sample_size=64, force_upcast=False)
-# 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each image's
-# per-channel means (its background colour) right before conv_out
+# Both UNets use 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each
+# image's per-channel means (its background colour) right before conv_out
 BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
