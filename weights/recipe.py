@@ -44,10 +44,8 @@ PROJ_DIM = 128
 VAE = dict(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
            up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
            sample_size=64, force_upcast=False)
-# The base uses 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each
-# image's per-channel means (its background colour) right before conv_out. The x4 model keeps 32: with 8 groups
-# and zero-initialised noise-level embeddings it gained 0.4 dB on its gate but lost 0.6 dB and 10 points of edit
-# success in the multi-stage blend (weights/README.md, "Norm groups")
+# Both UNets use 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each
+# image's per-channel means (its background colour) right before conv_out (weights/README.md, "Norm groups")
 BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -55,7 +53,7 @@ BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[3
 SR = dict(in_channels=7, out_channels=4, sample_size=64, block_out_channels=[32, 64, 128], layers_per_block=1,
           down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-          attention_head_dim=4, cross_attention_dim=128, norm_num_groups=32, num_class_embeds=1000)
+          attention_head_dim=4, cross_attention_dim=128, norm_num_groups=8, num_class_embeds=1000)
 BASE_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 SR_SCHED = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
@@ -448,9 +446,10 @@ def stage_base(steps=8000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
-def stage_sr(steps=5000, drop=0.1):
+def stage_sr(steps=12000, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
+    torch.nn.init.zeros_(unet.class_embedding.weight)  # N(0, 1) rows would add a random offset per noise level
     ema = EMA(unet, 0.995)
     data = torch.load(BUILD / "data_sr.pt")
     lat, low_all, emb, null = data["latents"], data["low"], data["emb"], data["null"]
