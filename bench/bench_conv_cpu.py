@@ -1,11 +1,11 @@
-"""3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) on the CPU: oneDNN on NCHW and on channels-last
-tensors, and NHWC im2col + GEMM (kernels/conv.py). Medians of alternating runs; writes bench/results/conv_cpu.json.
+"""3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) and of the embedded tiny UNet (batch 2, 64 px) on the
+CPU: oneDNN on NCHW and on channels-last tensors, and NHWC im2col + GEMM (kernels/conv.py), with the rule
+`im2col_applies` picks from. Medians of alternating runs; writes bench/results/conv_cpu.json.
 
     python bench/bench_conv_cpu.py [--repeats 7]
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -16,12 +16,16 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernels.conv import IM2COL_MAX_PIXELS, im2col_conv3x3  # noqa: E402
+from engine.profile import cpu_name  # noqa: E402
+from kernels.conv import im2col_applies, im2col_conv3x3  # noqa: E402
 
 # (C_in, C_out, H = W, stride) of the SD1.5 UNet's 3×3 convolutions at a 64×64 latent
 SHAPES = [(320, 320, 64, 1), (640, 320, 64, 1), (640, 640, 32, 1), (1280, 640, 32, 1), (320, 320, 64, 2),
           (640, 640, 32, 2), (1280, 1280, 16, 1), (2560, 1280, 16, 1), (1280, 1280, 16, 2), (1280, 1280, 8, 1),
           (2560, 1280, 8, 1)]
+# the tiny UNet's at a 16×16 latent, and channel counts in between at its sizes
+SHAPES += [(32, 32, 16, 1), (32, 32, 16, 2), (64, 64, 8, 1), (64, 64, 8, 2), (128, 128, 4, 1), (256, 128, 4, 1),
+           (320, 320, 16, 2), (320, 320, 8, 1), (320, 320, 4, 1), (640, 640, 16, 1), (640, 640, 8, 1)]
 
 
 def main():
@@ -52,12 +56,12 @@ def main():
             rows.append({"c_in": cin, "c_out": cout, "size": s, "stride": stride, "out_pixels": out_px,
                          "gflop": gflop, "ms": med, "speedup_im2col": med["onednn"] / med["im2col"],
                          "speedup_channels_last": med["onednn_nchw"] / med["onednn"],
-                         "engine_uses_im2col": out_px <= IM2COL_MAX_PIXELS, "max_abs_diff": diff})
+                         "engine_uses_im2col": im2col_applies(x, w, stride, 1), "max_abs_diff": diff})
             print(f"{cin:>5}→{cout:<5} {s:>3}² s{stride}  NCHW {med['onednn_nchw']:7.1f} ms  NHWC {med['onednn']:7.1f} ms"
                   f"  im2col {med['im2col']:7.1f} ms"
                   f"  ×{rows[-1]['speedup_im2col']:.2f}  {'(used)' if rows[-1]['engine_uses_im2col'] else ''}")
     out = ROOT / "bench" / "results" / "conv_cpu.json"
-    out.write_text(json.dumps({"device": f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
+    out.write_text(json.dumps({"device": f"{cpu_name()} x{torch.get_num_threads()} threads",
                                "torch": torch.__version__, "batch": 2, "dtype": "float32",
                                "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     print(f"→ {out}")

@@ -4,7 +4,6 @@ same seed, DDIM 50 steps, CFG 5. Prints the max pixel difference and the wall-ti
 """
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 import engine
 from engine.load import DEFAULT_MODEL
+from engine.profile import cpu_name
 
 PROMPT = "a large red star in the center, on a plain white background"
 
@@ -46,7 +46,7 @@ def main():
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"model": "weights/tiny", "steps": args.steps, "guidance": 5.0, "device": "cpu",
-              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "cpu": cpu_name(), "threads": torch.get_num_threads(),
               "max_abs_pixel_diff": diff, "seconds": times, "median_s": med,
               "ratio_ours_over_diffusers": med["ours"] / med["diffusers"], "goal_ratio": 0.40}
     out = Path(__file__).parent / "results" / "tiny_vs_diffusers_cpu.json"

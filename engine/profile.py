@@ -1,5 +1,6 @@
 """Per-stage wall-clock timing and an optional torch.profiler chrome trace (`--profile DIR`)."""
 import contextlib
+import platform
 import time
 from pathlib import Path
 
@@ -60,3 +61,14 @@ def profiled(out_dir=None):
         print(f"chrome trace: {out / 'trace.json'} (open in chrome://tracing or ui.perfetto.dev)")
     finally:
         _records = None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type: what a timing was measured on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()

@@ -29,10 +29,9 @@ def mode() -> str:
     return m
 
 
-def _triton(x: torch.Tensor) -> bool:
-    """Whether the Triton path may run on x's device in the current mode."""
-    m = mode()
-    if m == "torch":
+def _triton(x: torch.Tensor, m: str) -> bool:
+    """Whether the Triton path may run on x's device in mode m."""
+    if m == "torch" or (m == "auto" and not x.is_cuda):
         return False
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if m == "triton" and not (HAS_TRITON and (x.is_cuda or interpret)):
@@ -45,7 +44,7 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, is_causal: bool = False
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim) tensors; is_causal masks keys after the query."""
-    if _triton(q):
+    if _triton(q, mode()):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if flash.supported(q, k, v):
             return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, is_causal)[0]
@@ -54,7 +53,7 @@ def attention(
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None) -> torch.Tensor:
     """GroupNorm, optionally followed by SiLU (act='silu')."""
-    if _triton(x) and weight is not None and bias is not None:
+    if _triton(x, mode()) and weight is not None and bias is not None:
         if gn.supported(x, num_groups):
             return gn.group_norm_op(x, weight, bias, num_groups, eps, act == "silu")[0]
     y = F.group_norm(x, num_groups, weight, bias, eps)
@@ -66,10 +65,11 @@ def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0, res
     """conv2d(x) + bias [+ residual] [then SiLU (act='silu')]; the Triton kernel does all of it in one pass.
     Under autograd the convolution is torch's: the Triton kernel has no backward, and im2col's (autograd through
     nine slices) is slower than torch's."""
+    m = mode()
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    if not differentiated and _triton(x) and conv.triton_supported(x, weight, stride, padding):
-        return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu", mode() == "triton")
-    if mode() == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
+    if not differentiated and _triton(x, m) and conv.triton_supported(x, weight, stride, padding):
+        return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu", m == "triton")
+    if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
     return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)

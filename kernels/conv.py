@@ -5,8 +5,9 @@ layout), GEMM M = output pixels, N = output channels, K = taps × input channels
 SiLU fused into the epilogue. Whether it or cuDNN runs a given shape is measured once per device and cached on
 disk (`choose`).
 
-CPU: oneDNN's direct 3×3 convolution is slow when there are few output pixels (the SD UNet's 16×16 and 8×8
-levels); there, gathering NHWC patches and doing one GEMM is faster (1.1–1.8× in bench/results/conv_cpu.json).
+CPU: oneDNN's direct 3×3 convolution is slow when there are few output pixels and many input channels (the SD
+UNet's 16×16 and 8×8 levels, the tiny UNet's 4×4 level); there, gathering NHWC patches and doing one GEMM is
+faster (bench/results/conv_cpu.json). With few channels the nine-slice gather costs more than it saves.
 """
 import json
 import os
@@ -28,13 +29,15 @@ try:
 except ImportError:  # triton is Linux-only; the CPU paths below need none of it
     HAS_TRITON = False
 
-IM2COL_MAX_PIXELS = 512  # batch × H × W; above it (measured at 2048) oneDNN wins
+# (output pixels = batch × H' × W' at most, input channels at least) where im2col beat oneDNN on 2 cores
+IM2COL_WINS = ((32, 320), (128, 640), (512, 1280))
 
 
 def im2col_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    if x.shape[1] < IM2COL_WINS[0][1] or padding != 1 or stride not in (1, 2) or x.device.type != "cpu":
+        return False
     pixels = x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
-    return (x.device.type == "cpu" and weight.shape[2:] == (3, 3) and stride in (1, 2) and padding == 1
-            and pixels <= IM2COL_MAX_PIXELS)
+    return weight.shape[2:] == (3, 3) and any(pixels <= p and x.shape[1] >= c for p, c in IM2COL_WINS)
 
 
 def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:

@@ -24,10 +24,14 @@ def test_im2col_matches_conv2d(cin, cout, h, w, stride):
 
 
 def test_dispatch_rule_and_kill_switch(monkeypatch):
-    small, large = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 32, 32)
-    wt, b = torch.randn(8, 8, 3, 3), torch.randn(8)
-    assert im2col_applies(small, wt, 1, 1) and not im2col_applies(large, wt, 1, 1)
-    assert not im2col_applies(small, torch.randn(8, 8, 1, 1), 1, 0)
+    def w(o, i, k=3):
+        return torch.empty(o, i, k, k, device="meta")
+    assert im2col_applies(torch.empty(2, 1280, 16, 16), w(1280, 1280), 1, 1)  # SD's 16² level
+    assert im2col_applies(torch.empty(2, 640, 16, 16), w(640, 640), 2, 1)
+    assert not im2col_applies(torch.empty(2, 640, 32, 32), w(640, 640), 1, 1)  # too many pixels
+    assert not im2col_applies(torch.empty(2, 128, 4, 4), w(128, 128), 1, 1)  # too few channels: the tiny UNet
+    assert not im2col_applies(torch.empty(2, 1280, 16, 16), w(1280, 1280, 1), 1, 0)
+    small, wt, b = torch.randn(2, 8, 16, 16), torch.randn(8, 8, 3, 3), torch.randn(8)
     monkeypatch.setenv("ENGINE_KERNELS", "torch")
     assert torch.equal(kernels.conv2d(small, wt, b, 1, 1), F.conv2d(small, wt, b, 1, 1))
     monkeypatch.setenv("ENGINE_KERNELS", "fast")
