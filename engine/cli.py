@@ -212,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--tile", type=int, help="run the UNet on TILE×TILE windows of the low-res image, blended "
                    "every step (for inputs larger than the model was trained on, e.g. 64)")
     u.add_argument("--overlap", type=int, default=16, help="overlap of neighbouring tiles in pixels (default 16)")
+    u.add_argument("--backproject", type=int, default=0, help="iterations of back-projection onto the input "
+                   "after decoding: each 4×4 block of the output then averages to its input pixel, which undoes "
+                   "colour drift (3 is plenty; default 0, the diffusers pipeline's output)")
     v = sub.add_parser("invert", help="image → DDIM-inverted noise trajectory (+ null-text embeddings)",
                        description="DDIM-invert an image; write the trajectory (latents, noises, null-text "
                        "embeddings) as .safetensors and the image sampled back from it.")
@@ -288,7 +291,7 @@ def run(args) -> Path:
             image = pipe.img2img(args.image, args.prompt, strength=args.strength, **common)[0]
         else:
             image = pipe.upscale(args.image, args.prompt, noise_level=args.noise_level, tile=args.tile,
-                                 overlap=args.overlap, **common)[0]
+                                 overlap=args.overlap, backproject=args.backproject, **common)[0]
     images.save(image, out)
     print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, total {time.perf_counter() - t0:.1f}s)")
     return out

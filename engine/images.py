@@ -1,10 +1,12 @@
-"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic writes."""
+"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic writes;
+back-projection of an upscale onto its input."""
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -30,6 +32,18 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in about [-1, 1] → PIL images (clamped, ×255, rounded)."""
     arr = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+def back_project(y: torch.Tensor, low: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Iterative back-projection (Irani & Peleg, 1991): y ← y + bicubic(low − area_downsample(y)), so that the
+    f × f area means of the upscale y (B, C, f·h, f·w) converge to the low-res image (B, C, h, w) it came from,
+    while its detail above that scale is kept."""
+    f = y.shape[-1] // low.shape[-1]
+    if y.shape[:2] != low.shape[:2] or f < 1 or y.shape[-2:] != (f * low.shape[-2], f * low.shape[-1]):
+        raise ValueError(f"back-projection: {tuple(y.shape)} is not an integer upscale of {tuple(low.shape)}")
+    for _ in range(iterations):
+        y = y + F.interpolate(low - F.avg_pool2d(y, f), scale_factor=f, mode="bicubic", align_corners=False)
+    return y
 
 
 def check_out(path) -> tuple[Path, str]:

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import engine
-from engine import world
+from engine import images, world
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.metrics import Scorer
 from engine.tokenizer import Tokenizer
@@ -55,6 +56,31 @@ def test_upscale_matches_diffusers():
                                                 output="pt", progress=False)
     assert got.shape == want.shape == (1, 3, 128, 128)
     assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL
+
+
+def test_back_projection_converges_to_the_input_and_keeps_a_consistent_upscale():
+    g = torch.Generator().manual_seed(0)
+    low, y = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(images.back_project(y, low, 0), y)
+    err = [(F.avg_pool2d(images.back_project(y, low, k), 4) - low).abs().max().item() for k in (1, 3, 10)]
+    assert err[0] > err[1] > err[2] and err[2] < 2e-3
+    blocky = low.repeat_interleave(4, -1).repeat_interleave(4, -2)  # its 4×4 means are the input already
+    assert torch.allclose(images.back_project(blocky, low, 3), blocky, atol=1e-6)
+    with pytest.raises(ValueError, match="integer upscale"):
+        images.back_project(y[..., :30], low, 1)
+
+
+def test_upscale_backprojected_keeps_the_input_colours():
+    pipe = engine.load(DEFAULT_UPSCALER)
+    s = world.scenes(52, 1)[0]
+    low = Image.fromarray((world.render(s, 16) * 255).round().astype(np.uint8))
+    run = dict(steps=2, guidance=1.0, seed=0, output="pt", progress=False)
+    plain, fixed = (pipe.upscale(low, s.caption(), backproject=k, **run) for k in (0, 3))
+    x = images.to_tensor(low)
+    drift = [(F.avg_pool2d(y, 4) - x).abs().mean().item() for y in (plain, fixed)]
+    assert drift[1] < 0.1 * drift[0]
+    with pytest.raises(ValueError, match="backproject=-1"):
+        pipe.upscale(low, "x", backproject=-1)
 
 
 def test_clip_scorer_tells_colours_and_shapes_apart():
