@@ -132,11 +132,12 @@ def test_img2img_wrong_image_size(tiny, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_upscale_noise_level_too_high(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("flag,value", [("--noise-level", "400"), ("--backproject", "-1")])
+def test_upscale_bad_option(tiny, tmp_path, capsys, flag, value):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
     out, model = tmp_path / "out.png", str(tiny("x4")[0])
     capsys.readouterr()
     assert main(["upscale", "--model", model, "--image", str(tmp_path / "in.png"), "--prompt", "x",
-                 "--steps", "2", "--noise-level", "400", "--out", str(out), "--quiet"]) == 2
-    assert "noise_level=400" in capsys.readouterr().err
+                 "--steps", "2", flag, value, "--out", str(out), "--quiet"]) == 2
+    assert f"{flag[2:].replace('-', '_')}={value}" in capsys.readouterr().err
     assert not out.exists()
