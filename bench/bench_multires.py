@@ -22,6 +22,7 @@ import engine
 from engine import images, multires, world
 from engine.load import DEFAULT_MODEL
 from engine.metrics import Scorer
+from engine.profile import cpu_name
 from engine.world import Obj, Scene
 
 RESULTS = Path(__file__).parent / "results"
@@ -188,7 +189,7 @@ def speed(args):
             fn(args.speed_steps)
             times[name].append(args.speed_steps / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "batch": 4, "resolution": 64,
+    result = {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch": 4, "resolution": 64,
               "steps_per_run": args.speed_steps, "repeats": args.repeats, "steps_per_s": times,
               "median_steps_per_s": med, "ratio_ours_over_diffusers": med["ours"] / med["diffusers"],
               "ratio_ours_over_diffusers_cached": med["ours"] / med["diffusers + cached latents"], "goal_ratio": 2.0,
