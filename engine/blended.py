@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import schedule
+from . import images, schedule
 from .denoiser import Cond, Denoiser
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
@@ -145,6 +145,7 @@ class Options:
     sr_steps: int = 20              # ours: DDIM steps of each ×4 super-resolution
     sr_noise_level: int = 20
     sr_guidance: float = 1.0
+    backproject: int = 0            # ours: back-project each stage's output onto what it upscaled (images.back_project)
     stage_model: str = "sr"         # ours: the SR model denoises the stages (the base one knows only its own size)
     stage_steps: int = 100          # the stages' schedule, of which the lowest `start` fraction runs
     start: float = 0.4
@@ -164,6 +165,7 @@ class Options:
                 ("sr_steps", _whole(self.sr_steps, 1), "a whole number ≥ 1"),
                 ("stage_steps", _whole(self.stage_steps, 1), "a whole number ≥ 1"),
                 ("sr_noise_level", _whole(self.sr_noise_level, 0), "a whole number ≥ 0"),
+                ("backproject", _whole(self.backproject, 0), "a whole number ≥ 0, e.g. 3"),
                 ("max_side", _whole(self.max_side, 16) and self.max_side % 16 == 0, "a multiple of 16, e.g. 256"),
                 ("overlap", _whole(self.overlap, 0) and self.overlap < self.max_side, "a whole number < max_side"),
                 ("guidance", _num(self.guidance, 0), "a number ≥ 0"),
@@ -396,4 +398,4 @@ class MultiStage:
                                                                           torch.float32).to(p.dtype))
         z = blended(den, x, z_src, m_z, cond, p.c.scheduler, o.stage_steps, start, o.eta, o.blend, 0, 1, gen,
                     progress, "stage diffusion")
-        return p._decode(z, "pt").float()
+        return images.back_project(p._decode(z, "pt").float(), lr.float(), o.backproject)

@@ -200,9 +200,10 @@ def run_blend(args) -> list[Path]:
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
     opts = Options(steps=args.steps, guidance=args.guidance, eta=args.eta, candidates=args.candidates,
                    rerank=args.rerank, repaint=args.repaint, jump=args.jump, blend=args.blend, dilate=args.dilate,
-                   upscaler=args.upscale_with, sr_steps=args.sr_steps, stage_model=args.stage_model,
-                   stage_steps=args.stage_steps, start=args.start, tiled_start=args.tiled_start,
-                   max_side=args.max_side, overlap=args.overlap, margin=args.margin, seed=args.seed)
+                   upscaler=args.upscale_with, sr_steps=args.sr_steps, backproject=args.backproject,
+                   stage_model=args.stage_model, stage_steps=args.stage_steps, start=args.start,
+                   tiled_start=args.tiled_start, max_side=args.max_side, overlap=args.overlap, margin=args.margin,
+                   seed=args.seed)
     image, mask = images.load(args.image), images.load(args.mask)
     if args.size is not None:
         if args.size < 16 or args.size % 16 or image.width != image.height:

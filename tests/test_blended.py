@@ -163,7 +163,8 @@ def test_crop_box_and_stage_sides():
 @pytest.mark.parametrize("bad,match", [(dict(candidates=0), "candidates"), (dict(blend="during"), "blend"),
                                        (dict(max_side=100), "max_side"), (dict(overlap=256), "overlap"),
                                        (dict(start=0), "start"), (dict(margin=0.5), "margin"),
-                                       (dict(stage_steps=3), "stage_steps")])
+                                       (dict(stage_steps=3), "stage_steps"),
+                                       (dict(backproject=-1), "backproject")])
 def test_options_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         B.Options(**bad)
@@ -208,7 +209,8 @@ def test_edit_with_an_empty_mask_returns_the_source(editor):
 
 def test_edit_variants_run_and_refuse_bad_input(editor):
     _, new, src, mask = _scene(256)
-    for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2)):
+    for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2),
+                    dict(backproject=3, max_side=128, overlap=32)):
         res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
         m = torch.from_numpy(mask)[None, None]
         assert torch.equal(res.image * (1 - m), src * (1 - m))
