@@ -120,12 +120,13 @@ def table(size, seed, n, with_bicubic=True):
             f"  ({t_ms:.0f}s + {t_d:.0f}s)", flush=True)
         if i < 6:
             sheet += [(images.to_pil(src)[0], f"{i}: source"), (images.to_pil(truth)[0], f"truth: {prompt}")]
-            shots = [("multistage", r.image), ("multistage, back-projected", rp.image)] + ([("multistage, bicubic x4", rb.image)] if with_bicubic else [])
+            shots = [("multistage", r.image), ("multistage, back-projected", rp.image)]
+            shots += [("multistage, bicubic x4", rb.image)] if with_bicubic else []
             sheet += [(images.to_pil(x)[0], k) for k, x in shots + [("stage 1 + bicubic", s1), ("direct", dr)]]
         summary = summarize(per)
-        save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts), "backproject_options": {
-                              "backproject": 3}, "bicubic_options": {
-                              "upscaler": "bicubic", "start": 0.25},
+        save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts),
+                              "backproject_options": {"backproject": backproject.backproject},
+                              "bicubic_options": {"upscaler": "bicubic", "start": 0.25},
                               "direct_options": {"candidates": 1, "repaint": 0}, "summary": summary, "per_scene": per})
     images.contact_sheet(sheet, cell=192, columns=6 + with_bicubic).save(RESULTS / f"blended_{size}.png")
     write_markdown()
