@@ -2,7 +2,7 @@
 
     python bench/bench_iterinv.py --size 256 --scenes 20 --paper-scenes 4
     python bench/bench_iterinv.py --size 1024 --scenes 5 --methods ddim fast
-    python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle
+    python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle, two ways
     python bench/bench_iterinv.py --timing                   # paper vs fast solve time, alone, alternating
     python bench/bench_iterinv.py --mask                     # DiffEdit mask settings vs the world's masks
 
@@ -15,7 +15,8 @@ ddim-fair      stage 1 as IterInv's; SR stages by v-aware DDIM inversion with th
 paper / fast   stage 1 as IterInv's; SR stages by IterInv, paper mode (T = 50, N = 21) or ours
 Paper mode runs on the first --paper-scenes scenes only (its cost: 1050 UNet forward+backward per stage); the
 fast and ceiling rows are also averaged over just those scenes. The time ratio of the two solvers is --timing's:
-the SR-stage solve alone, the two alternating in one process with nothing else running.
+the SR-stage solve alone, the two alternating in one process with nothing else running. --batch B inverts B
+scenes per call and saves after each call (sr_evals and the times are then summed over the calls).
 Metrics on [0, 1]: MSE, PSNR, SSIM (engine.metrics) and the tiny-CLIP score against the caption.
 """
 import argparse
@@ -81,21 +82,37 @@ def table(size, n_paper, n):
         k = n_paper if name == "paper" else n
         if k == 0:
             continue
-        t0 = time.perf_counter()
-        inv = cas.invert(pils[:k], caps[:k], size, method, stage1)
-        rows[name] = scores(inv.images[-1], truth[:k], scorer, caps[:k]) | {
-            "scenes": k, "sr_solve_seconds": sum(st.seconds for st in inv.stages),
-            "sr_evals": sum(st.evals for st in inv.stages), "total_seconds": time.perf_counter() - t0,
-            "max_one_step_error": [None if st.errors is None else max(e.max().item() for e in st.errors)
-                                   for st in inv.stages]}
+        step, parts = ARGS.batch or k, []
+        for i in range(0, k, step):  # saved after every batch of scenes, so a stopped run keeps what it finished
+            t0 = time.perf_counter()
+            inv = cas.invert(pils[i:i + step], caps[i:i + step], size, method, stage1)
+            parts.append(scores(inv.images[-1], truth[i:i + step], scorer, caps[i:i + step]) | {
+                "sr_solve_seconds": sum(st.seconds for st in inv.stages),
+                "sr_evals": sum(st.evals for st in inv.stages), "total_seconds": time.perf_counter() - t0,
+                "max_one_step_error": [None if st.errors is None else max(e.max().item() for e in st.errors)
+                                       for st in inv.stages]})
+            rows[name] = merge(parts) | {"batch": step}
+            save_table(size, n, rows)
         print(f"{size}² {name}: {statistics.mean(rows[name]['psnr']):.2f} dB, "
               f"SR solve {rows[name]['sr_solve_seconds']:.0f}s")
-        if "paper" in rows and "fast" in rows:  # fast and the ceiling on paper's scenes (batching changes nothing)
-            k = rows["paper"]["scenes"]
-            rows["fast-on-paper-scenes"] = {m: rows["fast"][m][:k] for m in METRICS} | {"scenes": k}
-            rows["vae-on-paper-scenes"] = {m: rows["vae"][m][:k] for m in METRICS} | {"scenes": k}
-        save(f"table_{size}", {"scenes": n, "paper_scenes": rows.get("paper", {}).get("scenes", 0), "seed": 106,
-                               "rows": {r: summary(v) for r, v in rows.items()}, "per_scene": rows})
+    save_table(size, n, rows)
+
+
+def merge(parts):
+    """One row from the rows of consecutive batches of scenes: scores concatenated, times and calls summed."""
+    row = {m: sum((p[m] for p in parts), []) for m in METRICS}
+    row |= {m: sum(p[m] for p in parts) for m in ("sr_solve_seconds", "sr_evals", "total_seconds")}
+    row["max_one_step_error"] = [None if None in e else max(e) for e in zip(*(p["max_one_step_error"] for p in parts))]
+    return row | {"scenes": len(row["psnr"])}
+
+
+def save_table(size, n, rows):
+    if "paper" in rows and "fast" in rows:  # fast and the ceiling on paper's scenes (batching changes nothing)
+        k = rows["paper"]["scenes"]
+        rows["fast-on-paper-scenes"] = {m: rows["fast"][m][:k] for m in METRICS} | {"scenes": k}
+        rows["vae-on-paper-scenes"] = {m: rows["vae"][m][:k] for m in METRICS} | {"scenes": k}
+    save(f"table_{size}", {"scenes": n, "paper_scenes": rows.get("paper", {}).get("scenes", 0), "seed": 106,
+                           "rows": {r: summary(v) for r, v in rows.items()}, "per_scene": rows})
 
 
 def timing(k=4, rounds=2):
@@ -155,7 +172,9 @@ def mask(n=20):
     save("mask", {"scenes": n, "seed": 106, "object_fraction": truth.float().mean().item(), "settings": out})
 
 
-def edit():
+def edit(backproject=3):
+    """The 1024² edit twice from one inversion: as the reference (each ×4 stage as sampled) and with ours,
+    each ×4 stage back-projected onto the edited stage below."""
     size = 1024
     cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
     src = world.Scene((world.Obj("circle", "red", "large", "in the center"),), "striped", "gray")
@@ -163,28 +182,40 @@ def edit():
     image = pil(src, size)
     t0 = time.perf_counter()
     inv = cas.invert(image, src.caption(), size, "fast", "fast")
-    t_inv = time.perf_counter() - t0
-    outs, mask = cas.edit(image, src.caption(), tgt.caption(), inv.stages)
-    t_edit = time.perf_counter() - t0 - t_inv
-    truth, edited = images.to_tensor(image), outs[-1]
-    up = torch.nn.functional.interpolate(mask, size=(size, size), mode="nearest")
+    truth, gt = images.to_tensor(image), images.to_tensor(pil(tgt, size))
     obj = torch.from_numpy(world.masks(src, size)[:1])[None]
     grown = torch.nn.functional.max_pool2d(obj, 2 * 16 + 1, 1, 16)  # the object dilated by 16 px
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    gt = images.to_tensor(pil(tgt, size))
+
+    def outside(ims):  # PSNR outside the dilated object at every stage, against the source at that side
+        return [metrics.psnr(im, images.to_tensor(pil(src, im.shape[-1])), torch.nn.functional.interpolate(
+            1 - grown, size=im.shape[-2:], mode="area").round()).item() for im in ims]
     result = {"source": src.caption(), "edit": tgt.caption(), "size": size,
               "reconstruction_psnr": metrics.psnr(inv.images[-1], truth).item(),
-              "mask_fraction": mask.mean().item(),
-              "psnr_outside_diffedit_mask": metrics.psnr(edited, truth, 1 - up).item(),
-              "psnr_outside_object_dilated_16px": metrics.psnr(edited, truth, 1 - grown).item(),
-              "psnr_to_ground_truth_edit": metrics.psnr(edited, gt).item(),
-              "clip_edit_prompt": {"source": scorer.score(truth, [tgt.caption()]).item(),
-                                   "edit": scorer.score(edited, [tgt.caption()]).item()},
-              "seconds": {"invert": t_inv, "edit": t_edit}}
-    mask_pil = images.to_pil((up * 2 - 1).expand(-1, 3, -1, -1))[0]
-    sheet = [(image, "source 1024²: " + src.caption()), (mask_pil, "DiffEdit mask (16² latent)")]
-    sheet += [(images.to_pil(o)[0], f"edit {o.shape[-1]}²: {tgt.caption()}") for o in outs]
-    images.save(images.contact_sheet(sheet, columns=len(sheet)), RESULTS / "iterinv_edit_1024.png")
+              "reconstruction_psnr_outside_object_by_stage": outside(inv.images),
+              "clip_edit_prompt_source": scorer.score(truth, [tgt.caption()]).item(),
+              "seconds_invert": time.perf_counter() - t0, "rows": {}}
+    sheet = []
+    for bp in (0, backproject):
+        t0 = time.perf_counter()
+        outs, mask = cas.edit(image, src.caption(), tgt.caption(), inv.stages, backproject=bp)
+        edited = outs[-1]
+        up = torch.nn.functional.interpolate(mask, size=(size, size), mode="nearest")
+        name = f"backproject-{bp}" if bp else "reference"
+        result["rows"][name] = {
+            "backproject": bp, "mask_fraction": mask.mean().item(),
+            "psnr_outside_diffedit_mask": metrics.psnr(edited, truth, 1 - up).item(),
+            "psnr_outside_object_dilated_16px": metrics.psnr(edited, truth, 1 - grown).item(),
+            "psnr_outside_object_by_stage": outside(outs),
+            "psnr_to_ground_truth_edit": metrics.psnr(edited, gt).item(),
+            "clip_edit_prompt": scorer.score(edited, [tgt.caption()]).item(),
+            "seconds_edit": time.perf_counter() - t0}
+        first = [(image, "source 1024²: " + src.caption()),
+                 (images.to_pil((up * 2 - 1).expand(-1, 3, -1, -1))[0], "DiffEdit mask (16² latent)")] if not bp \
+            else [(images.to_pil(inv.images[-1])[0], "IterInv reconstruction 1024²"),
+                  (images.to_pil(gt)[0], "the edit drawn by the world (truth)")]
+        sheet += first + [(images.to_pil(o)[0], f"{name} {o.shape[-1]}²") for o in outs]
+    images.save(images.contact_sheet(sheet, columns=len(sheet) // 2), RESULTS / "iterinv_edit_1024.png")
     save("edit_1024", result)
     print(json.dumps(result, indent=1))
 
@@ -194,6 +225,7 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=256, choices=[256, 1024])
     ap.add_argument("--scenes", type=int, default=20)
     ap.add_argument("--paper-scenes", type=int, default=4)
+    ap.add_argument("--batch", type=int, help="scenes per cascade call, each saved when done (default: all at once)")
     ap.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--edit", action="store_true", help="only the 1024² edit example")
     ap.add_argument("--timing", action="store_true", help="only the paper-vs-fast solve timing at 256²")

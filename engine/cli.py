@@ -79,6 +79,9 @@ def _iterinv_args(sub, name):
                        "predictions are compared at, as an img2img strength (default 0.5)")
         p.add_argument("--mask-ratio", type=float, default=3.0, help="DiffEdit mask: clamp the difference map at "
                        "this multiple of its mean before binarising at half of it (default 3; larger = tighter)")
+        p.add_argument("--backproject", type=int, default=0, help="ours: back-projection iterations of each ×4 "
+                       "stage's output onto the edited stage below, which keeps the ×4 stages from drifting in "
+                       "colour (3 is plenty; default 0, the reference)")
     p.add_argument("--size", type=int, default=256, choices=[256, 1024], help="output side (default 256)")
     p.add_argument("--mode", default="fast", choices=["paper", "fast", "ddim", "ddim-reference"],
                    help="SR-stage inversion: IterInv paper (50 × 21 gradient steps) or fast (ours: Anderson "

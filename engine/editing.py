@@ -118,6 +118,8 @@ def run_iterinv(args) -> list[Path]:
     image = images.load(args.image)
     out = _scene_out(args.out)
     pyr = pyramid(image, args.size)  # checks the image and the size before any work
+    if args.command == "iterinv-edit":
+        images.check_backproject(args.backproject)
     stages = None
     if args.command == "iterinv-edit" and args.inversion:
         meta, stages = CascadeInversion.load_stages(args.inversion)
@@ -139,7 +141,8 @@ def run_iterinv(args) -> list[Path]:
         if args.command == "iterinv-edit":
             edits, mask = cas.edit(image, args.prompt, args.edit, stages, args.noise_level, args.steps,
                                    args.edit_guidance, args.strength, mask_strength=args.mask_strength,
-                                   mask_ratio=args.mask_ratio, seed=args.seed, progress=progress)
+                                   mask_ratio=args.mask_ratio, seed=args.seed, backproject=args.backproject,
+                                   progress=progress)
     seconds = time.perf_counter() - t0
     truth = pyr[-1].to(edits[-1] if args.command == "iterinv-edit" else inv.images[-1])
     out.mkdir(exist_ok=True)
@@ -172,7 +175,8 @@ def run_iterinv(args) -> list[Path]:
         edit = edits[-1]
         up = torch.nn.functional.interpolate(mask.float(), size=edit.shape[-2:], mode="nearest").to(edit)
         report = {"image": str(args.image), "prompt": args.prompt, "edit": args.edit, "size": args.size,
-                  "inversion": args.inversion, "mask_fraction": mask.float().mean().item(),
+                  "inversion": args.inversion, "backproject": args.backproject,
+                  "mask_fraction": mask.float().mean().item(),
                   "psnr_outside_mask": metrics.psnr(edit, truth, 1 - up).item(),
                   "psnr_to_source": metrics.psnr(edit, truth).item(),
                   "clip_score_source": scorer.score(truth, [args.edit]).item() if scorer else None,

@@ -34,6 +34,13 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
 
 
+def check_backproject(iterations) -> int:
+    """`iterations` of back_project as given by a caller, or a one-line error; call it before long work."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"backproject={iterations!r}: need a whole number of iterations ≥ 0, e.g. 3")
+    return iterations
+
+
 def back_project(y: torch.Tensor, low: torch.Tensor, iterations: int) -> torch.Tensor:
     """Iterative back-projection (Irani & Peleg, 1991): y ← y + bicubic(low − area_downsample(y)), so that the
     f × f area means of the upscale y (B, C, f·h, f·w) converge to the low-res image (B, C, h, w) it came from,

@@ -323,13 +323,16 @@ class Cascade:
     @torch.no_grad()
     def edit(self, image, source, target, stages: list[SRInversion], noise_level: int = 100, steps: int = 50,
              guidance: float = 3.0, strength: float = 0.8, mask_steps: int = 50, mask_strength: float = 0.5,
-             mask_maps: int = 10, mask_ratio: float = 3.0, seed: int = 0, progress: bool = True):
+             mask_maps: int = 10, mask_ratio: float = 3.0, seed: int = 0, backproject: int = 0,
+             progress: bool = True):
         """IterInv + DiffEdit (end2end_diffedit.py): DiffEdit mask and masked DDIM edit on stage 1 (DDIM inversion
         under `source` with CFG, truncated to `strength`; sampling under `target`), then each SR stage samples
         from the source's cached z_T under `target`, conditioned on the edited stage below. Returns
         (edited images per stage, the stage-1 latent mask (B, 1, h, w)). The mask defaults are diffusers' (strength
         0.5, ratio 3, 10 maps); ITERINV's IF port uses 0.1 and 1, which on the embedded model masks 83% of the
-        image where the edited objects cover 10% (IoU 0.12 against 0.60; bench/results/iterinv.json, "mask")."""
+        image where the edited objects cover 10% (IoU 0.12 against 0.60; bench/results/iterinv.json, "mask").
+        backproject (ours; 0 = the reference): iterations of back-projection of each SR stage's output onto the
+        edited stage below (images.back_project), which stops the ×4 stages' colour drift from compounding."""
         b, sr = self.base, self.sr
         sources = [source] if isinstance(source, str) else list(source)
         targets = [target] if isinstance(target, str) else list(target)
@@ -339,6 +342,7 @@ class Cascade:
             raise ValueError(f"{len(sources)} source and {len(targets)} edit prompts for {x64.shape[0]} images")
         if not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: need a number in (0, 1]")
+        images.check_backproject(backproject)
         den = Denoiser(b.c.unet, guidance)
         z0 = b.c.vae.encode_latents(x64.to(b.vae_dtype)).to(b.dtype)
         rep = lambda ps: constant(b.encode_prompt(ps * mask_maps, None, den.guided))  # noqa: E731
@@ -354,7 +358,8 @@ class Cascade:
                 raise ValueError(f"the cached SR latents {tuple(st.z_T.shape)} do not fit this image; invert it "
                                  "with the same size first")
             den_sr = self._sr_denoiser(low.to(sr.dtype), st.noise, noise_level)
-            low = sr._decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.c.scheduler, steps,
-                                  progress=progress), "pt")
-            outs.append(low.float())
+            y = sr._decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.c.scheduler, steps,
+                                progress=progress), "pt").float()
+            low = images.back_project(y, low.float(), backproject)
+            outs.append(low)
         return outs, mask

@@ -154,8 +154,7 @@ class Pipeline:
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output, upscaler=True)
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8):
             raise ValueError(f"tile={tile!r}: need a multiple of 8 pixels of the low-res image, e.g. 64")
-        if isinstance(backproject, bool) or not isinstance(backproject, int) or backproject < 0:
-            raise ValueError(f"backproject={backproject!r}: need a whole number of iterations ≥ 0, e.g. 3")
+        images.check_backproject(backproject)
         top = self.c.max_noise_level if self.c.max_noise_level is not None else 350
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import engine
@@ -138,6 +139,10 @@ def test_cascade_edit_is_deterministic_and_its_inversion_file_round_trips(cascad
     again, _ = cas.edit(pil, scene.caption(), target, inv.stages, steps=10, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(outs, again))
     assert [o.shape[-1] for o in outs] == [64, 256]
+    bp, _ = cas.edit(pil, scene.caption(), target, inv.stages, steps=10, backproject=3, progress=False)
+    assert torch.equal(bp[0], outs[0])
+    drift = [(F.avg_pool2d(o[1], 4) - o[0]).abs().max().item() for o in (outs, bp)]
+    assert drift[1] < 0.1 * drift[0], drift  # the ×4 stage's 4×4 means follow the edited stage below
     path = inv.save(tmp_path / "inv.safetensors")
     meta, stages = iterinv.CascadeInversion.load_stages(path)
     assert meta["prompt"] == [scene.caption()] and meta["sizes"] == [64, 256]
@@ -170,12 +175,13 @@ def test_cli_iterinv_and_edit(cascade, tmp_path, capsys, cli_error):
     edit = tmp_path / "edit"
     target = scene.replace(0, colour="blue" if scene.objects[0].colour != "blue" else "red").caption()
     assert main(["iterinv-edit", "--image", str(src), "--prompt", scene.caption(), "--edit", target,
-                 "--inversion", str(out / "inversion.safetensors"), "--steps", "5", "--out", str(edit),
-                 "--quiet"]) == 0
+                 "--inversion", str(out / "inversion.safetensors"), "--steps", "5", "--backproject", "2",
+                 "--out", str(edit), "--quiet"]) == 0
     assert {"edit.png", "mask.png", "sheet.png", "edit.json"} <= {p.name for p in edit.iterdir()}
     cli_error(["iterinv-edit", "--image", str(src), "--prompt", "x", "--edit", target, "--inversion",
                 str(out / "inversion.safetensors"), "--out", str(tmp_path / "edit2")], "--steps 5")
-    assert "psnr_outside_mask" in json.loads((edit / "edit.json").read_text())
+    report = json.loads((edit / "edit.json").read_text())
+    assert "psnr_outside_mask" in report and report["backproject"] == 2
 
 
 def test_cli_iterinv_bad_inputs(cascade, tmp_path, capsys, cli_error):
@@ -189,3 +195,4 @@ def test_cli_iterinv_bad_inputs(cascade, tmp_path, capsys, cli_error):
     cli_error(["iterinv", "--image", str(src), "--out", str(tmp_path / "a" / "b"), "--prompt", "x"], "does not exist")
     cli_error(["iterinv-edit", "--image", str(src), "--edit", "y", "--inversion", str(tmp_path / "no.safetensors"),
                 *base], "no such inversion file")
+    cli_error(["iterinv-edit", "--image", str(src), "--edit", "y", "--backproject", "-1", *base], "backproject=-1")
