@@ -182,6 +182,7 @@ def edit(backproject=3):
     image = pil(src, size)
     t0 = time.perf_counter()
     inv = cas.invert(image, src.caption(), size, "fast", "fast")
+    t_inv, vae = time.perf_counter() - t0, cas.sr.c.vae
     truth, gt = images.to_tensor(image), images.to_tensor(pil(tgt, size))
     obj = torch.from_numpy(world.masks(src, size)[:1])[None]
     grown = torch.nn.functional.max_pool2d(obj, 2 * 16 + 1, 1, 16)  # the object dilated by 16 px
@@ -192,9 +193,10 @@ def edit(backproject=3):
             1 - grown, size=im.shape[-2:], mode="area").round()).item() for im in ims]
     result = {"source": src.caption(), "edit": tgt.caption(), "size": size,
               "reconstruction_psnr": metrics.psnr(inv.images[-1], truth).item(),
+              "vae_ceiling_psnr": metrics.psnr(vae.decode_latents(vae.encode_latents(truth)), truth).item(),
               "reconstruction_psnr_outside_object_by_stage": outside(inv.images),
               "clip_edit_prompt_source": scorer.score(truth, [tgt.caption()]).item(),
-              "seconds_invert": time.perf_counter() - t0, "rows": {}}
+              "seconds_invert": t_inv, "rows": {}}
     sheet = []
     for bp in (0, backproject):
         t0 = time.perf_counter()
