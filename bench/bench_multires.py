@@ -2,6 +2,7 @@
 
     python bench/bench_multires.py --part fig3    # learn a striped star, the 3 × 5 grid and its CLIP-I table
     python bench/bench_multires.py --part speed   # training steps/s: ours vs a diffusers + transformers loop
+    python bench/bench_multires.py --part speed --device cuda   # the same on a GPU (not yet run)
 
 fig3: the concept (a red star with yellow stripes: no caption of the training world has stripes on an object)
 is learned from 4 renders; then for each mode (fixed <C|i|>, semi <C(i)>, fully <C[i]>) and i ∈ {0, 3, 5, 7, 9},
@@ -119,9 +120,12 @@ def speed(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(2)
-    pixels = concept_images()
-    ours = engine.load()
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(2)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    pixels = concept_images().to(dev)
+    ours = engine.load(device=args.device)
     tok = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
     words = [f"<{TOKEN}|{i}|>" for i in range(10)]
     tok.add_tokens(words)
@@ -135,11 +139,11 @@ def speed(args):
     vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL / "vae")
     sched = DDPMScheduler.from_pretrained(DEFAULT_MODEL / "scheduler")
     for m in (unet, vae, te):
-        m.requires_grad_(False)
+        m.to(dev).requires_grad_(False)
     te.get_input_embeddings().requires_grad_(True)
     opt = torch.optim.AdamW(te.get_input_embeddings().parameters(), lr=2e-3, weight_decay=1e-2)
     orig = te.get_input_embeddings().weight.detach().clone()
-    frozen = torch.ones(len(tok), dtype=torch.bool)
+    frozen = torch.ones(len(tok), dtype=torch.bool, device=dev)
     frozen[ids_new] = False
     temps = multires.templates_for("auto", ours.c.tokenizer)
     g = torch.Generator().manual_seed(0)
@@ -153,10 +157,13 @@ def speed(args):
                 z = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
             else:
                 mean, std = cached
-                z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * vae.config.scaling_factor
-            noise = torch.randn(z.shape, generator=g)
+                eps = torch.randn(mean[idx].shape, generator=g).to(dev)
+                z = (mean[idx] + std[idx] * eps) * vae.config.scaling_factor
+            noise = torch.randn(z.shape, generator=g).to(dev)
             prompts = [temps[k % len(temps)].format(words[int(b) // 100]) for k, b in enumerate(t)]
             ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            ids = ids.to(dev)
+            t = t.to(dev)
             pred = unet(sched.add_noise(z, noise, t), t, te(ids)[0]).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
             loss.backward()
@@ -169,7 +176,8 @@ def speed(args):
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
         cached = dist.mean, dist.std
-    z, tt, emb = torch.randn(4, 4, 16, 16), torch.randint(1000, (4,)), torch.randn(4, 77, 128, requires_grad=True)
+    z, tt = torch.randn(4, 4, 16, 16, device=dev), torch.randint(1000, (4,), device=dev)
+    emb = torch.randn(4, 77, 128, device=dev, requires_grad=True)
 
     def unet_alone(n):  # the floor of any loop on this model: our UNet's forward + backward to the text embeddings
         ours.c.unet.requires_grad_(False)
@@ -185,18 +193,22 @@ def speed(args):
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
+            sync()
             t0 = time.perf_counter()
             fn(args.speed_steps)
+            sync()
             times[name].append(args.speed_steps / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(), "batch": 4, "resolution": 64,
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    result = {"device": dev.type, "device_name": name, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+              "batch": 4, "resolution": 64,
               "steps_per_run": args.speed_steps, "repeats": args.repeats, "steps_per_s": times,
               "median_steps_per_s": med, "ratio_ours_over_diffusers": med["ours"] / med["diffusers"],
               "ratio_ours_over_diffusers_cached": med["ours"] / med["diffusers + cached latents"], "goal_ratio": 2.0,
               "note": "ours includes its setup (encoding the 4 images and their mirrors once) in every run"}
     print(json.dumps({k: result[k] for k in ("median_steps_per_s", "ratio_ours_over_diffusers",
                                              "ratio_ours_over_diffusers_cached")}, indent=1))
-    _merge({"speed": result})
+    _merge({"speed" if dev.type == "cpu" else f"speed_{dev.type}": result})
 
 
 def main():
@@ -208,6 +220,7 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--speed-steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="speed: cpu (2 threads) or cuda; cuda results go to 'speed_cuda'")
     args = ap.parse_args()
     if args.part in ("speed", "all"):
         speed(args)
