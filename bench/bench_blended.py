@@ -7,7 +7,7 @@
 Each scene: the mask is object 0's mask from the world (coverage ≥ 0.5), the prompt is the scene's caption with
 that object's colour changed (never to another object's or the background's colour), and the ground truth is the
 world's re-render of the edited scene at the same size. Rows:
-multistage      `MultiStage.edit` with the engine's defaults (Options())
+multistage      `MultiStage.edit` with MSBD's stages: Options(backproject=0)
 multistage-backproject  the same stage 1, each stage's output back-projected onto the stage it upscaled
                 (Options(backproject=3): its 4×4 means are that stage's pixels)
 multistage-bicubic  the same stage 1, upscaled by bicubic instead of our ×4 model, stages from 0.25: the best of
@@ -74,8 +74,8 @@ def table(size, seed, n, with_bicubic=True):
     base, sr = engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ms = blended.MultiStage(base, sr, scorer)
-    opts = blended.Options()
-    bicubic = blended.Options(upscaler="bicubic", start=0.25)  # chosen on 8 other scenes (seed 108)
+    opts = blended.Options(backproject=0)
+    bicubic = blended.Options(upscaler="bicubic", start=0.25, backproject=0)  # chosen on 8 other scenes (seed 108)
     direct = blended.Options(candidates=1, repaint=0)
     backproject = blended.Options(backproject=3)
     per, sheet = [], []
@@ -126,7 +126,7 @@ def table(size, seed, n, with_bicubic=True):
         summary = summarize(per)
         save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts),
                               "backproject_options": {"backproject": backproject.backproject},
-                              "bicubic_options": {"upscaler": "bicubic", "start": 0.25},
+                              "bicubic_options": {"upscaler": "bicubic", "start": 0.25, "backproject": 0},
                               "direct_options": {"candidates": 1, "repaint": 0}, "summary": summary, "per_scene": per})
     images.contact_sheet(sheet, cell=192, columns=6 + with_bicubic).save(RESULTS / f"blended_{size}.png")
     write_markdown()

@@ -145,7 +145,7 @@ class Options:
     sr_steps: int = 20              # ours: DDIM steps of each ×4 super-resolution
     sr_noise_level: int = 20
     sr_guidance: float = 1.0
-    backproject: int = 0            # ours: back-project each stage's output onto what it upscaled (images.back_project)
+    backproject: int = 3            # ours: back-project each stage's output onto what it upscaled (images.back_project)
     stage_model: str = "sr"         # ours: the SR model denoises the stages (the base one knows only its own size)
     stage_steps: int = 100          # the stages' schedule, of which the lowest `start` fraction runs
     start: float = 0.4

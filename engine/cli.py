@@ -133,7 +133,7 @@ def _blend_args(sub):
                    f"upscales the previous one: the ×4 model or bicubic (default {o.upscaler})")
     p.add_argument("--sr-steps", type=int, default=o.sr_steps, help=f"DDIM steps of each ×4 (default {o.sr_steps})")
     p.add_argument("--backproject", type=int, default=o.backproject, help="back-projection iterations on each "
-                   "stage's output, so that its 4×4 means are the stage it upscaled (3 is plenty; default "
+                   "stage's output, so that its 4×4 means are the stage it upscaled; 0 gives MSBD's stages (default "
                    f"{o.backproject})")
     p.add_argument("--stage-model", choices=STAGE_MODELS, default=o.stage_model, help="the model of the stages' "
                    f"blended diffusion (default {o.stage_model})")

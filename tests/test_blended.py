@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import engine
@@ -200,6 +201,18 @@ def test_edit_keeps_the_outside_exactly_and_is_deterministic(editor):
     assert not torch.equal(res.image, other.image)
 
 
+def test_backprojected_stages_keep_stage_1_colours(editor):
+    _, new, src, mask = _scene(256)
+    inner = F.max_pool2d(-F.avg_pool2d(torch.from_numpy(mask)[None, None], 4), 3, 1, 1) == -1  # 64² blocks well inside
+    assert inner.sum() > 20
+    drift = {}
+    for k in (0, 3):
+        res = editor.edit(src, mask, new.caption(), B.Options(**FAST, backproject=k), progress=False)
+        drift[k] = (F.avg_pool2d(res.stages[1], 4) - res.stages[0]).abs()[inner.expand(1, 3, -1, -1)].max().item()
+    assert B.Options().backproject == 3
+    assert drift[3] < 0.1 * drift[0], drift
+
+
 def test_edit_with_an_empty_mask_returns_the_source(editor):
     _, new, src, mask = _scene(256)
     with pytest.warns(UserWarning, match="empty"):
@@ -210,7 +223,7 @@ def test_edit_with_an_empty_mask_returns_the_source(editor):
 def test_edit_variants_run_and_refuse_bad_input(editor):
     _, new, src, mask = _scene(256)
     for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2),
-                    dict(backproject=3, max_side=128, overlap=32)):
+                    dict(backproject=0, max_side=128, overlap=32)):
         res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
         m = torch.from_numpy(mask)[None, None]
         assert torch.equal(res.image * (1 - m), src * (1 - m))
