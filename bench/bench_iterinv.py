@@ -3,6 +3,7 @@
     python bench/bench_iterinv.py --size 256 --scenes 20 --paper-scenes 4
     python bench/bench_iterinv.py --size 1024 --scenes 5 --methods ddim fast
     python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle, two ways
+    python bench/bench_iterinv.py --edit-table --scenes 20   # 256²: 20 recolouring edits, two ways
     python bench/bench_iterinv.py --timing                   # paper vs fast solve time, alone, alternating
     python bench/bench_iterinv.py --mask                     # DiffEdit mask settings vs the world's masks
 
@@ -222,6 +223,43 @@ def edit(backproject=3):
     print(json.dumps(result, indent=1))
 
 
+def edit_table(n=20, size=256, backproject=3):
+    """IterInv + DiffEdit on n held-out scenes (seed 109, object 0 recoloured), as the reference and with
+    back-projection, from one inversion: edit success (tiny CLIP picks the target colour among the 8), PSNR outside
+    the object dilated by size/64 px against the source, PSNR to the world's drawn edit, CLIP of the edit prompt."""
+    from bench_direct import edits
+
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    ss = world.scenes(109, n)
+    new = edits(ss)
+    caps, targets = [s.caption() for s in ss], [s.caption() for s in new]
+    pils = [pil(s, size) for s in ss]
+    src, truth = images.to_tensor(pils), images.to_tensor([pil(s, size) for s in new])
+    r = size // 64
+    obj = torch.from_numpy(np.stack([world.masks(s, size)[0] for s in ss]))[:, None]
+    keep = 1 - torch.nn.functional.max_pool2d(obj, 2 * r + 1, 1, r)  # outside the object dilated by r px
+    cands = [[t.replace(0, colour=c).caption() for c in world.COLOURS] for t in new]
+    target = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in new])
+    t0 = time.perf_counter()
+    inv = cas.invert(pils, caps, size, "fast", "fast", progress=False)
+    result = {"scenes": n, "seed": 109, "size": size, "seconds_invert": time.perf_counter() - t0,
+              "reconstruction_psnr": metrics.psnr(inv.images[-1], src).mean().item(), "rows": {}}
+    for bp in (0, backproject):
+        t0 = time.perf_counter()
+        outs, _ = cas.edit(pils, caps, targets, inv.stages, backproject=bp, progress=False)
+        x = outs[-1]
+        per = {"success": (scorer.classify(x, cands) == target).tolist(),
+               "psnr_outside_object": [metrics.psnr(x[i:i + 1], src[i:i + 1], keep[i:i + 1]).item() for i in range(n)],
+               "psnr_to_ground_truth_edit": metrics.psnr(x, truth).tolist(),
+               "clip_edit_prompt": scorer.score(x, targets).tolist()}
+        name = f"backproject-{bp}" if bp else "reference"
+        result["rows"][name] = {"backproject": bp, "seconds_edit": time.perf_counter() - t0,
+                                **{k: statistics.mean(map(float, v)) for k, v in per.items()}, "per_scene": per}
+        print(name, {k: round(v, 3) for k, v in result["rows"][name].items() if isinstance(v, float)}, flush=True)
+    save(f"edit_table_{size}", result)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256, choices=[256, 1024])
@@ -230,6 +268,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, help="scenes per cascade call, each saved when done (default: all at once)")
     ap.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--edit", action="store_true", help="only the 1024² edit example")
+    ap.add_argument("--edit-table", action="store_true", help="only the edit on --scenes scenes at --size, both ways")
     ap.add_argument("--timing", action="store_true", help="only the paper-vs-fast solve timing at 256²")
     ap.add_argument("--mask", action="store_true", help="only the DiffEdit mask settings against the world's masks")
     ARGS = ap.parse_args()
@@ -240,5 +279,7 @@ if __name__ == "__main__":
         mask()
     elif ARGS.edit:
         edit()
+    elif ARGS.edit_table:
+        edit_table(ARGS.scenes, ARGS.size)
     else:
         table(ARGS.size, ARGS.paper_scenes, ARGS.scenes)
