@@ -250,7 +250,7 @@ def edit_table(n=20, size=256, backproject=3):
         outs, _ = cas.edit(pils, caps, targets, inv.stages, backproject=bp, progress=False)
         x = outs[-1]
         per = {"success": (scorer.classify(x, cands) == target).tolist(),
-               "psnr_outside_object": [metrics.psnr(x[i:i + 1], src[i:i + 1], keep[i:i + 1]).item() for i in range(n)],
+               "psnr_outside_object": metrics.psnr(x, src, keep).tolist(),
                "psnr_to_ground_truth_edit": metrics.psnr(x, truth).tolist(),
                "clip_edit_prompt": scorer.score(x, targets).tolist()}
         name = f"backproject-{bp}" if bp else "reference"
