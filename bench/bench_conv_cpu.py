@@ -1,5 +1,5 @@
 """3×3 convolutions of the SD1.5 UNet (CFG batch 2, 512 px) and of the embedded tiny UNet (batch 2, 64 px) on the
-CPU: oneDNN on NCHW and on channels-last tensors, and NHWC im2col + GEMM (kernels/conv.py), with the rule
+CPU: oneDNN on NCHW and on channels-last tensors, and NHWC im2col + GEMM (engine/kernels/conv.py), with the rule
 `im2col_applies` picks from. Medians of alternating runs; writes bench/results/conv_cpu.json.
 
     python bench/bench_conv_cpu.py [--repeats 7]
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine.profile import cpu_name  # noqa: E402
-from kernels.conv import im2col_applies, im2col_conv3x3  # noqa: E402
+from engine.kernels.conv import im2col_applies, im2col_conv3x3  # noqa: E402
 
 # (C_in, C_out, H = W, stride) of the SD1.5 UNet's 3×3 convolutions at a 64×64 latent
 SHAPES = [(320, 320, 64, 1), (640, 320, 64, 1), (640, 640, 32, 1), (1280, 640, 32, 1), (320, 320, 64, 2),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
+from engine import kernels  # noqa: E402
 
 ATTENTION = [  # (batch, heads, query length, key length, head dim): SD1.5 UNet levels, and the VAE's mid block
     (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),

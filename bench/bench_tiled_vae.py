@@ -91,7 +91,7 @@ def part_tiny(args):
 
 
 def part_attention(args):
-    import kernels
+    from engine import kernels
     q, k, v = (torch.randn(1, 1, 65536, 64) for _ in range(3))
     _, t = timed(lambda: kernels.attention(q, k, v))
     return dict(tokens=65536, channels=64, seconds=round(t, 2), extrapolated_1M_tokens_s=round(t * 16 ** 2),

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-import kernels
+from . import kernels
 from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
 
 TILE_PIXELS = 1024 * 1024  # default budget: images with more pixels than this are tiled (ENGINE_VAE_TILE_PIXELS)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the Triton kernels' tests run on the CPU interpreter; set before `import kernels`
+if not torch.cuda.is_available():  # the Triton kernels' tests run on the CPU interpreter; set before `import engine.kernels`
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The three families the engine must load: SD 1.x, SD 2.x, and the x4 upscaler, shrunk.

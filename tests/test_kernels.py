@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.conv import im2col_applies, im2col_conv3x3
+from engine import kernels
+from engine.kernels.conv import im2col_applies, im2col_conv3x3
 
 
 @pytest.mark.parametrize("cin,cout,h,w,stride", [

@@ -7,7 +7,7 @@ Tolerance: max abs diff <= 1e-4 on every output.
 import pytest
 import torch
 
-import kernels
+from engine import kernels
 from engine import tiled_vae
 from engine.models.vae import AutoencoderKL, VAEConfig
 

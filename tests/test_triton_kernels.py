@@ -1,6 +1,6 @@
 """The Triton kernels against the torch ops, forward and backward.
 
-On a machine without CUDA they run under TRITON_INTERPRET=1 (set in conftest.py before `kernels` is imported):
+On a machine without CUDA they run under TRITON_INTERPRET=1 (set in conftest.py before `engine.kernels` is imported):
 slow, but the same kernel code, so the shapes are the SD shape classes scaled down to what the interpreter can
 do: head dims 40/64/80/160/512, 77-token keys, odd lengths, batch > 1. On CUDA the same tests run natively.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from engine import kernels
 from engine.load import DEFAULT_MODEL, load_component
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")

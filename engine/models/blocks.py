@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from .. import kernels
 
 
 # When set, GroupNorm.forward(x, act) returns GROUP_NORM_HOOK(module, x, act): engine.tiled_vae uses it to
