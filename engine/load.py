@@ -22,8 +22,10 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
-# the embedded model (weights/README.md), the default of every command
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny"
+# the embedded model (weights/README.md), the default of every command: engine/weights/ when installed,
+# weights/ beside engine/ in a source checkout
+_WEIGHTS = [Path(__file__).resolve().parent / "weights", Path(__file__).resolve().parent.parent / "weights"]
+DEFAULT_MODEL = next((w for w in _WEIGHTS if (w / "tiny").is_dir()), _WEIGHTS[-1]) / "tiny"
 DEFAULT_UPSCALER = DEFAULT_MODEL.with_name("tiny-x4")
 
 
