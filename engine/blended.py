@@ -48,49 +48,49 @@ def progressive(mask: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [F.max_pool2d(mask, 3 + 2 * i, 1, 1 + i) for i in reversed(range(n))] + [mask]
 
 
-def repaint_ops(pairs: list[tuple[int, int]], repeats: int, jump: int = 1) -> list[tuple[str, int, int, int]]:
-    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j): walk `jump` steps down, then
-    `repeats` times jump back up to where the walk started and walk down again. Ops: ("down", t, t_prev, k) with
-    k the index of the pair, ("up", t_from, t_to, k)."""
-    ops = []
+def repaint_walk(pairs: list[tuple[int, int]], repeats: int, jump: int = 1) -> list[tuple[int, int]]:
+    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves (t, t_next): walk
+    `jump` steps down, then `repeats` times jump back up to where the walk started and walk down again."""
+    walk = []
     for i in range(0, len(pairs), jump):
-        chunk = [(t, tp, i + j) for j, (t, tp) in enumerate(pairs[i:i + jump])]
+        chunk = pairs[i:i + jump]
         for r in range(repeats + 1):
             if r:
-                ops.append(("up", chunk[-1][1], chunk[0][0], chunk[0][2]))
-            ops += [("down", t, tp, k) for t, tp, k in chunk]
-    return ops
+                walk.append((chunk[-1][1], chunk[0][0]))
+            walk += chunk
+    return walk
 
 
 def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond, sched: schedule.SchedulerConfig,
             steps: int, strength: float = 1.0, eta: float = 1.0, blend: str = "after", repeats: int = 0,
             jump: int = 1, generator=None, progress: bool = True, desc: str = "blend") -> torch.Tensor:
     """Blended latent diffusion (Avrahami et al. 2023, Alg. 1) from x at the grid's top timestep: a DDIM step
-    under `cond`, then x ← m·x + (1 − m)·q(z_src, level). `mask` (B, 1, h, w) in {0, 1}, or a list of masks used
-    over equal parts of the schedule (`progressive`). Background noise comes from its own generator, so an all-ones
-    mask gives exactly `sample.ddim`."""
+    under `cond`, then x ← m·x + (1 − m)·q(z_src, level). `mask` (B, 1, h, w) in {0, 1}, or a list of masks
+    used over equal parts of the schedule (`progressive`). Background noise comes from its own generator, so an
+    all-ones mask gives exactly `sample.ddim`."""
     if blend not in BLENDS:
         raise ValueError(f"blend={blend!r}: use one of {BLENDS}")
     masks = mask if isinstance(mask, list) else [mask]
     pairs = schedule.step_pairs(sched, steps, strength)
-    bg_gen = None if generator is None else torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
-    draw = lambda g: randn_tensor(x.shape, g, x.device, torch.float32).to(x.dtype)  # noqa: E731
+    index = {t: k for k, (t, _) in enumerate(pairs)}
+    bg_gen = None if generator is None else \
+        torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
 
     def background(t):
-        return z_src if t < 0 else schedule.q_sample(sched, z_src, t, draw(bg_gen))
+        if t < 0:
+            return z_src
+        return schedule.q_sample(sched, z_src, t, randn_tensor(x.shape, bg_gen, x.device, x.dtype))
 
-    for op, t, t_to, k in tqdm(repaint_ops(pairs, repeats, jump), desc=desc, disable=not progress, leave=False):
-        if op == "up":
-            x = schedule.renoise(sched, x, t, t_to, draw(generator))
-            continue
-        m = masks[k * len(masks) // len(pairs)]
-        if blend == "before":
-            x = m * x + (1 - m) * background(t)
-        out = den(x, t, cond)
-        x = schedule.ddim_step(sched, out, t, t_to, x, eta, draw(generator) if eta > 0 else None)[0]
-        if blend != "before":
-            x = m * x + (1 - m) * background(t if blend == "after" else t_to)
-    return x
+    def keep(level):  # the hook: the source, noised to `level`, outside the mask
+        def hook(x, t, t_next):
+            m = masks[index[t] * len(masks) // len(pairs)]
+            return m * x + (1 - m) * background(level(t, t_next))
+        return hook
+
+    hooks = {"after": {"after": keep(lambda t, _: t)}, "exact": {"after": keep(lambda _, t_next: t_next)},
+             "before": {"before": keep(lambda t, _: t)}}[blend]
+    return ddim(den, x, cond, sched, steps, strength, eta, generator, progress,
+                walk=repaint_walk(pairs, repeats, jump), desc=desc, **hooks)
 
 
 # ---- tiles composited with sigmoid alpha ramps (MSBD `upscale_in_parts`) ------------------------------------

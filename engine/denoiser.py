@@ -1,4 +1,7 @@
-"""The one thing samplers call: UNet + classifier-free guidance + conditioning as a function of t."""
+"""The one thing samplers call: UNet + classifier-free guidance + conditioning as a function of t.
+
+Guided batches have one layout everywhere: [uncond; cond] along the batch, the unconditional half first
+(`guided_texts`, `guided_batch`, `repeat_batch`), combined by `cfg`."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -8,6 +11,31 @@ from .profile import stage
 
 # t -> text embeddings: (2B, L, D) = [uncond; cond] when guided, (B, L, D) otherwise
 Cond = Callable[[int], torch.Tensor]
+
+
+def guided_texts(prompts: list[str], negative: list[str] | None = None) -> list[str]:
+    """The texts of a guided batch: [negative (default ""); prompts]."""
+    return (negative or [""] * len(prompts)) + prompts
+
+
+def guided_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Embeddings of a guided batch from its two halves."""
+    return torch.cat([uncond, cond])
+
+
+def repeat_batch(emb: torch.Tensor, n: int, guided: bool) -> torch.Tensor:
+    """The batch repeated n times, each half on its own: row j·B + i is sample i of copy j."""
+    return torch.cat([half.repeat(n, *(1,) * (half.ndim - 1)) for half in emb.chunk(2 if guided else 1)])
+
+
+def repeat_cond(cond: "Cond", n: int, guided: bool) -> "Cond":
+    """`cond` for n copies of its batch (encoded once, repeated as `repeat_batch`)."""
+    return cond if n == 1 else lambda t: repeat_batch(cond(t), n, guided)
+
+
+def cfg(out_u: torch.Tensor, out_c: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): out_u + w · (out_c − out_u)."""
+    return out_u + w * (out_c - out_u)
 
 
 def constant(emb: torch.Tensor) -> Cond:
@@ -26,10 +54,10 @@ def per_step(table: dict[int, torch.Tensor]) -> Cond:
 
 @dataclass
 class Denoiser:
-    """ε̂ / v̂ (x, t) with CFG in one batched UNet call: out = out_u + w · (out_c − out_u) (Ho & Salimans 2022)."""
+    """ε̂ / v̂ (x, t) with CFG in one batched UNet call."""
     unet: torch.nn.Module
     guidance: float = 1.0
-    concat: torch.Tensor | None = None        # channels appended to the latent (x4 upscaler: the noisy low-res image)
+    concat: torch.Tensor | None = None  # channels appended to the latent (x4 upscaler: the noisy low-res image)
     class_labels: torch.Tensor | None = None  # x4 upscaler: the noise level of `concat`
 
     @property
@@ -44,7 +72,4 @@ class Denoiser:
         labels = None if self.class_labels is None else self.class_labels.repeat(n)
         with stage("unet step"):
             out = self.unet(xin, t, cond(t), labels)
-        if not self.guided:
-            return out
-        out_u, out_c = out.chunk(2)
-        return out_u + self.guidance * (out_c - out_u)
+        return cfg(*out.chunk(2), self.guidance) if self.guided else out

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import schedule
-from .denoiser import Cond, Denoiser, constant, per_step
+from .denoiser import Cond, Denoiser, cfg, constant, guided_batch, per_step
 from .images import write_atomic
 
 CONVENTIONS = ("destination", "source")
@@ -136,7 +136,7 @@ def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: 
 
         def step(emb):  # the guided DDIM step from x with unconditional embedding emb
             out_u = plain(x, t, constant(emb))
-            return schedule.ddim_step(sched, out_u + w * (out_c - out_u), t, t_prev, x)[0]
+            return schedule.ddim_step(sched, cfg(out_u, out_c, w), t, t_prev, x)[0]
 
         stop = early_stop + 1e-3 * i / n
         if method == "reference":
@@ -188,4 +188,5 @@ def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:
     """Conditioning for guided sampling with the per-step null-text embeddings of `traj`."""
     if traj.uncond is None:
         raise ValueError("this trajectory has no null-text embeddings: invert with null_text='reference' or 'fast'")
-    return per_step({t: torch.cat([u, cond]) for (t, _), u in zip(traj.sampling_pairs, traj.uncond)})
+    pairs = zip(traj.sampling_pairs, traj.uncond)
+    return per_step({t: guided_batch(u, cond) for (t, _), u in pairs})

@@ -163,12 +163,10 @@ def masked_ddim(den: Denoiser, traj, cond: Cond, sched, mask: torch.Tensor, prog
     """DiffEdit's masked DDIM: sample from the trajectory's top latent under `cond`; after every step keep the
     inverted latent of the same level outside the mask, x ← m·x + (1 − m)·z*_{t_prev}. (DiffEdit's code blends
     with the latent one level noisier; here both sit at t_prev, and the last step keeps z0 outside the mask.)"""
-    x = traj.latents[-1]
-    level = {t: z for t, z in zip(traj.timesteps, traj.latents)}
-    for t, t_prev in tqdm(traj.sampling_pairs, desc="masked edit", disable=not progress, leave=False):
-        x = schedule.ddim_step(sched, den(x, t, cond), t, t_prev, x)[0]
-        x = mask * x + (1 - mask) * level[t_prev]
-    return x
+    level = dict(zip(traj.timesteps, traj.latents))
+    return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength, progress=progress,
+                after=lambda x, t, t_prev: mask * x + (1 - mask) * level[t_prev], walk=traj.sampling_pairs,
+                desc="masked edit")
 
 
 # ---- the cascade: base model at 64² → ×4 → ×4 ------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, repeat_batch
 
 
 def starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -48,7 +48,6 @@ class Tiled:
         boxes = [(y, x0) for y in starts(h, th, self.overlap) for x0 in starts(w, tw, self.overlap)]
         weight = ramp(self.tile, self.overlap)[:th, :tw].to(x)
         emb = cond(t)
-        n = 2 if self.guided else 1
         out = torch.zeros_like(x)
         total = torch.zeros_like(x[:1, :1])
         den = self.denoiser
@@ -56,8 +55,7 @@ class Tiled:
             chunk = boxes[i:i + self.batch]
             k = len(chunk)
             crop = lambda z: torch.cat([z[:, :, y:y + th, x0:x0 + tw] for y, x0 in chunk])  # noqa: E731
-            # tile-major batch: row j*b + i is tile j of image i; repeat each half of [uncond; cond] to match
-            e = torch.cat([part.repeat(k, 1, 1) for part in emb.chunk(n)])
+            e = repeat_batch(emb, k, self.guided)  # tile-major batch: row j*b + i is tile j of image i
             tiled = replace(den, concat=None if den.concat is None else crop(den.concat),
                             class_labels=None if den.class_labels is None else den.class_labels.repeat(k))
             pred = tiled(crop(x), t, lambda _: e)

@@ -64,14 +64,14 @@ def test_all_zeros_mask_keeps_the_source_and_half_masks_keep_their_half():
 
 def test_repaint_schedule():
     pairs = S.step_pairs(EPS, 4)
-    assert [op[0] for op in B.repaint_ops(pairs, 0)] == ["down"] * 4
-    ops = B.repaint_ops(pairs, 2)
-    assert sum(op[0] == "down" for op in ops) == 12 and sum(op[0] == "up" for op in ops) == 8
-    (t, tp), up = pairs[0], ops[1]
-    assert ops[0] == ("down", t, tp, 0) and up == ("up", tp, t, 0)  # jump back up to where the step started
-    ops = B.repaint_ops(pairs, 1, jump=2)
-    assert [op[0] for op in ops[:6]] == ["down", "down", "up", "down", "down", "down"]
-    assert ops[2] == ("up", pairs[1][1], pairs[0][0], 0)
+    assert B.repaint_walk(pairs, 0) == pairs
+    walk = B.repaint_walk(pairs, 2)
+    assert sum(tn < t for t, tn in walk) == 12 and sum(tn > t for t, tn in walk) == 8
+    (t, tp), up = pairs[0], walk[1]
+    assert walk[0] == (t, tp) and up == (tp, t)  # jump back up to where the step started
+    walk = B.repaint_walk(pairs, 1, jump=2)
+    assert [tn < t for t, tn in walk[:6]] == [True, True, False, True, True, True]
+    assert walk[2] == (pairs[1][1], pairs[0][0])
     # re-noising from t up to t_to keeps a sample of q(x0, t) a sample of q(x0, t_to): its noise variance
     g = torch.Generator().manual_seed(0)
     n1, n2 = torch.randn(2, 200_000, generator=g, dtype=torch.float64)
