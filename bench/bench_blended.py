@@ -73,7 +73,7 @@ def scores(x, src, truth, m, scorer, new, colour):
 def table(size, seed, n, with_bicubic=True):
     base, sr = engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    ms = blended.MultiStage(base, sr, scorer)
+    ms = blended.MultiStage(base.model, sr.model, scorer)
     opts = blended.Options(backproject=0)
     bicubic = blended.Options(upscaler="bicubic", start=0.25, backproject=0)  # chosen on 8 other scenes (seed 108)
     direct = blended.Options(candidates=1, repaint=0)
@@ -98,8 +98,7 @@ def table(size, seed, n, with_bicubic=True):
         s1 = m * up + (1 - m) * src
         t0 = time.perf_counter()
         d = min(size, opts.max_side)
-        res = blended.Result(src, [], m, (0, 0, size))
-        low = ms._stage1(src, m, prompt, replace(direct, seed=i), res, False, "direct", side=d)
+        low = ms.direct(src, m, prompt, replace(direct, seed=i), side=d, progress=False)
         dr = m * blended.resize(low, size, "bicubic") + (1 - m) * src
         t_d = time.perf_counter() - t0
         row = {"scene": i, "prompt": prompt, "target": colour, "mask_fraction": m.mean().item(),

@@ -64,11 +64,11 @@ def edits(ss, seed=104):
 
 @torch.no_grad()
 def part_recon(pipe, n):
-    c = pipe.c
+    c = pipe.model
     ss, x = data(n)
     z0 = c.vae.encode_latents(x)
     vae_only = c.vae.decode_latents(z0)
-    den, empty = Denoiser(c.unet), constant(pipe.encode_prompt([""] * n, None, False))
+    den, empty = Denoiser(c.unet), constant(pipe.model.encode_prompt([""] * n, None, False))
     grid = {}
     for n_inv in STEPS:
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def part_recon(pipe, n):
 
 @torch.no_grad()
 def part_tradeoff(pipe, n, guidances=(3.0,), source="empty"):
-    c = pipe.c
+    c = pipe.model
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ss, x = data(n)
     tgt = edits(ss)
@@ -100,13 +100,13 @@ def part_tradeoff(pipe, n, guidances=(3.0,), source="empty"):
     src_col = torch.tensor([list(world.COLOURS).index(s.objects[0].colour) for s in ss])
     z0 = c.vae.encode_latents(x)
     src_prompts = [""] * n if source == "empty" else [s.caption() for s in ss]
-    traj = invert(Denoiser(c.unet), z0, constant(pipe.encode_prompt(src_prompts, None, False)), c.scheduler, 100,
+    traj = invert(Denoiser(c.unet), z0, constant(pipe.model.encode_prompt(src_prompts, None, False)), c.scheduler, 100,
                   convention="source", progress=False)
     base = scorer.classify(x, cands)
     rows = []
     for w in guidances:
         den = Denoiser(c.unet, w)
-        cond = constant(pipe.encode_prompt([t.caption() for t in tgt], None, True))
+        cond = constant(pipe.model.encode_prompt([t.caption() for t in tgt], None, True))
         for lam in LAMBDAS:
             t0 = time.perf_counter()
             out = c.vae.decode_latents(direct.edit(den, traj, cond, c.scheduler, lam, progress=False))
@@ -136,14 +136,14 @@ def part_tradeoff(pipe, n, guidances=(3.0,), source="empty"):
 
 
 def part_nti(pipe, n):
-    c = pipe.c
+    c = pipe.model
     ss, x = data(n)
     rows = []
     for k in range(n):
         cap = ss[k].caption()
         with torch.no_grad():
-            cond = pipe.encode_prompt([cap], None, False)
-            uncond = pipe.encode_prompt([""], None, False)
+            cond = pipe.model.encode_prompt([cap], None, False)
+            uncond = pipe.model.encode_prompt([""], None, False)
             t0 = time.perf_counter()
             traj = invert(Denoiser(c.unet), c.vae.encode_latents(x[k:k + 1]), constant(cond), c.scheduler, 50,
                           progress=False)

@@ -67,12 +67,12 @@ def summary(per):
 
 
 def table(size, n_paper, n):
-    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ss = world.scenes(106, n)
     caps, pils = [s.caption() for s in ss], [pil(s, size) for s in ss]
     truth = images.to_tensor(pils)
-    vae = cas.sr.c.vae
+    vae = cas.sr.vae
     old = json.loads(OUT.read_text()).get(f"table_{size}", {}) if OUT.exists() else {}
     rows = old.get("per_scene", {}) if old.get("scenes") == n else {}  # rows of earlier runs on these scenes
     with torch.no_grad():
@@ -119,11 +119,11 @@ def save_table(size, n, rows):
 def timing(k=4, rounds=2):
     """The SR-stage solve alone (64² render as conditioning → 256²), paper vs fast on the same batch of k
     scenes, alternating which goes first, `rounds` times; nothing else running."""
-    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
-    c = cas.sr.c
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
+    c = cas.sr
     ss = world.scenes(106, k)
     low, truth = (torch.from_numpy(world.render_batch(ss, r)) for r in (64, 256))
-    den = cas._sr_denoiser(low, randn_tensor(low.shape, generator(0)), 100)
+    den = cas.sr_denoiser(low, randn_tensor(low.shape, generator(0)), 100)
     cond = constant(cas.sr.encode_prompt([s.caption() for s in ss], None, False))
     runs = []
     with torch.no_grad():
@@ -157,14 +157,14 @@ def mask(n=20):
     ss = world.scenes(106, n)
     x = torch.from_numpy(world.render_batch(ss, 64))
     truth = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None] > 0.5
-    den = Denoiser(base.c.unet, 3.0)
-    rep = lambda ps: constant(base.encode_prompt(ps * 10, None, True))  # noqa: E731
+    den = Denoiser(base.model.unet, 3.0)
+    rep = lambda ps: constant(base.model.encode_prompt(ps * 10, None, True))  # noqa: E731
     src, tgt = rep([s.caption() for s in ss]), rep([s.caption() for s in edits(ss)])
     out = []
     with torch.no_grad():
-        z0 = base.c.vae.encode_latents(x)
+        z0 = base.model.vae.encode_latents(x)
         for strength, ratio in ((0.1, 1.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0), (0.5, 4.0), (0.8, 3.0)):
-            m = iterinv.diffedit_mask(den, z0, src, tgt, base.c.scheduler, 50, strength, 10, ratio, generator(0))
+            m = iterinv.diffedit_mask(den, z0, src, tgt, base.model.scheduler, 50, strength, 10, ratio, generator(0))
             m = torch.nn.functional.interpolate(m, size=(64, 64), mode="nearest") > 0.5
             inter, union = (m & truth).sum((1, 2, 3)), (m | truth).sum((1, 2, 3))
             out.append({"strength": strength, "ratio": ratio, "iou": (inter / union).mean().item(),
@@ -177,13 +177,13 @@ def edit(backproject=3):
     """The 1024² edit twice from one inversion: as the reference (each ×4 stage as sampled) and with ours,
     each ×4 stage back-projected onto the edited stage below."""
     size = 1024
-    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
     src = world.Scene((world.Obj("circle", "red", "large", "in the center"),), "striped", "gray")
     tgt = src.replace(0, colour="blue")
     image = pil(src, size)
     t0 = time.perf_counter()
     inv = cas.invert(image, src.caption(), size, "fast", "fast")
-    t_inv, vae = time.perf_counter() - t0, cas.sr.c.vae
+    t_inv, vae = time.perf_counter() - t0, cas.sr.vae
     truth, gt = images.to_tensor(image), images.to_tensor(pil(tgt, size))
     obj = torch.from_numpy(world.masks(src, size)[:1])[None]
     grown = torch.nn.functional.max_pool2d(obj, 2 * 16 + 1, 1, 16)  # the object dilated by 16 px
@@ -229,7 +229,7 @@ def edit_table(n=20, size=256, backproject=3):
     the object dilated by size/64 px against the source, PSNR to the world's drawn edit, CLIP of the edit prompt."""
     from bench_direct import edits
 
-    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER))
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ss = world.scenes(109, n)
     new = edits(ss)

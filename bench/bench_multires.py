@@ -48,10 +48,10 @@ def fig3(args):
     path = RESULTS / "multires_star.safetensors"
     losses = []
     t0 = time.perf_counter()
-    concept = multires.train(pipe.c, pixels, cfg, path, RESULTS / "multires_star.ckpt.safetensors",
+    concept = multires.train(pipe.model, pixels, cfg, path, RESULTS / "multires_star.ckpt.safetensors",
                              on_step=lambda s, loss: losses.append(loss))
     train_s = time.perf_counter() - t0
-    pipe.concepts[TOKEN] = concept
+    pipe.model.concepts[TOKEN] = concept
     ref = scorer.encode_image(pixels)
 
     def similarity(prompt):
@@ -92,7 +92,7 @@ def fig3(args):
                                                              "loss_first_100": statistics.mean(losses[:100]),
                                                              "loss_last_100": statistics.mean(losses[-100:])},
               "sampling": {"steps": 50, "guidance": args.guidance, "samples_per_cell": args.samples,
-                           "seed": args.seed, "prompt": PROMPT, "semi": pipe.semi},
+                           "seed": args.seed, "prompt": PROMPT, "semi": pipe.model.semi},
               "metric": "tiny-CLIP image-image cosine similarity of each sample to the 4 concept images, mean",
               "clip_i": table, "baselines": baselines, "checks": checks}
     _merge({"fig3": result})
@@ -145,7 +145,7 @@ def speed(args):
     orig = te.get_input_embeddings().weight.detach().clone()
     frozen = torch.ones(len(tok), dtype=torch.bool, device=dev)
     frozen[ids_new] = False
-    temps = multires.templates_for("auto", ours.c.tokenizer)
+    temps = multires.templates_for("auto", ours.model.tokenizer)
     g = torch.Generator().manual_seed(0)
 
     def diffusers_steps(n, cached=None):
@@ -180,9 +180,9 @@ def speed(args):
     emb = torch.randn(4, 77, 128, device=dev, requires_grad=True)
 
     def unet_alone(n):  # the floor of any loop on this model: our UNet's forward + backward to the text embeddings
-        ours.c.unet.requires_grad_(False)
+        ours.model.unet.requires_grad_(False)
         for _ in range(n):
-            ours.c.unet(z, tt, emb).square().mean().backward()
+            ours.model.unet(z, tt, emb).square().mean().backward()
 
     runs = {"ours": lambda n: multires.train(ours.c, pixels, cfg(n), progress=False),
             "diffusers": diffusers_steps,

@@ -1,13 +1,19 @@
-"""Tiled vs untiled VAE (engine.tiled_vae), fp32 on the CPU, 2 threads; writes bench/results/tiled_vae.json.
+"""Tiled vs untiled VAE (engine.tiled_vae), fp32 on the CPU, 2 threads; writes
+bench/results/tiled_vae.json.
 
-    python bench/bench_tiled_vae.py                        # sd, tiny, attention, rss (2048² and 4096²)
+    python bench/bench_tiled_vae.py                  # sd, tiny, attention, rss (2048² and 4096²)
     python bench/bench_tiled_vae.py --only rss --sizes 4096
 
-sd:        SD-VAE-architecture decoder (128/256/512/512, 2 layers, 32 groups, f=8), random weights, 512² output.
+sd:        SD-VAE-architecture decoder (128/256/512/512, 2 layers, 32 groups, f=8), random weights,
+           512² output.
 tiny:      the embedded tiny VAE (weights/tiny/vae, f=4) at 1024²: decode and encode.
-attention: the tiny VAE's mid-block attention at 65k tokens, to extrapolate the 1M tokens of a 4096² decode.
-rss:       peak RSS of one tiny-VAE decode, tiled and untiled, each in a fresh subprocess (its own ru_maxrss).
-Each part replaces its own entry in the JSON file, so parts can run separately (the 4096² runs take an hour).
+attention: the tiny VAE's mid-block attention at 65k tokens, to extrapolate the 1M tokens of a 4096²
+           decode.
+rss:       peak RSS of one tiny-VAE decode, tiled and untiled, each in a fresh subprocess (its own
+           ru_maxrss).
+Untiled runs are the plain VAE module; tiled runs go through the strategy (tiled_vae.decode /
+encode, or decode_latents with pixels=0). Each part replaces its own entry in the JSON file, so
+parts can run separately (the 4096² runs take an hour).
 """
 import argparse
 import copy
@@ -38,21 +44,22 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def compare(vae, fn, tile):
-    """fn(vae) untiled and tiled in fp32, and untiled in fp64: max abs diffs, output scale, seconds of each."""
-    def run(v, pixels, tile_size):
-        v.tile_pixels, v.tile_size = pixels, tile_size
-        out, t = timed(lambda: fn(v))
+def compare(vae, plain, tiled, tile):
+    """plain(vae) in fp32 and fp64, tiled(vae, tile) in fp32: max abs diffs, output scale, seconds.
+    tile: latent px; None: ENGINE_VAE_TILE or the default."""
+    def run(fn):
+        out, t = timed(fn)
         return [o.double() for o in (out if isinstance(out, tuple) else (out,))], round(t, 2)
 
-    (ref, t_ref), (out, t_tiled) = run(vae, UNTILED, None), run(vae, 0, tile)
-    exact, _ = run(copy.deepcopy(vae).double(), UNTILED, None)
+    (ref, t_ref), (out, t_tiled) = run(lambda: plain(vae)), run(lambda: tiled(vae, tile))
+    exact, _ = run(lambda: plain(copy.deepcopy(vae).double()))
 
     def diff(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
-    return dict(tile_latent_px=tiled_vae.settings(vae)[1], max_abs_diff=diff(out, ref), output_std=ref[0].std().item(),
-                output_abs_max=ref[0].abs().max().item(), untiled_vs_fp64=diff(ref, exact),
-                tiled_vs_fp64=diff(out, exact), untiled_s=t_ref, tiled_s=t_tiled)
+    return dict(tile_latent_px=tiled_vae.settings(vae, tile=tile)[1], max_abs_diff=diff(out, ref),
+                output_std=ref[0].std().item(), output_abs_max=ref[0].abs().max().item(),
+                untiled_vs_fp64=diff(ref, exact), tiled_vs_fp64=diff(out, exact), untiled_s=t_ref,
+                tiled_s=t_tiled)
 
 
 def dtype(vae):
@@ -61,10 +68,10 @@ def dtype(vae):
 
 def sd_vae():
     torch.manual_seed(0)
-    vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                  norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4)).eval()
-    with torch.no_grad():  # non-trivial GroupNorm affines, so a tone shift between tiles would show
+    with torch.no_grad():  # non-trivial GroupNorm affines, so a tone shift between tiles shows
         for name, p in vae.named_parameters():
             if "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
@@ -74,8 +81,11 @@ def sd_vae():
 def part_sd(args):
     vae = sd_vae()
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
-    return dict(config="block_out_channels 128/256/512/512, layers_per_block 2, 32 groups, f=8, mid attention",
-                output_px=512, decode=compare(vae, lambda v: v.decode(z.to(dtype(v))), args.sd_tile))
+    return dict(config="block_out_channels 128/256/512/512, layers_per_block 2, 32 groups, f=8, "
+                       "mid attention",
+                output_px=512, decode=compare(vae, lambda v: v.decode(z.to(dtype(v))),
+                                              lambda v, t: tiled_vae.decode(v, z.to(dtype(v)), t),
+                                              args.sd_tile))
 
 
 def tiny_vae():
@@ -86,29 +96,35 @@ def part_tiny(args):
     vae, g = tiny_vae(), torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, 256, 256, generator=g)
     x = torch.rand(1, 3, 1024, 1024, generator=g) * 2 - 1
-    return dict(output_px=1024, decode=compare(vae, lambda v: v.decode_latents(z.to(dtype(v))), args.tiny_tile),
-                encode=compare(vae, lambda v: v.encode(x.to(dtype(v))), args.tiny_tile))
+    decode = compare(vae, lambda v: v.decode_latents(z.to(dtype(v))),
+                     lambda v, t: tiled_vae.decode_latents(v, z.to(dtype(v)), pixels=0, tile=t),
+                     args.tiny_tile)
+    encode = compare(vae, lambda v: v.encode(x.to(dtype(v))),
+                     lambda v, t: v.moments(tiled_vae.encode(v, x.to(dtype(v)), t)), args.tiny_tile)
+    return dict(output_px=1024, decode=decode, encode=encode)
 
 
 def part_attention(args):
     from engine import kernels
     q, k, v = (torch.randn(1, 1, 65536, 64) for _ in range(3))
     _, t = timed(lambda: kernels.attention(q, k, v))
-    return dict(tokens=65536, channels=64, seconds=round(t, 2), extrapolated_1M_tokens_s=round(t * 16 ** 2),
+    return dict(tokens=65536, channels=64, seconds=round(t, 2),
+                extrapolated_1M_tokens_s=round(t * 16 ** 2),
                 note="quadratic in tokens: a 4096² tiny-VAE decode has 1024² tokens, tiled or not")
 
 
 def child(mode, size):
     """One decode in this process; prints a JSON line with its time and this process's peak RSS."""
-    vae = tiny_vae()
-    vae.tile_pixels = 0 if mode == "tiled" else UNTILED
+    vae, pixels = tiny_vae(), 0 if mode == "tiled" else UNTILED
     n = size // vae.downscale
     z = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(1))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    img, t = timed(lambda: vae.decode_latents(z))
+    img, t = timed(lambda: tiled_vae.decode_latents(vae, z, pixels=pixels))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(mode=mode, output_px=size, seconds=round(t, 1), peak_rss_mib=round(peak / 1024),
-                          rss_before_decode_mib=round(before / 1024), output_mib=round(img.nbytes / 2 ** 20),
+    print(json.dumps(dict(mode=mode, output_px=size, seconds=round(t, 1),
+                          peak_rss_mib=round(peak / 1024),
+                          rss_before_decode_mib=round(before / 1024),
+                          output_mib=round(img.nbytes / 2 ** 20),
                           tile_latent_px=tiled_vae.settings(vae)[1] if mode == "tiled" else None)))
 
 
@@ -116,7 +132,8 @@ def part_rss(args):
     rows = {}
     for size in args.sizes:
         for mode in ("tiled", "untiled"):
-            p = subprocess.run([sys.executable, __file__, "--child", mode, str(size)], capture_output=True, text=True)
+            p = subprocess.run([sys.executable, __file__, "--child", mode, str(size)],
+                               capture_output=True, text=True)
             row = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else dict(
                 mode=mode, output_px=size, error=p.stderr.strip().splitlines()[-1:])
             print(row, flush=True)
@@ -131,8 +148,9 @@ def load():
 
 def save(part, value):
     results = load()
-    results.update(device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads", torch=torch.__version__,
-                   dtype="float32", note="the CPU is shared with another engineer's test runs: timings are noisy")
+    results.update(device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
+                   torch=torch.__version__, dtype="float32",
+                   note="the CPU is shared with another engineer's test runs: timings are noisy")
     results[part] = value
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -143,9 +161,11 @@ PARTS = {"sd": part_sd, "tiny": part_tiny, "attention": part_attention, "rss": p
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS))
-    ap.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096], help="output sides for the rss part")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096],
+                    help="output sides for the rss part")
     ap.add_argument("--sd-tile", type=int, default=32, help="latent px (2 × 2 tiles at 512²)")
-    ap.add_argument("--tiny-tile", type=int, default=None, help="latent px; default 512 // 4 = 128 (2 × 2 tiles)")
+    ap.add_argument("--tiny-tile", type=int, default=None,
+                    help="latent px; default 512 // 4 = 128 (2 × 2 tiles)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)

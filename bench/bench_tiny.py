@@ -99,7 +99,7 @@ def gate_sr(n=50, steps=50, noise_level=20):
                                  noise_level=noise_level, seed=i, output="pt", progress=False)
                     for i in range(0, n, 10)])
     bicubic = images.to_tensor([im.resize((256, 256), Image.BICUBIC) for im in low])
-    ceiling = roundtrip(pipe.c.vae, truth, 10)  # SR output is decoded by this VAE
+    ceiling = roundtrip(pipe.model.vae, truth, 10)  # SR output is decoded by this VAE
     x = images.to_tensor(low)  # report only: with its 4×4 means put back on the input (upscale(backproject=3))
     fixed = {k: psnr(images.back_project(y, x, 3).clamp(-1, 1), truth).mean().item()
              for k, y in (("sr", sr), ("bicubic", bicubic))}

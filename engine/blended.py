@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import images, schedule
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, repeat_cond
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
 from .tiles import starts
@@ -270,13 +270,14 @@ def stage_sides(side: int, base: int) -> list[int]:
 
 
 class MultiStage:
-    """The base pipeline (stage 1) and the ×4 SR pipeline (upscaling and, by default, the stages' diffusion)."""
+    """The base model (stage 1) and the ×4 SR model (upscaling and, by default, the stages' diffusion), as
+    engine.model.Model."""
 
     def __init__(self, base, sr, scorer=None):
         if base.is_upscaler or (sr is not None and not sr.is_upscaler):
             raise ValueError("MultiStage(base, sr): need a text→image model and an x4 upscaler model, in that order")
         self.base, self.sr, self.scorer = base, sr, scorer
-        self.base_side = (base.c.unet.config.sample_size or 64) * base.c.vae.downscale
+        self.base_side = base.side
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), progress: bool = True,
@@ -289,7 +290,7 @@ class MultiStage:
             raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
             raise ValueError("the SR upscaler / stage model needs an x4 model; pass one or use bicubic + base")
-        top = (self.sr.c.max_noise_level or 350) if self.sr is not None else 350
+        top = self.sr.noise_levels if self.sr is not None else 350
         if opts.sr_noise_level > top:
             raise ValueError(f"sr_noise_level={opts.sr_noise_level}: the x4 model takes at most {top}")
         image = image.to(self.base.device, torch.float32)
@@ -304,17 +305,19 @@ class MultiStage:
         crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
         sides = stage_sides(side, self.base_side)
         res = Result(image, [], m, (y, x, side))
+        conds = self._conds(prompt, opts)
         t0 = time.perf_counter()
         if first is not None and tuple(first.shape) != (1, 3, sides[0], sides[0]):
             raise ValueError(f"first: a stage-1 result must be (1, 3, {sides[0]}, {sides[0]}), "
                              f"got {tuple(first.shape)}")
         out = first.to(image) if first is not None else \
-            self._stage1(crop, mc, prompt, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
+            self._stage1(crop, mc, prompt, conds, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
         res.log.append({"stage": 1, "side": sides[0], "seconds": round(time.perf_counter() - t0, 2)})
         res.stages.append(out)
         for k, s in enumerate(sides[1:], 2):
             t0 = time.perf_counter()
-            out, n, skipped = self._upscale(out, crop, mc, s, prompt, opts, progress, f"stage {k}/{len(sides)} ({s}²)")
+            out, n, skipped = self._upscale(out, crop, mc, s, conds, opts, progress,
+                                            f"stage {k}/{len(sides)} ({s}²)")
             res.log.append({"stage": k, "side": s, "tiles": n, "skipped_tiles": skipped,
                             "seconds": round(time.perf_counter() - t0, 2)})
             res.stages.append(out)
@@ -322,22 +325,38 @@ class MultiStage:
         res.image[..., y:y + side, x:x + side] = mc * out + (1 - mc) * crop  # the tight stitch
         return res
 
-    def _stage1(self, crop, mc, prompt, o: Options, res: Result, progress, desc, side: int | None = None):
+    @torch.no_grad()
+    def direct(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), side: int | None = None,
+               progress: bool = True) -> torch.Tensor:
+        """The direct baseline: stage 1's blended diffusion on the whole image resized to `side` (default the
+        base model's), with no upscaling stages; returns (1, 3, side, side)."""
+        m = prepare_mask(mask, image.shape[-2:]).to(image)
+        res = Result(image, [], m, (0, 0, image.shape[-1]))
+        return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress, "direct", side)
+
+    def _conds(self, prompt: str, o: Options) -> dict:
+        """The prompt encoded once for every stage: by the base model (CFG at o.guidance) and the ×4 model."""
+        conds = {"base": self.base.prompt_cond([prompt], None, o.guidance > 1)}
+        if self.sr is not None and (o.upscaler == "sr" or o.stage_model == "sr"):
+            conds["sr"] = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1)
+        return conds
+
+    def _stage1(self, crop, mc, prompt, conds, o: Options, res: Result, progress, desc, side=None):
         """Blended diffusion of the crop at the base model's side (or `side`: the direct baseline)."""
         b, n = self.base, o.candidates
         s = side or self.base_side
         src = resize(crop, s)
         m_px = binary_mask(mc, s)
-        m_z = binary_mask(mc, s // b.c.vae.downscale)
-        z_src = b.c.vae.encode_latents(src.to(b.device, b.vae_dtype)).to(b.dtype).repeat(n, 1, 1, 1)
-        den = Denoiser(b.c.unet, o.guidance)
-        cond = b.prompt_cond([prompt] * n, None, den.guided)
+        m_z = binary_mask(mc, s // b.downscale)
+        z_src = b.encode(src).repeat(n, 1, 1, 1)
+        den = b.denoiser(o.guidance)
+        cond = repeat_cond(conds["base"], n, den.guided)
         gen = make_generator(o.seed)
         x = randn_tensor(z_src.shape, gen, b.device, torch.float32).to(b.dtype)
         masks = progressive(m_z.to(x), o.dilate) if o.dilate else m_z.to(x)
-        z = blended(den, x, z_src, masks, cond, b.c.scheduler, o.steps, 1.0, o.eta, o.blend, o.repaint, o.jump, gen,
+        z = blended(den, x, z_src, masks, cond, b.scheduler, o.steps, 1.0, o.eta, o.blend, o.repaint, o.jump, gen,
                     progress, desc)
-        cands = m_px * b._decode(z, "pt").float() + (1 - m_px) * src
+        cands = m_px * b.decode(z).float() + (1 - m_px) * src
         if n > 1:
             if self.scorer is None:
                 raise ValueError(f"candidates={n} needs a CLIP scorer to rerank them; pass one or use 1 candidate")
@@ -346,7 +365,7 @@ class MultiStage:
             res.scores, res.chosen = [round(v, 3) for v in scores.tolist()], int(scores.argmax())
         return cands[res.chosen:res.chosen + 1]
 
-    def _upscale(self, prev, crop, mc, side, prompt, o: Options, progress, desc):
+    def _upscale(self, prev, crop, mc, side, conds, o: Options, progress, desc):
         """One stage: SR (or bicubic) of the previous stage, composited with the low-passed original outside the
         mask, then blended diffusion from `start`; in tiles above `max_side`. Returns (stitched, tiles, skipped)."""
         ref = resize(resize(crop, prev.shape[-1]), side)              # the original, low-passed to prev's detail
@@ -356,9 +375,6 @@ class MultiStage:
         canvas = resize(prev, side, "bicubic")
         tiled = side > o.max_side
         boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
-        sr_cond = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1) if self.sr is not None else None
-        base_cond = self.base.prompt_cond([prompt], None, o.guidance > 1) \
-            if o.stage_model == "base" else None
         done, skipped = [], 0
         for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""), disable=not progress):
             mt = m[..., y:y + th, x:x + tw]
@@ -367,35 +383,35 @@ class MultiStage:
                 continue
             box = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
             lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4), slice(x // 4, (x + tw) // 4))
-            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, sr_cond, base_cond, o,
+            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, conds, o,
                                   o.tiled_start if tiled else o.start, progress and not tiled)
             done.append(((y, x, th, tw), im))
         out = composite(canvas, done, o.overlap // 2)
         return m * out + (1 - m) * orig, len(boxes), skipped
 
-    def _stage_tile(self, lr, bicubic, ref, m, sr_cond, base_cond, o: Options, start, progress):
+    def _stage_tile(self, lr, bicubic, ref, m, conds, o: Options, start, progress):
         gen = make_generator(o.seed)  # re-seeded per tile, as MSBD: a tile's result does not depend on the others
         if o.stage_model == "sr" or o.upscaler == "sr":
             sr = self.sr
             noise = randn_tensor(lr.shape, gen, sr.device, torch.float32)
             sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise, o.sr_guidance)
         if o.upscaler == "sr":
-            shape = (1, sr.c.vae.config.latent_channels, *(4 * n // sr.c.vae.downscale for n in lr.shape[-2:]))
+            shape = (1, sr.vae.config.latent_channels, *(4 * n // sr.downscale for n in lr.shape[-2:]))
             z = randn_tensor(shape, gen, sr.device, torch.float32).to(sr.dtype)
-            up = sr._decode(ddim(sr_den, z, sr_cond, sr.c.scheduler, o.sr_steps, progress=False), "pt").float()
+            up = sr.decode(ddim(sr_den, z, conds["sr"], sr.scheduler, o.sr_steps, progress=False)).float()
         else:
             up = bicubic
         comp = m * up + (1 - m) * ref
         if o.stage_model == "sr":
-            p, den, cond = sr, sr_den, sr_cond
+            p, den, cond = sr, sr_den, conds["sr"]
         else:
-            p, den, cond = self.base, Denoiser(self.base.c.unet, o.guidance), base_cond
-        f = p.c.vae.downscale
-        z_src = p.c.vae.encode_latents(comp.to(p.device, p.vae_dtype)).to(p.dtype)
+            p, den, cond = self.base, self.base.denoiser(o.guidance), conds["base"]
+        f = p.downscale
+        z_src = p.encode(comp)
         m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)
-        t_start = int(schedule.timesteps(p.c.scheduler, o.stage_steps, start)[0])
-        x = schedule.q_sample(p.c.scheduler, z_src, t_start, randn_tensor(z_src.shape, gen, p.device,
+        t_start = int(schedule.timesteps(p.scheduler, o.stage_steps, start)[0])
+        x = schedule.q_sample(p.scheduler, z_src, t_start, randn_tensor(z_src.shape, gen, p.device,
                                                                           torch.float32).to(p.dtype))
-        z = blended(den, x, z_src, m_z, cond, p.c.scheduler, o.stage_steps, start, o.eta, o.blend, 0, 1, gen,
+        z = blended(den, x, z_src, m_z, cond, p.scheduler, o.stage_steps, start, o.eta, o.blend, 0, 1, gen,
                     progress, "stage diffusion")
-        return images.back_project(p._decode(z, "pt").float(), lr.float(), o.backproject)
+        return images.back_project(p.decode(z).float(), lr.float(), o.backproject)

@@ -132,7 +132,7 @@ def run_iterinv(args) -> list[Path]:
     with profiled(args.profile):
         base = _load(args)
         sr = _load(args, args.upscaler)
-        cas = Cascade(base, sr, args.tile, args.overlap)
+        cas = Cascade(base.model, sr.model, args.tile, args.overlap)
         progress = not args.quiet
         if args.command == "iterinv" or stages is None:
             inv = cas.invert(image, args.prompt, args.size, args.mode, args.stage1, args.steps, args.guidance,
@@ -150,8 +150,7 @@ def run_iterinv(args) -> list[Path]:
     if args.command == "iterinv":
         rec = inv.images[-1]
         with torch.no_grad():
-            vae = cas.sr.c.vae
-            ceiling = vae.decode_latents(vae.encode_latents(truth.to(cas.sr.vae_dtype))).float()
+            ceiling = cas.sr.decode(cas.sr.encode(truth)).float()
         report = {"image": str(args.image), "prompt": args.prompt, "size": args.size, "mode": args.mode,
                   "stage1": args.stage1, "steps": args.steps, "noise_level": args.noise_level, "seed": args.seed,
                   "reconstruction": {
@@ -221,7 +220,7 @@ def run_blend(args) -> list[Path]:
         base = _load(args)
         sr = _load(args, args.upscaler)
         scorer = _scorer(args)
-        res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask, args.prompt, opts,
+        res = MultiStage(base.model, sr.model, scorer).edit(images.to_tensor(image).to(base.model.device), mask, args.prompt, opts,
                                                 progress=not args.quiet)
     seconds = time.perf_counter() - t0
     src = images.to_tensor(image)
@@ -266,13 +265,13 @@ def run_ti(args) -> list[Path]:
     t0 = time.perf_counter()
     with profiled(args.profile):
         pipe = _load(args)
-        side = pipe._size(args.resolution, args.resolution)[0]
+        side = pipe.model.size(args.resolution, args.resolution)[0]
         pixels = multires.load_images(args.images, side, args.center_crop)
         ckpt = out.with_suffix(".ckpt.safetensors")
         if ckpt.is_file() and not args.quiet:
             print(f"resuming from {ckpt}")
         try:
-            multires.train(pipe.c, pixels, cfg, out, ckpt, progress=not args.quiet)
+            multires.train(pipe.model, pixels, cfg, out, ckpt, progress=not args.quiet)
         except KeyboardInterrupt:
             kept = f"rerun the same command to resume from {ckpt}" if ckpt.is_file() else "no checkpoint yet"
             print(f"interrupted: {kept}", file=sys.stderr)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import schedule
 from .denoiser import Cond, Denoiser, cfg, constant, guided_batch, per_step
 from .images import write_atomic
+from .sample import ddim
 
 CONVENTIONS = ("destination", "source")
 NULL_TEXT_METHODS = ("reference", "fast")
@@ -182,6 +183,37 @@ def _line_search(step, target, u, iters, stop):
             u = u + (-(r * jp).sum() / (jp * jp).sum().clamp_min(1e-30)) * p
             y = step(u)
     return u.detach(), y
+
+
+def invert_image(model, x: torch.Tensor, prompts: list[str], steps: int, convention: str = "destination",
+                 null_text_method: str | None = None, guidance: float = 7.5, strength: float = 1.0,
+                 progress: bool = True) -> Trajectory:
+    """DDIM-invert images x (B, 3, H, W) in [-1, 1] on an engine.model.Model: the VAE mean latent under one
+    prompt per image, without CFG; with null_text_method, also the null-text embeddings for CFG at
+    `guidance`."""
+    z0 = model.encode(x)
+    cond = model.encode_prompt(prompts)
+    traj = invert(model.denoiser(), z0, constant(cond), model.scheduler, steps, strength, convention, progress)
+    if not torch.isfinite(traj.latents[-1]).all():
+        raise FloatingPointError("the inversion produced NaN/inf values; try float32 (--dtype float32)")
+    if null_text_method is not None:
+        uncond = model.encode_prompt([""] * len(prompts))
+        traj = null_text(model.denoiser(guidance), traj, cond, uncond, model.scheduler, null_text_method,
+                         progress=progress)
+    return traj
+
+
+def reconstruct(model, traj: Trajectory, prompts: list[str], steps: int | None = None,
+                progress: bool = True) -> torch.Tensor:
+    """The latents sampled back from traj's x_T under its prompts: on its own grid with its null-text
+    embeddings and CFG when it has them, else without CFG; `steps` samples on another grid."""
+    cond = model.encode_prompt(prompts)
+    if traj.uncond is not None and steps in (None, traj.num_steps):
+        den, c = model.denoiser(traj.guidance), null_text_cond(traj, cond)
+    else:
+        den, c = model.denoiser(), constant(cond)
+    return ddim(den, traj.latents[-1], c, model.scheduler, steps or traj.num_steps, traj.strength,
+                progress=progress)
 
 
 def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import images, schedule
-from .denoiser import Cond, Denoiser, constant
-from .invert import Trajectory, invert as ddim_invert
+from .denoiser import Cond, Denoiser, constant, repeat_cond
+from .invert import Trajectory, invert as ddim_invert, invert_image, reconstruct
 from .rng import generator, randn_tensor
 from .sample import ddim
 from .tiles import Tiled
@@ -247,29 +247,28 @@ def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
 
 
 class Cascade:
-    """The base pipeline and the ×4 SR pipeline (applied once per ×4, tile by tile above `tile` low-res pixels)."""
+    """The base model and the ×4 SR model (engine.model.Model; the SR model runs once per ×4, tile by tile
+    above `tile` low-res pixels)."""
 
     def __init__(self, base, sr, tile: int = 64, overlap: int = 16):
         if not sr.is_upscaler or base.is_upscaler:
             raise ValueError("Cascade(base, sr): need a text→image model and an x4 upscaler model, in that order")
         self.base, self.sr, self.tile, self.overlap = base, sr, tile, overlap
 
-    def _sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
-        """The stage's denoiser, with ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
+    def sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
+        """An SR stage's denoiser, ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
         den = self.sr.upscaler_denoiser(low, level, noise)
         return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
 
-    def _stage1(self, x64, prompt, stage1, steps, guidance, progress):
+    def _stage1(self, x64, prompts, stage1, steps, guidance, progress):
         b = self.base
-        if stage1 in ("fast", "reference"):
-            traj = b.invert(x64, prompt, steps, "destination", stage1, guidance, progress=progress)
-            return traj, b.reconstruct(traj, prompt, output="pt", progress=progress)
-        traj = b.invert(x64, prompt, steps, "destination", progress=progress)
-        if stage1 == "npi":  # u = c: CFG collapses to the conditional prediction
-            return traj, b.reconstruct(traj, prompt, output="pt", progress=progress)
-        den = Denoiser(b.c.unet, guidance)
-        cond = constant(b.encode_prompt(prompt, None, den.guided))
-        return traj, b._decode(ddim(den, traj.latents[-1], cond, b.c.scheduler, steps, progress=progress), "pt")
+        null_text = stage1 if stage1 in ("fast", "reference") else None
+        traj = invert_image(b, x64, prompts, steps, "destination", null_text, guidance, progress=progress)
+        if stage1 != "ddim":  # npi: u = c, so CFG collapses to the conditional prediction
+            return traj, b.decode(reconstruct(b, traj, prompts, progress=progress))
+        den = b.denoiser(guidance)
+        cond = constant(b.encode_prompt(prompts, None, den.guided))
+        return traj, b.decode(ddim(den, traj.latents[-1], cond, b.scheduler, steps, progress=progress))
 
     @torch.no_grad()
     def invert(self, image, prompt, size: int = 256, method: str = "fast", stage1: str = "fast", steps: int = 50,
@@ -284,36 +283,33 @@ class Cascade:
             raise ValueError(f"method={method!r}: use one of {METHODS}")
         if stage1 not in STAGE1:
             raise ValueError(f"stage1={stage1!r}: use one of {STAGE1}")
-        top = self.sr.c.max_noise_level or 350
-        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
-            raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
+        self.sr.check_noise_level(noise_level)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         pyr = [x.to(self.base.device) for x in pyramid(image, size)]
         if len(prompts) != pyr[0].shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {pyr[0].shape[0]} images: give one prompt per image")
         traj, low = self._stage1(pyr[0].to(self.base.dtype), prompts, stage1, steps, guidance, progress)
         outs, stages = [low.float()], []
-        c = self.sr.c
-        cond = constant(self.sr.encode_prompt(prompts, None, False))
+        sr = self.sr
+        cond = constant(sr.encode_prompt(prompts))
         for target in pyr[1:]:
             gen = generator(seed)  # re-seeded per stage, as the reference
             noise = randn_tensor(low.shape, gen, low.device, torch.float32)
-            den = self._sr_denoiser(low.to(self.sr.dtype), noise, noise_level)
-            z0 = c.vae.encode_latents(target.to(self.sr.vae_dtype)).to(self.sr.dtype)
+            den = self.sr_denoiser(low.to(sr.dtype), noise, noise_level)
+            z0 = sr.encode(target)
             t0 = time.perf_counter()
             if method in MODES:
-                sol = solve(method, den, z0, cond, c.scheduler, steps, progress=progress, **solver)
+                sol = solve(method, den, z0, cond, sr.scheduler, steps, progress=progress, **solver)
                 st = SRInversion(sol.latents[-1], noise, sol.errors, sol.evals)
             else:
-                sched = c.scheduler if method == "ddim" else replace(c.scheduler, prediction_type="epsilon")
+                sched = sr.scheduler if method == "ddim" else replace(sr.scheduler, prediction_type="epsilon")
                 tr = ddim_invert(den, z0, cond, sched, steps, progress=progress)
                 st = SRInversion(tr.latents[-1], noise, None, steps)
                 if method == "ddim-reference":  # the generator was not re-seeded before the reconstruction
-                    den = self._sr_denoiser(low.to(self.sr.dtype), randn_tensor(low.shape, gen, low.device,
-                                                                                torch.float32), noise_level)
+                    redrawn = randn_tensor(low.shape, gen, low.device, torch.float32)
+                    den = self.sr_denoiser(low.to(sr.dtype), redrawn, noise_level)
             st.seconds = time.perf_counter() - t0
-            z = ddim(den, st.z_T, cond, c.scheduler, steps, progress=progress)
-            low = self.sr._decode(z, "pt")
+            low = sr.decode(ddim(den, st.z_T, cond, sr.scheduler, steps, progress=progress))
             outs.append(low.float())
             stages.append(st)
         return CascadeInversion(prompts, method, stage1, steps, noise_level, seed, traj, stages, outs)
@@ -341,23 +337,23 @@ class Cascade:
         if not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: need a number in (0, 1]")
         images.check_backproject(backproject)
-        den = Denoiser(b.c.unet, guidance)
-        z0 = b.c.vae.encode_latents(x64.to(b.vae_dtype)).to(b.dtype)
-        rep = lambda ps: constant(b.encode_prompt(ps * mask_maps, None, den.guided))  # noqa: E731
-        mask = diffedit_mask(den, z0, rep(sources), rep(targets), b.c.scheduler, mask_steps, mask_strength,
-                             mask_maps, mask_ratio, generator(seed))
+        den = b.denoiser(guidance)
+        z0 = b.encode(x64)
         src, tgt = (constant(b.encode_prompt(ps, None, den.guided)) for ps in (sources, targets))
-        traj = ddim_invert(den, z0, src, b.c.scheduler, steps, strength, "destination", progress)
-        low = b._decode(masked_ddim(den, traj, tgt, b.c.scheduler, mask, progress), "pt")
+        maps = [repeat_cond(c, mask_maps, den.guided) for c in (src, tgt)]  # each prompt encoded once
+        mask = diffedit_mask(den, z0, *maps, b.scheduler, mask_steps, mask_strength, mask_maps, mask_ratio,
+                             generator(seed))
+        traj = ddim_invert(den, z0, src, b.scheduler, steps, strength, "destination", progress)
+        low = b.decode(masked_ddim(den, traj, tgt, b.scheduler, mask, progress))
         outs = [low.float()]
-        cond = constant(sr.encode_prompt(targets, None, False))
+        cond = constant(sr.encode_prompt(targets))
         for st in stages:
-            if st.z_T.shape[0] != x64.shape[0] or st.z_T.shape[-1] != 4 * low.shape[-1] // sr.c.vae.downscale:
+            if st.z_T.shape[0] != x64.shape[0] or st.z_T.shape[-1] != 4 * low.shape[-1] // sr.downscale:
                 raise ValueError(f"the cached SR latents {tuple(st.z_T.shape)} do not fit this image; invert it "
                                  "with the same size first")
-            den_sr = self._sr_denoiser(low.to(sr.dtype), st.noise, noise_level)
-            y = sr._decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.c.scheduler, steps,
-                                progress=progress), "pt").float()
+            den_sr = self.sr_denoiser(low.to(sr.dtype), st.noise, noise_level)
+            y = sr.decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.scheduler, steps,
+                               progress=progress)).float()
             low = images.back_project(y, low.float(), backproject)
             outs.append(low)
         return outs, mask

@@ -1,13 +1,21 @@
-"""Tiled VAE encode/decode whose output equals the untiled one: overlapping tiles, GroupNorm statistics shared.
+"""Tiled VAE encode/decode whose output equals the untiled one: overlapping tiles, GroupNorm
+statistics shared across tiles.
 
-The latent grid is cut into tiles; each tile runs the unmodified blocks on a crop that adds a halo wider than the
-receptive radius (real image borders keep their true zero padding), and keeps only its core. GroupNorm is the one
-non-local op: a stretch of the network with K norms runs K + 1 passes over the tiles. Pass k normalises norms
-0..k-1 with whole-image statistics already gathered, sums norm k's input over the tile cores (float64) and stops
-there; the last pass writes the output. The mid block's attention is global: it runs at latent resolution, queries
-in chunks against the keys and values of the whole latent. Peak memory is a few latent-resolution tensors of the
-mid-block width plus one tile's activations, whatever the image size; the price is recomputation (about K/2
-forward passes' worth). Inference only: the tiled path runs under torch.no_grad.
+An execution strategy applied to a plain AutoencoderKL (engine.models.vae), which knows nothing of
+it. A runtime model calls `encode_latents(vae, x, ...)` / `decode_latents(vae, latents, ...)`: they
+tile when the image has more pixels than the budget and no gradient is recorded, else run the VAE
+as is. Budget and tile side come from explicit arguments, else ENGINE_VAE_TILE_PIXELS /
+ENGINE_VAE_TILE, else the defaults below (`settings`). `encode` / `decode` always tile.
+
+The latent grid is cut into tiles; each tile runs the unmodified blocks on a crop that adds a halo
+wider than the receptive radius (real image borders keep their true zero padding), and keeps only
+its core. GroupNorm is the one non-local op: a stretch of the network with K norms runs K + 1
+passes over the tiles. Pass k normalises norms 0..k-1 with whole-image statistics already gathered,
+sums norm k's input over the tile cores (float64) and stops there; the last pass writes the output.
+The mid block's attention is global: it runs at latent resolution, queries in chunks against the
+keys and values of the whole latent. Peak memory is a few latent-resolution tensors of the
+mid-block width plus one tile's activations, whatever the image size; the price is recomputation
+(about K/2 forward passes' worth). Inference only: the tiled path runs under torch.no_grad.
 """
 import itertools
 import math
@@ -18,48 +26,78 @@ import torch
 from . import kernels
 from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
 
-TILE_PIXELS = 1024 * 1024  # default budget: images with more pixels than this are tiled (ENGINE_VAE_TILE_PIXELS)
-TILE_IMAGE_PX = 512  # default tile side in image pixels, i.e. 512 // downscale latent pixels (ENGINE_VAE_TILE)
+TILE_PIXELS = 1024 * 1024  # default budget: larger images are tiled (ENGINE_VAE_TILE_PIXELS)
+TILE_IMAGE_PX = 512  # default tile side in image px: 512 // downscale latent px (ENGINE_VAE_TILE)
 
 
-def settings(vae) -> tuple[int, int]:
-    """(pixel budget, tile side in latent px) from vae.tile_pixels / vae.tile_size, else the environment."""
-    def read(attr, env, default, least):
-        raw = getattr(vae, attr, None)
-        raw = os.environ.get(env, default) if raw is None else raw
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value < least or isinstance(raw, float) and raw != value:
-            raise ValueError(f"VAE tiling: {attr} (env {env}) = {raw!r}; need an integer >= {least}")
-        return value
-    return (read("tile_pixels", "ENGINE_VAE_TILE_PIXELS", TILE_PIXELS, 0),
-            read("tile_size", "ENGINE_VAE_TILE", max(1, TILE_IMAGE_PX // vae.downscale), 1))
+def _read(name, raw, env, default, least):
+    """raw, else the environment variable env, else default, as an integer >= least."""
+    raw = os.environ.get(env, default) if raw is None else raw
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < least or isinstance(raw, float) and raw != value:
+        raise ValueError(f"VAE tiling: {name} (env {env}) = {raw!r}; need an integer >= {least}")
+    return value
 
 
-def applies(vae, pixels: int) -> bool:
-    """Whether an image of `pixels` pixels (height × width) goes through the tiled path."""
-    budget, _ = settings(vae)
-    return pixels > budget and not torch.is_grad_enabled()
+def _side(vae, tile=None) -> int:
+    """Tile side in latent px: tile, else ENGINE_VAE_TILE, else 512 image px."""
+    return _read("tile", tile, "ENGINE_VAE_TILE", max(1, TILE_IMAGE_PX // vae.downscale), 1)
+
+
+def settings(vae, pixels: int | None = None, tile: int | None = None) -> tuple[int, int]:
+    """(pixel budget, tile side in latent px). None: ENGINE_VAE_TILE_PIXELS / ENGINE_VAE_TILE, else
+    the defaults (1024² pixels; 512 image px, i.e. 512 // vae.downscale latent px)."""
+    return _read("pixels", pixels, "ENGINE_VAE_TILE_PIXELS", TILE_PIXELS, 0), _side(vae, tile)
+
+
+def applies(vae, area: int, pixels: int | None = None, tile: int | None = None) -> bool:
+    """Whether an image of `area` pixels (height × width) goes through the tiled path: more pixels
+    than the budget and no gradient recorded. Validates both settings either way."""
+    budget, _ = settings(vae, pixels, tile)
+    return area > budget and not torch.is_grad_enabled()
+
+
+def encode_latents(vae, x: torch.Tensor, sample: bool = False, generator=None,
+                   pixels: int | None = None, tile: int | None = None) -> torch.Tensor:
+    """vae.encode_latents(x, sample, generator), tiled when `applies`."""
+    if applies(vae, x.shape[-2] * x.shape[-1], pixels, tile):
+        mean, logvar = vae.moments(encode(vae, x, _side(vae, tile)))
+    else:
+        mean, logvar = vae.encode(x)
+    return vae.latents(mean, logvar, sample, generator)
+
+
+def decode_latents(vae, latents: torch.Tensor, pixels: int | None = None,
+                   tile: int | None = None) -> torch.Tensor:
+    """vae.decode_latents(latents), tiled when `applies`."""
+    z = vae.unscale(latents)
+    if applies(vae, z.shape[-2] * z.shape[-1] * vae.downscale ** 2, pixels, tile):
+        return decode(vae, z, _side(vae, tile))
+    return vae.decode(z)
 
 
 @torch.no_grad()
 def decode(vae, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-    """vae.decode(z), tile by tile."""
+    """vae.decode(z), tile by tile. tile: side in latent px; None: ENGINE_VAE_TILE, else the
+    default."""
     d = vae.decoder
     ops = [m for m in (vae.post_quant_conv, d.conv_in) if m is not None]
     ops += [*_mid(d.mid_block), *d.up_blocks, lambda h: d.conv_norm_out(h, act="silu"), d.conv_out]
-    return _run(ops, z, 1, settings(vae)[1] if tile is None else tile)
+    return _run(ops, z, 1, _side(vae) if tile is None else tile)
 
 
 @torch.no_grad()
 def encode(vae, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-    """The encoder's output after quant_conv (mean and logvar stacked on channels), tile by tile."""
+    """The encoder's output after quant_conv (mean and logvar stacked on channels; vae.moments
+    splits them), tile by tile. tile: as in `decode`."""
     e = vae.encoder
-    ops = [e.conv_in, *e.down_blocks, *_mid(e.mid_block), lambda h: e.conv_norm_out(h, act="silu"), e.conv_out]
+    ops = [e.conv_in, *e.down_blocks, *_mid(e.mid_block), lambda h: e.conv_norm_out(h, act="silu"),
+           e.conv_out]
     ops += [vae.quant_conv] if vae.quant_conv is not None else []
-    return _run(ops, x, vae.downscale, settings(vae)[1] if tile is None else tile)
+    return _run(ops, x, vae.downscale, _side(vae) if tile is None else tile)
 
 
 def _mid(block):
@@ -67,7 +105,8 @@ def _mid(block):
 
 
 def _run(ops, x, fi, tile):
-    """Local ops run tile by tile in stretches; global attention between them. fi: input px per latent px."""
+    """Local ops run tile by tile in stretches; global attention between them. fi: input px per
+    latent px."""
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"VAE tiling: tile={tile!r}; need an integer >= 1 (latent pixels)")
     stretch = []
@@ -113,11 +152,12 @@ def _norm(gn, x, mean, var, act):
 
 
 class _Sync:
-    """GroupNorm hook for one crop: norms before `target` use the global statistics; norm `target` adds the
-    moments of its input over the tile core to `acc` and stops the pass."""
+    """GroupNorm hook for one crop: norms before `target` use the global statistics; norm `target`
+    adds the moments of its input over the tile core to `acc` and stops the pass."""
 
     def __init__(self, stats, target, acc, core, rhos):
-        self.stats, self.target, self.acc, self.core, self.rhos, self.i = stats, target, acc, core, rhos, 0
+        self.stats, self.target, self.acc, self.core, self.rhos = stats, target, acc, core, rhos
+        self.i = 0
 
     def __call__(self, gn, x, act):
         i, self.i = self.i, self.i + 1
@@ -126,18 +166,19 @@ class _Sync:
         assert i == self.target, "GroupNorm calls changed order between passes"
         r = self.rhos[i]
         (y0, y1, ylast), (x0, x1, xlast) = self.core
-        self.acc.append(_moments(x[:, :, y0 * r:None if ylast else y1 * r, x0 * r:None if xlast else x1 * r],
-                                 gn.num_groups))
+        self.acc.append(_moments(x[:, :, y0 * r:None if ylast else y1 * r,
+                                   x0 * r:None if xlast else x1 * r], gn.num_groups))
         raise _Stop
 
 
 def _probe(fn, x, fi, p=4):
-    """Run fn on a p × p latent-px input; per GroupNorm call: its resolution (px per latent px) and the receptive
-    radius (latent px) of the convolutions before it; then the total radius and the output px per latent px."""
+    """Run fn on a p × p latent-px input; per GroupNorm call: its resolution (px per latent px) and
+    the receptive radius (latent px) of the convolutions before it; then the total radius and the
+    output px per latent px."""
     rhos, radius, r = [], [], [0.0]
 
     def conv(m, args):
-        if isinstance(m, torch.nn.Conv2d):  # spread of a k×k conv to either side, in its input's px
+        if isinstance(m, torch.nn.Conv2d):  # spread of a k×k conv to either side, in input px
             k, pad = m.kernel_size[0], m.padding[0]
             r[0] += max(pad, k - 1 - pad) / (args[0].shape[-1] // p)
 
@@ -146,7 +187,8 @@ def _probe(fn, x, fi, p=4):
         radius.append(r[0])
         return y
 
-    handle, token = torch.nn.modules.module.register_module_forward_pre_hook(conv), GROUP_NORM_HOOK.set(gn)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(conv)
+    token = GROUP_NORM_HOOK.set(gn)
     try:
         out = fn(x.new_zeros(1, x.shape[1], p * fi, p * fi))
     finally:
@@ -161,7 +203,8 @@ def _cuts(n, tile):
 
 
 def _crop(a, b, n, halo, fi, size):
-    """Input slice of the crop around core [a, b) of n latent px; the core in crop coordinates; is it the last."""
+    """Input slice of the crop around core [a, b) of n latent px; the core in crop coordinates; is
+    it the last."""
     lo, hi = max(a - halo, 0), min(b + halo, n)
     return slice(lo * fi, size if hi == n else hi * fi), (a - lo, b - lo, b == n)
 
@@ -177,7 +220,8 @@ def _tiled(fn, x, fi, tile):
     for k in range(len(rhos) + 1):
         halo, acc = math.ceil(radius[k]) + 1, []
         for (ya, yb), (xa, xb) in tiles:
-            (ys, yc), (xs, xc) = _crop(ya, yb, n[0], halo, fi, x.shape[2]), _crop(xa, xb, n[1], halo, fi, x.shape[3])
+            ys, yc = _crop(ya, yb, n[0], halo, fi, x.shape[2])
+            xs, xc = _crop(xa, xb, n[1], halo, fi, x.shape[3])
             token = GROUP_NORM_HOOK.set(_Sync(stats, k, acc, (yc, xc), rhos))
             try:
                 y = fn(x[:, :, ys, xs])
@@ -187,21 +231,24 @@ def _tiled(fn, x, fi, tile):
                 GROUP_NORM_HOOK.reset(token)
             if out is None:
                 out = y.new_empty(x.shape[0], y.shape[1], n[0] * fo, n[1] * fo)
-            out[:, :, ya * fo:yb * fo, xa * fo:xb * fo] = y[:, :, yc[0] * fo:yc[1] * fo, xc[0] * fo:xc[1] * fo]
+            core = y[:, :, yc[0] * fo:yc[1] * fo, xc[0] * fo:xc[1] * fo]
+            out[:, :, ya * fo:yb * fo, xa * fo:xb * fo] = core
         if k < len(rhos):
             stats.append(_finish(sum(acc)))
     return out
 
 
 def _attention(attn, x, tile):
-    """x + attn(x), written into x: queries in chunks of rows against keys and values of every pixel."""
+    """x + attn(x), written into x: queries in chunks of rows against keys and values of every
+    pixel."""
     b, c, h, w = x.shape
     step = max(1, 4 * tile * tile // w)
     rows = [slice(i, min(i + step, h)) for i in range(0, h, step)]
     mean, var = _finish(sum(_moments(x[:, :, r], attn.group_norm.num_groups) for r in rows))
 
     def tokens(r):
-        return _norm(attn.group_norm, x[:, :, r], mean, var, None).permute(0, 2, 3, 1).reshape(b, 1, -1, c)
+        t = _norm(attn.group_norm, x[:, :, r], mean, var, None)
+        return t.permute(0, 2, 3, 1).reshape(b, 1, -1, c)
 
     k, v = x.new_empty(b, 1, h * w, c), x.new_empty(b, 1, h * w, c)
     for r in rows:

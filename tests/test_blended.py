@@ -175,7 +175,8 @@ def test_options_are_checked(bad, match):
 
 @pytest.fixture(scope="module")
 def editor():
-    return B.MultiStage(engine.load(), engine.load(DEFAULT_UPSCALER), metrics.Scorer.from_pretrained(DEFAULT_MODEL))
+    return B.MultiStage(engine.load().model, engine.load(DEFAULT_UPSCALER).model,
+                        metrics.Scorer.from_pretrained(DEFAULT_MODEL))
 
 
 def _scene(res):

@@ -123,9 +123,9 @@ def test_null_text_beats_plain_guided_reconstruction(tiny, method):
     traj = pipe.invert(x, caps, steps=10, null_text=method, progress=False)
     assert traj.guidance == 7.5 and len(traj.uncond) == 10
     nti = pipe.reconstruct(traj, caps, output="pt", progress=False)
-    c = pipe.c
+    c = pipe.model
     with torch.no_grad():
-        emb = pipe.encode_prompt(caps, None, True)
+        emb = pipe.model.encode_prompt(caps, None, True)
         plain = c.vae.decode_latents(ddim(Denoiser(c.unet, 7.5), traj.latents[-1], constant(emb), c.scheduler, 10,
                                           progress=False))
         # the null-text loss of the first step: the guided step from x_T against the inverted latent

@@ -109,7 +109,7 @@ def test_masked_ddim_endpoints():
 def cascade():
     scene = world.scenes(905, 1)[0]
     pil = Image.fromarray((world.render(scene, 256) * 255).round().astype(np.uint8))
-    cas = iterinv.Cascade(engine.load(), engine.load(DEFAULT_UPSCALER))
+    cas = iterinv.Cascade(engine.load().model, engine.load(DEFAULT_UPSCALER).model)
     return cas, scene, pil, cas.invert(pil, scene.caption(), 256, "fast", "npi", steps=10, progress=False)
 
 
@@ -118,15 +118,15 @@ def test_cascade_reconstructs_with_the_same_noise_augmentation(cascade):
     truth = images.to_tensor(pil)
     assert [im.shape[-1] for im in inv.images] == [64, 256]
     sr, st = cas.sr, inv.stages[0]
-    z0 = sr.c.vae.encode_latents(truth)
+    z0 = sr.vae.encode_latents(truth)
     cond = constant(sr.encode_prompt([scene.caption()], None, False))
     with torch.no_grad():
         def sample(noise):
-            return ddim(cas._sr_denoiser(inv.images[0], noise, 100), st.z_T, cond, sr.c.scheduler, 10, progress=False)
+            return ddim(cas.sr_denoiser(inv.images[0], noise, 100), st.z_T, cond, sr.scheduler, 10, progress=False)
         same = sample(st.noise)
         other = sample(torch.randn(st.noise.shape, generator=torch.Generator().manual_seed(5)))
-        ceiling = metrics.psnr(sr.c.vae.decode_latents(z0), truth)
-    assert torch.equal(sr.c.vae.decode_latents(same), inv.images[1])  # the reconstruction reused ĉ
+        ceiling = metrics.psnr(sr.vae.decode_latents(z0), truth)
+    assert torch.equal(sr.vae.decode_latents(same), inv.images[1])  # the reconstruction reused ĉ
     assert 10 * (same - z0).square().mean() < (other - z0).square().mean()
     assert metrics.psnr(inv.images[1], truth) > ceiling - 0.1
 

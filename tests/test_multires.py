@@ -32,29 +32,29 @@ def cfg(**kw):
 
 def test_training_moves_only_the_concept_rows(pipe, pixels):
     frozen = {name: {k: v.clone() for k, v in m.state_dict().items()}
-              for name, m in (("text_encoder", pipe.c.text_encoder), ("unet", pipe.c.unet), ("vae", pipe.c.vae))}
+              for name, m in (("text_encoder", pipe.model.text_encoder), ("unet", pipe.model.unet), ("vae", pipe.model.vae))}
     seen = []
-    c = multires.train(pipe.c, pixels, cfg(weight_decay=0.5), progress=False, on_step=lambda s, loss: seen.append(loss))
+    c = multires.train(pipe.model, pixels, cfg(weight_decay=0.5), progress=False, on_step=lambda s, loss: seen.append(loss))
     assert len(seen) == 6 and all(loss > 0 for loss in seen)
-    for name, m in (("text_encoder", pipe.c.text_encoder), ("unet", pipe.c.unet), ("vae", pipe.c.vae)):
+    for name, m in (("text_encoder", pipe.model.text_encoder), ("unet", pipe.model.unet), ("vae", pipe.model.vae)):
         assert all(torch.equal(frozen[name][k], v) for k, v in m.state_dict().items()), name  # the table too
-    init = pipe.c.text_encoder.text_model.embeddings.token_embedding.weight[pipe.c.tokenizer.ids("star")]
+    init = pipe.model.text_encoder.text_model.embeddings.token_embedding.weight[pipe.model.tokenizer.ids("star")]
     assert c.embeds.shape == (10, 128) and c.initializer == "star" and c.multires
     assert (c.embeds - init).abs().amax(1).min() > 0  # AdamW moves every row (decay, momentum), as the reference
 
 
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(pipe, pixels, tmp_path):
-    whole = multires.train(pipe.c, pixels, cfg(), progress=False)
+    whole = multires.train(pipe.model, pixels, cfg(), progress=False)
     ckpt = tmp_path / "run.ckpt.safetensors"
 
     def kill(step, loss):
         if step == 4:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        multires.train(pipe.c, pixels, cfg(), checkpoint=ckpt, progress=False, on_step=kill)
+        multires.train(pipe.model, pixels, cfg(), checkpoint=ckpt, progress=False, on_step=kill)
     assert ckpt.is_file()  # the step-4 checkpoint: steps 0..3 done
     resumed_steps = []
-    resumed = multires.train(pipe.c, pixels, cfg(), tmp_path / "c.safetensors", ckpt, progress=False,
+    resumed = multires.train(pipe.model, pixels, cfg(), tmp_path / "c.safetensors", ckpt, progress=False,
                              on_step=lambda s, loss: resumed_steps.append(s))
     assert resumed_steps == [4, 5]
     assert torch.equal(resumed.embeds, whole.embeds)
@@ -64,10 +64,10 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(pipe, pixels, 
 def test_a_checkpoint_of_another_run_is_refused(pipe, pixels, tmp_path):
     ckpt = tmp_path / "run.ckpt.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        multires.train(pipe.c, pixels, cfg(), checkpoint=ckpt, progress=False,
+        multires.train(pipe.model, pixels, cfg(), checkpoint=ckpt, progress=False,
                        on_step=lambda s, loss: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else None)
     with pytest.raises(ValueError, match="from another run .* delete it"):
-        multires.train(pipe.c, pixels, cfg(lr=1e-2), checkpoint=ckpt, progress=False)
+        multires.train(pipe.model, pixels, cfg(lr=1e-2), checkpoint=ckpt, progress=False)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -79,7 +79,7 @@ def test_a_checkpoint_of_another_run_is_refused(pipe, pixels, tmp_path):
 ])
 def test_bad_settings_are_clear_errors(pipe, pixels, kw, match):
     with pytest.raises(ValueError, match=match):
-        multires.train(pipe.c, pixels, cfg(**kw), progress=False)
+        multires.train(pipe.model, pixels, cfg(**kw), progress=False)
 
 
 def test_files_round_trip_and_export_to_diffusers_format(tmp_path):
@@ -128,7 +128,7 @@ def test_imported_embeddings_encode_as_diffusers_load_textual_inversion(pipe, tm
     ours = engine.load(embeddings=[tmp_path / "toy.safetensors", tmp_path / "wide.safetensors"])
     for prompt in ("a large <toy> in the center", "a <wide> on the left and a <toy>, on a plain white background"):
         want = ref.encode_prompt(prompt, "cpu", 1, False)[0]
-        assert torch.allclose(ours.encode_prompt([prompt], None, False), want, atol=1e-5), prompt
+        assert torch.allclose(ours.model.encode_prompt([prompt], None, False), want, atol=1e-5), prompt
 
 
 def test_cli_trains_exports_and_samples_with_every_mode(tmp_path, cli_error):
@@ -170,15 +170,15 @@ def test_pseudo_words_work_in_direct_inversion_and_blended_edits():
 
     base, sr = engine.load(), engine.load(DEFAULT_UPSCALER)
     for p in (base, sr):
-        table = p.c.text_encoder.text_model.embeddings.token_embedding.weight
-        p.concepts["C"] = Concept("C", table[p.c.tokenizer.ids("blue")].repeat(10, 1))
+        table = p.model.text_encoder.text_model.embeddings.token_embedding.weight
+        p.model.concepts["C"] = Concept("C", table[p.model.tokenizer.ids("blue")].repeat(10, 1))
     sc = world.scenes(907, 1)[0]
     src = torch.from_numpy(world.render_batch([sc], 64)).float()
     word, concept = "a large blue ring at the top, on a plain gray background", "a large <C> ring at the top, on a plain gray background"
     a, _ = base.edit(src, word, steps=6, output="pt", progress=False)
     b, _ = base.edit(src, concept, steps=6, output="pt", progress=False)
     assert torch.allclose(a, b, atol=1e-4)
-    editor = blended.MultiStage(base, sr, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
+    editor = blended.MultiStage(base.model, sr.model, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
     src = torch.from_numpy(world.render_batch([sc], 256)).float()
     mask = (world.masks(sc, 256)[0] >= 0.5).astype("float32")
     opts = blended.Options(steps=4, candidates=1, repaint=1, sr_steps=2, stage_steps=10)

@@ -88,60 +88,60 @@ def test_modes_select_the_rows_of_the_reference(mode, i, want):
 def pipe():
     p = engine.load()
     g = torch.Generator().manual_seed(0)
-    p.concepts["C"] = Concept("C", torch.randn(10, 128, generator=g) * 0.3)
-    p.concepts["plain"] = Concept("plain", torch.randn(2, 128, generator=g) * 0.3, multires=False)
+    p.model.concepts["C"] = Concept("C", torch.randn(10, 128, generator=g) * 0.3)
+    p.model.concepts["plain"] = Concept("plain", torch.randn(2, 128, generator=g) * 0.3, multires=False)
     return p
 
 
 def test_unknown_and_misused_pseudo_words_are_clear_errors(pipe):
     with pytest.raises(PromptError, match=r"unknown pseudo-word <moon>: loaded: <C>, <plain>; load its file"):
-        pipe.encode_prompt(["a <moon>"], None, False)
+        pipe.model.encode_prompt(["a <moon>"], None, False)
     with pytest.raises(PromptError, match=r"<C\|10\|>: bin 10 is out of range; C has bins 0..9"):
-        pipe.encode_prompt(["a <C|10|>"], None, False)
+        pipe.model.encode_prompt(["a <C|10|>"], None, False)
     with pytest.raises(PromptError, match="ordinary pseudo-word with no time bins; write <plain>"):
-        pipe.encode_prompt(["a <plain(3)>"], None, False)
+        pipe.model.encode_prompt(["a <plain(3)>"], None, False)
     with pytest.raises(PromptError, match=r"<C\(3\)> changes with t, but this method \(an inversion\) needs"):
-        pipe.encode_prompt(["a <C(3)>"], None, False)  # a fixed-prompt path (inversion) gets a fixed one only
+        pipe.model.encode_prompt(["a <C(3)>"], None, False)  # a fixed-prompt path (inversion) gets a fixed one only
 
 
 def test_paper_star_names_the_only_concept():
     p = engine.load()
-    p.concepts["jane"] = Concept("jane", torch.randn(10, 128))
-    assert torch.equal(p.encode_prompt(["a S*|0.3|"], None, False), p.encode_prompt(["a <jane|3|>"], None, False))
+    p.model.concepts["jane"] = Concept("jane", torch.randn(10, 128))
+    assert torch.equal(p.model.encode_prompt(["a S*|0.3|"], None, False), p.model.encode_prompt(["a <jane|3|>"], None, False))
 
 
 def test_pseudo_word_vectors_replace_their_token(pipe):
     """A pseudo-word whose vector is a word's own embedding encodes exactly as that word."""
-    table = pipe.c.text_encoder.text_model.embeddings.token_embedding.weight
-    pipe.concepts["red"] = Concept("red", table[pipe.c.tokenizer.ids("red")].repeat(10, 1))
+    table = pipe.model.text_encoder.text_model.embeddings.token_embedding.weight
+    pipe.model.concepts["red"] = Concept("red", table[pipe.model.tokenizer.ids("red")].repeat(10, 1))
     try:
-        want = pipe.encode_prompt(["a large red star", ""], None, False)
-        assert torch.allclose(pipe.encode_prompt(["a large <red|4|> star", ""], None, False), want, atol=1e-6)
-        cond = pipe.prompt_cond(["a large <red> star"], None, False)
+        want = pipe.model.encode_prompt(["a large red star", ""], None, False)
+        assert torch.allclose(pipe.model.encode_prompt(["a large <red|4|> star", ""], None, False), want, atol=1e-6)
+        cond = pipe.model.prompt_cond(["a large <red> star"], None, False)
         assert torch.allclose(cond(999), want[:1], atol=1e-6)
     finally:
-        del pipe.concepts["red"]
+        del pipe.model.concepts["red"]
 
 
 def test_semi_mode_zeroes_or_removes_the_token_below_its_bin(pipe):
-    enc = pr.Encoder(pipe.c.tokenizer, pipe.c.text_encoder, pipe.concepts)
-    removed = pr.Encoder(pipe.c.tokenizer, pipe.c.text_encoder, pipe.concepts, semi="remove")
+    enc = pr.Encoder(pipe.model.tokenizer, pipe.model.text_encoder, pipe.model.concepts)
+    removed = pr.Encoder(pipe.model.tokenizer, pipe.model.text_encoder, pipe.model.concepts, semi="remove")
     above, below = 650, 250  # bins 6 and 2 around i = 4
     assert torch.allclose(enc.encode(["a <C(4)> star"], above), enc.encode(["a <C|6|> star"]), atol=1e-6)
-    assert torch.allclose(removed.encode(["a <C(4)> star"], below), pipe.encode_prompt(["a star"], None, False),
+    assert torch.allclose(removed.encode(["a <C(4)> star"], below), pipe.model.encode_prompt(["a star"], None, False),
                           atol=1e-6)
     zero = enc.encode(["a <C(4)> star"], below)
     assert not torch.allclose(zero, removed.encode(["a <C(4)> star"], below), atol=1e-3)
-    te = pipe.c.text_encoder
-    x = te.text_model.embeddings.token_embedding(pipe.c.tokenizer(["a x star"]))
+    te = pipe.model.text_encoder
+    x = te.text_model.embeddings.token_embedding(pipe.model.tokenizer(["a x star"]))
     x[0, 2] = 0  # bos, a, <C>, …
     assert torch.allclose(zero, te(inputs_embeds=x), atol=1e-6)
 
 
 def test_text_is_encoded_once_per_bin_not_per_step(pipe, monkeypatch):
     calls = []
-    forward = pipe.c.text_encoder.forward
-    monkeypatch.setattr(pipe.c.text_encoder, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    forward = pipe.model.text_encoder.forward
+    monkeypatch.setattr(pipe.model.text_encoder, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     for prompt, n in (("a <C|3|>", 1), ("a <C(5)>", 5), ("a <C>", 10), ("a <C[2]> and <C(8)>", 8)):
         calls.clear()
         pipe.generate(prompt, steps=50, output="pt", progress=False)
@@ -152,6 +152,6 @@ def test_text_is_encoded_once_per_bin_not_per_step(pipe, monkeypatch):
 
 def test_several_concepts_and_resolutions_in_one_prompt(pipe):
     texts = ["<C|0|> beside <C[7]> and <plain>, on a plain white background"]
-    cond = pipe.prompt_cond(texts, None, False)
+    cond = pipe.model.prompt_cond(texts, None, False)
     assert not torch.equal(cond(50), cond(950))        # <C[7]>: row 7 below bin 7, row 9 at bin 9
     assert torch.equal(cond(50), cond(750))            # bins 0 and 7: both rows 7

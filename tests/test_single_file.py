@@ -34,7 +34,7 @@ def test_single_file_matches_folder(tiny, tmp_path, kind):
     a = engine.load(folder)
     b = engine.load(single, config=folder)
     for name in ("unet", "vae", "text_encoder"):
-        sa, sb = getattr(a.c, name).state_dict(), getattr(b.c, name).state_dict()
+        sa, sb = getattr(a.model, name).state_dict(), getattr(b.model, name).state_dict()
         assert sorted(sa) == sorted(sb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     run = lambda p: p.generate("a red star", steps=4, seed=1, height=64, width=64, output="pt", progress=False)

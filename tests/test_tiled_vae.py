@@ -1,9 +1,14 @@
 """Tiled VAE encode/decode (engine.tiled_vae) equals the untiled one.
 
-Random-weight small VAEs (f=2, 4, 8; with and without mid-block attention and quant convs), fp32 on the CPU,
-batch 2, latent sizes that are not multiples of the tile, tiles forced small so there are many of them.
-Tolerance: max abs diff <= 1e-4 on every output.
+Random-weight small VAEs (f=2, 4, 8; with and without mid-block attention and quant convs), fp32 on
+the CPU, batch 2, latent sizes that are not multiples of the tile, tiles forced small so there are
+many of them. Tolerance: max abs diff <= 1e-4 on every output. Also: the strategy's switch (pixel
+budget and tile side from arguments, else the environment; never tiled when recording gradients),
+its validation errors, and that the VAE module itself never tiles.
 """
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,12 +17,14 @@ from engine import tiled_vae
 from engine.models.vae import AutoencoderKL, VAEConfig
 
 TOL = 1e-4
+UNTILED = 10 ** 9  # a pixel budget no test image reaches
 
 CONFIGS = {
     "f4_attn": dict(block_out_channels=(16, 32, 32), norm_num_groups=8, layers_per_block=1),
     "f8_attn": dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
-    "f2_plain": dict(block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=2, latent_channels=8,
-                     mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False),
+    "f2_plain": dict(block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=2,
+                     latent_channels=8, mid_block_add_attention=False, use_quant_conv=False,
+                     use_post_quant_conv=False),
 }
 
 
@@ -32,7 +39,6 @@ def _vae(kw):
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
             elif name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1)
-    vae.tile_pixels = 10 ** 9  # untiled unless a test says otherwise
     return vae
 
 
@@ -47,34 +53,51 @@ def _close(a, b):
     assert err <= TOL, f"max abs diff {err:.3g} > {TOL}"
 
 
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 @torch.no_grad()
 def test_decode_equals_untiled(vae):
-    z = torch.randn(2, vae.config.latent_channels, 13, 11, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, vae.config.latent_channels, 13, 11, generator=_gen(1))
     ref = vae.decode(z)
     assert ref.std() > 0.1
     _close(tiled_vae.decode(vae, z, tile=4), ref)  # 4 × 3 tiles, uneven
+    latents = vae.latents(z, torch.zeros_like(z))
+    _close(tiled_vae.decode_latents(vae, latents, pixels=0, tile=4), vae.decode_latents(latents))
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("extra", [(0, 0), (3, 1)])  # image sides multiples of the downscale factor, and not
+@pytest.mark.parametrize("extra", [(0, 0), (3, 1)])  # sides multiples of the downscale, and not
 def test_encode_equals_untiled(vae, extra):
     f = vae.downscale
-    x = torch.rand(2, 3, 9 * f + extra[0], 7 * f + extra[1], generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x = torch.rand(2, 3, 9 * f + extra[0], 7 * f + extra[1], generator=_gen(2)) * 2 - 1
     mean, logvar = vae.encode(x)
-    vae.tile_pixels, vae.tile_size = 0, 3
-    try:
-        tiled = vae.encode(x)
-    finally:
-        vae.tile_pixels, vae.tile_size = 10 ** 9, None
+    tiled = vae.moments(tiled_vae.encode(vae, x, tile=3))
     _close(tiled[0], mean)
     _close(tiled[1], logvar)
+    for sample in (False, True):  # the entry point: tiled encode, then the same scaling and draw
+        ref = vae.encode_latents(x, sample, _gen(5))
+        _close(tiled_vae.encode_latents(vae, x, sample, _gen(5), pixels=0, tile=3), ref)
+
+
+@torch.no_grad()
+def test_untiled_path_is_the_plain_vae(vae):
+    """Under the budget the entry points are exactly the module's own untiled compositions."""
+    z = torch.randn(2, vae.config.latent_channels, 5, 6, generator=_gen(6))
+    x = torch.rand(2, 3, 5 * vae.downscale, 6 * vae.downscale, generator=_gen(7)) * 2 - 1
+    assert torch.equal(tiled_vae.decode_latents(vae, z, pixels=UNTILED), vae.decode_latents(z))
+    for sample in (False, True):
+        assert torch.equal(tiled_vae.encode_latents(vae, x, sample, _gen(8), pixels=UNTILED),
+                           vae.encode_latents(x, sample, _gen(8)))
 
 
 @torch.no_grad()
 def test_synchronised_statistics_make_it_exact(monkeypatch):
-    """The same tiles with each crop's own GroupNorm statistics are far off: the sync is what makes it exact."""
+    """The same tiles with each crop's own GroupNorm statistics are far off: the sync is what makes
+    it exact."""
     vae = _vae(CONFIGS["f4_attn"])
-    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1, 4, 12, 12, generator=_gen(3))
     ref = vae.decode(z)
     monkeypatch.setattr(tiled_vae, "_norm", lambda gn, x, mean, var, act: kernels.group_norm(
         x, gn.num_groups, gn.weight, gn.bias, gn.eps, act))
@@ -86,48 +109,71 @@ def test_switch_by_pixel_budget(monkeypatch):
     calls = []
     for name in ("decode", "encode"):
         real = getattr(tiled_vae, name)
-        monkeypatch.setattr(tiled_vae, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+
+        def spy(vae, t, tile=None, real=real, name=name):
+            calls.append((name, tile))
+            return real(vae, t, tile)
+        monkeypatch.setattr(tiled_vae, name, spy)
     z, x = torch.randn(1, 4, 6, 5), torch.rand(1, 3, 24, 20)
-    vae.tile_pixels = None
     monkeypatch.setenv("ENGINE_VAE_TILE_PIXELS", str(24 * 20))  # = the image: not above the budget
     with torch.no_grad():
-        vae.decode_latents(z), vae.encode_latents(x)
+        tiled_vae.decode_latents(vae, z), tiled_vae.encode_latents(vae, x)
         assert calls == []
         monkeypatch.setenv("ENGINE_VAE_TILE_PIXELS", str(24 * 20 - 1))
         monkeypatch.setenv("ENGINE_VAE_TILE", "2")
-        vae.decode_latents(z), vae.encode_latents(x)
-        assert calls == ["decode", "encode"]
-    vae.decode(z)  # recording gradients: never tiled
-    assert calls == ["decode", "encode"]
-    vae.tile_pixels = 10 ** 9  # the attribute wins over the environment
-    with torch.no_grad():
-        vae.decode(z)
-    assert calls == ["decode", "encode"]
+        vae.decode_latents(z), vae.encode_latents(x), vae.decode(z), vae.encode(x)
+        assert calls == []  # the module itself never tiles, whatever the environment
+        tiled_vae.decode_latents(vae, z), tiled_vae.encode_latents(vae, x)
+        assert calls == [("decode", 2), ("encode", 2)]
+    tiled_vae.decode_latents(vae, z)  # recording gradients: never tiled
+    tiled_vae.encode_latents(vae, x, pixels=0)
+    assert calls == [("decode", 2), ("encode", 2)]
+    with torch.no_grad():  # arguments win over the environment, both ways
+        tiled_vae.decode_latents(vae, z, pixels=UNTILED), tiled_vae.encode_latents(vae, x, tile=9)
+        assert calls == [("decode", 2), ("encode", 2), ("encode", 9)]
+        monkeypatch.setenv("ENGINE_VAE_TILE_PIXELS", str(UNTILED))
+        tiled_vae.decode_latents(vae, z, pixels=0, tile=3)
+        tiled_vae.encode_latents(vae, x, pixels=24 * 20)
+    assert calls == [("decode", 2), ("encode", 2), ("encode", 9), ("decode", 3)]
+    assert tiled_vae.settings(vae, pixels=7, tile=5) == (7, 5)
+    assert tiled_vae.settings(vae) == (UNTILED, 2)
+
+
+def test_vae_module_is_plain():
+    """No tile attributes on the VAE, and nothing under engine/models imports engine.tiled_vae."""
+    vae = _vae(CONFIGS["f2_plain"])
+    assert not any(hasattr(vae, a) for a in ("tile_pixels", "tile_size"))
+    models = Path(tiled_vae.__file__).parent / "models"
+    for path in sorted(models.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+                assert not any("tiled_vae" in n for n in names), f"{path.name} imports tiled_vae"
 
 
 def test_default_tile_is_512_image_pixels(monkeypatch):
     monkeypatch.delenv("ENGINE_VAE_TILE_PIXELS", raising=False)
     monkeypatch.delenv("ENGINE_VAE_TILE", raising=False)
     for name, tile in (("f8_attn", 64), ("f4_attn", 128)):
-        vae = _vae(CONFIGS[name])
-        vae.tile_pixels = None
-        assert tiled_vae.settings(vae) == (1024 * 1024, tile)
+        assert tiled_vae.settings(_vae(CONFIGS[name])) == (1024 * 1024, tile)
 
 
-@pytest.mark.parametrize("attr,value", [("tile_size", 0), ("tile_size", -3), ("tile_size", "big"),
-                                        ("tile_size", 2.5), ("tile_pixels", -1), ("tile_pixels", "1M")])
-def test_bad_settings(attr, value):
+@pytest.mark.parametrize("name,value", [("tile", 0), ("tile", -3), ("tile", "big"), ("tile", 2.5),
+                                        ("pixels", -1), ("pixels", "1M")])
+def test_bad_settings(name, value):
     vae = _vae(CONFIGS["f2_plain"])
-    setattr(vae, attr, value)
-    with torch.no_grad(), pytest.raises(ValueError, match=f"VAE tiling: {attr}"):
-        vae.decode(torch.randn(1, 8, 4, 4))
+    with torch.no_grad():  # raised even below the budget, where nothing is tiled
+        with pytest.raises(ValueError, match=f"VAE tiling: {name}"):
+            tiled_vae.decode_latents(vae, torch.randn(1, 8, 4, 4), **{name: value})
+        with pytest.raises(ValueError, match=f"VAE tiling: {name}"):
+            tiled_vae.encode_latents(vae, torch.rand(1, 3, 8, 8), **{name: value})
 
 
-def test_bad_env_and_argument(monkeypatch):
+@pytest.mark.parametrize("env", ["ENGINE_VAE_TILE_PIXELS", "ENGINE_VAE_TILE"])
+def test_bad_env_and_argument(monkeypatch, env):
     vae = _vae(CONFIGS["f2_plain"])
-    vae.tile_pixels = None
-    monkeypatch.setenv("ENGINE_VAE_TILE_PIXELS", "lots")
-    with pytest.raises(ValueError, match="ENGINE_VAE_TILE_PIXELS"):
-        vae.decode(torch.randn(1, 8, 4, 4))
+    monkeypatch.setenv(env, "lots")
+    with pytest.raises(ValueError, match=rf"\(env {env}\)"):
+        tiled_vae.decode_latents(vae, torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="tile=0"):
         tiled_vae.decode(vae, torch.randn(1, 8, 4, 4), tile=0)
