@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 import engine
-from engine import blended, images, metrics, world
+from engine import blended, images, metrics, regions, world
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,12 +94,12 @@ def table(size, seed, n, with_bicubic=True):
             t0 = time.perf_counter()
             rb = ms.edit(src, m, prompt, replace(bicubic, seed=i), progress=False, first=r.stages[0])
             t_b = time.perf_counter() - t0
-        up = blended.resize(r.stages[0], size, "bicubic")
+        up = regions.resize(r.stages[0], size, "bicubic")
         s1 = m * up + (1 - m) * src
         t0 = time.perf_counter()
         d = min(size, opts.max_side)
         low = ms.direct(src, m, prompt, replace(direct, seed=i), side=d, progress=False)
-        dr = m * blended.resize(low, size, "bicubic") + (1 - m) * src
+        dr = m * regions.resize(low, size, "bicubic") + (1 - m) * src
         t_d = time.perf_counter() - t0
         row = {"scene": i, "prompt": prompt, "target": colour, "mask_fraction": m.mean().item(),
                "source_success": scores(src, src, truth, m, scorer, new, colour)["success"],

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import engine
-from engine import images, iterinv, metrics, world
+from engine import diffedit, images, iterinv, metrics, world
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
@@ -164,7 +164,7 @@ def mask(n=20):
     with torch.no_grad():
         z0 = base.model.vae.encode_latents(x)
         for strength, ratio in ((0.1, 1.0), (0.3, 3.0), (0.5, 2.0), (0.5, 3.0), (0.5, 4.0), (0.8, 3.0)):
-            m = iterinv.diffedit_mask(den, z0, src, tgt, base.model.scheduler, 50, strength, 10, ratio, generator(0))
+            m = diffedit.diffedit_mask(den, z0, src, tgt, base.model.scheduler, 50, strength, 10, ratio, generator(0))
             m = torch.nn.functional.interpolate(m, size=(64, 64), mode="nearest") > 0.5
             inter, union = (m & truth).sum((1, 2, 3)), (m | truth).sum((1, 2, 3))
             out.append({"strength": strength, "ratio": ratio, "iou": (inter / union).mean().item(),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import engine
-from engine import blended as B, images, metrics, schedule as S, world
+from engine import blended as B, regions as R, images, metrics, schedule as S, world
 from engine.cli import main
 from engine.denoiser import Denoiser, constant
 from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
@@ -84,7 +84,7 @@ def test_repaint_schedule():
 def test_progressive_masks_shrink_to_the_mask():
     m = torch.zeros(1, 1, 16, 16)
     m[..., 6:9, 6:9] = 1
-    ms = B.progressive(m, 2)
+    ms = R.progressive(m, 2)
     assert len(ms) == 3 and torch.equal(ms[-1], m)
     assert ms[0].sum() > ms[1].sum() > ms[2].sum() and bool((ms[0] >= ms[1]).all())
 
@@ -92,7 +92,7 @@ def test_progressive_masks_shrink_to_the_mask():
 # ---- tiles --------------------------------------------------------------------------------------------------
 
 def test_tile_boxes_cover_align_and_overlap():
-    boxes = B.tile_boxes(1024, 512, 256, 64)
+    boxes = R.tile_boxes(1024, 512, 256, 64)
     cover = torch.zeros(1024, 512)
     for y, x, th, tw in boxes:
         assert y % 16 == 0 and x % 16 == 0 and th == tw == 256
@@ -101,25 +101,25 @@ def test_tile_boxes_cover_align_and_overlap():
     ys, xs = sorted({b[0] for b in boxes}), sorted({b[1] for b in boxes})
     assert all(b - a <= 256 - 64 for a, b in zip(ys, ys[1:])) and all(b - a <= 256 - 64 for a, b in zip(xs, xs[1:]))
     assert boxes == sorted(boxes)  # raster order
-    assert B.tile_boxes(256, 256, 256, 64) == [(0, 0, 256, 256)]
+    assert R.tile_boxes(256, 256, 256, 64) == [(0, 0, 256, 256)]
     with pytest.raises(ValueError, match="multiples of 16"):
-        B.tile_boxes(1000, 1000, 256, 64)
+        R.tile_boxes(1000, 1000, 256, 64)
 
 
 def test_identity_stage_in_tiles_reproduces_the_input_over_any_canvas():
     g = torch.Generator().manual_seed(0)
     x, canvas = torch.rand(1, 3, 640, 640, generator=g), torch.rand(1, 3, 640, 640, generator=g)
-    tiles = [((y, x0, th, tw), x[..., y:y + th, x0:x0 + tw]) for y, x0, th, tw in B.tile_boxes(640, 640, 256, 64)]
-    assert (B.composite(canvas, tiles, 32) - x).abs().max() < 1e-6
+    tiles = [((y, x0, th, tw), x[..., y:y + th, x0:x0 + tw]) for y, x0, th, tw in R.tile_boxes(640, 640, 256, 64)]
+    assert (R.composite(canvas, tiles, 32) - x).abs().max() < 1e-6
 
 
 def test_alpha_ramps_leave_no_seam():
-    boxes = B.tile_boxes(512, 512, 256, 64)
+    boxes = R.tile_boxes(512, 512, 256, 64)
     tiles = [((y, x, th, tw), torch.full((1, 1, th, tw), float(k))) for k, (y, x, th, tw) in enumerate(boxes)]
-    out = B.composite(torch.zeros(1, 1, 512, 512), tiles, 32)
+    out = R.composite(torch.zeros(1, 1, 512, 512), tiles, 32)
     step = max((out[..., 1:] - out[..., :-1]).abs().max(), (out[..., 1:, :] - out[..., :-1, :]).abs().max())
     assert step < 0.1 * len(boxes)  # neighbouring tiles differ by up to len(boxes) − 1; the ramps spread it
-    hard = B.composite(torch.zeros(1, 1, 512, 512), tiles, 0)
+    hard = R.composite(torch.zeros(1, 1, 512, 512), tiles, 0)
     assert (hard[..., 1:] - hard[..., :-1]).abs().max() >= 1  # without ramps: a hard seam
 
 
@@ -128,36 +128,36 @@ def test_alpha_ramps_leave_no_seam():
 def test_mask_is_resized_thresholded_or_refused():
     m = np.zeros((32, 32), np.float32)
     m[8:16, 8:16] = 1
-    assert torch.equal(B.prepare_mask(m, (32, 32)), torch.from_numpy(m)[None, None])
+    assert torch.equal(R.prepare_mask(m, (32, 32)), torch.from_numpy(m)[None, None])
     with pytest.warns(UserWarning, match="resized"):
-        big = B.prepare_mask(Image.fromarray((m * 255).astype(np.uint8)), (64, 64))
+        big = R.prepare_mask(Image.fromarray((m * 255).astype(np.uint8)), (64, 64))
     assert big.shape == (1, 1, 64, 64) and big.sum() == 4 * m.sum()
     soft = m * 0.7
     soft[0, 0] = 0.3
     with pytest.warns(UserWarning, match="2 grey|grey pixels"):
-        hard = B.prepare_mask(soft, (32, 32))
+        hard = R.prepare_mask(soft, (32, 32))
     assert torch.equal(hard, torch.from_numpy(m)[None, None])
     with pytest.raises(ValueError, match="draw the mask at the image's size"):
-        B.prepare_mask(m, (32, 48))
+        R.prepare_mask(m, (32, 48))
     with pytest.raises(ValueError, match="NaN"):
-        B.prepare_mask(m * np.nan, (32, 32))
+        R.prepare_mask(m * np.nan, (32, 32))
     with pytest.raises(ValueError, match="single-channel"):
-        B.prepare_mask(np.zeros((2, 32, 32)), (32, 32))
+        R.prepare_mask(np.zeros((2, 32, 32)), (32, 32))
 
 
 def test_crop_box_and_stage_sides():
     m = torch.zeros(1, 1, 2048, 3072)
     m[..., 1000:1300, 2000:2100] = 1
-    y, x, side = B.crop_box(m, 1.2, 64)
+    y, x, side = R.crop_box(m, 1.2, 64)
     assert side == 368 and side % 16 == 0
     assert y <= 1000 and y + side >= 1300 and x <= 2000 and x + side >= 2100
     edge = torch.zeros(1, 1, 512, 512)
     edge[..., :100, :100] = 1
-    assert B.crop_box(edge, 1.0, 256) == (0, 0, 256)  # clamped to the image
-    assert B.crop_box(torch.ones(1, 1, 256, 256), None, 64) == (0, 0, 256)
+    assert R.crop_box(edge, 1.0, 256) == (0, 0, 256)  # clamped to the image
+    assert R.crop_box(torch.ones(1, 1, 256, 256), None, 64) == (0, 0, 256)
     with pytest.raises(ValueError, match="square"):
-        B.crop_box(m, None, 64)
-    assert [B.stage_sides(s, 64) for s in (64, 256, 512, 1024, 2048)] == [
+        R.crop_box(m, None, 64)
+    assert [R.stage_sides(s, 64) for s in (64, 256, 512, 1024, 2048)] == [
         [64], [64, 256], [64, 256, 512], [64, 256, 1024], [64, 256, 1024, 2048]]
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import engine
-from engine import images, iterinv, metrics, schedule as S, world
+from engine import diffedit, images, iterinv, metrics, schedule as S, world
 from engine.cli import main
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert
@@ -97,9 +97,9 @@ def test_forward_and_inverse_steps_are_exact_inverses(sched):
 def test_masked_ddim_endpoints():
     den, z0, cond, sched = _setup(EPS)
     traj = invert(den, z0, cond, sched, 10, 0.8, progress=False)
-    keep = iterinv.masked_ddim(den, traj, cond, sched, torch.zeros(1, 1, 8, 8, dtype=torch.float64), progress=False)
+    keep = diffedit.masked_ddim(den, traj, cond, sched, torch.zeros(1, 1, 8, 8, dtype=torch.float64), progress=False)
     assert torch.equal(keep, z0)
-    free = iterinv.masked_ddim(den, traj, cond, sched, torch.ones(1, 1, 8, 8, dtype=torch.float64), progress=False)
+    free = diffedit.masked_ddim(den, traj, cond, sched, torch.ones(1, 1, 8, 8, dtype=torch.float64), progress=False)
     assert torch.equal(free, ddim(den, traj.latents[-1], cond, sched, 10, 0.8, progress=False))
 
 
