@@ -1,0 +1,319 @@
+"""The docs' number tables, generated from bench/results/*.json: never edit them by hand.
+
+    python bench/tables.py            # rewrite every table region in place
+    python bench/tables.py --check    # change nothing; exit 1 if any file would change
+
+A region is `<!-- table:NAME -->` ... `<!-- /table:NAME -->` in README.md, bench/README.md or
+weights/README.md, NAME one of TABLES; everything between the markers is replaced.
+"""
+import argparse
+import json
+import math
+import re
+import statistics as st
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", ROOT / "weights" / "README.md"]
+REGION = re.compile(r"(<!-- table:([\w-]+) -->\n).*?(<!-- /table:\2 -->)", re.S)
+TABLES = {}
+
+
+def table(name, srcs, *cmds):
+    """Register fn(*jsons) -> markdown as NAME. Its footer names the JSON files and the commands
+    that wrote them ({key} is filled from the first file; a recorded "command" or "commit" wins)."""
+    def reg(fn):
+        TABLES[name] = (fn, srcs.split(), cmds)
+        return fn
+    return reg
+
+
+def load(src):
+    return json.loads((ROOT / "bench" / "results" / src).read_text())
+
+
+def md(head, rows):
+    line = lambda r: "| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |"
+    return "\n".join([line(head), "|" + "---|" * len(head)] + [line(r) for r in rows])
+
+
+def f(x, n=2, sign=""):
+    return "" if x is None else f"{x:{sign}.{n}f}".replace("-", "−")
+
+
+def pct(x, n=0):
+    return f"{100 * x:.{n}f}%"
+
+
+def paired(a, b, n=2):
+    """Mean ± standard error of a − b over paired items, and on how many a is the larger."""
+    d = [x - y for x, y in zip(a, b)]
+    se = st.stdev(d) / math.sqrt(len(d))
+    return f"{f(st.mean(d), n, '+')} ± {f(se, n)}; better on {sum(v > 0 for v in d)} of {len(d)}"
+
+
+@table("headline", "tiny_gates.json tiny_vs_diffusers_cpu.json unet_step_cpu_float32.json "
+       "direct_inversion.json iterinv.json blended.json multires.json")
+def headline(g, t, u, d, it, b, m):
+    lam = next(r for r in d["tradeoff"]["rows"] if r["lam"] == 0.5)
+    fast, vae = it["table_256"]["rows"]["fast"], it["table_256"]["rows"]["vae"]
+    bp, cl = b["size_1024"]["summary"]["multistage-backproject"], m["fig3"]["baselines"]
+    star = cl["caption of the concept's colour"]["mean"]
+    return md(["what", "measure", "result"], [
+        ["embedded base model", "named-object colour / shape (tiny CLIP)",
+         f"{pct(g['base']['colour'], 1)} / {pct(g['base']['shape'], 1)}"],
+        ["`generate` vs diffusers, embedded model", "max pixel difference; time ours / diffusers",
+         f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255; {f(t['ratio_ours_over_diffusers'])}"],
+        ["SD1.5 UNet, one CFG step (CPU)", "time ours / diffusers",
+         f(u["ratio_ours_over_diffusers"], 3)],
+        ["Direct Inversion, λ 0.5, CFG 3", "edit success; PSNR outside the object",
+         f"{pct(lam['edit_success'])}; {f(lam['psnr_outside'], 1)} dB"],
+        ["null-text inversion, fast vs reference", "time fast / reference; PSNR gap",
+         f"{f(d['nti']['time_ratio_median'])}; {f(d['nti']['psnr_gap_db'], 2, '+')} dB"],
+        ["IterInv fast, 64² → 256²", "PSNR vs the VAE ceiling; solve time fast / paper",
+         f"{f(fast['psnr'])} vs {f(vae['psnr'])} dB; "
+         f"{f(it['timing_256']['median_fast_over_paper'], 3)}"],
+        ["multi-stage blended diffusion, 1024²", "edit success; outside the mask",
+         f"{pct(bp['success'])}; " + ("exact" if bp["outside_max_abs_diff"] == 0 else "not exact")],
+        ["multiresolution textual inversion", "CLIP-I of `<C>` vs \"red star\"; training speed",
+         f"{f(cl['native <C>']['mean'], 3)} vs {f(star, 3)}; "
+         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop"]])
+
+
+GATES = {"colour": "colour of the named object", "shape": "shape of the named object",
+         "psnr_64": "64² renders", "psnr_256": "256² renders",
+         "psnr_photo_64": "held-out photos, 64² crops",
+         "psnr_photo_256": "held-out photos, 256² crops"}
+
+
+@table("gates", "tiny_gates.json", "python bench/bench_tiny.py")
+def gates(j):
+    ok, rows = lambda g: "pass" if g["pass"] else "**fail**", []
+    for part, who in (("clip", "tiny CLIP"), ("vae", "VAE round trip"), ("base", "base model")):
+        for key in (k for k in GATES if k in j[part]):
+            v, g, by = j[part][key], j[part]["gates"].get(key), j[part].get(key + "_by_objects")
+            val, bound = (f"{pct(v, 1)} (1 object {pct(by['1'], 1)}, 2 objects {pct(by['2'], 1)})",
+                          g and f"≥ {pct(g['threshold'])}") if by else (
+                          f"{f(v)} dB", g and f"≥ {f(g['threshold'], 0)} dB")
+            rows.append([f"{who}: {GATES[key]}", val, bound or "(report only)", g and ok(g) or ""])
+    sr, g = j["sr"], j["sr"]["gates"]["gain_db"]
+    return md(["gate", "measured", "bound", ""], rows + [
+        ["x4: SR(64² render) vs the true 256² render, minus bicubic",
+         f"{f(sr['psnr_sr'])} − {f(sr['psnr_bicubic'])} = {f(sr['gain_db'])} dB",
+         f"≥ +{f(g['threshold'], 0)} dB", ok(g)],
+        ["x4: the same, both back-projected onto the input", f"{f(sr['psnr_sr_backprojected'])} "
+         f"vs {f(sr['psnr_bicubic_backprojected'])} dB", "(report only)", ""],
+        ["x4: VAE round trip of the true 256² render (its ceiling)",
+         f"{f(sr['psnr_vae_roundtrip'])} dB", "(report only)", ""]])
+
+
+@table("vs-diffusers", "unet_step_cpu_float32.json tiny_vs_diffusers_cpu.json",
+       "python bench/bench_unet.py --repeats {repeats} --warmup 2",
+       "python bench/bench_tiny_vs_diffusers.py --repeats 7")
+def vs_diffusers(u, t):
+    gf = u["gflops_achieved"]
+    return md(["", "ours s", "diffusers s", "ours / diffusers", "goal", "max difference"], [
+        [f"SD1.5 UNet, one CFG step, random weights ({u['repeats']} runs; GFLOP/s ours "
+         f"{f(gf['ours'], 1)}, diffusers {f(gf['diffusers'], 1)})",
+         f(u["median_s"]["ours"]), f(u["median_s"]["diffusers"]),
+         f"{f(u['ratio_ours_over_diffusers'], 3)} (paired {f(u['median_of_paired_ratios'], 3)})",
+         "", f"{u['max_abs_diff_vs_diffusers']:.1e}"],
+        [f"embedded model, `generate`, 50 steps ({len(t['seconds']['ours'])} runs)",
+         f(t["median_s"]["ours"], 3), f(t["median_s"]["diffusers"], 3),
+         f(t["ratio_ours_over_diffusers"]), f"≤ {f(t['goal_ratio'])}",
+         f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255"]])
+
+
+@table("direct-recon", "direct_inversion.json", "python bench/bench_direct.py --only recon")
+def direct_recon(j):
+    g, s = j["recon"]["grid"], (10, 20, 50, 100, 200)
+    diag = [[k, f(g[f"{k}/{k}"]["psnr"], 1), f(g[f"{k}/{k}"]["psnr_to_vae"], 1)] for k in s]
+    diag.append(["VAE round trip alone", f(j["recon"]["vae_only_psnr"], 1), ""])
+    return md(["steps (inversion = inference)", "PSNR to the input (dB)",
+               "PSNR to the VAE's reconstruction (dB)"], diag) + "\n\n" + md(
+        ["PSNR to the input: inversion \\ inference steps", *s],
+        [[i, *(f(g[f"{i}/{k}"]["psnr"], 1) for k in s)] for i in s])
+
+
+@table("direct-nti", "direct_inversion.json", "python bench/bench_direct.py --only nti")
+def direct_nti(j):
+    n = j["nti"]
+    ratios = (f"{f(n['time_ratio_median'])} (median per image), {f(n['time_ratio_total'])} "
+              f"(total), {f(n['time_ratio_with_inversion'])} (counting the shared DDIM inversion)")
+    return md(["method", "reconstruction PSNR (dB)", "median optimisation time per image (s)"], [
+        ["reference (P2P's `NullInversion`)", f(n["reference_psnr"]),
+         f(n["reference_s_median"], 1)],
+        ["fast (ours)", f(n["fast_psnr"]), f(n["fast_s_median"], 1)],
+        ["fast / reference", f(n["psnr_gap_db"], 2, "+"), ratios],
+        ["no optimisation, sampled without CFG", f(n["no_cfg_psnr"]), ""]])
+
+
+@table("direct-tradeoff", "direct_inversion.json", "python bench/bench_direct.py --only tradeoff",
+       "python bench/bench_direct.py --only tradeoff --source caption")
+def direct_tradeoff(j):
+    rows = []
+    for key, src in (("tradeoff", '""'), ("tradeoff_source_caption", "caption")):
+        t = j[key]["rows"]
+        rows.append([f"edit success (source {src})", *(pct(r["edit_success"]) for r in t)])
+        rows.append([f"PSNR outside, dB (source {src})", *(f(r["psnr_outside"], 1) for r in t)])
+    lam = [f"**{r['lam']:g}**" if r["lam"] == 0.5 else f"{r['lam']:g}" for r in t]
+    return md(["λ (CFG 3)", *lam], rows)
+
+
+ITERINV = {"vae": "VAE round trip (the ceiling)", "ddim-all": "DDIM, all stages (reference's)",
+           "ddim-sr": "DDIM, SR stages only", "ddim-fair": "fair DDIM (v-aware, same ĉ)",
+           "fast": "IterInv fast (ours)", "paper": "IterInv paper"}
+
+
+@table("iterinv", "iterinv.json", "python bench/bench_iterinv.py --size 256 --scenes 20 "
+       "--paper-scenes 20", "python bench/bench_iterinv.py --size 1024 --scenes 5 --methods fast "
+       "ddim-all ddim-sr ddim-fair", "python bench/bench_iterinv.py --size 1024 --methods paper "
+       "--paper-scenes 5 --batch 1", "python bench/bench_iterinv.py --timing")
+def iterinv(j):
+    rows = []
+    for size in (256, 1024):
+        t = j[f"table_{size}"]
+        for key, label in ITERINV.items():
+            r, p = t["rows"][key], t["per_scene"]
+            d = [a - b for a, b in zip(p[key]["psnr"], p["vae"]["psnr"])]
+            gap = f"{f(min(d), 3, '+')} … {f(max(d), 3, '+')}" if key != "vae" else ""
+            rows.append([f"{size}²", label, f"{r['mse']:.2e}", f(r["psnr"]), f(r["ssim"], 3),
+                         f(r["clip"], 1), gap,
+                         r.get("sr_evals", ""), r.get("batch", r.get("scenes", "")),
+                         f(r.get("sr_solve_seconds"), 0)])
+    t = j["timing_256"]
+    s = {m: st.median(r["seconds"] for r in t["runs"] if r["mode"] == m) for m in ("fast", "paper")}
+    n = {r["mode"]: r["evals"] for r in t["runs"] if "evals" in r}
+    rows.append(["256²", "fast / paper, timed alone (`--timing`)", *[""] * 5,
+                 f"{n['fast']} / {n['paper']}", t["batch"],
+                 f"{f(s['fast'], 1)} / {f(s['paper'], 1)}: {f(t['median_fast_over_paper'], 3)}"])
+    return md(["size", "row", "MSE", "PSNR", "SSIM", "CLIP", "PSNR − ceiling, per scene",
+               "SR-stage UNet calls", "scenes per call", "solve s"], rows)
+
+
+@table("iterinv-edits", "iterinv.json", "python bench/bench_iterinv.py --edit-table --scenes 20",
+       "python bench/bench_iterinv.py --edit-table --size 1024 --scenes 10")
+def iterinv_edits(j):
+    rows, out, truth = [], "psnr_outside_object", "psnr_to_ground_truth_edit"
+    for t in (j["edit_table_256"], j["edit_table_1024"]):
+        ref, bp = t["rows"]["reference"], t["rows"]["backproject-3"]
+        size = f"{t['size']}² ({t['scenes']}; inversion {f(t['reconstruction_psnr'])} dB)"
+        for name, r in (("reference", ref), ("`--backproject 3`", bp)):
+            d = [paired(bp["per_scene"][k], ref["per_scene"][k]) if r is bp else ""
+                 for k in (out, truth)]
+            rows.append([size, name, pct(r["success"]), f(r[out]), d[0], f(r[truth]), d[1],
+                         f(r["clip_edit_prompt"], 1)])
+    return md(["size (scenes)", "edit", "success", "outside (dB)", "Δ vs reference (mean ± s.e.)",
+               "to the world's edit (dB)", "Δ vs reference", "CLIP"], rows)
+
+
+@table("blended", "blended.json", "python bench/bench_blended.py --size 256 --scenes 30",
+       "python bench/bench_blended.py --size 1024 --scenes 30 --no-bicubic-row")
+def blended(j):
+    rows, pairs = [], []
+    for key in ("size_256", "size_1024"):
+        s, per, size = j[key]["summary"], j[key]["per_scene"], f"{key[5:]}²"
+        for m, r in ((m, r) for m, r in s.items() if isinstance(r, dict)):
+            secs = (f(r["seconds"], 0) if "seconds" in r else "" if "seconds_after_stage1" not in r
+                    else f"+{f(r['seconds_after_stage1'], 1)} after stage 1")
+            out = "exact" if r["outside_max_abs_diff"] == 0 else f(r["outside_max_abs_diff"], 4)
+            rows.append([f"{size} ({j[key]['scenes']})", m, f(r["psnr"]), f(r["ssim"], 4),
+                         f(r["psnr_in_mask"]), out, pct(r["success"]), f(r["clip"], 1), secs])
+        rows.append([size, "source / truth", *[""] * 4,
+                     f"{pct(s['source_success'])} / {pct(s['truth_success'])}", "", ""])
+        for a, b in (("multistage-backproject", "stage1-bicubic"), ("multistage", "stage1-bicubic"),
+                     ("multistage-backproject", "multistage")):
+            pairs.append([size, f"{a} − {b}", paired([p[a]["psnr"] for p in per],
+                                                     [p[b]["psnr"] for p in per]),
+                          f(st.mean(p[a]["ssim"] - p[b]["ssim"] for p in per), 4, "+")])
+    return md(["size (scenes)", "method", "PSNR to truth", "SSIM", "PSNR in mask", "outside mask",
+               "edit success", "CLIP", "s / edit (median)"], rows) + "\n\n" + md(
+        ["size", "paired over the scenes", "Δ PSNR (dB, mean ± s.e.)", "Δ SSIM (mean)"], pairs)
+
+
+@table("blended-rss", "blended.json", "python bench/bench_blended.py --rss 2048",
+       "python bench/bench_blended.py --rss 1024",
+       "python bench/bench_blended.py --rss 2048 --max-side 512")
+def blended_rss(j):
+    return md(["command", "output", "peak RSS (GiB)", "s", "s per stage", "tiles run"], [
+        [f"`{r['command']}`", f"{r['size']}²", f(r["peak_rss_gib"]), f(r["seconds"], 0),
+         " / ".join(f(s["seconds"], 0) for s in r["stages"]),
+         ", ".join(f"stage {s['stage']}: {s['tiles'] - s['skipped_tiles']} of {s['tiles']}"
+                   for s in r["stages"] if s.get("tiles", 1) > 1)] for r in j["rss"]])
+
+
+@table("multires-fig3", "multires.json", "python bench/bench_multires.py --part fig3")
+def multires_fig3(j):
+    c, b, n = j["fig3"]["clip_i"], j["fig3"]["baselines"], j["fig3"]["sampling"]["samples_per_cell"]
+    mode = {"fixed": "fixed `<C|i|>`", "semi": "semi `<C(i)>`", "fully": "fully `<C[i]>`"}
+    cell = lambda v: f"{f(v['mean'], 3)} ± {f(v['std'] / math.sqrt(n), 3)}"
+    base = [[k.replace("<C>", "`<C>`"), f"`{v['prompt']}`" if "prompt" in v else "",
+             f(v["mean"], 3)] for k, v in b.items()]
+    return md(["mode (CLIP-I, mean ± s.e.)", *(f"i = {i}" for i in c["fixed"])],
+              [[mode[m], *map(cell, c[m].values())] for m in c]) + "\n\n" + md(
+        ["baseline", "prompt", "CLIP-I"], base)
+
+
+@table("multires-speed", "multires.json", "python bench/bench_multires.py --part speed")
+def multires_speed(j):
+    s = j["speed"]
+    med = s["median_steps_per_s"]
+    return md([f"loop (batch {s['batch']} at {s['resolution']}², {s['threads']} threads)",
+               f"steps/s (median of {s['repeats']})", "÷ diffusers loop", "ours ÷ this"],
+              [[k, f(v), f"{f(v / med['diffusers'])}×", f"{f(med['ours'] / v)}×"]
+               for k, v in med.items()])
+
+
+@table("tiled-vae", "tiled_vae.json", "python bench/bench_tiled_vae.py",
+       "python bench/bench_tiled_vae.py --only rss --sizes 2048 4096")
+def tiled_vae(j):
+    cases = (("SD-VAE-architecture decode, random weights", j["sd"], "decode"),
+             ("tiny VAE decode", j["tiny"], "decode"), ("tiny VAE encode", j["tiny"], "encode"))
+    exact = [[f"{label}, {c['output_px']}²", c[p]["tile_latent_px"],
+              *(f"{c[p][k]:.1e}" for k in ("max_abs_diff", "untiled_vs_fp64", "tiled_vs_fp64")),
+              f(c[p]["untiled_s"], 0), f(c[p]["tiled_s"], 0)] for label, c, p in cases]
+    r, run = j["rss"], lambda v: f"{v['peak_rss_mib']} MiB ({f(v['seconds'], 0)} s)"
+    return md(["max abs difference", "tile (latent px)", "tiled vs untiled", "untiled vs float64",
+               "tiled vs float64", "untiled s", "tiled s"], exact) + "\n\n" + md(
+        ["tiny VAE decode", "tiled: peak RSS (s)", "untiled: peak RSS (s)", "RSS before decoding"],
+        [[f"{px}²", run(r[f"tiled_{px}"]), run(r[f"untiled_{px}"]),
+          f"{r[f'tiled_{px}']['rss_before_decode_mib']} MiB"]
+         for px in sorted({v["output_px"] for v in r.values()})])
+
+
+def render(name):
+    fn, srcs, cmds = TABLES[name]
+    js = [load(s) for s in srcs]
+    if not cmds:  # the headline, from many files
+        where, made = "`bench/results/*.json`", "the bench scripts named in `bench/README.md`"
+    else:
+        where = ", ".join(f"`bench/results/{s}`" + (f" (commit {j['commit']})" if "commit" in j
+                                                    else "") for s, j in zip(srcs, js))
+        made = ", ".join(f"`{c}`" for c in ([js[0]["command"]] if "command" in js[0] else
+                                            [c.format(**js[0]) for c in cmds]))
+    return (f"{fn(*js)}\n\n<sub>Generated by `python bench/tables.py` from {where}; "
+            f"made by {made}.</sub>\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 if a file would change")
+    check, stale = ap.parse_args().check, 0
+    for path in (p for p in DOCS if p.exists()):
+        old, rel = path.read_text(), path.relative_to(ROOT)
+        unknown = [m.group(2) for m in REGION.finditer(old) if m.group(2) not in TABLES]
+        if unknown:
+            sys.exit(f"{rel}: unknown table {unknown[0]!r}; known: {', '.join(TABLES)}")
+        new = REGION.sub(lambda m: f"{m.group(1)}\n{render(m.group(2))}\n{m.group(3)}", old)
+        if new != old:
+            stale += 1
+            print(f"{rel}: {'out of date' if check else 'rewritten'}")
+            if not check:
+                path.write_text(new)
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
