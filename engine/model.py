@@ -1,6 +1,6 @@
-"""The runtime model under the four papers: loaded components plus image ↔ latent with the dtype rules,
-prompt → conditioning, and the denoisers samplers call. `Pipeline`, the papers' modules and the CLI use it
-through these public methods only."""
+"""The runtime model under the four papers: loaded components plus image ↔ latent with the dtype
+rules, prompt → conditioning, and the denoisers samplers call. `Pipeline`, the papers' modules and
+the CLI use it through these public methods only."""
 import torch
 from PIL import Image
 
@@ -11,20 +11,21 @@ from .profile import stage
 
 
 class Model:
-    """One loaded model. Attribute names mirror a diffusers folder: unet, vae, text_encoder, tokenizer,
-    scheduler (and low_res_scheduler, max_noise_level for an x4 upscaler)."""
+    """One loaded model. Attribute names mirror a diffusers folder: unet, vae, text_encoder,
+    tokenizer, scheduler (and low_res_scheduler, max_noise_level for an x4 upscaler)."""
 
     def __init__(self, components: Components, semi: str = "zero"):
         c = components
-        self.unet, self.vae, self.text_encoder, self.tokenizer = c.unet, c.vae, c.text_encoder, c.tokenizer
-        self.scheduler, self.low_res_scheduler = c.scheduler, c.low_res_scheduler
-        self.max_noise_level = c.max_noise_level
+        self.unet, self.vae, self.scheduler = c.unet, c.vae, c.scheduler
+        self.text_encoder, self.tokenizer = c.text_encoder, c.tokenizer
+        self.low_res_scheduler, self.max_noise_level = c.low_res_scheduler, c.max_noise_level
         self.device = next(c.unet.parameters()).device
         self.dtype = next(c.unet.parameters()).dtype
         self.vae_dtype = next(c.vae.parameters()).dtype  # fp32 when the VAE asks for force_upcast
-        self.concepts: dict[str, pr.Concept] = {}  # pseudo-words usable in prompts (load_embeddings)
-        self.semi = pr.check_semi(semi)  # <C(i)> below bin i: a zero input vector, or "remove" the word
-        self.tile_pixels: int | None = None  # VAE tiling budget and tile (engine.tiled_vae); None: env
+        self.concepts: dict[str, pr.Concept] = {}  # pseudo-words of prompts (load_embeddings)
+        self.semi = pr.check_semi(semi)  # <C(i)> below bin i: a zero vector, or "remove" the word
+        # VAE tiling budget (pixels) and tile side (latent pixels), engine.tiled_vae; None: the env
+        self.tile_pixels: int | None = None
         self.tile_size: int | None = None
 
     @property
@@ -47,7 +48,8 @@ class Model:
         return self.max_noise_level if self.max_noise_level is not None else 350
 
     def load_embeddings(self, *paths) -> list[str]:
-        """Register the pseudo-words of embedding files (engine.multires.load_concepts); returns their names."""
+        """Register the pseudo-words of embedding files (engine.multires.load_concepts); returns
+        their names."""
         names = []
         for path in paths:
             for c in multires.load_concepts(path):
@@ -55,7 +57,7 @@ class Model:
                 names.append(c.name)
         return names
 
-    # ---- images ↔ latents -----------------------------------------------------------------------------------
+    # ---- images ↔ latents ---------------------------------------------------------------------
 
     def size(self, height=None, width=None) -> tuple[int, int]:
         """(height, width) checked against the VAE factor; None: the model's own side."""
@@ -63,24 +65,31 @@ class Model:
         height, width = height or self.side, width or self.side
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
-                raise ValueError(f"{name}={v!r}: need a positive multiple of {f} (the VAE's downscale factor)")
+                raise ValueError(f"{name}={v!r}: need a positive multiple of {f} "
+                                 "(the VAE's downscale factor)")
         return height, width
 
     def pixels(self, image, multiple: int | None = None, batch: int = 1) -> torch.Tensor:
-        """A path, PIL image(s) or (B, 3, H, W) tensor in [-1, 1] → a checked tensor on the model's device and
-        dtype, sides multiples of `multiple` (default the VAE factor), a single image repeated to `batch`."""
+        """A path, PIL image(s) or (B, 3, H, W) tensor in [-1, 1] → a checked tensor on the model's
+        device and dtype, sides multiples of `multiple` (default the VAE factor), one image repeated
+        to `batch`."""
         multiple = self.downscale if multiple is None else multiple
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             image = images.load(image)
-        pils = isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image)
+        pils = isinstance(image, (list, tuple)) and image and \
+            all(isinstance(i, Image.Image) for i in image)
         if pils and len({im.size for im in image}) > 1:
-            raise ValueError(f"images: need one size for a batch, got {sorted({im.size for im in image})}")
-        x = images.to_tensor(image) if pils or isinstance(image, Image.Image) else torch.as_tensor(image)
+            sizes = sorted({im.size for im in image})
+            raise ValueError(f"images: need one size for a batch, got {sizes}")
+        pil = pils or isinstance(image, Image.Image)
+        x = images.to_tensor(image) if pil else torch.as_tensor(image)
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"image: need an RGB image or a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+            raise ValueError("image: need an RGB image or a (B, 3, H, W) tensor, got shape "
+                             f"{tuple(x.shape)}")
         h, w = x.shape[2:]
         if h % multiple or w % multiple:
-            raise ValueError(f"image is {w}×{h}: both sides must be multiples of {multiple}; resize or crop it")
+            raise ValueError(f"image is {w}×{h}: both sides must be multiples of {multiple}; "
+                             "resize or crop it")
         if not torch.isfinite(x).all():
             raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if x.shape[0] == 1 and batch > 1:
@@ -88,26 +97,29 @@ class Model:
         return x.to(self.device, self.dtype)
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Image in [-1, 1] → latents in the model's dtype (the VAE runs in its own dtype; tiled above the
-        budget, with the same result)."""
+        """Image in [-1, 1] → latents in the model's dtype (the VAE runs in its own dtype, tiled
+        above the budget with the same result)."""
         with stage("vae encode"):
-            z = tiled_vae.encode_latents(self.vae, x.to(self.device, self.vae_dtype), sample, generator,
-                                         pixels=self.tile_pixels, tile=self.tile_size)
+            x = x.to(self.device, self.vae_dtype)
+            z = tiled_vae.encode_latents(self.vae, x, sample, generator, pixels=self.tile_pixels,
+                                         tile=self.tile_size)
         return z.to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → image in about [-1, 1] in the VAE's dtype; NaN/inf is an error that names the fix."""
+        """Latents → image in about [-1, 1] in the VAE's dtype; NaN/inf is an error naming the fix."""
         with stage("vae decode"):
-            x = tiled_vae.decode_latents(self.vae, latents.to(self.vae_dtype), pixels=self.tile_pixels,
+            latents = latents.to(self.vae_dtype)
+            x = tiled_vae.decode_latents(self.vae, latents, pixels=self.tile_pixels,
                                          tile=self.tile_size)
         if not torch.isfinite(x).all():
-            raise FloatingPointError("the decoded image has NaN/inf values; try float32 (--dtype float32)")
+            raise FloatingPointError("the decoded image has NaN/inf values; "
+                                     "try float32 (--dtype float32)")
         return x
 
-    # ---- prompts → conditioning ---------------------------------------------------------------------------
+    # ---- prompts → conditioning ---------------------------------------------------------------
 
     def _encoder(self, texts) -> pr.Encoder | None:
-        """The pseudo-word encoder when a text has a reference (any syntax error surfaces here), else None."""
+        """The pseudo-word encoder when a text has a reference (syntax errors surface here)."""
         if not any(isinstance(seg, pr.Ref) for s in texts for seg in pr.parse(s)):
             return None
         return pr.Encoder(self.tokenizer, self.text_encoder, self.concepts, self.semi,
@@ -115,15 +127,15 @@ class Model:
 
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None,
                       guided: bool = False) -> torch.Tensor:
-        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D); pseudo-words must not change
-        with t here (prompt_cond takes those)."""
+        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D); pseudo-words
+        must not change with t here (prompt_cond takes those)."""
         texts = guided_texts(prompts, negative) if guided else prompts
         enc = self._encoder(texts)
         if enc is not None:
             ref = enc.dynamic(texts)
             if ref is not None:
-                raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs one fixed "
-                                     f"prompt; write <{ref.name}|i|>")
+                raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs "
+                                     f"one fixed prompt; write <{ref.name}|i|>")
             with stage("text encode"):
                 return enc.encode(texts)
         with stage("tokenize"):
@@ -131,29 +143,31 @@ class Model:
         with stage("text encode"):
             return self.text_encoder(ids)
 
-    def prompt_cond(self, prompts: list[str], negative: list[str] | None = None, guided: bool = False) -> Cond:
-        """Conditioning as a function of t: constant for plain prompts; with multiresolution pseudo-words the
-        text encoder runs once per time bin the sampler enters."""
+    def prompt_cond(self, prompts: list[str], negative: list[str] | None = None,
+                    guided: bool = False) -> Cond:
+        """Conditioning as a function of t: constant for plain prompts; with multiresolution
+        pseudo-words the text encoder runs once per time bin the sampler enters."""
         texts = guided_texts(prompts, negative) if guided else prompts
         enc = self._encoder(texts)
         if enc is not None and enc.dynamic(texts) is not None:
             return enc.cond(texts)
         return constant(self.encode_prompt(prompts, negative, guided))
 
-    # ---- denoisers ---------------------------------------------------------------------------------------
+    # ---- denoisers -----------------------------------------------------------------------------
 
     def denoiser(self, guidance: float = 1.0) -> Denoiser:
         return Denoiser(self.unet, guidance)
 
     def upscaler_denoiser(self, low: torch.Tensor, noise_level: int, noise: torch.Tensor,
                           guidance: float = 1.0) -> Denoiser:
-        """The x4 upscaler's denoiser conditioned on ĉ = q_sample(low, noise_level, noise), fixed for a run."""
+        """The x4 upscaler's denoiser on ĉ = q_sample(low, noise_level, noise), fixed for a run."""
         level = torch.tensor([noise_level], dtype=torch.long, device=low.device)
         concat = schedule.q_sample(self.low_res_scheduler, low, level, noise.to(low))
         return Denoiser(self.unet, guidance, concat=concat, class_labels=level.repeat(low.shape[0]))
 
     def check_noise_level(self, noise_level) -> int:
         top = self.noise_levels
-        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        whole = isinstance(noise_level, int) and not isinstance(noise_level, bool)
+        if not whole or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
         return noise_level
