@@ -1,0 +1,305 @@
+"""The commands of `python -m engine` (engine.cli parses them): each checks its inputs and outputs
+before any work, calls the Python API, builds its report (engine.reports), writes every file whole
+and prints a summary."""
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import engine
+
+from . import demo as demos, images, multires, reports
+from .blended import MultiStage, Options
+from .iterinv import Cascade, CascadeInversion, pyramid
+from .profile import profiled
+
+
+def _load(a, path=None) -> engine.Pipeline:
+    """The command's model, or its ×4 stage `path` (same dtype, device, variant, pseudo-words)."""
+    words = {k: getattr(a, k) for k in ("embeddings", "semi") if hasattr(a, k)}
+    if path is not None:
+        return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
+    return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,
+                       prediction_type=a.prediction_type, **words)
+
+
+def _fields(cls, a, **renamed) -> dict:
+    """The fields of dataclass `cls` read from the namespace `a` (field=flag dest in `renamed`)."""
+    return {f.name: getattr(a, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)
+            if hasattr(a, renamed.get(f.name, f.name))}
+
+
+def _json(path, report) -> Path:
+    return images.write_atomic(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+
+
+def _tensors_out(path, what="") -> Path:
+    out = Path(path)
+    if out.suffix != ".safetensors" or not out.parent.is_dir():
+        raise ValueError(f"{out}: need a .safetensors path in an existing folder{what}")
+    return out
+
+
+def _folder_out(path) -> Path:
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out}: its parent folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; --out names the folder the results "
+                         "go to")
+    return out
+
+
+def _sample(a, call) -> Path:
+    out, _ = images.check_out(a.out)
+    with profiled(a.profile):
+        t0 = time.perf_counter()
+        pipe = _load(a)
+        t_load = time.perf_counter() - t0
+        image = call(pipe, dict(negative=a.negative, steps=a.steps, guidance=a.guidance,
+                                seed=a.seed, eta=a.eta, progress=not a.quiet))[0]
+    images.save(image, out)
+    print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, "
+          f"total {time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+def generate(a) -> Path:
+    return _sample(a, lambda p, kw: p.generate(a.prompt, height=a.height, width=a.width, **kw))
+
+
+def img2img(a) -> Path:
+    return _sample(a, lambda p, kw: p.img2img(a.image, a.prompt, strength=a.strength, **kw))
+
+
+def upscale(a) -> Path:
+    return _sample(a, lambda p, kw: p.upscale(a.image, a.prompt, noise_level=a.noise_level,
+                                              tile=a.tile, overlap=a.overlap,
+                                              backproject=a.backproject, **kw))
+
+
+def invert(a) -> list[Path]:
+    image = images.load(a.image)
+    t0 = time.perf_counter()
+    out = _tensors_out(a.out, " for the trajectory")
+    rec_path, _ = images.check_out(a.reconstruction or out.with_suffix(".png"))
+    with profiled(a.profile):
+        pipe = _load(a)
+        traj = pipe.invert(image, a.prompt, a.steps, a.convention, a.null_text, a.guidance,
+                           progress=not a.quiet)
+        rec = pipe.reconstruct(traj, a.prompt, output="pt", progress=not a.quiet)
+    r = reports.reconstruction(rec, image)
+    written = [traj.save(out, {"prompt": a.prompt, "image": str(a.image)}),
+               images.save(images.to_pil(rec)[0], rec_path)]
+    print(f"wrote {out} ({traj.steps} steps, {traj.convention}"
+          f"{', null-text ' + a.null_text if a.null_text else ''}) and {rec_path}: reconstruction "
+          f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({time.perf_counter() - t0:.1f}s)")
+    return written
+
+
+def _prompts(a) -> list[str]:
+    if a.prompt is not None:
+        return [a.prompt]
+    path = Path(a.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: the prompt file has no prompts; write one edit prompt per line")
+    return prompts
+
+
+def edit(a) -> list[Path]:
+    image = images.load(a.image)
+    t0 = time.perf_counter()
+    prompts = _prompts(a)
+    out, _ = images.check_out(a.out)
+    outs = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                            for i in range(len(prompts))]
+    with profiled(a.profile):
+        edited, _ = _load(a).edit(image, prompts, a.source, a.steps, a.guidance, a.lam,
+                                  a.inject_steps, a.every, a.negative, a.convention, output="pt",
+                                  progress=not a.quiet)
+    scorer = reports.load_scorer(a.clip, a.model)
+    report = {"image": str(a.image), **reports.edit_report(
+        image, edited, prompts, source=a.source, steps=a.steps, guidance=a.guidance, lam=a.lam,
+        inject_steps=a.inject_steps, every=a.every, convention=a.convention, scorer=scorer,
+        scorer_name=a.clip or a.model, files=outs)}
+    pils = images.to_pil(edited)
+    sheet = reports.edit_sheet(image, pils, prompts, a.source, a.lam)
+    sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
+    written = [images.save(im, o) for im, o in zip(pils, outs)]
+    written += [images.save(images.contact_sheet(sheet, columns=min(4, len(sheet))), sheet_path),
+                _json(json_path, report)]
+    print(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - t0:.1f}s)")
+    print("\n".join(reports.edit_lines(report)))
+    return written
+
+
+def _cascade_inputs(a):
+    """The input image and the output folder of iterinv / iterinv-edit, checked before any work."""
+    image = images.load(a.image)
+    out = _folder_out(a.out)
+    pyramid(image, a.size)  # checks the image and the size
+    return image, out
+
+
+def _cascade(a) -> Cascade:
+    return Cascade(_load(a).model, _load(a, a.upscaler).model, a.tile, a.overlap)
+
+
+def _invert_cascade(a, cas: Cascade, image):
+    return cas.invert(image, a.prompt, a.size, a.mode, a.stage1, a.steps, a.guidance, a.noise_level,
+                      a.seed, not a.quiet)
+
+
+def _finish(out: Path, written: list, sheet: list, name: str, report: dict) -> list[Path]:
+    written.append(images.save(images.contact_sheet(sheet, columns=len(sheet)), out / "sheet.png"))
+    written.append(_json(out / name, report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return written
+
+
+def iterinv(a) -> list[Path]:
+    image, out = _cascade_inputs(a)
+    t0 = time.perf_counter()
+    with profiled(a.profile):
+        cas = _cascade(a)
+        inv = _invert_cascade(a, cas, image)
+    seconds = time.perf_counter() - t0
+    out.mkdir(exist_ok=True)
+    scorer = reports.load_scorer(a.clip, a.model)
+    report = {"image": str(a.image), **reports.iterinv_report(image, inv, cas.sr, scorer, seconds)}
+    pils = [images.to_pil(im)[0] for im in inv.images]
+    written = [inv.save(out / "inversion.safetensors"),
+               images.save(pils[-1], out / "reconstruction.png")]
+    written += [images.save(p, out / f"stage_{p.width}.png") for p in pils[:-1]]
+    r = report["reconstruction"]
+    print(f"reconstruction at {a.size}²: PSNR {r['psnr']:.2f} dB (VAE ceiling "
+          f"{r['vae_ceiling_psnr']:.2f}), SSIM {r['ssim']:.4f}, MSE {r['mse']:.2e} "
+          f"({seconds:.1f}s)")
+    return _finish(out, written, reports.iterinv_sheet(image, pils), "metrics.json", report)
+
+
+def _inversion_stages(a):
+    """The SR stages of --inversion, checked to have been made with this command's settings."""
+    meta, stages = CascadeInversion.load_stages(a.inversion)
+    made = {"size": meta["sizes"][-1], "steps": int(meta["steps"]),
+            "noise_level": int(meta["noise_level"])}
+    asked = {"size": a.size, "steps": a.steps, "noise_level": a.noise_level}
+    if made != asked:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in made.items())
+        raise ValueError(f"{a.inversion} was made with {flags}; edit with the same settings or "
+                         "invert again")
+    return stages
+
+
+def iterinv_edit(a) -> list[Path]:
+    image, out = _cascade_inputs(a)
+    images.check_backproject(a.backproject)
+    stages = _inversion_stages(a) if a.inversion else None
+    t0 = time.perf_counter()
+    with profiled(a.profile):
+        cas = _cascade(a)
+        stages = stages or _invert_cascade(a, cas, image).stages
+        edits, mask = cas.edit(image, a.prompt, a.edit, stages, a.noise_level, a.steps,
+                               a.edit_guidance, a.strength, mask_strength=a.mask_strength,
+                               mask_ratio=a.mask_ratio, seed=a.seed, backproject=a.backproject,
+                               progress=not a.quiet)
+    seconds = time.perf_counter() - t0
+    out.mkdir(exist_ok=True)
+    report = {"image": str(a.image), **reports.iterinv_edit_report(
+        image, edits, mask, a.prompt, a.edit, inversion=a.inversion, backproject=a.backproject,
+        scorer=reports.load_scorer(a.clip, a.model), seconds=seconds)}
+    pils = [images.to_pil(im)[0] for im in edits]
+    mask_pil = reports.mask_image(reports.full_mask(mask, edits[-1]))
+    written = [images.save(pils[-1], out / "edit.png"), images.save(mask_pil, out / "mask.png")]
+    written += [images.save(p, out / f"edit_{p.width}.png") for p in pils[:-1]]
+    print(f"edit at {a.size}²: PSNR outside the mask {report['psnr_outside_mask']:.2f} dB, mask "
+          f"covers {100 * report['mask_fraction']:.1f}% ({seconds:.1f}s)")
+    sheet = reports.iterinv_edit_sheet(image, mask_pil, pils, a.prompt, a.edit)
+    return _finish(out, written, sheet, "edit.json", report)
+
+
+def _blend_inputs(a):
+    """The image and mask of `blend`, resized to --size."""
+    image, mask = images.load(a.image), images.load(a.mask)
+    if a.size is not None:
+        if a.size < 16 or a.size % 16 or image.width != image.height:
+            raise ValueError(f"--size {a.size} with a {image.width}×{image.height} image: need a "
+                             "square image and a multiple of 16")
+        if mask.size == image.size:  # a mask of another size is left to the edit's own check
+            mask = mask.resize((a.size, a.size), images.Image.NEAREST)
+        image = image.resize((a.size, a.size), images.Image.LANCZOS)
+    return image, mask
+
+
+def blend(a) -> list[Path]:
+    out, _ = images.check_out(a.out)
+    opts = Options(**_fields(Options, a, upscaler="upscale_with"))
+    image, mask = _blend_inputs(a)
+    t0 = time.perf_counter()
+    with profiled(a.profile):
+        base, sr = _load(a).model, _load(a, a.upscaler).model
+        scorer = reports.load_scorer(a.clip, a.model)
+        res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask,
+                                                a.prompt, opts, progress=not a.quiet)
+    seconds = time.perf_counter() - t0
+    report = {"image": str(a.image), "mask": str(a.mask), **reports.blend_report(
+        images.to_tensor(image), res, a.prompt, opts, scorer, seconds)}
+    pil = images.to_pil(res.image.float().cpu())[0]
+    sheet = reports.blend_sheet(image, pil, res, a.prompt)
+    sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
+    written = [images.save(pil, out),
+               images.save(images.contact_sheet(sheet, columns=min(len(sheet), 4)), sheet_path),
+               _json(json_path, report)]
+    outside = report["outside_mask_max_abs_diff"]
+    off = "the source, pixel for pixel" if outside == 0 else f"off by up to {outside:.2e}"
+    print(f"wrote {', '.join(map(str, written))}: {image.width}² edit in {seconds:.1f}s; outside "
+          f"the mask the image is {off}")
+    return written
+
+
+def train_ti(a) -> list[Path]:
+    out = _tensors_out(a.out)
+    cfg = multires.TrainConfig(**_fields(multires.TrainConfig, a))
+    cfg.check()
+    t0 = time.perf_counter()
+    with profiled(a.profile):
+        pipe = _load(a)
+        side = pipe.model.size(a.resolution, a.resolution)[0]
+        pixels = multires.load_images(a.images, side, a.center_crop)
+        ckpt = out.with_suffix(".ckpt.safetensors")
+        if ckpt.is_file() and not a.quiet:
+            print(f"resuming from {ckpt}")
+        try:
+            multires.train(pipe.model, pixels, cfg, out, ckpt, progress=not a.quiet)
+        except KeyboardInterrupt:
+            kept = (f"rerun the same command to resume from {ckpt}" if ckpt.is_file() else
+                    "no checkpoint yet")
+            print(f"interrupted: {kept}", file=sys.stderr)
+            raise SystemExit(130) from None
+    print(f"wrote {out}: <{a.token}> with {a.bins} time bins from {pixels.shape[0]} images at "
+          f"{side}², {a.steps} steps in {time.perf_counter() - t0:.1f}s")
+    return [out]
+
+
+def export_ti(a) -> list[Path]:
+    out = _tensors_out(a.out)
+    concept = multires.load_concepts(a.embeddings)[0]
+    if not concept.multires:
+        raise ValueError(f"{a.embeddings}: an ordinary embedding already; export-ti reads train-ti "
+                         "files")
+    multires.export_row(concept, a.row, out, a.token)
+    print(f"wrote {out}: row {a.row} of <{concept.name}> as {a.token or f'<{concept.name}>'}")
+    return [out]
+
+
+def demo(a) -> list[Path]:
+    return demos.run(a.out, a.steps, a.sr_steps, seed=a.seed, progress=not a.quiet)
+
+
+HANDLERS = {"generate": generate, "img2img": img2img, "upscale": upscale, "invert": invert,
+            "edit": edit, "iterinv": iterinv, "iterinv-edit": iterinv_edit, "blend": blend,
+            "train-ti": train_ti, "export-ti": export_ti, "demo": demo}

@@ -1,0 +1,98 @@
+"""Command-line flags written once: a flag that sets a parameter of the Python API takes its default
+from the API (`flag`), and the flag groups that several commands share."""
+import argparse
+import dataclasses
+import inspect
+
+import torch
+
+import engine
+
+from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
+
+
+def api_default(src, name: str):
+    """The default of parameter `name` of function `src`, or of field `name` of dataclass `src`."""
+    if dataclasses.is_dataclass(src):
+        return {f.name: f.default for f in dataclasses.fields(src)}[name]
+    return inspect.signature(src).parameters[name].default
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def flag(p, name: str, src, help: str, *, param: str | None = None, note: str = "",
+         none: str | None = None, **kw) -> argparse.Action:
+    """Add option `name` to parser `p` with the default of `src`'s `param` (default: the option's
+    dest) and a help that ends in "(default X)": X the default then `note`, or ": `none`" for a
+    None or empty default. int and float defaults set the option's type; a torch dtype is written
+    as its name."""
+    dest = kw.get("dest") or name.lstrip("-").replace("-", "_")
+    default = api_default(src, param or dest)
+    if isinstance(default, torch.dtype):
+        default = str(default).removeprefix("torch.")
+    if none is not None and default in (None, ""):
+        help += f" (default: {none})"
+    elif default is not None:
+        help += f" (default {_show(default)}{note})"
+    if type(default) in (int, float) and "type" not in kw and "action" not in kw:
+        kw["type"] = type(default)
+    return p.add_argument(name, default=default, help=help, **kw)
+
+
+def model_args(p, model):
+    """The model to load and how: every command but demo and export-ti."""
+    where = model.relative_to(model.parent.parent)
+    p.add_argument("--model", default=str(model), help="a diffusers model folder (with "
+                   "model_index.json) or a single-file SD 1.x/2.x checkpoint in LDM key layout "
+                   f"(.safetensors only); default: the embedded model {where}")
+    flag(p, "--config", engine.load, "single-file checkpoints only: a diffusers folder whose "
+         "configs and tokenizer to use (its weights are not needed)")
+    flag(p, "--prediction-type", engine.load, "override the scheduler's prediction type (e.g. "
+         "v_prediction for SD 2.x 768-v single files)",
+         choices=["epsilon", "v_prediction", "sample"])
+    flag(p, "--variant", engine.load, "load weight files of this variant, e.g. fp16 "
+         "(unet/diffusion_pytorch_model.fp16.safetensors)")
+    flag(p, "--dtype", engine.load, "weights and compute dtype",
+         choices=["float32", "float16", "bfloat16"])
+    flag(p, "--device", engine.load, "torch device, e.g. cpu or cuda")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR "
+                   "and print a per-stage timing table (tokenize, text encode, each UNet step, "
+                   "VAE decode)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def prompt_args(p):
+    """Pseudo-words for the prompts."""
+    p.add_argument("--embeddings", action="append", default=[], metavar="FILE",
+                   help="pseudo-words for the prompts: a train-ti file (write <C>, <C|i|>, <C(i)>, "
+                   "<C[i]>, or C*|t|, C*(t), C*[t]) or a diffusers / A1111 .safetensors embedding "
+                   "(write <name>); repeat for several")
+    flag(p, "--semi", engine.load, "what <C(i)> puts in the concept's place below bin i: a zero "
+         "input vector (the paper's code) or nothing", choices=["zero", "remove"])
+
+
+def sampling_args(p, api, model):
+    """generate / img2img / upscale: the model, the prompts and the DDIM flags of method `api`."""
+    model_args(p, model)
+    prompt_args(p)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    flag(p, "--negative", api, "negative prompt, used as the unconditional branch of CFG",
+         none="empty")
+    flag(p, "--steps", api, "number of DDIM denoising steps")
+    flag(p, "--guidance", api, "classifier-free guidance scale; ≤ 1 turns CFG off")
+    flag(p, "--seed", api, "seed of the CPU generator; same seed → same image")
+    flag(p, "--eta", api, "DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when "
+                   "complete")
+
+
+def cascade_args(p, clip_use: str):
+    """iterinv / iterinv-edit / blend: the base model, its ×4 stage and the CLIP scorer."""
+    model_args(p, DEFAULT_MODEL)
+    prompt_args(p)
+    p.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 super-resolution "
+                   "model folder (default: the embedded weights/tiny-x4)")
+    p.add_argument("--clip", help=f"CLIP checkpoint for {clip_use} (default: the model's tiny "
+                   "CLIP)")
