@@ -1,38 +1,36 @@
-"""Blended latent diffusion (Avrahami, Fried & Lischinski 2023) and multi-stage high-resolution editing
-(Ackermann & Li 2022, "High-Resolution Image Editing via Multi-Stage Blended Diffusion").
+"""Blended latent diffusion (Avrahami, Fried & Lischinski 2023) and multi-stage high-resolution
+editing (Ackermann & Li 2022, "High-Resolution Image Editing via Multi-Stage Blended Diffusion").
 
-Blended diffusion samples the whole latent under the prompt and, at every step, replaces what lies outside the
-mask with the source latent noised to the same level, so only the masked region is generated. The multi-stage
-edit runs it at the base model's resolution (with RePaint resampling and CLIP reranking of a batch of
-candidates), then upscales in stages: ×4 super-resolution, then blended diffusion started at an intermediate
-step against a low-passed original. Stages larger than `max_side` run in overlapping tiles composited with
-sigmoid alpha ramps, so the working set depends on the tile; only the full-resolution image buffers grow with the
-output. The result is the original outside the mask, pixel for pixel.
+Blended diffusion samples the whole latent under the prompt and, at every step, replaces what lies
+outside the mask with the source latent noised to the same level, so only the masked region is
+generated. The multi-stage edit runs it at the base model's resolution (with RePaint resampling and
+CLIP reranking of a batch of candidates), then upscales in stages: ×4 super-resolution, then blended
+diffusion started at an intermediate step against a low-passed original. Stages larger than
+`max_side` run in overlapping tiles composited with sigmoid alpha ramps, so the working set depends
+on the tile; only the full-resolution image buffers grow with the output. The result is the original
+outside the mask, pixel for pixel.
 """
-import math
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from . import images, schedule
+from .blend_options import (BLENDS, RERANKS as RERANKS, STAGE_MODELS as STAGE_MODELS,
+                            UPSCALERS as UPSCALERS, Options, Result)
 from .denoiser import Cond, repeat_cond
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
-from .regions import (binary_mask, composite, crop_box, prepare_mask, progressive, resize, stage_sides,
-                      tile_boxes)
-
-BLENDS = ("after", "exact", "before")  # after the step at t (MSBD, BLD-SD2), after at t_prev, before at t (BLD-LDM)
-UPSCALERS = ("sr", "bicubic")
-STAGE_MODELS = ("sr", "base")
-RERANKS = ("whole", "masked")
+from .regions import (binary_mask, composite, crop_box, prepare_mask, progressive, resize,
+                      stage_sides, tile_boxes)
 
 
-def repaint_walk(pairs: list[tuple[int, int]], repeats: int, jump: int = 1) -> list[tuple[int, int]]:
-    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves (t, t_next): walk
-    `jump` steps down, then `repeats` times jump back up to where the walk started and walk down again."""
+def repaint_walk(pairs: list[tuple[int, int]], repeats: int,
+                 jump: int = 1) -> list[tuple[int, int]]:
+    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves
+    (t, t_next): walk `jump` steps down, then `repeats` times jump back up to where the walk started
+    and walk down again."""
     walk = []
     for i in range(0, len(pairs), jump):
         chunk = pairs[i:i + jump]
@@ -43,13 +41,14 @@ def repaint_walk(pairs: list[tuple[int, int]], repeats: int, jump: int = 1) -> l
     return walk
 
 
-def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond, sched: schedule.SchedulerConfig,
-            steps: int, strength: float = 1.0, eta: float = 1.0, blend: str = "after", repeats: int = 0,
-            jump: int = 1, generator=None, progress: bool = True, desc: str = "blend") -> torch.Tensor:
-    """Blended latent diffusion (Avrahami et al. 2023, Alg. 1) from x at the grid's top timestep: a DDIM step
-    under `cond`, then x ← m·x + (1 − m)·q(z_src, level). `mask` (B, 1, h, w) in {0, 1}, or a list of masks
-    used over equal parts of the schedule (`progressive`). Background noise comes from its own generator, so an
-    all-ones mask gives exactly `sample.ddim`."""
+def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond,
+            sched: schedule.SchedulerConfig, steps: int, strength: float = 1.0, eta: float = 1.0,
+            blend: str = "after", repeats: int = 0, jump: int = 1, generator=None,
+            progress: bool = True, desc: str = "blend") -> torch.Tensor:
+    """Blended latent diffusion (Avrahami et al. 2023, Alg. 1) from x at the grid's top timestep: a
+    DDIM step under `cond`, then x ← m·x + (1 − m)·q(z_src, level). `mask` (B, 1, h, w) in {0, 1},
+    or a list of masks used over equal parts of the schedule (`progressive`). Background noise comes
+    from its own generator, so an all-ones mask gives exactly `sample.ddim`."""
     if blend not in BLENDS:
         raise ValueError(f"blend={blend!r}: use one of {BLENDS}")
     masks = mask if isinstance(mask, list) else [mask]
@@ -69,123 +68,55 @@ def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond, sched: 
             return m * x + (1 - m) * background(level(t, t_next))
         return hook
 
-    hooks = {"after": {"after": keep(lambda t, _: t)}, "exact": {"after": keep(lambda _, t_next: t_next)},
+    hooks = {"after": {"after": keep(lambda t, _: t)},
+             "exact": {"after": keep(lambda _, t_next: t_next)},
              "before": {"before": keep(lambda t, _: t)}}[blend]
     return ddim(den, x, cond, sched, steps, strength, eta, generator, progress,
                 walk=repaint_walk(pairs, repeats, jump), desc=desc, **hooks)
 
 
-# ---- the multi-stage edit -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Options:
-    """Defaults are MSBD's (algorithms.md §4) unless noted."""
-    steps: int = 50                 # stage 1 DDIM steps
-    guidance: float = 7.5           # stage 1 CFG
-    eta: float = 1.0
-    candidates: int = 5             # stage 1 batch, reranked by CLIP
-    rerank: str = "whole"           # score the whole sample (MSBD) or only the masked region (BLD)
-    repaint: int = 5                # RePaint repeats per step, stage 1 only
-    jump: int = 1
-    blend: str = "after"
-    dilate: int = 0                 # progressive mask dilation (BLD), stage 1
-    upscaler: str = "sr"            # our ×4 model, or bicubic
-    sr_steps: int = 20              # ours: DDIM steps of each ×4 super-resolution
-    sr_noise_level: int = 20
-    sr_guidance: float = 1.0
-    backproject: int = 3            # ours: back-project each stage's output onto what it upscaled (images.back_project)
-    stage_model: str = "sr"         # ours: the SR model denoises the stages (the base one knows only its own size)
-    stage_steps: int = 100          # the stages' schedule, of which the lowest `start` fraction runs
-    start: float = 0.4
-    tiled_start: float = 0.25
-    max_side: int = 256             # the memory budget: larger stages run in tiles of this side
-    overlap: int = 64               # tile overlap; the alpha ramp is half of it
-    margin: float | None = None     # crop a square of margin × the mask's box around it; None: the whole image
-    seed: int = 0
-
-    def __post_init__(self):
-        for name, ok, need in (
-                ("steps", _whole(self.steps, 1), "a whole number ≥ 1"),
-                ("candidates", _whole(self.candidates, 1), "a whole number ≥ 1"),
-                ("repaint", _whole(self.repaint, 0), "a whole number ≥ 0"),
-                ("jump", _whole(self.jump, 1), "a whole number ≥ 1"),
-                ("dilate", _whole(self.dilate, 0), "a whole number ≥ 0"),
-                ("sr_steps", _whole(self.sr_steps, 1), "a whole number ≥ 1"),
-                ("stage_steps", _whole(self.stage_steps, 1), "a whole number ≥ 1"),
-                ("sr_noise_level", _whole(self.sr_noise_level, 0), "a whole number ≥ 0"),
-                ("backproject", _whole(self.backproject, 0), "a whole number ≥ 0, e.g. 3"),
-                ("max_side", _whole(self.max_side, 16) and self.max_side % 16 == 0, "a multiple of 16, e.g. 256"),
-                ("overlap", _whole(self.overlap, 0) and self.overlap < self.max_side, "a whole number < max_side"),
-                ("guidance", _num(self.guidance, 0), "a number ≥ 0"),
-                ("sr_guidance", _num(self.sr_guidance, 0), "a number ≥ 0"),
-                ("eta", _num(self.eta, 0), "a number ≥ 0"),
-                ("start", _num(self.start, 0) and 0 < self.start <= 1, "a number in (0, 1]"),
-                ("tiled_start", _num(self.tiled_start, 0) and 0 < self.tiled_start <= 1, "a number in (0, 1]"),
-                ("margin", self.margin is None or _num(self.margin, 1), "None or a number ≥ 1"),
-                ("stage_steps", int(self.stage_steps * min(self.start, self.tiled_start)) >= 1,
-                 "stage_steps × start ≥ 1 (at least one step from the intermediate start)"),
-                ("blend", self.blend in BLENDS, f"one of {BLENDS}"),
-                ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),
-                ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
-                ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")
-
-
-def _whole(v, least):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
-def _num(v, least):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= least
-
-
-@dataclass
-class Result:
-    """The edit at full resolution, each stage's output (crop, stitched with the original at that resolution),
-    the binary mask, the crop box (y, x, side), the candidates' CLIP scores and per-stage tile counts and times."""
-    image: torch.Tensor
-    stages: list[torch.Tensor]
-    mask: torch.Tensor
-    box: tuple[int, int, int]
-    scores: list[float] = field(default_factory=list)
-    chosen: int = 0
-    log: list[dict] = field(default_factory=list)
-
+# ---- the multi-stage edit ------------------------------------------------------------------------
 
 class MultiStage:
-    """The base model (stage 1) and the ×4 SR model (upscaling and, by default, the stages' diffusion), as
-    engine.model.Model."""
+    """The base model (stage 1) and the ×4 SR model (upscaling and, by default, the stages'
+    diffusion), as engine.model.Model."""
 
     def __init__(self, base, sr, scorer=None):
         if base.is_upscaler or (sr is not None and not sr.is_upscaler):
-            raise ValueError("MultiStage(base, sr): need a text→image model and an x4 upscaler model, in that order")
+            raise ValueError("MultiStage(base, sr): need a text→image model and an x4 upscaler "
+                             "model, in that order")
         self.base, self.sr, self.scorer = base, sr, scorer
         self.base_side = base.side
 
     @torch.no_grad()
-    def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), progress: bool = True,
-             first: torch.Tensor | None = None) -> Result:
-        """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`. `first`: a stage-1 result
-        (`Result.stages[0]`) to upscale instead of sampling stage 1 again, e.g. to compare upscaling options."""
+    def edit(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(),
+             progress: bool = True, first: torch.Tensor | None = None) -> Result:
+        """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`. `first`: a
+        stage-1 result (`Result.stages[0]`) to upscale instead of sampling stage 1 again, e.g. to
+        compare upscaling options."""
         if image.ndim != 4 or image.shape[:2] != (1, 3):
-            raise ValueError(f"image: need one RGB image (1, 3, H, W), got shape {tuple(image.shape)}")
+            raise ValueError("image: need one RGB image (1, 3, H, W), "
+                             f"got shape {tuple(image.shape)}")
         if not torch.isfinite(image).all():
             raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
-            raise ValueError("the SR upscaler / stage model needs an x4 model; pass one or use bicubic + base")
+            raise ValueError("the SR upscaler / stage model needs an x4 model; "
+                             "pass one or use bicubic + base")
         top = self.sr.noise_levels if self.sr is not None else 350
         if opts.sr_noise_level > top:
-            raise ValueError(f"sr_noise_level={opts.sr_noise_level}: the x4 model takes at most {top}")
+            raise ValueError(f"sr_noise_level={opts.sr_noise_level}: "
+                             f"the x4 model takes at most {top}")
         image = image.to(self.base.device, torch.float32)
         m = prepare_mask(mask, image.shape[-2:]).to(image)
         if not m.any():
-            warnings.warn("the mask is empty: nothing to edit, returning the image unchanged", stacklevel=2)
+            warnings.warn("the mask is empty: nothing to edit, returning the image unchanged",
+                          stacklevel=2)
             return Result(image.clone(), [image.clone()], m, (0, 0, image.shape[-1]))
         y, x, side = crop_box(m, opts.margin, self.base_side)
         if side < self.base_side or side % 16:
-            raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]}: the edited square must be a multiple of "
-                             f"16 pixels and at least the base model's {self.base_side}²; resize the image")
+            raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]}: the edited square "
+                             "must be a multiple of 16 pixels and at least the base model's "
+                             f"{self.base_side}²; resize the image")
         crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
         sides = stage_sides(side, self.base_side)
         res = Result(image, [], m, (y, x, side))
@@ -195,8 +126,10 @@ class MultiStage:
             raise ValueError(f"first: a stage-1 result must be (1, 3, {sides[0]}, {sides[0]}), "
                              f"got {tuple(first.shape)}")
         out = first.to(image) if first is not None else \
-            self._stage1(crop, mc, prompt, conds, opts, res, progress, f"stage 1/{len(sides)} ({sides[0]}²)")
-        res.log.append({"stage": 1, "side": sides[0], "seconds": round(time.perf_counter() - t0, 2)})
+            self._stage1(crop, mc, prompt, conds, opts, res, progress,
+                         f"stage 1/{len(sides)} ({sides[0]}²)")
+        res.log.append({"stage": 1, "side": sides[0],
+                        "seconds": round(time.perf_counter() - t0, 2)})
         res.stages.append(out)
         for k, s in enumerate(sides[1:], 2):
             t0 = time.perf_counter()
@@ -210,23 +143,26 @@ class MultiStage:
         return res
 
     @torch.no_grad()
-    def direct(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(), side: int | None = None,
-               progress: bool = True) -> torch.Tensor:
-        """The direct baseline: stage 1's blended diffusion on the whole image resized to `side` (default the
-        base model's), with no upscaling stages; returns (1, 3, side, side)."""
+    def direct(self, image: torch.Tensor, mask, prompt: str, opts: Options = Options(),
+               side: int | None = None, progress: bool = True) -> torch.Tensor:
+        """The direct baseline: stage 1's blended diffusion on the whole image resized to `side`
+        (default the base model's), with no upscaling stages; returns (1, 3, side, side)."""
         m = prepare_mask(mask, image.shape[-2:]).to(image)
         res = Result(image, [], m, (0, 0, image.shape[-1]))
-        return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress, "direct", side)
+        return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress,
+                            "direct", side)
 
     def _conds(self, prompt: str, o: Options) -> dict:
-        """The prompt encoded once for every stage: by the base model (CFG at o.guidance) and the ×4 model."""
+        """The prompt encoded once for every stage: by the base model (CFG at o.guidance) and the ×4
+        model."""
         conds = {"base": self.base.prompt_cond([prompt], None, o.guidance > 1)}
         if self.sr is not None and (o.upscaler == "sr" or o.stage_model == "sr"):
             conds["sr"] = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1)
         return conds
 
     def _stage1(self, crop, mc, prompt, conds, o: Options, res: Result, progress, desc, side=None):
-        """Blended diffusion of the crop at the base model's side (or `side`: the direct baseline)."""
+        """Blended diffusion of the crop at the base model's side (or `side`: the direct
+        baseline)."""
         b, n = self.base, o.candidates
         s = side or self.base_side
         src = resize(crop, s)
@@ -238,21 +174,24 @@ class MultiStage:
         gen = make_generator(o.seed)
         x = randn_tensor(z_src.shape, gen, b.device, torch.float32).to(b.dtype)
         masks = progressive(m_z.to(x), o.dilate) if o.dilate else m_z.to(x)
-        z = blended(den, x, z_src, masks, cond, b.scheduler, o.steps, 1.0, o.eta, o.blend, o.repaint, o.jump, gen,
-                    progress, desc)
+        z = blended(den, x, z_src, masks, cond, b.scheduler, o.steps, 1.0, o.eta, o.blend,
+                    o.repaint, o.jump, gen, progress, desc)
         cands = m_px * b.decode(z).float() + (1 - m_px) * src
         if n > 1:
             if self.scorer is None:
-                raise ValueError(f"candidates={n} needs a CLIP scorer to rerank them; pass one or use 1 candidate")
+                raise ValueError(f"candidates={n} needs a CLIP scorer to rerank them; "
+                                 "pass one or use 1 candidate")
             scored = cands if o.rerank == "whole" else cands * m_px
             scores = self.scorer.score(scored, [prompt] * n)
             res.scores, res.chosen = [round(v, 3) for v in scores.tolist()], int(scores.argmax())
         return cands[res.chosen:res.chosen + 1]
 
     def _upscale(self, prev, crop, mc, side, conds, o: Options, progress, desc):
-        """One stage: SR (or bicubic) of the previous stage, composited with the low-passed original outside the
-        mask, then blended diffusion from `start`; in tiles above `max_side`. Returns (stitched, tiles, skipped)."""
-        ref = resize(resize(crop, prev.shape[-1]), side)              # the original, low-passed to prev's detail
+        """One stage: SR (or bicubic) of the previous stage, composited with the low-passed original
+        outside the mask, then blended diffusion from `start`; in tiles above `max_side`. Returns
+        (stitched, tiles, skipped)."""
+        # the original, low-passed to prev's detail
+        ref = resize(resize(crop, prev.shape[-1]), side)
         orig = resize(crop, side)
         m = binary_mask(mc, side)
         lr = resize(prev, side // 4)                                  # what the ×4 model upscales
@@ -260,13 +199,16 @@ class MultiStage:
         tiled = side > o.max_side
         boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
         done, skipped = [], 0
-        for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""), disable=not progress):
+        for y, x, th, tw in tqdm(boxes, desc=desc + (f", {len(boxes)} tiles" if tiled else ""),
+                                 disable=not progress):
             mt = m[..., y:y + th, x:x + tw]
-            if not mt.any():  # outside the mask everything is the original again after the final stitch
+            # outside the mask everything is the original again after the final stitch
+            if not mt.any():
                 skipped += 1
                 continue
             box = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
-            lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4), slice(x // 4, (x + tw) // 4))
+            lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4),
+                    slice(x // 4, (x + tw) // 4))
             im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, conds, o,
                                   o.tiled_start if tiled else o.start, progress and not tiled)
             done.append(((y, x, th, tw), im))
@@ -274,15 +216,19 @@ class MultiStage:
         return m * out + (1 - m) * orig, len(boxes), skipped
 
     def _stage_tile(self, lr, bicubic, ref, m, conds, o: Options, start, progress):
-        gen = make_generator(o.seed)  # re-seeded per tile, as MSBD: a tile's result does not depend on the others
+        # re-seeded per tile, as MSBD: a tile's result does not depend on the others
+        gen = make_generator(o.seed)
         if o.stage_model == "sr" or o.upscaler == "sr":
             sr = self.sr
             noise = randn_tensor(lr.shape, gen, sr.device, torch.float32)
-            sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise, o.sr_guidance)
+            sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise,
+                                          o.sr_guidance)
         if o.upscaler == "sr":
-            shape = (1, sr.vae.config.latent_channels, *(4 * n // sr.downscale for n in lr.shape[-2:]))
+            shape = (1, sr.vae.config.latent_channels,
+                     *(4 * n // sr.downscale for n in lr.shape[-2:]))
             z = randn_tensor(shape, gen, sr.device, torch.float32).to(sr.dtype)
-            up = sr.decode(ddim(sr_den, z, conds["sr"], sr.scheduler, o.sr_steps, progress=False)).float()
+            up = sr.decode(ddim(sr_den, z, conds["sr"], sr.scheduler, o.sr_steps,
+                                progress=False)).float()
         else:
             up = bicubic
         comp = m * up + (1 - m) * ref
@@ -294,8 +240,8 @@ class MultiStage:
         z_src = p.encode(comp)
         m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)
         t_start = int(schedule.timesteps(p.scheduler, o.stage_steps, start)[0])
-        x = schedule.q_sample(p.scheduler, z_src, t_start, randn_tensor(z_src.shape, gen, p.device,
-                                                                          torch.float32).to(p.dtype))
-        z = blended(den, x, z_src, m_z, cond, p.scheduler, o.stage_steps, start, o.eta, o.blend, 0, 1, gen,
-                    progress, "stage diffusion")
+        x = schedule.q_sample(p.scheduler, z_src, t_start,
+                              randn_tensor(z_src.shape, gen, p.device, torch.float32).to(p.dtype))
+        z = blended(den, x, z_src, m_z, cond, p.scheduler, o.stage_steps, start, o.eta, o.blend,
+                    0, 1, gen, progress, "stage diffusion")
         return images.back_project(p.decode(z).float(), lr.float(), o.backproject)

@@ -1,4 +1,5 @@
-"""`python -m engine demo`: every basic job of the engine on the embedded model, written under out/."""
+"""`python -m engine demo`: every basic job of the engine on the embedded model, written under
+out/."""
 import time
 from pathlib import Path
 
@@ -9,14 +10,17 @@ from . import images, world
 from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 PROMPTS = ["a large red star in the center, on a plain white background",
-           "a small yellow circle on the left and a large blue square on the right, on a striped gray background"]
-SOURCE = world.Scene((world.Obj("triangle", "green", "large", "in the center"),), "checkered", "white")
+           "a small yellow circle on the left and a large blue square on the right, "
+           "on a striped gray background"]
+SOURCE = world.Scene((world.Obj("triangle", "green", "large", "in the center"),), "checkered",
+                     "white")
 EDIT = SOURCE.replace(0, colour="purple")
 
 
 def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_UPSCALER, seed=0,
         progress=True) -> list[Path]:
-    """Text→image, img2img, ×4 upscale to 256² and a tiled ×4 upscale to 1024²; returns the files written."""
+    """Text→image, img2img, ×4 upscale to 256² and a tiled ×4 upscale to 1024²; returns the files
+    written."""
     import engine
 
     out = Path(out)
@@ -26,17 +30,21 @@ def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_
     common = dict(seed=seed, progress=progress)
     shots = []  # (file name, image, caption)
     for i, p in enumerate(PROMPTS):
-        shots.append((f"generate_{i}.png", base.generate(p, steps=steps, guidance=5.0, **common)[0], f"generate: {p}"))
+        image = base.generate(p, steps=steps, guidance=5.0, **common)[0]
+        shots.append((f"generate_{i}.png", image, f"generate: {p}"))
     src = Image.fromarray((world.render(SOURCE, 64) * 255).round().astype(np.uint8))
     shots.append(("img2img_source.png", src, f"source render: {SOURCE.caption()}"))
-    shots.append(("img2img.png", base.img2img(src, EDIT.caption(), strength=0.6, steps=steps, guidance=5.0, **common)[0],
-                  f"img2img (strength 0.6): {EDIT.caption()}"))
+    edit = base.img2img(src, EDIT.caption(), strength=0.6, steps=steps, guidance=5.0, **common)[0]
+    shots.append(("img2img.png", edit, f"img2img (strength 0.6): {EDIT.caption()}"))
     low = shots[0][1]
     up = sr.upscale(low, PROMPTS[0], steps=sr_steps, guidance=1.0, backproject=3, **common)[0]
     shots.append(("upscale_256.png", up, "x4 upscale of generate 0 to 256x256, back-projected"))
-    big = sr.upscale(up, PROMPTS[0], steps=sr_steps, guidance=1.0, tile=64, overlap=16, backproject=3, **common)[0]
-    shots.append(("upscale_1024.png", big, "tiled x4 upscale (64x64 tiles) to 1024x1024, back-projected"))
+    big = sr.upscale(up, PROMPTS[0], steps=sr_steps, guidance=1.0, tile=64, overlap=16,
+                     backproject=3, **common)[0]
+    shots.append(("upscale_1024.png", big,
+                  "tiled x4 upscale (64x64 tiles) to 1024x1024, back-projected"))
     written = [images.save(im, out / name) for name, im, _ in shots]
-    written.append(images.save(images.contact_sheet([(im, cap) for _, im, cap in shots]), out / "contact_sheet.png"))
+    sheet = images.contact_sheet([(im, cap) for _, im, cap in shots])
+    written.append(images.save(sheet, out / "contact_sheet.png"))
     print(f"demo: wrote {len(written)} images to {out}/ in {time.perf_counter() - t0:.1f}s")
     return written

@@ -1,7 +1,7 @@
 """The one thing samplers call: UNet + classifier-free guidance + conditioning as a function of t.
 
-Guided batches have one layout everywhere: [uncond; cond] along the batch, the unconditional half first
-(`guided_texts`, `guided_batch`, `repeat_batch`), combined by `cfg`."""
+Guided batches have one layout everywhere: [uncond; cond] along the batch, the unconditional half
+first (`guided_texts`, `guided_batch`, `repeat_batch`), combined by `cfg`."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +25,8 @@ def guided_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
 
 def repeat_batch(emb: torch.Tensor, n: int, guided: bool) -> torch.Tensor:
     """The batch repeated n times, each half on its own: row j·B + i is sample i of copy j."""
-    return torch.cat([half.repeat(n, *(1,) * (half.ndim - 1)) for half in emb.chunk(2 if guided else 1)])
+    return torch.cat([half.repeat(n, *(1,) * (half.ndim - 1))
+                      for half in emb.chunk(2 if guided else 1)])
 
 
 def repeat_cond(cond: "Cond", n: int, guided: bool) -> "Cond":
@@ -44,10 +45,12 @@ def constant(emb: torch.Tensor) -> Cond:
 
 
 def per_step(table: dict[int, torch.Tensor]) -> Cond:
-    """A different embedding at each grid timestep (null-text inversion's per-step unconditional embedding)."""
+    """A different embedding at each grid timestep (null-text inversion's per-step unconditional
+    embedding)."""
     def cond(t):
         if int(t) not in table:
-            raise KeyError(f"no embedding for timestep {int(t)}: sample on the grid the embeddings were made on")
+            raise KeyError(f"no embedding for timestep {int(t)}: "
+                           "sample on the grid the embeddings were made on")
         return table[int(t)]
     return cond
 
@@ -57,7 +60,8 @@ class Denoiser:
     """ε̂ / v̂ (x, t) with CFG in one batched UNet call."""
     unet: torch.nn.Module
     guidance: float = 1.0
-    concat: torch.Tensor | None = None  # channels appended to the latent (x4 upscaler: the noisy low-res image)
+    # channels appended to the latent (x4 upscaler: the noisy low-res image)
+    concat: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None  # x4 upscaler: the noise level of `concat`
 
     @property

@@ -1,6 +1,6 @@
-"""DiffEdit (Couairon et al. 2023) as IterInv's editing code uses it on the base stage (algorithms.md 6.3): a
-mask from the disagreement of two prompts' noise predictions, and DDIM that keeps the inverted latents outside
-it."""
+"""DiffEdit (Couairon et al. 2023) as IterInv's editing code uses it on the base stage
+(algorithms.md 6.3): a mask from the disagreement of two prompts' noise predictions, and DDIM that
+keeps the inverted latents outside it."""
 import torch
 
 from . import schedule
@@ -9,15 +9,18 @@ from .rng import randn_tensor
 from .sample import ddim
 
 
-def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Cond, sched, steps: int = 50,
-                  strength: float = 0.5, maps: int = 10, ratio: float = 3.0, generator=None) -> torch.Tensor:
-    """DiffEdit mask (Couairon et al. 2023, §3.1): the mean over `maps` noisings of z0 at t(strength) and over
-    channels of |ε̂_tgt − ε̂_src|, clamped to [0, ratio·mean], scaled to [0, 1] and binarised at 0.5.
-    cond_*(t) give (2·maps·B, L, D) [uncond; cond] embeddings when `den` is guided. Returns (B, 1, h, w) in {0, 1}."""
+def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Cond, sched,
+                  steps: int = 50, strength: float = 0.5, maps: int = 10, ratio: float = 3.0,
+                  generator=None) -> torch.Tensor:
+    """DiffEdit mask (Couairon et al. 2023, §3.1): the mean over `maps` noisings of z0 at
+    t(strength) and over channels of |ε̂_tgt − ε̂_src|, clamped to [0, ratio·mean], scaled to [0, 1]
+    and binarised at 0.5. cond_*(t) give (2·maps·B, L, D) [uncond; cond] embeddings when `den` is
+    guided. Returns (B, 1, h, w) in {0, 1}."""
     t = int(schedule.timesteps(sched, steps, strength)[0])
     b = z0.shape[0]
     zs = z0.repeat(maps, 1, 1, 1)
-    x = schedule.q_sample(sched, zs, t, randn_tensor(zs.shape, generator, z0.device, torch.float32).to(z0.dtype))
+    x = schedule.q_sample(sched, zs, t,
+                          randn_tensor(zs.shape, generator, z0.device, torch.float32).to(z0.dtype))
     with torch.no_grad():
         e_src = schedule.predict_x0_eps(sched, den(x, t, cond_src), t, x)[1]
         e_tgt = schedule.predict_x0_eps(sched, den(x, t, cond_tgt), t, x)[1]
@@ -26,11 +29,13 @@ def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Con
     return ((m.clamp_min(0).minimum(bound) / bound.clamp_min(1e-12)) > 0.5).to(z0.dtype)
 
 
-def masked_ddim(den: Denoiser, traj, cond: Cond, sched, mask: torch.Tensor, progress: bool = True) -> torch.Tensor:
-    """DiffEdit's masked DDIM: sample from the trajectory's top latent under `cond`; after every step keep the
-    inverted latent of the same level outside the mask, x ← m·x + (1 − m)·z*_{t_prev}. (DiffEdit's code blends
-    with the latent one level noisier; here both sit at t_prev, and the last step keeps z0 outside the mask.)"""
+def masked_ddim(den: Denoiser, traj, cond: Cond, sched, mask: torch.Tensor,
+                progress: bool = True) -> torch.Tensor:
+    """DiffEdit's masked DDIM: sample from the trajectory's top latent under `cond`; after every
+    step keep the inverted latent of the same level outside the mask, x ← m·x + (1 − m)·z*_{t_prev}.
+    (DiffEdit's code blends with the latent one level noisier; here both sit at t_prev, and the last
+    step keeps z0 outside the mask.)"""
     level = dict(zip(traj.timesteps, traj.latents))
-    return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength, progress=progress,
-                after=lambda x, t, t_prev: mask * x + (1 - mask) * level[t_prev], walk=traj.sampling_pairs,
-                desc="masked edit")
+    return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength,
+                progress=progress, after=lambda x, t, t_prev: mask * x + (1 - mask) * level[t_prev],
+                walk=traj.sampling_pairs, desc="masked edit")

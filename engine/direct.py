@@ -1,11 +1,13 @@
-"""Direct Inversion (Elarabawy, Kamath, Denton 2022): invert the image with DDIM, then sample under the edit
-prompt with CFG from the inverted noise while merging the inverted noise into every prediction:
+"""Direct Inversion (Elarabawy, Kamath, Denton 2022): invert the image with DDIM, then sample under
+the edit prompt with CFG from the inverted noise while merging the inverted noise into every
+prediction:
 
     ε ← (1 − λ)·ε_cfg + λ·ε_inv[N−1−i]        for the injected sampling steps i
 
-ε_inv[N−1−i] is the eps of the inverse step that sampling step i mirrors (`Trajectory.noise_into`), so λ = 1
-on every step walks the inversion back exactly and λ = 0 is plain CFG sampling from the inverted noise.
-The merge is done on ε; for v- or x0-predicting models the merged ε is turned back into the model's output.
+ε_inv[N−1−i] is the eps of the inverse step that sampling step i mirrors (`Trajectory.noise_into`),
+so λ = 1 on every step walks the inversion back exactly and λ = 0 is plain CFG sampling from the
+inverted noise. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
+into the model's output.
 """
 from dataclasses import dataclass
 
@@ -18,11 +20,12 @@ from .sample import ddim
 
 
 def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> list[int]:
-    """Sampling step indices that merge the inverted noise: the first `inject_steps` (all when None; 0 = only
-    the initial injection of x_T, the paper's t_stop = T), every `every`-th of them."""
+    """Sampling step indices that merge the inverted noise: the first `inject_steps` (all when None;
+    0 = only the initial injection of x_T, the paper's t_stop = T), every `every`-th of them."""
     k = n if inject_steps is None else inject_steps
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ValueError(f"inject_steps={inject_steps!r}: need a whole number in [0, {n}] (None = every step)")
+        raise ValueError(f"inject_steps={inject_steps!r}: need a whole number in [0, {n}] "
+                         "(None = every step)")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r}: need a whole number ≥ 1 (1 = every step)")
     return list(range(0, k, every))
@@ -30,12 +33,14 @@ def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> l
 
 def check_lambda(lam):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
-        raise ValueError(f"lambda={lam!r}: need a number in [0, 1] (0 = plain CFG, 1 = reconstruct the inversion)")
+        raise ValueError(f"lambda={lam!r}: need a number in [0, 1] "
+                         "(0 = plain CFG, 1 = reconstruct the inversion)")
 
 
 @dataclass
 class Injected:
-    """A Denoiser whose prediction at the injected timesteps is merged with the inversion's noise."""
+    """A Denoiser whose prediction at the injected timesteps is merged with the inversion's
+    noise."""
     denoiser: Denoiser
     traj: Trajectory
     sched: schedule.SchedulerConfig
@@ -55,12 +60,15 @@ class Injected:
         return schedule.eps_to_output(self.sched, merged, t, x)
 
 
-def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig, lam: float = 0.5,
-         inject_steps: int | None = None, every: int = 1, progress: bool = True) -> torch.Tensor:
-    """Direct Inversion sampling (paper §3.2, Fig. 4 [2]): DDIM from x̃_T = traj.latents[-1] on the inversion's
-    grid, merging λ of the inverted noise on the injected steps. Returns the edited clean latent."""
+def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig,
+         lam: float = 0.5, inject_steps: int | None = None, every: int = 1,
+         progress: bool = True) -> torch.Tensor:
+    """Direct Inversion sampling (paper §3.2, Fig. 4 [2]): DDIM from x̃_T = traj.latents[-1] on the
+    inversion's grid, merging λ of the inverted noise on the injected steps. Returns the edited
+    clean latent."""
     check_lambda(lam)
     pairs = traj.sampling_pairs
     steps = frozenset(pairs[i][0] for i in injected_steps(len(pairs), inject_steps, every))
     den = Injected(denoiser, traj, sched, float(lam), steps)
-    return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength, progress=progress)
+    return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength,
+                progress=progress)

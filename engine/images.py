@@ -1,5 +1,5 @@
-"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic writes;
-back-projection of an upscale onto its input."""
+"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic
+writes; back-projection of an upscale onto its input."""
 import os
 import tempfile
 from pathlib import Path
@@ -35,26 +35,32 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 def check_backproject(iterations) -> int:
-    """`iterations` of back_project as given by a caller, or a one-line error; call it before long work."""
+    """`iterations` of back_project as given by a caller, or a one-line error; call it before long
+    work."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"backproject={iterations!r}: need a whole number of iterations ≥ 0, e.g. 3")
+        raise ValueError(f"backproject={iterations!r}: need a whole number of iterations ≥ 0, "
+                         "e.g. 3")
     return iterations
 
 
 def back_project(y: torch.Tensor, low: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Iterative back-projection (Irani & Peleg, 1991): y ← y + bicubic(low − area_downsample(y)), so that the
-    f × f area means of the upscale y (B, C, f·h, f·w) converge to the low-res image (B, C, h, w) it came from,
-    while its detail above that scale is kept."""
+    """Iterative back-projection (Irani & Peleg, 1991): y ← y + bicubic(low − area_downsample(y)),
+    so that the f × f area means of the upscale y (B, C, f·h, f·w) converge to the low-res image
+    (B, C, h, w) it came from, while its detail above that scale is kept."""
     f = y.shape[-1] // low.shape[-1]
-    if y.shape[:2] != low.shape[:2] or f < 1 or y.shape[-2:] != (f * low.shape[-2], f * low.shape[-1]):
-        raise ValueError(f"back-projection: {tuple(y.shape)} is not an integer upscale of {tuple(low.shape)}")
+    if (y.shape[:2] != low.shape[:2] or f < 1
+            or y.shape[-2:] != (f * low.shape[-2], f * low.shape[-1])):
+        raise ValueError(f"back-projection: {tuple(y.shape)} is not an integer upscale of "
+                         f"{tuple(low.shape)}")
     for _ in range(iterations):
-        y = y + F.interpolate(low - F.avg_pool2d(y, f), scale_factor=f, mode="bicubic", align_corners=False)
+        y = y + F.interpolate(low - F.avg_pool2d(y, f), scale_factor=f, mode="bicubic",
+                              align_corners=False)
     return y
 
 
 def check_out(path) -> tuple[Path, str]:
-    """(path, PIL format) of an image file we may write, or a one-line error; call it before long work."""
+    """(path, PIL format) of an image file we may write, or a one-line error; call it before long
+    work."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
@@ -65,7 +71,8 @@ def check_out(path) -> tuple[Path, str]:
 
 
 def write_atomic(path, write) -> Path:
-    """Call write(binary file) on a temporary file in path's folder, renamed over `path` only once complete."""
+    """Call write(binary file) on a temporary file in path's folder, renamed over `path` only once
+    complete."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -73,7 +80,8 @@ def write_atomic(path, write) -> Path:
             write(f)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
+        # mkstemp creates 0600; give the file the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -87,8 +95,10 @@ def save(image: Image.Image, path) -> Path:
     return write_atomic(path, lambda f: image.save(f, format=fmt))
 
 
-def contact_sheet(items: list[tuple[Image.Image, str]], cell: int = 256, columns: int = 4) -> Image.Image:
-    """Images resized to cell × cell (nearest when enlarging, to show pixels as they are) with wrapped captions."""
+def contact_sheet(items: list[tuple[Image.Image, str]], cell: int = 256,
+                  columns: int = 4) -> Image.Image:
+    """Images resized to cell × cell (nearest when enlarging, to show pixels as they are) with
+    wrapped captions."""
     import textwrap
 
     from PIL import ImageDraw, ImageFont

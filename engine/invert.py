@@ -1,10 +1,13 @@
-"""DDIM inversion (Song et al. 2021, eq. 12 run from x0 towards noise) and null-text inversion (Mokady et al. 2023).
+"""DDIM inversion (Song et al. 2021, eq. 12 run from x0 towards noise) and null-text inversion
+(Mokady et al. 2023).
 
-The inversion walks the sampling grid backwards (`schedule.inversion_timesteps`), so the sampling step from
-timesteps[k+1] down to timesteps[k] is the exact mirror of inverse step k: given the same eps it lands on
-latents[k] again. Where the model is evaluated on the way up is a choice the references disagree on:
+The inversion walks the sampling grid backwards (`schedule.inversion_timesteps`), so the sampling
+step from timesteps[k+1] down to timesteps[k] is the exact mirror of inverse step k: given the same
+eps it lands on latents[k] again. Where the model is evaluated on the way up is a choice the
+references disagree on:
 
-- "destination": ε(x_k, t_{k+1}), null-text inversion's `ddim_loop` and diffusers' DDIMInverseScheduler;
+- "destination": ε(x_k, t_{k+1}), null-text inversion's `ddim_loop` and diffusers'
+  DDIMInverseScheduler;
 - "source": ε(x_k, t_k), Direct Inversion's loop (the clean latent is evaluated at t = 0).
 """
 import json
@@ -27,9 +30,10 @@ NULL_TEXT_METHODS = ("reference", "fast")
 
 @dataclass
 class Trajectory:
-    """latents[k] sits at timesteps[k] (ascending; -1 is the clean latent at final alpha); noises[k] is the eps
-    of inverse step k (latents[k] → latents[k+1]); uncond[i] the null-text embedding of sampling step i.
-    The grid is the one `schedule.step_pairs(sched, num_steps, strength)` samples on."""
+    """latents[k] sits at timesteps[k] (ascending; -1 is the clean latent at final alpha); noises[k]
+    is the eps of inverse step k (latents[k] → latents[k+1]); uncond[i] the null-text embedding of
+    sampling step i. The grid is the one `schedule.step_pairs(sched, num_steps, strength)` samples
+    on."""
     timesteps: list[int]
     latents: list[torch.Tensor]
     noises: list[torch.Tensor]
@@ -49,54 +53,68 @@ class Trajectory:
         return list(zip(reversed(self.timesteps[1:]), reversed(self.timesteps[:-1])))
 
     def noise_into(self, t: int) -> torch.Tensor:
-        """The eps of the inverse step that arrived at t: what the sampling step leaving t mirrors."""
+        """The eps of the inverse step that arrived at t: what the sampling step leaving t
+        mirrors."""
         return self.noises[self.timesteps.index(int(t), 1) - 1]
 
     def expand(self, batch: int) -> "Trajectory":
-        """The same trajectory for `batch` samples (views of a batch-1 trajectory; itself when already that size)."""
+        """The same trajectory for `batch` samples (views of a batch-1 trajectory; itself when
+        already that size)."""
         b = self.latents[0].shape[0]
         if b == batch:
             return self
         if b != 1:
-            raise ValueError(f"a trajectory of {b} images cannot serve {batch} prompts; give one image or {b} prompts")
-        grow = lambda ts: None if ts is None else [x.expand(batch, *x.shape[1:]) for x in ts]  # noqa: E731
-        return replace(self, latents=grow(self.latents), noises=grow(self.noises), uncond=grow(self.uncond))
+            raise ValueError(f"a trajectory of {b} images cannot serve {batch} prompts; "
+                             f"give one image or {b} prompts")
+        grow = lambda ts: None if ts is None else [x.expand(batch, *x.shape[1:])  # noqa: E731
+                                                   for x in ts]
+        return replace(self, latents=grow(self.latents), noises=grow(self.noises),
+                       uncond=grow(self.uncond))
 
     def save(self, path, metadata: dict | None = None) -> Path:
-        """One .safetensors file (written whole or not at all); metadata values are stored as JSON."""
+        """One .safetensors file (written whole or not at all); metadata values are stored as
+        JSON."""
         tensors = {"latents": torch.stack(self.latents), "noises": torch.stack(self.noises),
                    "timesteps": torch.tensor(self.timesteps, dtype=torch.int64)}
         if self.uncond is not None:
             tensors["uncond"] = torch.stack(self.uncond)
-        meta = {"convention": self.convention, "num_steps": str(self.num_steps), "strength": repr(self.strength),
-                "guidance": json.dumps(self.guidance), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+        meta = {"convention": self.convention, "num_steps": str(self.num_steps),
+                "strength": repr(self.strength), "guidance": json.dumps(self.guidance),
+                **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()},
+                                      metadata=meta)
         return write_atomic(path, lambda f: f.write(blob))
 
     @classmethod
     def load(cls, path) -> "Trajectory":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such trajectory file (write one with `python -m engine invert`)")
+            raise FileNotFoundError(f"{path}: no such trajectory file "
+                                    "(write one with `python -m engine invert`)")
         with safe_open(path, "pt") as f:
             keys, meta = set(f.keys()), f.metadata() or {}
-            if not {"latents", "noises", "timesteps"} <= keys or not {"convention", "num_steps", "strength"} <= set(meta):
-                raise ValueError(f"{path}: not an inversion trajectory (needs latents, noises, timesteps)")
+            if (not {"latents", "noises", "timesteps"} <= keys
+                    or not {"convention", "num_steps", "strength"} <= set(meta)):
+                raise ValueError(f"{path}: not an inversion trajectory "
+                                 "(needs latents, noises, timesteps)")
             get = f.get_tensor
             uncond = list(get("uncond").unbind()) if "uncond" in keys else None
-            return cls(get("timesteps").tolist(), list(get("latents").unbind()), list(get("noises").unbind()),
-                       meta["convention"], int(meta["num_steps"]), float(meta["strength"]), uncond,
-                       json.loads(meta.get("guidance", "null")))
+            return cls(get("timesteps").tolist(), list(get("latents").unbind()),
+                       list(get("noises").unbind()), meta["convention"], int(meta["num_steps"]),
+                       float(meta["strength"]), uncond, json.loads(meta.get("guidance", "null")))
 
 
-def invert(denoiser: Denoiser, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig, steps: int,
-           strength: float = 1.0, convention: str = "destination", progress: bool = True) -> Trajectory:
-    """Deterministic DDIM inversion of z0 on the mirror of the `steps`-step sampling grid (truncated by strength)."""
+def invert(denoiser: Denoiser, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig,
+           steps: int, strength: float = 1.0, convention: str = "destination",
+           progress: bool = True) -> Trajectory:
+    """Deterministic DDIM inversion of z0 on the mirror of the `steps`-step sampling grid (truncated
+    by strength)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r}: use one of {CONVENTIONS}")
     pairs = schedule.inversion_timesteps(sched, steps, strength)
     if not pairs:
-        raise ValueError(f"strength={strength} with steps={steps} leaves no inversion step; raise either")
+        raise ValueError(f"strength={strength} with steps={steps} leaves no inversion step; "
+                         "raise either")
     x, latents, noises = z0, [z0], []
     for t, t_next in tqdm(pairs, desc="invert", disable=not progress, leave=False):
         t_model = t_next if convention == "destination" else max(t, 0)
@@ -104,27 +122,33 @@ def invert(denoiser: Denoiser, z0: torch.Tensor, cond: Cond, sched: schedule.Sch
         x = schedule.ddim_eps_step(sched, eps, t, t_next, x)
         latents.append(x)
         noises.append(eps)
-    return Trajectory([pairs[0][0]] + [t for _, t in pairs], latents, noises, convention, steps, strength)
+    return Trajectory([pairs[0][0]] + [t for _, t in pairs], latents, noises, convention, steps,
+                      strength)
 
 
 def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: torch.Tensor,
-              sched: schedule.SchedulerConfig, method: str = "reference", inner_steps: int = 10, lr: float = 1e-2,
-              early_stop: float = 1e-5, progress: bool = True) -> Trajectory:
-    """Null-text inversion (Mokady et al. 2023, Algorithm 1): per sampling step i, optimise the unconditional
-    embedding so the guided DDIM step from the current latent lands on the inverted latent z*_{t-1}.
+              sched: schedule.SchedulerConfig, method: str = "reference", inner_steps: int = 10,
+              lr: float = 1e-2, early_stop: float = 1e-5, progress: bool = True) -> Trajectory:
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1): per sampling step i, optimise the
+    unconditional embedding so the guided DDIM step from the current latent lands on the inverted
+    latent z*_{t-1}.
 
-    reference: P2P's NullInversion: Adam, lr·(1 − i/2N) (= 1e-2·(1 − i/100) at 50 steps), ≤ inner_steps
-    iterations, stop once the loss < early_stop + 1e-3·i/N (= 1e-5 + i·2e-5 at 50 steps).
-    fast: ours. The guided step is affine in ε_u, so the loss is a least-squares problem in the UNet output:
-    each iteration takes the gradient direction and the step length that minimises the loss along it to first
-    order (a finite-difference directional derivative: one extra forward), at most 2 iterations per step,
-    same stopping rule; it starts from the conditional embedding instead of "" (negative-prompt inversion,
-    Miyake et al. 2023, where ε_cfg = ε_c), which already lands near the target whenever the inversion is accurate.
-    Returns the trajectory with the N embeddings (sampling order) and the guidance; sample with `null_text_cond`."""
+    reference: P2P's NullInversion: Adam, lr·(1 − i/2N) (= 1e-2·(1 − i/100) at 50 steps),
+    ≤ inner_steps iterations, stop once the loss < early_stop + 1e-3·i/N (= 1e-5 + i·2e-5 at 50
+    steps).
+    fast: ours. The guided step is affine in ε_u, so the loss is a least-squares problem in the UNet
+    output: each iteration takes the gradient direction and the step length that minimises the loss
+    along it to first order (a finite-difference directional derivative: one extra forward), at most
+    2 iterations per step, same stopping rule; it starts from the conditional embedding instead of
+    "" (negative-prompt inversion, Miyake et al. 2023, where ε_cfg = ε_c), which already lands near
+    the target whenever the inversion is accurate.
+    Returns the trajectory with the N embeddings (sampling order) and the guidance; sample with
+    `null_text_cond`."""
     if method not in NULL_TEXT_METHODS:
         raise ValueError(f"method={method!r}: use one of {NULL_TEXT_METHODS}")
     if not denoiser.guided:
-        raise ValueError(f"null-text inversion needs guidance > 1 (got {denoiser.guidance}); 7.5 is the reference")
+        raise ValueError(f"null-text inversion needs guidance > 1 (got {denoiser.guidance}); "
+                         "7.5 is the reference")
     n = traj.steps
     plain = replace(denoiser, guidance=1.0)
     w = denoiser.guidance
@@ -165,7 +189,8 @@ def _adam(residual, u, lr, iters, stop):
 
 
 def _line_search(step, target, u, iters, stop):
-    """Returns the embedding and step(embedding). The check runs without autograd: most steps pass it at once."""
+    """Returns the embedding and step(embedding). The check runs without autograd: most steps pass
+    it at once."""
     with torch.no_grad():
         y = step(u)
     for _ in range(iters):
@@ -185,28 +210,31 @@ def _line_search(step, target, u, iters, stop):
     return u.detach(), y
 
 
-def invert_image(model, x: torch.Tensor, prompts: list[str], steps: int, convention: str = "destination",
-                 null_text_method: str | None = None, guidance: float = 7.5, strength: float = 1.0,
-                 progress: bool = True) -> Trajectory:
-    """DDIM-invert images x (B, 3, H, W) in [-1, 1] on an engine.model.Model: the VAE mean latent under one
-    prompt per image, without CFG; with null_text_method, also the null-text embeddings for CFG at
-    `guidance`."""
+def invert_image(model, x: torch.Tensor, prompts: list[str], steps: int,
+                 convention: str = "destination", null_text_method: str | None = None,
+                 guidance: float = 7.5, strength: float = 1.0, progress: bool = True) -> Trajectory:
+    """DDIM-invert images x (B, 3, H, W) in [-1, 1] on an engine.model.Model: the VAE mean latent
+    under one prompt per image, without CFG; with null_text_method, also the null-text embeddings
+    for CFG at `guidance`."""
     z0 = model.encode(x)
     cond = model.encode_prompt(prompts)
-    traj = invert(model.denoiser(), z0, constant(cond), model.scheduler, steps, strength, convention, progress)
+    traj = invert(model.denoiser(), z0, constant(cond), model.scheduler, steps, strength,
+                  convention, progress)
     if not torch.isfinite(traj.latents[-1]).all():
-        raise FloatingPointError("the inversion produced NaN/inf values; try float32 (--dtype float32)")
+        raise FloatingPointError("the inversion produced NaN/inf values; "
+                                 "try float32 (--dtype float32)")
     if null_text_method is not None:
         uncond = model.encode_prompt([""] * len(prompts))
-        traj = null_text(model.denoiser(guidance), traj, cond, uncond, model.scheduler, null_text_method,
-                         progress=progress)
+        traj = null_text(model.denoiser(guidance), traj, cond, uncond, model.scheduler,
+                         null_text_method, progress=progress)
     return traj
 
 
 def reconstruct(model, traj: Trajectory, prompts: list[str], steps: int | None = None,
                 progress: bool = True) -> torch.Tensor:
-    """The latents sampled back from traj's x_T under its prompts: on its own grid with its null-text
-    embeddings and CFG when it has them, else without CFG; `steps` samples on another grid."""
+    """The latents sampled back from traj's x_T under its prompts: on its own grid with its
+    null-text embeddings and CFG when it has them, else without CFG; `steps` samples on another
+    grid."""
     cond = model.encode_prompt(prompts)
     if traj.uncond is not None and steps in (None, traj.num_steps):
         den, c = model.denoiser(traj.guidance), null_text_cond(traj, cond)
@@ -219,6 +247,7 @@ def reconstruct(model, traj: Trajectory, prompts: list[str], steps: int | None =
 def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:
     """Conditioning for guided sampling with the per-step null-text embeddings of `traj`."""
     if traj.uncond is None:
-        raise ValueError("this trajectory has no null-text embeddings: invert with null_text='reference' or 'fast'")
+        raise ValueError("this trajectory has no null-text embeddings: "
+                         "invert with null_text='reference' or 'fast'")
     pairs = zip(traj.sampling_pairs, traj.uncond)
     return per_step({t: guided_batch(u, cond) for (t, _), u in pairs})

@@ -1,35 +1,36 @@
-"""IterInv (Tang, Wang, van de Weijer 2023): invert an image through a cascade, base model + ×4 SR stages.
+"""IterInv (Tang, Wang, van de Weijer 2023): invert an image through a cascade, base model + ×4 SR
+stages.
 
-Stage 1 (the base model) is DDIM inversion plus null-text inversion (engine.invert). Each SR stage is inverted
-by IterInv: for t from low to high noise, solve z_t so that one deterministic DDIM step from it lands on the
-already-solved z_{t−Δ}; reconstruction is ordinary DDIM sampling from the solved z_T. The noise-augmented
-low-res conditioning ĉ is drawn once per stage and reused for the reconstruction (the reference's essential
-detail). Solvers:
+Stage 1 (the base model) is DDIM inversion plus null-text inversion (engine.invert). Each SR stage
+is inverted by IterInv: for t from low to high noise, solve z_t so that one deterministic DDIM step
+from it lands on the already-solved z_{t−Δ}; reconstruction is ordinary DDIM sampling from the
+solved z_T. The noise-augmented low-res conditioning ĉ is drawn once per stage and reused for the
+reconstruction (the reference's essential detail). Solvers:
 
-- paper: N plain gradient steps on Σ(step(z) − z_{t−Δ})², step size 0.3·√linspace(1, 0.5, T)[k], warm-started
-  from the previous solution (ITERINV `SDUP_inv_pipeline.py`: T = 50, N = 21, no momentum, no early stop).
-- fast (ours): the same equation as a fixed point. z = g(z) with g(z) = the DDIM move of z_{t−Δ} up to t along
-  ε̂(z, t) holds exactly when step(z) = z_{t−Δ} (no clipping); iterate it with Anderson acceleration, forward
-  passes only, and stop once the one-step error's RMS is below `tol`. It starts from the DDIM inversion step
-  along the ε already computed at the previous solution, so a step whose start is good enough costs one call.
+- paper: N plain gradient steps on Σ(step(z) − z_{t−Δ})², step size 0.3·√linspace(1, 0.5, T)[k],
+  warm-started from the previous solution (ITERINV `SDUP_inv_pipeline.py`: T = 50, N = 21, no
+  momentum, no early stop).
+- fast (ours): the same equation as a fixed point. z = g(z) with g(z) = the DDIM move of z_{t−Δ} up
+  to t along ε̂(z, t) holds exactly when step(z) = z_{t−Δ} (no clipping); iterate it with Anderson
+  acceleration, forward passes only, and stop once the one-step error's RMS is below `tol`. It
+  starts from the DDIM inversion step along the ε already computed at the previous solution, so a
+  step whose start is good enough costs one call.
 
-Editing (end2end_diffedit.py): a DiffEdit mask and masked DDIM on stage 1, then every SR stage samples from the
-cached z_T of the source's inversion under the edit prompt, conditioned on the edited lower stage.
+Editing (end2end_diffedit.py): a DiffEdit mask and masked DDIM on stage 1, then every SR stage
+samples from the cached z_T of the source's inversion under the edit prompt, conditioned on the
+edited lower stage.
 """
-import json
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import safetensors.torch
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import images, schedule
+from .cascade_files import CascadeInversion, SRInversion
 from .denoiser import Cond, constant, repeat_cond
-from .invert import Trajectory, invert as ddim_invert, invert_image, reconstruct
+from .invert import invert as ddim_invert, invert_image, reconstruct
 from .rng import generator, randn_tensor
 from .diffedit import diffedit_mask, masked_ddim
 from .sample import ddim
@@ -39,7 +40,8 @@ MODES = ("paper", "fast")
 
 
 def step_sizes(n: int, scale: float = 0.3) -> torch.Tensor:
-    """The paper's gradient step per inverse step k (k = 0 the lowest timestep): scale·√linspace(1, 0.5, n)[k]."""
+    """The paper's gradient step per inverse step k (k = 0 the lowest timestep):
+    scale·√linspace(1, 0.5, n)[k]."""
     return scale * torch.linspace(1.0, 0.5, n, dtype=torch.float64).sqrt()
 
 
@@ -55,8 +57,9 @@ def _rms(r: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Solution:
-    """latents[k] sits at timesteps[k] (ascending; -1 is the clean latent); errors[k] is the per-sample RMS of
-    the last evaluated one-step error of inverse step k; evals the model calls made (paper: forward+backward)."""
+    """latents[k] sits at timesteps[k] (ascending; -1 is the clean latent); errors[k] is the
+    per-sample RMS of the last evaluated one-step error of inverse step k; evals the model calls
+    made (paper: forward+backward)."""
     timesteps: list[int]
     latents: list[torch.Tensor]
     errors: list[torch.Tensor]
@@ -65,12 +68,14 @@ class Solution:
 
 def solve_paper(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig, steps: int = 50,
                 inner_steps: int = 21, scale: float = 0.3, progress: bool = True) -> Solution:
-    """IterInv's SR-stage inversion (paper Alg. 1; code SDUP_inv_pipeline): per t ascending, `inner_steps`
-    gradient steps z ← z − s_k ∇_z Σ(step(z) − z_{t−Δ})², z warm-started from z_{t−Δ}."""
+    """IterInv's SR-stage inversion (paper Alg. 1; code SDUP_inv_pipeline): per t ascending,
+    `inner_steps` gradient steps z ← z − s_k ∇_z Σ(step(z) − z_{t−Δ})², z warm-started from
+    z_{t−Δ}."""
     pairs = schedule.inversion_timesteps(sched, steps)
     sizes = step_sizes(len(pairs), scale)
     z, latents, errors = z0, [z0], []
-    for k, (t_prev, t) in enumerate(tqdm(pairs, desc="iterinv (paper)", disable=not progress, leave=False)):
+    for k, (t_prev, t) in enumerate(tqdm(pairs, desc="iterinv (paper)", disable=not progress,
+                                         leave=False)):
         target = latents[-1]
         for _ in range(inner_steps):
             z = z.detach().requires_grad_(True)
@@ -80,21 +85,24 @@ def solve_paper(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConf
             z = z.detach() - sizes[k].item() * g
         latents.append(z)
         errors.append(_rms(r))
-    return Solution([pairs[0][0]] + [t for _, t in pairs], latents, errors, len(pairs) * inner_steps)
+    return Solution([pairs[0][0]] + [t for _, t in pairs], latents, errors,
+                    len(pairs) * inner_steps)
 
 
 def solve_fast(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfig, steps: int = 50,
-               tol: float = 1e-4, max_iter: int = 8, memory: int = 3, progress: bool = True) -> Solution:
-    """Ours: per t ascending, the fixed point z = g(z) of the one-step equation by Anderson acceleration
-    (Walker & Ni 2011, type II, `memory` past iterates), per sample, until the one-step error RMS < tol."""
+               tol: float = 1e-4, max_iter: int = 8, memory: int = 3,
+               progress: bool = True) -> Solution:
+    """Ours: per t ascending, the fixed point z = g(z) of the one-step equation by Anderson
+    acceleration (Walker & Ni 2011, type II, `memory` past iterates), per sample, until the one-step
+    error RMS < tol."""
     pairs = schedule.inversion_timesteps(sched, steps)
     latents, errors, evals, eps = [z0], [], 0, None
     bar = tqdm(pairs, desc="iterinv (fast)", disable=not progress, leave=False)
     with torch.no_grad():
         for t_prev, t in bar:
             target = latents[-1]
-            # start: the DDIM inversion step along the ε of the previous solution (known: no extra call);
-            # at the first step there is none, so evaluate z_{t−Δ} itself and take its g
+            # start: the DDIM inversion step along the ε of the previous solution (known: no extra
+            # call); at the first step there is none, so evaluate z_{t−Δ} itself and take its g
             z = target if eps is None else schedule.ddim_eps_step(sched, eps, t_prev, t, target)
             start, hist = eps is None, []
             err = torch.full((z.shape[0],), float("inf"), dtype=torch.float64)
@@ -111,7 +119,8 @@ def solve_fast(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfi
                 new = _anderson(hist)
                 done = (err < tol).view(-1, *(1,) * (z.ndim - 1)).to(z.device)
                 z = torch.where(done, z, new)
-            eps = schedule.predict_x0_eps(sched, out, t, z)[1]  # the last call was at the accepted z
+            # the last call was at the accepted z
+            eps = schedule.predict_x0_eps(sched, out, t, z)[1]
             latents.append(z)
             errors.append(err)
             bar.set_postfix(err=f"{err.max().item():.1e}", iters=it)
@@ -119,15 +128,16 @@ def solve_fast(den, z0: torch.Tensor, cond: Cond, sched: schedule.SchedulerConfi
 
 
 def _anderson(hist: list[tuple[torch.Tensor, torch.Tensor]], reg: float = 1e-10) -> torch.Tensor:
-    """Type-II Anderson mixing of iterates (z_i, g(z_i)): g_k − ΔG·γ with γ = argmin ‖f_k − ΔF·γ‖, f = g − z,
-    solved per sample by regularised normal equations in float64."""
+    """Type-II Anderson mixing of iterates (z_i, g(z_i)): g_k − ΔG·γ with γ = argmin ‖f_k − ΔF·γ‖,
+    f = g − z, solved per sample by regularised normal equations in float64."""
     z, g = hist[-1]
     if len(hist) == 1:
         return g
     b = z.shape[0]
     f = [(gi - zi).reshape(b, -1).double() for zi, gi in hist]
     dF = torch.stack([f[i + 1] - f[i] for i in range(len(f) - 1)], -1)              # (B, n, m)
-    dG = torch.stack([(hist[i + 1][1] - hist[i][1]).reshape(b, -1).double() for i in range(len(f) - 1)], -1)
+    dG = torch.stack([(hist[i + 1][1] - hist[i][1]).reshape(b, -1).double()
+                      for i in range(len(f) - 1)], -1)
     A = dF.transpose(1, 2) @ dF
     scale = A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
     A = A + reg * scale * torch.eye(A.shape[-1], dtype=A.dtype)
@@ -138,72 +148,20 @@ def _anderson(hist: list[tuple[torch.Tensor, torch.Tensor]], reg: float = 1e-10)
 def solve(mode: str, den, z0, cond, sched, steps=50, progress=True, **kw) -> Solution:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}")
-    return (solve_paper if mode == "paper" else solve_fast)(den, z0, cond, sched, steps, progress=progress, **kw)
+    return (solve_paper if mode == "paper" else solve_fast)(den, z0, cond, sched, steps,
+                                                            progress=progress, **kw)
 
 
-# ---- the cascade: base model at 64² → ×4 → ×4 ------------------------------------------------------------
+# ---- the cascade: base model at 64² → ×4 → ×4 ----------------------------------------------------
 
-STAGE1 = ("fast", "reference", "npi", "ddim")     # null-text fast / reference; u = c (NPI); plain DDIM + CFG
-METHODS = MODES + ("ddim", "ddim-reference")      # SR-stage inversions; the last two are the baselines
-
-
-@dataclass
-class SRInversion:
-    """One inverted SR stage: the solved top latent and the noise n of its conditioning ĉ = q(c, level, n)."""
-    z_T: torch.Tensor
-    noise: torch.Tensor
-    errors: list[torch.Tensor] | None = None
-    evals: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class CascadeInversion:
-    """What the cascade inversion of one batch of images keeps: stage 1's trajectory (with null-text embeddings
-    when made) and each SR stage's z_T + noise; `images` are the reconstructions, one per stage (64², 256², …)."""
-    prompt: list[str]
-    method: str
-    stage1: str
-    steps: int
-    noise_level: int
-    seed: int
-    stage1_traj: Trajectory
-    stages: list[SRInversion]
-    images: list[torch.Tensor]
-
-    def save(self, path):
-        """One .safetensors file, written whole: stage1.* (the trajectory) and sr{k}.z_T / sr{k}.noise."""
-        tr = self.stage1_traj
-        t = {"stage1.latents": torch.stack(tr.latents), "stage1.timesteps": torch.tensor(tr.timesteps)}
-        if tr.uncond is not None:
-            t["stage1.uncond"] = torch.stack(tr.uncond)
-        for k, st in enumerate(self.stages):
-            t[f"sr{k}.z_T"], t[f"sr{k}.noise"] = st.z_T, st.noise
-        meta = {"prompt": json.dumps(self.prompt), "method": self.method, "stage1": self.stage1,
-                "steps": str(self.steps), "noise_level": str(self.noise_level), "seed": str(self.seed),
-                "sizes": json.dumps([im.shape[-1] for im in self.images])}
-        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in t.items()}, metadata=meta)
-        return images.write_atomic(path, lambda f: f.write(blob))
-
-    @staticmethod
-    def load_stages(path) -> tuple[dict, list[SRInversion]]:
-        """(metadata, SR stages) of a file written by `save`: what an edit needs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such inversion file (write one with `python -m engine iterinv`)")
-        with safe_open(path, "pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-            if "sr0.z_T" not in keys or "method" not in meta:
-                raise ValueError(f"{path}: not a cascade inversion file (needs sr0.z_T; made by `engine iterinv`)")
-            stages = [SRInversion(f.get_tensor(f"sr{k}.z_T"), f.get_tensor(f"sr{k}.noise"))
-                      for k in range(len(keys)) if f"sr{k}.z_T" in keys]
-        meta = {k: json.loads(v) if k in ("prompt", "sizes") else v for k, v in meta.items()}
-        return meta, stages
+# null-text fast / reference; u = c (NPI); plain DDIM + CFG
+STAGE1 = ("fast", "reference", "npi", "ddim")
+METHODS = MODES + ("ddim", "ddim-reference")  # SR-stage inversions; the last two are the baselines
 
 
 def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
-    """The input at every stage's side (base, 4·base, …, size) as (B, 3, s, s) in [-1, 1], each resized from
-    the input itself with PIL's bicubic filter, as the reference does."""
+    """The input at every stage's side (base, 4·base, …, size) as (B, 3, s, s) in [-1, 1], each
+    resized from the input itself with PIL's bicubic filter, as the reference does."""
     pils = image if isinstance(image, (list, tuple)) else [image]
     if not pils or not all(isinstance(p, Image.Image) for p in pils):
         raise ValueError("image: need a PIL image or a list of them")
@@ -211,46 +169,55 @@ def pyramid(image, size: int, base: int = 64) -> list[torch.Tensor]:
     while sides[-1] < size:
         sides.append(sides[-1] * 4)
     if sides[-1] != size or len(sides) < 2:
-        raise ValueError(f"size={size}: need {base}·4^k with k ≥ 1 (256 or 1024 for the embedded cascade)")
+        raise ValueError(f"size={size}: need {base}·4^k with k ≥ 1 "
+                         "(256 or 1024 for the embedded cascade)")
     for p in pils:
         if p.width != p.height:
-            raise ValueError(f"image is {p.width}×{p.height}: the cascade inverts square images; crop it square first")
-    return [images.to_tensor([p if p.width == s else p.resize((s, s), Image.BICUBIC) for p in pils]) for s in sides]
+            raise ValueError(f"image is {p.width}×{p.height}: the cascade inverts square images; "
+                             "crop it square first")
+    return [images.to_tensor([p if p.width == s else p.resize((s, s), Image.BICUBIC) for p in pils])
+            for s in sides]
 
 
 class Cascade:
-    """The base model and the ×4 SR model (engine.model.Model; the SR model runs once per ×4, tile by tile
-    above `tile` low-res pixels)."""
+    """The base model and the ×4 SR model (engine.model.Model; the SR model runs once per ×4, tile
+    by tile above `tile` low-res pixels)."""
 
     def __init__(self, base, sr, tile: int = 64, overlap: int = 16):
         if not sr.is_upscaler or base.is_upscaler:
-            raise ValueError("Cascade(base, sr): need a text→image model and an x4 upscaler model, in that order")
+            raise ValueError("Cascade(base, sr): need a text→image model and an x4 upscaler model, "
+                             "in that order")
         self.base, self.sr, self.tile, self.overlap = base, sr, tile, overlap
 
     def sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
-        """An SR stage's denoiser, ĉ = q_sample(low, level, noise) fixed: the same for inversion and sampling."""
+        """An SR stage's denoiser, ĉ = q_sample(low, level, noise) fixed: the same for inversion and
+        sampling."""
         den = self.sr.upscaler_denoiser(low, level, noise)
         return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
 
     def _stage1(self, x64, prompts, stage1, steps, guidance, progress):
         b = self.base
         null_text = stage1 if stage1 in ("fast", "reference") else None
-        traj = invert_image(b, x64, prompts, steps, "destination", null_text, guidance, progress=progress)
+        traj = invert_image(b, x64, prompts, steps, "destination", null_text, guidance,
+                            progress=progress)
         if stage1 != "ddim":  # npi: u = c, so CFG collapses to the conditional prediction
             return traj, b.decode(reconstruct(b, traj, prompts, progress=progress))
         den = b.denoiser(guidance)
         cond = constant(b.encode_prompt(prompts, None, den.guided))
-        return traj, b.decode(ddim(den, traj.latents[-1], cond, b.scheduler, steps, progress=progress))
+        return traj, b.decode(ddim(den, traj.latents[-1], cond, b.scheduler, steps,
+                                   progress=progress))
 
     @torch.no_grad()
-    def invert(self, image, prompt, size: int = 256, method: str = "fast", stage1: str = "fast", steps: int = 50,
-               guidance: float = 3.0, noise_level: int = 100, seed: int = 0, progress: bool = True,
-               **solver) -> CascadeInversion:
-        """Invert `image` (PIL, square) through the cascade up to `size`, then reconstruct every stage.
-        stage1: null-text inversion 'fast' or 'reference' at CFG `guidance` (IterInv's default 3), 'npi', or
-        'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or 'fast' for the SR
-        stages, or the baselines 'ddim' (v-aware DDIM inversion, same ĉ) and 'ddim-reference' (the reference
-        code's: the v output read as ε, ĉ redrawn for the reconstruction)."""
+    def invert(self, image, prompt, size: int = 256, method: str = "fast", stage1: str = "fast",
+               steps: int = 50, guidance: float = 3.0, noise_level: int = 100, seed: int = 0,
+               progress: bool = True, **solver) -> CascadeInversion:
+        """Invert `image` (PIL, square) through the cascade up to `size`, then reconstruct every
+        stage.
+        stage1: null-text inversion 'fast' or 'reference' at CFG `guidance` (IterInv's default 3),
+        'npi', or 'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or
+        'fast' for the SR stages, or the baselines 'ddim' (v-aware DDIM inversion, same ĉ) and
+        'ddim-reference' (the reference code's: the v output read as ε, ĉ redrawn for the
+        reconstruction)."""
         if method not in METHODS:
             raise ValueError(f"method={method!r}: use one of {METHODS}")
         if stage1 not in STAGE1:
@@ -259,8 +226,10 @@ class Cascade:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         pyr = [x.to(self.base.device) for x in pyramid(image, size)]
         if len(prompts) != pyr[0].shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {pyr[0].shape[0]} images: give one prompt per image")
-        traj, low = self._stage1(pyr[0].to(self.base.dtype), prompts, stage1, steps, guidance, progress)
+            raise ValueError(f"{len(prompts)} prompts for {pyr[0].shape[0]} images: "
+                             "give one prompt per image")
+        traj, low = self._stage1(pyr[0].to(self.base.dtype), prompts, stage1, steps, guidance,
+                                 progress)
         outs, stages = [low.float()], []
         sr = self.sr
         cond = constant(sr.encode_prompt(prompts))
@@ -274,55 +243,63 @@ class Cascade:
                 sol = solve(method, den, z0, cond, sr.scheduler, steps, progress=progress, **solver)
                 st = SRInversion(sol.latents[-1], noise, sol.errors, sol.evals)
             else:
-                sched = sr.scheduler if method == "ddim" else replace(sr.scheduler, prediction_type="epsilon")
+                sched = (sr.scheduler if method == "ddim"
+                         else replace(sr.scheduler, prediction_type="epsilon"))
                 tr = ddim_invert(den, z0, cond, sched, steps, progress=progress)
                 st = SRInversion(tr.latents[-1], noise, None, steps)
-                if method == "ddim-reference":  # the generator was not re-seeded before the reconstruction
+                # the generator was not re-seeded before the reconstruction
+                if method == "ddim-reference":
                     redrawn = randn_tensor(low.shape, gen, low.device, torch.float32)
                     den = self.sr_denoiser(low.to(sr.dtype), redrawn, noise_level)
             st.seconds = time.perf_counter() - t0
             low = sr.decode(ddim(den, st.z_T, cond, sr.scheduler, steps, progress=progress))
             outs.append(low.float())
             stages.append(st)
-        return CascadeInversion(prompts, method, stage1, steps, noise_level, seed, traj, stages, outs)
+        return CascadeInversion(prompts, method, stage1, steps, noise_level, seed, traj, stages,
+                                outs)
 
     @torch.no_grad()
-    def edit(self, image, source, target, stages: list[SRInversion], noise_level: int = 100, steps: int = 50,
-             guidance: float = 3.0, strength: float = 0.8, mask_steps: int = 50, mask_strength: float = 0.5,
-             mask_maps: int = 10, mask_ratio: float = 3.0, seed: int = 0, backproject: int = 0,
-             progress: bool = True):
-        """IterInv + DiffEdit (end2end_diffedit.py): DiffEdit mask and masked DDIM edit on stage 1 (DDIM inversion
-        under `source` with CFG, truncated to `strength`; sampling under `target`), then each SR stage samples
-        from the source's cached z_T under `target`, conditioned on the edited stage below. Returns
-        (edited images per stage, the stage-1 latent mask (B, 1, h, w)). The mask defaults are diffusers' (strength
-        0.5, ratio 3, 10 maps); ITERINV's IF port uses 0.1 and 1, which on the embedded model masks 83% of the
-        image where the edited objects cover 10% (IoU 0.12 against 0.60; bench/results/iterinv.json, "mask").
-        backproject (ours; 0 = the reference): iterations of back-projection of each SR stage's output onto the
-        edited stage below (images.back_project), which stops the ×4 stages' colour drift from compounding."""
+    def edit(self, image, source, target, stages: list[SRInversion], noise_level: int = 100,
+             steps: int = 50, guidance: float = 3.0, strength: float = 0.8, mask_steps: int = 50,
+             mask_strength: float = 0.5, mask_maps: int = 10, mask_ratio: float = 3.0,
+             seed: int = 0, backproject: int = 0, progress: bool = True):
+        """IterInv + DiffEdit (end2end_diffedit.py): DiffEdit mask and masked DDIM edit on stage 1
+        (DDIM inversion under `source` with CFG, truncated to `strength`; sampling under `target`),
+        then each SR stage samples from the source's cached z_T under `target`, conditioned on the
+        edited stage below. Returns (edited images per stage, the stage-1 latent mask (B, 1, h, w)).
+        The mask defaults are diffusers' (strength 0.5, ratio 3, 10 maps); ITERINV's IF port uses
+        0.1 and 1, which on the embedded model masks 83% of the image where the edited objects cover
+        10% (IoU 0.12 against 0.60; bench/results/iterinv.json, "mask").
+        backproject (ours; 0 = the reference): iterations of back-projection of each SR stage's
+        output onto the edited stage below (images.back_project), which stops the ×4 stages' colour
+        drift from compounding."""
         b, sr = self.base, self.sr
         sources = [source] if isinstance(source, str) else list(source)
         targets = [target] if isinstance(target, str) else list(target)
         pyr = pyramid(image, 64 * 4 ** len(stages))
         x64 = pyr[0].to(b.device, b.dtype)
         if not len(sources) == len(targets) == x64.shape[0]:
-            raise ValueError(f"{len(sources)} source and {len(targets)} edit prompts for {x64.shape[0]} images")
+            raise ValueError(f"{len(sources)} source and {len(targets)} edit prompts "
+                             f"for {x64.shape[0]} images")
         if not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: need a number in (0, 1]")
         images.check_backproject(backproject)
         den = b.denoiser(guidance)
         z0 = b.encode(x64)
         src, tgt = (constant(b.encode_prompt(ps, None, den.guided)) for ps in (sources, targets))
-        maps = [repeat_cond(c, mask_maps, den.guided) for c in (src, tgt)]  # each prompt encoded once
-        mask = diffedit_mask(den, z0, *maps, b.scheduler, mask_steps, mask_strength, mask_maps, mask_ratio,
-                             generator(seed))
+        # each prompt encoded once
+        maps = [repeat_cond(c, mask_maps, den.guided) for c in (src, tgt)]
+        mask = diffedit_mask(den, z0, *maps, b.scheduler, mask_steps, mask_strength, mask_maps,
+                             mask_ratio, generator(seed))
         traj = ddim_invert(den, z0, src, b.scheduler, steps, strength, "destination", progress)
         low = b.decode(masked_ddim(den, traj, tgt, b.scheduler, mask, progress))
         outs = [low.float()]
         cond = constant(sr.encode_prompt(targets))
         for st in stages:
-            if st.z_T.shape[0] != x64.shape[0] or st.z_T.shape[-1] != 4 * low.shape[-1] // sr.downscale:
-                raise ValueError(f"the cached SR latents {tuple(st.z_T.shape)} do not fit this image; invert it "
-                                 "with the same size first")
+            if (st.z_T.shape[0] != x64.shape[0]
+                    or st.z_T.shape[-1] != 4 * low.shape[-1] // sr.downscale):
+                raise ValueError(f"the cached SR latents {tuple(st.z_T.shape)} do not fit "
+                                 "this image; invert it with the same size first")
             den_sr = self.sr_denoiser(low.to(sr.dtype), st.noise, noise_level)
             y = sr.decode(ddim(den_sr, st.z_T.to(sr.device, sr.dtype), cond, sr.scheduler, steps,
                                progress=progress)).float()

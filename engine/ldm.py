@@ -1,6 +1,7 @@
-"""Single-file SD 1.x / 2.x checkpoints (original LDM / CompVis / Stability key layout) → the diffusers /
-transformers state-dict names our models mirror. Every mapping is computed from a config as a generator
-of (ldm_key, diffusers_key) pairs; `_translate` applies it and names every missing or left-over key."""
+"""Single-file SD 1.x / 2.x checkpoints (original LDM / CompVis / Stability key layout) → the
+diffusers / transformers state-dict names our models mirror. Every mapping is computed from a config
+as a generator of (ldm_key, diffusers_key) pairs; `_translate` applies it and names every missing or
+left-over key."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,11 @@ from typing import Iterator
 
 from torch import Tensor
 
+from .ldm_keys import Pairs, _wb, unet_key_pairs, vae_key_pairs
+
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."  # SD1 (HF CLIP) / SD2 (OpenCLIP)
-Pairs = Iterator[tuple[str, str]]
+# SD1 (HF CLIP) / SD2 (OpenCLIP)
+CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 
 class MissingKeysError(KeyError):
@@ -19,10 +22,11 @@ class MissingKeysError(KeyError):
 
 
 def split_components(sd: dict[str, Tensor], ema: bool = False) -> dict:
-    """{"unet", "vae", "clip", "openclip": prefix-stripped dicts, "ignored": sorted keys}. Ignored: `model_ema.*`
-    (unless `ema`: the UNet is then read from its flattened `model_ema.diffusion_model...` names), the DDPM
-    schedule buffers (betas, alphas_cumprod*, sqrt_*, posterior_*, logvar, ...), `first_stage_model.loss.*`
-    (VAE discriminator / LPIPS), and anything else outside the four component prefixes."""
+    """{"unet", "vae", "clip", "openclip": prefix-stripped dicts, "ignored": sorted keys}. Ignored:
+    `model_ema.*` (unless `ema`: the UNet is then read from its flattened
+    `model_ema.diffusion_model...` names), the DDPM schedule buffers (betas, alphas_cumprod*,
+    sqrt_*, posterior_*, logvar, ...), `first_stage_model.loss.*` (VAE discriminator / LPIPS), and
+    anything else outside the four component prefixes."""
     out = {"unet": {}, "vae": {}, "clip": {}, "openclip": {}, "ignored": []}
     for k, v in sd.items():
         for name, p in (("unet", UNET), ("vae", VAE), ("clip", CLIP), ("openclip", OPENCLIP)):
@@ -41,105 +45,27 @@ def split_components(sd: dict[str, Tensor], ema: bool = False) -> dict:
 
 def _check(missing: list[str], what: str):
     if missing:
-        raise MissingKeysError(f"{what}: {len(missing)} key(s) missing from the checkpoint: {', '.join(missing[:40])}"
+        raise MissingKeysError(f"{what}: {len(missing)} key(s) missing from the checkpoint: "
+                               f"{', '.join(missing[:40])}"
                                + (" ..." if len(missing) > 40 else ""))
 
 
-def _translate(sd: dict, pairs: Pairs, what: str, strict: bool = True, ignore=lambda k: False) -> dict:
+def _translate(sd: dict, pairs: Pairs, what: str, strict: bool = True,
+               ignore=lambda k: False) -> dict:
     pairs = list(pairs)
     _check([s for s, _ in pairs if s not in sd], what)
     extra = sorted(set(sd) - {s for s, _ in pairs} - {k for k in sd if ignore(k)})
     if strict and extra:
-        raise ValueError(f"{what}: {len(extra)} checkpoint key(s) not used by the config (wrong config?): "
-                         f"{', '.join(extra[:40])}")
+        raise ValueError(f"{what}: {len(extra)} checkpoint key(s) not used by the config "
+                         f"(wrong config?): {', '.join(extra[:40])}")
     return {d: sd[s] for s, d in pairs}
 
 
-def _wb(src: str, dst: str, bias: bool = True) -> Pairs:
-    yield f"{src}.weight", f"{dst}.weight"
-    if bias:
-        yield f"{src}.bias", f"{dst}.bias"
-
-
-def _per_level(v, n: int) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v] * n
-
-
-# ---------------------------------------------------------------- UNet
-_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-           "out_layers.0": "norm2", "out_layers.3": "conv2"}
-
-
-def _unet_resnet(src: str, dst: str, shortcut: bool) -> Pairs:
-    for a, b in _RESNET.items():
-        yield from _wb(f"{src}.{a}", f"{dst}.{b}")
-    if shortcut:
-        yield from _wb(f"{src}.skip_connection", f"{dst}.conv_shortcut")
-
-
-def _unet_attn(src: str, dst: str, depth: int) -> Pairs:
-    names = ["norm", "proj_in", "proj_out"]
-    for k in range(depth):
-        t = f"transformer_blocks.{k}"
-        names += [f"{t}.norm1", f"{t}.norm2", f"{t}.norm3", f"{t}.ff.net.0.proj", f"{t}.ff.net.2",
-                  f"{t}.attn1.to_out.0", f"{t}.attn2.to_out.0"]
-        for a in ("attn1", "attn2"):  # q/k/v carry no bias in LDM or diffusers
-            for p in "qkv":
-                yield f"{src}.{t}.{a}.to_{p}.weight", f"{dst}.{t}.{a}.to_{p}.weight"
-    for n in names:
-        yield from _wb(f"{src}.{n}", f"{dst}.{n}")
-
-
-def unet_key_pairs(cfg: dict) -> Pairs:
-    """(ldm_key, diffusers_key) for a UNet2DConditionModel config (LDM keys without `model.diffusion_model.`)."""
-    ch, L = list(cfg["block_out_channels"]), cfg["layers_per_block"]
-    n = len(ch)
-    depth = _per_level(cfg.get("transformer_layers_per_block", 1), n)
-    up_depth = _per_level(cfg.get("reverse_transformer_layers_per_block") or depth[::-1], n)
-    if not isinstance(L, int):
-        raise ValueError(f"layers_per_block={L!r}: per-block lists are not supported for LDM checkpoints")
-    yield from _wb("time_embed.0", "time_embedding.linear_1")
-    yield from _wb("time_embed.2", "time_embedding.linear_2")
-    if cfg.get("class_embed_type") in ("projection", "timestep"):
-        yield from _wb("label_emb.0.0", "class_embedding.linear_1")
-        yield from _wb("label_emb.0.2", "class_embedding.linear_2")
-    elif cfg.get("addition_embed_type") == "text_time":  # SDXL-style; untested here
-        yield from _wb("label_emb.0.0", "add_embedding.linear_1")
-        yield from _wb("label_emb.0.2", "add_embedding.linear_2")
-    if cfg.get("num_class_embeds") is not None:
-        yield "label_emb.weight", "class_embedding.weight"
-    yield from _wb("input_blocks.0.0", "conv_in")
-    for i, t in enumerate(cfg["down_block_types"]):
-        for j in range(L):
-            s, d = f"input_blocks.{1 + i * (L + 1) + j}", f"down_blocks.{i}"
-            yield from _unet_resnet(f"{s}.0", f"{d}.resnets.{j}", j == 0 and ch[max(i - 1, 0)] != ch[i])
-            if "CrossAttn" in t:
-                yield from _unet_attn(f"{s}.1", f"{d}.attentions.{j}", depth[i])
-        if i < n - 1:
-            yield from _wb(f"input_blocks.{1 + i * (L + 1) + L}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
-    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"mid_block_type={mid!r} is not an SD 1.x/2.x UNet")
-    yield from _unet_resnet("middle_block.0", "mid_block.resnets.0", False)
-    yield from _unet_attn("middle_block.1", "mid_block.attentions.0", depth[-1])
-    yield from _unet_resnet("middle_block.2", "mid_block.resnets.1", False)
-    for i, t in enumerate(cfg["up_block_types"]):
-        attn = "CrossAttn" in t
-        for j in range(L + 1):  # every up resnet sees a concatenated skip, so all have a shortcut conv
-            s, d = f"output_blocks.{i * (L + 1) + j}", f"up_blocks.{i}"
-            yield from _unet_resnet(f"{s}.0", f"{d}.resnets.{j}", True)
-            if attn:
-                yield from _unet_attn(f"{s}.1", f"{d}.attentions.{j}", up_depth[i])
-        if i < n - 1:
-            s = f"output_blocks.{i * (L + 1) + L}.{2 if attn else 1}.conv"  # after the attention, if any
-            yield from _wb(s, f"up_blocks.{i}.upsamplers.0.conv")
-    yield from _wb("out.0", "conv_norm_out")
-    yield from _wb("out.2", "conv_out")
-
-
-def unet_to_diffusers(sd_unet: dict[str, Tensor], unet_config: dict, strict: bool = True) -> dict[str, Tensor]:
-    """LDM UNet keys (prefix stripped) → diffusers UNet2DConditionModel keys; proj_in/out are reshaped to the
-    config's `use_linear_projection` (1×1 conv ↔ linear) when a checkpoint stores the other form."""
+def unet_to_diffusers(sd_unet: dict[str, Tensor], unet_config: dict,
+                      strict: bool = True) -> dict[str, Tensor]:
+    """LDM UNet keys (prefix stripped) → diffusers UNet2DConditionModel keys; proj_in/out are
+    reshaped to the config's `use_linear_projection` (1×1 conv ↔ linear) when a checkpoint stores
+    the other form."""
     out = _translate(sd_unet, unet_key_pairs(unet_config), f"UNet ({UNET}*)", strict)
     linear = unet_config.get("use_linear_projection", False)
     for k, w in out.items():
@@ -148,54 +74,10 @@ def unet_to_diffusers(sd_unet: dict[str, Tensor], unet_config: dict, strict: boo
     return out
 
 
-# ---------------------------------------------------------------- VAE
-def _vae_resnet(src: str, dst: str, shortcut: bool) -> Pairs:
-    for n in ("norm1", "conv1", "norm2", "conv2"):
-        yield from _wb(f"{src}.{n}", f"{dst}.{n}")
-    if shortcut:
-        yield from _wb(f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
-
-
-def _vae_mid(side: str, attn: bool) -> Pairs:
-    yield from _vae_resnet(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", False)
-    yield from _vae_resnet(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", False)
-    if attn:
-        for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            yield from _wb(f"{side}.mid.attn_1.{a}", f"{side}.mid_block.attentions.0.{b}")
-
-
-def vae_key_pairs(cfg: dict) -> Pairs:
-    """(ldm_key, diffusers_key) for an AutoencoderKL config (LDM keys without `first_stage_model.`)."""
-    ch, L, attn = list(cfg["block_out_channels"]), cfg["layers_per_block"], cfg.get("mid_block_add_attention", True)
-    n = len(ch)
-    yield from _wb("encoder.conv_in", "encoder.conv_in")
-    for i in range(n):
-        for j in range(L):
-            yield from _vae_resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
-                                   j == 0 and ch[max(i - 1, 0)] != ch[i])
-        if i < n - 1:
-            yield from _wb(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
-    yield from _vae_mid("encoder", attn)
-    yield from _wb("encoder.norm_out", "encoder.conv_norm_out")
-    yield from _wb("encoder.conv_out", "encoder.conv_out")
-    yield from _wb("decoder.conv_in", "decoder.conv_in")
-    yield from _vae_mid("decoder", attn)
-    rev = ch[::-1]
-    for k in range(n):  # diffusers up_blocks.k is LDM up.{n-1-k}: LDM indexes the decoder by resolution level
-        for j in range(L + 1):
-            yield from _vae_resnet(f"decoder.up.{n - 1 - k}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}",
-                                   j == 0 and rev[max(k - 1, 0)] != rev[k])
-        if k < n - 1:
-            yield from _wb(f"decoder.up.{n - 1 - k}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
-    yield from _wb("decoder.norm_out", "decoder.conv_norm_out")
-    yield from _wb("decoder.conv_out", "decoder.conv_out")
-    for q, use in (("quant_conv", "use_quant_conv"), ("post_quant_conv", "use_post_quant_conv")):
-        if cfg.get(use, True):
-            yield from _wb(q, q)
-
-
-def vae_to_diffusers(sd_vae: dict[str, Tensor], vae_config: dict, strict: bool = True) -> dict[str, Tensor]:
-    """LDM VAE keys (prefix stripped) → diffusers AutoencoderKL keys; mid-attention 1×1 convs become linears."""
+def vae_to_diffusers(sd_vae: dict[str, Tensor], vae_config: dict,
+                     strict: bool = True) -> dict[str, Tensor]:
+    """LDM VAE keys (prefix stripped) → diffusers AutoencoderKL keys; mid-attention 1×1 convs become
+    linears."""
     out = _translate(sd_vae, vae_key_pairs(vae_config), f"VAE ({VAE}*)", strict)
     for k, w in out.items():
         if ".mid_block.attentions.0.to_" in k and k.endswith(".weight") and w.ndim > 2:
@@ -205,7 +87,8 @@ def vae_to_diffusers(sd_vae: dict[str, Tensor], vae_config: dict, strict: bool =
 
 # ---------------------------------------------------------------- text encoders
 def _clip_names(cfg: dict) -> Iterator[str]:
-    """transformers CLIPTextModel keys as saved on disk (with the `text_model.` prefix), position_ids excluded."""
+    """transformers CLIPTextModel keys as saved on disk (with the `text_model.` prefix),
+    position_ids excluded."""
     yield "text_model.embeddings.token_embedding.weight"
     yield "text_model.embeddings.position_embedding.weight"
     for i in range(cfg["num_hidden_layers"]):
@@ -215,17 +98,22 @@ def _clip_names(cfg: dict) -> Iterator[str]:
     yield from ("text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias")
 
 
-def clip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict, strict: bool = True) -> dict[str, Tensor]:
-    """SD1 `cond_stage_model.transformer.*` (HF CLIP keys, with or without `text_model.`) → CLIPTextModel keys."""
+def clip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict,
+                      strict: bool = True) -> dict[str, Tensor]:
+    """SD1 `cond_stage_model.transformer.*` (HF CLIP keys, with or without `text_model.`) →
+    CLIPTextModel keys."""
     sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd_clip.items()}
-    return _translate(sd, ((k, k) for k in _clip_names(text_config)), f"CLIP text encoder ({CLIP}*)", strict,
+    return _translate(sd, ((k, k) for k in _clip_names(text_config)),
+                      f"CLIP text encoder ({CLIP}*)", strict,
                       ignore=lambda k: k.endswith("position_ids"))
 
 
-def openclip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict, strict: bool = True) -> dict[str, Tensor]:
-    """SD2 OpenCLIP text tower (`cond_stage_model.model.` stripped) → CLIPTextModel keys. Resblocks with index ≥
-    num_hidden_layers are dropped (SD2 conditions on the penultimate of 24 layers, so diffusers keeps 23), as are
-    text_projection and logit_scale (CLIPTextModel has neither); in_proj is split into q, k, v."""
+def openclip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict,
+                          strict: bool = True) -> dict[str, Tensor]:
+    """SD2 OpenCLIP text tower (`cond_stage_model.model.` stripped) → CLIPTextModel keys. Resblocks
+    with index ≥ num_hidden_layers are dropped (SD2 conditions on the penultimate of 24 layers, so
+    diffusers keeps 23), as are text_projection and logit_scale (CLIPTextModel has neither); in_proj
+    is split into q, k, v."""
     n, t = text_config["num_hidden_layers"], "text_model."
     ren = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
@@ -235,11 +123,12 @@ def openclip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict, strict:
     for i in range(n):
         for a, b in ren.items():
             pairs += _wb(f"transformer.resblocks.{i}.{a}", f"{t}encoder.layers.{i}.{b}")
-    fused = [f"transformer.resblocks.{i}.attn.in_proj_{p}" for i in range(n) for p in ("weight", "bias")]
+    fused = [f"transformer.resblocks.{i}.attn.in_proj_{p}"
+             for i in range(n) for p in ("weight", "bias")]
     dropped = lambda k: (k in ("text_projection", "logit_scale", "attn_mask")
                          or (k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= n))
-    out = _translate(sd_clip, pairs + [(k, k) for k in fused], f"OpenCLIP text encoder ({OPENCLIP}*)", strict,
-                     ignore=dropped)
+    out = _translate(sd_clip, pairs + [(k, k) for k in fused],
+                     f"OpenCLIP text encoder ({OPENCLIP}*)", strict, ignore=dropped)
     for k in fused:  # in_proj rows are [q; k; v]
         i, p = k.split(".")[2], k.rsplit("_", 1)[1]
         for name, w in zip("qkv", out.pop(k).chunk(3, dim=0)):
@@ -250,43 +139,52 @@ def openclip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict, strict:
 # ---------------------------------------------------------------- configs
 _DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 _UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
-_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-          "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None,
-          "timestep_spacing": "leading"}
+_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False,
+          "steps_offset": 1, "trained_betas": None, "timestep_spacing": "leading"}
 
 
 def preset(version: str, prediction_type: str = "epsilon") -> dict:
-    """The diffusers config.json dicts of SD 1.5 (`"sd1"`) or SD 2.x (`"sd2"`: 2-base for epsilon, 2.1-768 for
-    v_prediction, which also upcasts attention and works at 768 px)."""
+    """The diffusers config.json dicts of SD 1.5 (`"sd1"`) or SD 2.x (`"sd2"`: 2-base for epsilon,
+    2.1-768 for v_prediction, which also upcasts attention and works at 768 px)."""
     v2, v768 = version == "sd2", prediction_type == "v_prediction"
-    unet = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20] if v2 else 8,
-            "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "class_embed_type": None,
-            "cross_attention_dim": 1024 if v2 else 768, "down_block_types": list(_DOWN), "downsample_padding": 1,
-            "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
-            "layers_per_block": 2, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
-            "out_channels": 4, "projection_class_embeddings_input_dim": None, "sample_size": 96 if v768 else 64,
-            "transformer_layers_per_block": 1, "up_block_types": list(_UP), "upcast_attention": v2 and v768,
-            "use_linear_projection": v2}
-    vae = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    unet = {"_class_name": "UNet2DConditionModel", "act_fn": "silu",
+            "attention_head_dim": [5, 10, 20, 20] if v2 else 8,
+            "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+            "class_embed_type": None, "cross_attention_dim": 1024 if v2 else 768,
+            "down_block_types": list(_DOWN), "downsample_padding": 1, "dual_cross_attention": False,
+            "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+            "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None,
+            "only_cross_attention": False, "out_channels": 4,
+            "projection_class_embeddings_input_dim": None, "sample_size": 96 if v768 else 64,
+            "transformer_layers_per_block": 1, "up_block_types": list(_UP),
+            "upcast_attention": v2 and v768, "use_linear_projection": v2}
+    vae = {"_class_name": "AutoencoderKL", "act_fn": "silu",
+           "block_out_channels": [128, 256, 512, 512],
            "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
-           "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 768 if v768 else 512,
-           "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4}
+           "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+           "sample_size": 768 if v768 else 512, "scaling_factor": 0.18215,
+           "up_block_types": ["UpDecoderBlock2D"] * 4}
     # eos_token_id 2 is what the hub configs say; it selects the legacy argmax(input_ids) pooling.
-    text = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-            "eos_token_id": 2, "hidden_act": "gelu" if v2 else "quick_gelu", "hidden_size": 1024 if v2 else 768,
-            "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 4096 if v2 else 3072,
+    text = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
+            "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu" if v2 else "quick_gelu",
+            "hidden_size": 1024 if v2 else 768, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "intermediate_size": 4096 if v2 else 3072,
             "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
-            "num_attention_heads": 16 if v2 else 12, "num_hidden_layers": 23 if v2 else 12, "pad_token_id": 1,
-            "projection_dim": 512 if v2 else 768, "vocab_size": 49408}
-    sched = ({"_class_name": "DDIMScheduler"} if v768 else {"_class_name": "PNDMScheduler", "skip_prk_steps": True})
+            "num_attention_heads": 16 if v2 else 12, "num_hidden_layers": 23 if v2 else 12,
+            "pad_token_id": 1, "projection_dim": 512 if v2 else 768, "vocab_size": 49408}
+    sched = ({"_class_name": "DDIMScheduler"} if v768
+             else {"_class_name": "PNDMScheduler", "skip_prk_steps": True})
     sched.update(_BETAS, prediction_type=prediction_type)
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
 
 
 def _infer_unet(u: dict, c: dict):
-    c["in_channels"], c["out_channels"] = u["input_blocks.0.0.weight"].shape[1], u["out.2.weight"].shape[0]
-    levels, i, cur = [], 1, None  # levels: [out channels, resnets, has attention, transformer depth]
+    c["in_channels"], c["out_channels"] = (u["input_blocks.0.0.weight"].shape[1],
+                                           u["out.2.weight"].shape[0])
+    # levels: [out channels, resnets, has attention, transformer depth]
+    levels, i, cur = [], 1, None
     while f"input_blocks.{i}.0.op.weight" in u or f"input_blocks.{i}.0.out_layers.3.weight" in u:
         if cur is None:
             cur = [0, 0, False, None]
@@ -297,15 +195,17 @@ def _infer_unet(u: dict, c: dict):
             cur[0], cur[1] = u[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0], cur[1] + 1
             if f"input_blocks.{i}.1.norm.weight" in u:
                 cur[2] = True
-                cur[3] = len({k.split(".")[4] for k in u if k.startswith(f"input_blocks.{i}.1.transformer_blocks.")})
+                cur[3] = len({k.split(".")[4] for k in u
+                              if k.startswith(f"input_blocks.{i}.1.transformer_blocks.")})
         i += 1
     L = levels[0][1]
     c["block_out_channels"], c["layers_per_block"] = [lv[0] for lv in levels], L
     c["down_block_types"] = ["CrossAttnDownBlock2D" if lv[2] else "DownBlock2D" for lv in levels]
-    c["up_block_types"] = ["CrossAttnUpBlock2D" if f"output_blocks.{k * (L + 1)}.1.norm.weight" in u else "UpBlock2D"
-                           for k in range(len(levels))]
+    c["up_block_types"] = ["CrossAttnUpBlock2D" if f"output_blocks.{k * (L + 1)}.1.norm.weight" in u
+                           else "UpBlock2D" for k in range(len(levels))]
     depth = {lv[3] for lv in levels if lv[2]}  # levels without attention do not care
-    c["transformer_layers_per_block"] = depth.pop() if len(depth) == 1 else [lv[3] or 1 for lv in levels]
+    c["transformer_layers_per_block"] = (depth.pop() if len(depth) == 1
+                                         else [lv[3] or 1 for lv in levels])
     proj = next((w for k, w in u.items() if k.endswith("proj_in.weight")), None)
     if proj is not None:
         c["use_linear_projection"] = proj.ndim == 2
@@ -313,7 +213,8 @@ def _infer_unet(u: dict, c: dict):
     if ctx is not None:
         c["cross_attention_dim"] = ctx.shape[1]
     if c["use_linear_projection"] and all(ch % 64 == 0 for ch in c["block_out_channels"]):
-        c["attention_head_dim"] = [ch // 64 for ch in c["block_out_channels"]]  # diffusers' name for heads
+        # diffusers' name for heads
+        c["attention_head_dim"] = [ch // 64 for ch in c["block_out_channels"]]
     if "label_emb.0.0.weight" in u:
         c["class_embed_type"] = "projection"
         c["projection_class_embeddings_input_dim"] = u["label_emb.0.0.weight"].shape[1]
@@ -323,11 +224,15 @@ def _infer_unet(u: dict, c: dict):
 
 def _infer_vae(v: dict, c: dict):
     n = len({k.split(".")[2] for k in v if k.startswith("encoder.down.")})
-    c["block_out_channels"] = [v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)]
-    c["layers_per_block"] = len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")})
-    c["in_channels"], c["out_channels"] = v["encoder.conv_in.weight"].shape[1], v["decoder.conv_out.weight"].shape[0]
+    c["block_out_channels"] = [v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]
+                               for i in range(n)]
+    c["layers_per_block"] = len({k.split(".")[4] for k in v
+                                 if k.startswith("encoder.down.0.block.")})
+    c["in_channels"], c["out_channels"] = (v["encoder.conv_in.weight"].shape[1],
+                                           v["decoder.conv_out.weight"].shape[0])
     c["latent_channels"] = v["decoder.conv_in.weight"].shape[1]
-    c["down_block_types"], c["up_block_types"] = ["DownEncoderBlock2D"] * n, ["UpDecoderBlock2D"] * n
+    c["down_block_types"], c["up_block_types"] = (["DownEncoderBlock2D"] * n,
+                                                  ["UpDecoderBlock2D"] * n)
 
 
 def _infer_text(t: dict, c: dict, openclip: bool):
@@ -337,23 +242,27 @@ def _infer_text(t: dict, c: dict, openclip: bool):
         layers = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")}) - 1
     else:
         t = {k.removeprefix("text_model."): w for k, w in t.items()}
-        tok, pos, fc1 = (t[k] for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+        tok, pos, fc1 = (t[k] for k in ("embeddings.token_embedding.weight",
+                                        "embeddings.position_embedding.weight",
                                         "encoder.layers.0.mlp.fc1.weight"))
         layers = len({k.split(".")[2] for k in t if k.startswith("encoder.layers.")})
-    c.update(vocab_size=tok.shape[0], hidden_size=tok.shape[1], max_position_embeddings=pos.shape[0],
-             intermediate_size=fc1.shape[0], num_hidden_layers=layers)
+    c.update(vocab_size=tok.shape[0], hidden_size=tok.shape[1],
+             max_position_embeddings=pos.shape[0], intermediate_size=fc1.shape[0],
+             num_hidden_layers=layers)
     if tok.shape[1] % 64 == 0:
         c["num_attention_heads"] = tok.shape[1] // 64
 
 
 def infer_configs(sd: dict[str, Tensor], prediction_type: str | None = None) -> dict:
-    """{"unet", "vae", "text_encoder", "scheduler"} diffusers configs for a single-file SD checkpoint. SD 2.x is
-    recognised by a 1024-wide cross-attention context (SD 1.x: 768); block channels, layers per block, attention
-    placement, in/out channels and text-tower sizes are read from tensor shapes, so smaller SD-style files map
-    too. The prediction type is not in the weights: it defaults to "epsilon" (SD1, SD 2.x-base); pass
-    `prediction_type="v_prediction"` for the SD 2.x 768-v models. Head counts cannot be read from shapes."""
+    """{"unet", "vae", "text_encoder", "scheduler"} diffusers configs for a single-file SD
+    checkpoint. SD 2.x is recognised by a 1024-wide cross-attention context (SD 1.x: 768); block
+    channels, layers per block, attention placement, in/out channels and text-tower sizes are read
+    from tensor shapes, so smaller SD-style files map too. The prediction type is not in the
+    weights: it defaults to "epsilon" (SD1, SD 2.x-base); pass `prediction_type="v_prediction"` for
+    the SD 2.x 768-v models. Head counts cannot be read from shapes."""
     parts = split_components(sd)
-    ctx = next((w.shape[1] for k, w in parts["unet"].items() if k.endswith("attn2.to_k.weight")), 768)
+    ctx = next((w.shape[1] for k, w in parts["unet"].items()
+                if k.endswith("attn2.to_k.weight")), 768)
     cfg = copy.deepcopy(preset("sd2" if ctx == 1024 else "sd1", prediction_type or "epsilon"))
     if parts["unet"]:
         _infer_unet(parts["unet"], cfg["unet"])
@@ -362,17 +271,20 @@ def infer_configs(sd: dict[str, Tensor], prediction_type: str | None = None) -> 
         if "scale_factor" in sd:
             cfg["vae"]["scaling_factor"] = float(sd["scale_factor"])
     if parts["openclip"] or parts["clip"]:
-        if bool(parts["openclip"]) != (cfg["text_encoder"]["hidden_act"] == "gelu"):  # e.g. SD1-sized OpenCLIP
+        # e.g. SD1-sized OpenCLIP
+        if bool(parts["openclip"]) != (cfg["text_encoder"]["hidden_act"] == "gelu"):
             cfg["text_encoder"] = preset("sd1" if parts["clip"] else "sd2")["text_encoder"]
-        _infer_text(parts["openclip"] or parts["clip"], cfg["text_encoder"], bool(parts["openclip"]))
+        _infer_text(parts["openclip"] or parts["clip"], cfg["text_encoder"],
+                    bool(parts["openclip"]))
     return cfg
 
 
-def convert(sd: dict[str, Tensor], configs: dict | None = None, *, prediction_type: str | None = None,
-            ema: bool = False, strict: bool = True) -> dict[str, dict[str, Tensor]]:
-    """A single-file LDM checkpoint → {"unet", "vae", "text_encoder"} diffusers-named state dicts (components
-    absent from the file are absent here). `configs` entries given take precedence over inferred ones.
-    Tensors are shared with `sd` (views), not copied."""
+def convert(sd: dict[str, Tensor], configs: dict | None = None, *,
+            prediction_type: str | None = None, ema: bool = False,
+            strict: bool = True) -> dict[str, dict[str, Tensor]]:
+    """A single-file LDM checkpoint → {"unet", "vae", "text_encoder"} diffusers-named state dicts
+    (components absent from the file are absent here). `configs` entries given take precedence over
+    inferred ones. Tensors are shared with `sd` (views), not copied."""
     configs = dict(configs or {})
     if any(n not in configs for n in ("unet", "vae", "text_encoder")):
         configs = {**infer_configs(sd, prediction_type), **configs}
@@ -383,7 +295,8 @@ def convert(sd: dict[str, Tensor], configs: dict | None = None, *, prediction_ty
     if parts["vae"]:
         out["vae"] = vae_to_diffusers(parts["vae"], configs["vae"], strict)
     if parts["openclip"]:
-        out["text_encoder"] = openclip_to_diffusers(parts["openclip"], configs["text_encoder"], strict)
+        out["text_encoder"] = openclip_to_diffusers(parts["openclip"], configs["text_encoder"],
+                                                    strict)
     elif parts["clip"]:
         out["text_encoder"] = clip_to_diffusers(parts["clip"], configs["text_encoder"], strict)
     return out

@@ -1,4 +1,5 @@
-"""Folder / single-file checkpoints → configs + state dicts → models (built on `meta`, filled with assign=True)."""
+"""Folder / single-file checkpoints → configs + state dicts → models (built on `meta`, filled with
+assign=True)."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +23,33 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
-# the embedded model (weights/README.md), the default of every command: engine/weights/ when installed,
-# weights/ beside engine/ in a source checkout
-_WEIGHTS = [Path(__file__).resolve().parent / "weights", Path(__file__).resolve().parent.parent / "weights"]
+# the embedded model (weights/README.md), the default of every command: engine/weights/ when
+# installed, weights/ beside engine/ in a source checkout
+_WEIGHTS = [Path(__file__).resolve().parent / "weights",
+            Path(__file__).resolve().parent.parent / "weights"]
 DEFAULT_MODEL = next((w for w in _WEIGHTS if (w / "tiny").is_dir()), _WEIGHTS[-1]) / "tiny"
 DEFAULT_UPSCALER = DEFAULT_MODEL.with_name("tiny-x4")
 
 
 def _refuse_pickle(path: Path):
-    raise LoadError(f"{path}: pickled checkpoints ({path.suffix}) can run arbitrary code when loaded and are refused; "
-                    "convert it to .safetensors (safetensors.torch.save_file) and load that")
+    raise LoadError(f"{path}: pickled checkpoints ({path.suffix}) can run arbitrary code "
+                    "when loaded and are refused; convert it to .safetensors "
+                    "(safetensors.torch.save_file) and load that")
 
 
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise LoadError(f"{path} is missing: a diffusers folder needs it next to the weights") from None
+        raise LoadError(f"{path} is missing: "
+                        "a diffusers folder needs it next to the weights") from None
     except json.JSONDecodeError as e:
         raise LoadError(f"{path} is not valid JSON ({e})") from None
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
-    """The .safetensors files of one component folder (single, sharded, or an `fp16`-style variant)."""
+    """The .safetensors files of one component folder (single, sharded, or an `fp16`-style
+    variant)."""
     for stem in _WEIGHT_STEMS:
         name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
         if (folder / name).exists():
@@ -60,8 +65,9 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     if pickled:
         _refuse_pickle(pickled[0])
     want = f" (variant {variant!r})" if variant else ""
-    raise LoadError(f"{folder}: no .safetensors weights found{want}; expected diffusion_pytorch_model.safetensors "
-                    "or model.safetensors, or a *.safetensors.index.json")
+    raise LoadError(f"{folder}: no .safetensors weights found{want}; expected "
+                    "diffusion_pytorch_model.safetensors or model.safetensors, "
+                    "or a *.safetensors.index.json")
 
 
 def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
@@ -69,7 +75,8 @@ def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
     for f in files:
         try:
             fh = safe_open(str(f), framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own error type for a corrupt or non-safetensors file
+        # safetensors raises its own error type for a corrupt or non-safetensors file
+        except Exception as e:
             raise LoadError(f"{f}: not a readable .safetensors file ({e})") from None
         with fh:
             for k in fh.keys():
@@ -79,12 +86,13 @@ def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
 
 
 def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
-    """load_state_dict(assign=True) after checking names and shapes, reporting every mismatch by name."""
+    """load_state_dict(assign=True) after checking names and shapes, reporting every mismatch by
+    name."""
     want = model.state_dict()
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in sorted(set(want) & set(sd))
-              if sd[k].shape != want[k].shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(sd)) if sd[k].shape != want[k].shape]
     problems = [f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
                 f"{len(unexpected)} unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
                 f"{len(shapes)} mis-shaped: {'; '.join(shapes[:3])}" if shapes else ""]
@@ -92,21 +100,24 @@ def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
     if problems:
         raise LoadError(f"{where}: weights do not match the config: {' | '.join(problems)}")
     model.load_state_dict(sd, strict=True, assign=True)
-    # channels-last conv weights make every activation NHWC: the NCHW ↔ token-sequence permutes around the
-    # attention blocks become free views, and oneDNN's convs are 0–10% faster (bench/results/conv_cpu.json)
+    # channels-last conv weights make every activation NHWC: the NCHW ↔ token-sequence permutes
+    # around the attention blocks become free views, and oneDNN's convs are 0–10% faster
+    # (bench/results/conv_cpu.json)
     return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 def build(name: str, config: dict, sd: dict, where: str) -> torch.nn.Module:
     cls, cfg_cls = _MODELS[name]
-    if name == "vae" and config.get("force_upcast", True):  # SD VAEs overflow in fp16; diffusers upcasts them too
+    # SD VAEs overflow in fp16; diffusers upcasts them too
+    if name == "vae" and config.get("force_upcast", True):
         sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
     with torch.device("meta"):
         model = cls(cfg_cls.from_dict(config))
     return fill(model, sd, where)
 
 
-def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", variant=None) -> torch.nn.Module:
+def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu",
+                   variant=None) -> torch.nn.Module:
     folder = Path(folder)
     sd = read_state_dict(weight_files(folder, variant), device, dtype)
     if name == "text_encoder":
@@ -133,8 +144,8 @@ def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> 
     index = read_json(path / "model_index.json")
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if name not in index:
-            raise LoadError(f"{path / 'model_index.json'} has no {name!r} component; this engine needs "
-                            "unet, vae, text_encoder, tokenizer and scheduler")
+            raise LoadError(f"{path / 'model_index.json'} has no {name!r} component; "
+                            "this engine needs unet, vae, text_encoder, tokenizer and scheduler")
     models = {n: load_component(path / n, n, dtype, device, variant) for n in _MODELS}
     low_res = _scheduler(path / "low_res_scheduler") if "low_res_scheduler" in index else None
     return Components(**models, tokenizer=Tokenizer.from_dir(path / "tokenizer"),
@@ -144,17 +155,19 @@ def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> 
 
 def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path | None = None,
                      prediction_type: str | None = None) -> Components:
-    """An SD 1.x / 2.x checkpoint in the original LDM key layout. Configs come from `config` (a diffusers folder;
-    its weights are not needed) where it has them, else are inferred from tensor shapes; the tokenizer must
-    come from `config`, since single files carry none."""
+    """An SD 1.x / 2.x checkpoint in the original LDM key layout. Configs come from `config` (a
+    diffusers folder; its weights are not needed) where it has them, else are inferred from tensor
+    shapes; the tokenizer must come from `config`, since single files carry none."""
     from . import ldm
 
     if config is None or not (Path(config) / "tokenizer").is_dir():
-        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; pass config=DIR (--config), a "
-                        "diffusers folder with tokenizer/vocab.json + merges.txt (weights not needed)")
+        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; "
+                        "pass config=DIR (--config), a diffusers folder with "
+                        "tokenizer/vocab.json + merges.txt (weights not needed)")
     config = Path(config)
     sd = read_state_dict([path], device, dtype)
-    given = {n: read_json(config / n / "config.json") for n in _MODELS if (config / n / "config.json").exists()}
+    given = {n: read_json(config / n / "config.json") for n in _MODELS
+             if (config / n / "config.json").exists()}
     if (config / "scheduler" / "scheduler_config.json").exists():
         given["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
     configs = given if len(given) == 4 else {**ldm.infer_configs(sd, prediction_type), **given}
@@ -169,23 +182,28 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
                       scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
 
 
-def load(path, dtype=torch.float32, device="cpu", variant=None, config=None, prediction_type=None) -> Components:
+def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,
+         prediction_type=None) -> Components:
     """A diffusers folder (model_index.json) or a single-file LDM `.safetensors` checkpoint."""
     path = Path(path)
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise LoadError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        raise LoadError(f"device={device!r} is not a torch device; "
+                        "use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoadError(f"device={str(device)!r}: this torch has no CUDA device; use --device cpu")
     if not path.exists():
-        raise LoadError(f"{path} does not exist; pass a diffusers model folder or a .safetensors file")
+        raise LoadError(f"{path} does not exist; "
+                        "pass a diffusers model folder or a .safetensors file")
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            raise LoadError(f"{path} has no model_index.json; pass the top folder of a diffusers model")
+            raise LoadError(f"{path} has no model_index.json; "
+                            "pass the top folder of a diffusers model")
         return load_folder(path, dtype, device, variant)
     if path.suffix in PICKLED:
         _refuse_pickle(path)
     if path.suffix != ".safetensors":
-        raise LoadError(f"{path}: unknown checkpoint type {path.suffix!r}; pass a folder or a .safetensors file")
+        raise LoadError(f"{path}: unknown checkpoint type {path.suffix!r}; "
+                        "pass a folder or a .safetensors file")
     return load_single_file(path, dtype, device, config, prediction_type)

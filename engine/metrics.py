@@ -1,8 +1,8 @@
-"""Image metrics: MSE, PSNR, SSIM (optionally restricted to a mask), and CLIP scores (the embedded tiny CLIP,
-or any transformers CLIPModel).
+"""Image metrics: MSE, PSNR, SSIM (optionally restricted to a mask), and CLIP scores (the embedded
+tiny CLIP, or any transformers CLIPModel).
 
-Images are (B, 3, H, W) in [-1, 1]; MSE/PSNR/SSIM are computed on the [0, 1] scale, per image. A mask is
-(B or 1, 1, H, W) with 1 on the pixels that count (e.g. outside the edited object)."""
+Images are (B, 3, H, W) in [-1, 1]; MSE/PSNR/SSIM are computed on the [0, 1] scale, per image. A
+mask is (B or 1, 1, H, W) with 1 on the pixels that count (e.g. outside the edited object)."""
 import json
 from pathlib import Path
 
@@ -26,7 +26,8 @@ def _masked_mean(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def _unit(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"metrics: need two (B, C, H, W) images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError("metrics: need two (B, C, H, W) images of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
     return (a.double().clamp(-1, 1) + 1) / 2, (b.double().clamp(-1, 1) + 1) / 2
 
 
@@ -42,21 +43,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 
 def _gaussian(sigma: float, dtype) -> torch.Tensor:
-    r = int(3.5 * sigma + 0.5)  # scipy.ndimage.gaussian_filter's radius at truncate=3.5, as skimage uses it
+    # scipy.ndimage.gaussian_filter's radius at truncate=3.5, as skimage uses it
+    r = int(3.5 * sigma + 0.5)
     x = torch.arange(-r, r + 1, dtype=dtype)
     g = torch.exp(-x**2 / (2 * sigma**2))
     return g / g.sum()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004, eq. 13) with a Gaussian window, averaged over channels and over the
-    pixels whose window lies inside the image (scikit-image's structural_similarity with gaussian_weights=True,
-    use_sample_covariance=False, data_range=1)."""
+def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004, eq. 13) with a Gaussian window, averaged over channels and
+    over the pixels whose window lies inside the image (scikit-image's structural_similarity with
+    gaussian_weights=True, use_sample_covariance=False, data_range=1)."""
     a, b = _unit(a, b)
     g = _gaussian(sigma, a.dtype)
     r, c = len(g) // 2, a.shape[1]
     if min(a.shape[2:]) <= 2 * r:
-        raise ValueError(f"ssim: images of {tuple(a.shape[2:])} are smaller than the {2 * r + 1}-pixel window")
+        raise ValueError(f"ssim: images of {tuple(a.shape[2:])} are smaller than the "
+                         f"{2 * r + 1}-pixel window")
     kh, kw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
     blur = lambda x: F.conv2d(F.conv2d(x, kh, groups=c), kw, groups=c)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)
@@ -69,7 +73,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, sig
 class ImageEncoder(nn.Module):
     """A small CNN: (B, 3, 64, 64) in [-1, 1] → (B, dim). Other sizes are area-resized to 64² first.
 
-    The head sees the final 4×4 map both flattened (where things are) and averaged (what they are)."""
+    The head sees the final 4×4 map both flattened (where things are) and averaged (what they
+    are)."""
 
     def __init__(self, dim: int, width: int = 32):
         super().__init__()
@@ -89,8 +94,8 @@ class ImageEncoder(nn.Module):
 
 
 class CLIPImageTower(nn.Module):
-    """The image side of a transformers CLIPModel: CLIP's preprocessing (centre square crop, bicubic resize to
-    image_size, CLIP mean / std) on tensors in [-1, 1], the ViT, and visual_projection."""
+    """The image side of a transformers CLIPModel: CLIP's preprocessing (centre square crop, bicubic
+    resize to image_size, CLIP mean / std) on tensors in [-1, 1], the ViT, and visual_projection."""
     MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
     def __init__(self, cfg: CLIPVisionConfig, dim: int):
@@ -103,16 +108,20 @@ class CLIPImageTower(nn.Module):
         s, size = min(h, w), self.vision.config.image_size
         x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
         if s != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in (self.MEAN, self.STD))
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                              align_corners=False)
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                     for v in (self.MEAN, self.STD))
         return self.visual_projection(self.vision(((x.clamp(-1, 1) + 1) / 2 - mean) / std))
 
 
 class Scorer(nn.Module):
-    """CLIP score: cosine similarity of projected image and pooled text embeddings. The embedded model's tiny
-    CLIP (a small CNN image tower), or any transformers CLIPModel checkpoint (ViT image tower)."""
+    """CLIP score: cosine similarity of projected image and pooled text embeddings. The embedded
+    model's tiny CLIP (a small CNN image tower), or any transformers CLIPModel checkpoint (ViT image
+    tower)."""
 
-    def __init__(self, text_encoder, tokenizer: Tokenizer, dim: int, visual: nn.Module | None = None):
+    def __init__(self, text_encoder, tokenizer: Tokenizer, dim: int,
+                 visual: nn.Module | None = None):
         super().__init__()
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         width = text_encoder.config.hidden_size
@@ -122,18 +131,22 @@ class Scorer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "Scorer":
-        """An engine model folder with clip_scorer/ (the embedded model), or a transformers CLIPModel folder
-        (config.json with a vision_config, model.safetensors, the tokenizer files)."""
+        """An engine model folder with clip_scorer/ (the embedded model), or a transformers
+        CLIPModel folder (config.json with a vision_config, model.safetensors, the tokenizer
+        files)."""
         folder = Path(folder)
-        if (folder / "config.json").is_file() and "vision_config" in read_json(folder / "config.json"):
+        config = folder / "config.json"
+        if config.is_file() and "vision_config" in read_json(config):
             return cls._from_clip(folder)
         if not (folder / "clip_scorer" / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{folder}: no CLIP image tower: need clip_scorer/ (the embedded model "
-                                    "weights/tiny) or a transformers CLIPModel folder (config.json with vision_config)")
+            raise FileNotFoundError(f"{folder}: no CLIP image tower: need clip_scorer/ "
+                                    "(the embedded model weights/tiny) or a transformers CLIPModel "
+                                    "folder (config.json with vision_config)")
         cfg = json.loads((folder / "clip_scorer" / "config.json").read_text())
         text = load_component(folder / "text_encoder", "text_encoder")
         s = cls(text, Tokenizer.from_dir(folder / "tokenizer"), cfg["projection_dim"])
-        missing = s.load_state_dict(load_file(folder / "clip_scorer" / "model.safetensors"), strict=False).missing_keys
+        missing = s.load_state_dict(load_file(folder / "clip_scorer" / "model.safetensors"),
+                                    strict=False).missing_keys
         if any(not k.startswith("text_encoder.") for k in missing):
             raise ValueError(f"{folder}/clip_scorer: missing keys {missing}")
         return s.eval().requires_grad_(False)
@@ -142,13 +155,14 @@ class Scorer(nn.Module):
     def _from_clip(cls, folder: Path) -> "Scorer":
         cfg = read_json(folder / "config.json")
         sd = read_state_dict(weight_files(folder))
-        part = lambda prefix, to="": {to + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix, to="": {to + k[len(prefix):]: v  # noqa: E731
+                                      for k, v in sd.items() if k.startswith(prefix)}
         text = build("text_encoder", cfg, part("text_model.", "text_model."), str(folder))
         dim = cfg.get("projection_dim", 512)
         with torch.device("meta"):
             tower = CLIPImageTower(CLIPVisionConfig.from_dict(cfg), dim)
-        fill(tower, {**part("vision_model.", "vision.vision_model."), **part("visual_projection.", "visual_projection.")},
-             str(folder))
+        fill(tower, {**part("vision_model.", "vision.vision_model."),
+                     **part("visual_projection.", "visual_projection.")}, str(folder))
         s = cls(text, Tokenizer.from_dir(folder), dim, visual=tower)
         fill(s.text_projection, part("text_projection."), str(folder))
         s.logit_scale.data = sd.get("logit_scale", s.logit_scale.data).reshape(())
@@ -167,7 +181,8 @@ class Scorer(nn.Module):
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, candidates: list[list[str]]) -> torch.Tensor:
-        """For each image, the index of the best-matching caption among its candidates (same count each)."""
+        """For each image, the index of the best-matching caption among its candidates (same count
+        each)."""
         img = self.encode_image(images)
         k = len(candidates[0])
         txt = self.texts([c for cs in candidates for c in cs]).view(len(candidates), k, -1)

@@ -106,7 +106,8 @@ class Model:
         return z.to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → image in about [-1, 1] in the VAE's dtype; NaN/inf is an error naming the fix."""
+        """Latents → image in about [-1, 1] in the VAE's dtype; NaN/inf is an error naming the
+        fix."""
         with stage("vae decode"):
             latents = latents.to(self.vae_dtype)
             x = tiled_vae.decode_latents(self.vae, latents, pixels=self.tile_pixels,

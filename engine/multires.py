@@ -1,7 +1,8 @@
-"""Multiresolution textual inversion (Daras & Dimakis 2022): K pseudo-word embeddings S[0..K−1], one per time
-bin ⌊t·K/T⌋, learned from a few images with the frozen model's noise-prediction loss. Sampling with them is
-the prompt syntax of engine.prompt. Files: all K rows in one .safetensors; one row exported as a diffusers
-`learned_embeds.safetensors`; ordinary embeddings (diffusers, A1111) imported as pseudo-words."""
+"""Multiresolution textual inversion (Daras & Dimakis 2022): K pseudo-word embeddings S[0..K−1], one
+per time bin ⌊t·K/T⌋, learned from a few images with the frozen model's noise-prediction loss.
+Sampling with them is the prompt syntax of engine.prompt. Files: all K rows in one .safetensors; one
+row exported as a diffusers `learned_embeds.safetensors`; ordinary embeddings (diffusers, A1111)
+imported as pseudo-words."""
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import images, schedule
-from .load import PICKLED, Components, LoadError
+from .load import PICKLED, LoadError
 from .prompt import NAME, Concept, Encoder
 from .rng import randn_tensor
 
@@ -25,28 +26,33 @@ FORMAT = "engine.multires-ti"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # the textual-inversion templates (imagenet_templates_small / imagenet_style_templates_small)
-OBJECT = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-          "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-          "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
-          "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
-          "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
-          "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+OBJECT = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}",
+          "the photo of a {}", "a photo of a clean {}", "a photo of a dirty {}",
+          "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+          "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+          "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+          "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+          "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
+          "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
           "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}"]
-STYLE = ["a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
-         "the painting in the style of {}", "a clean painting in the style of {}",
-         "a dirty painting in the style of {}", "a dark painting in the style of {}", "a picture in the style of {}",
+STYLE = ["a painting in the style of {}", "a rendering in the style of {}",
+         "a cropped painting in the style of {}", "the painting in the style of {}",
+         "a clean painting in the style of {}", "a dirty painting in the style of {}",
+         "a dark painting in the style of {}", "a picture in the style of {}",
          "a cool painting in the style of {}", "a close-up painting in the style of {}",
          "a bright painting in the style of {}", "a good painting in the style of {}",
-         "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
-         "a small painting in the style of {}", "a weird painting in the style of {}",
-         "a large painting in the style of {}", "a painting in the style of {}"]
+         "a close-up painting in the style of {}", "a rendition in the style of {}",
+         "a nice painting in the style of {}", "a small painting in the style of {}",
+         "a weird painting in the style of {}", "a large painting in the style of {}",
+         "a painting in the style of {}"]
 # the embedded model's caption language (engine.world) has none of the words above
 WORLD = ["a {}", "a large {}", "a {} in the center", "a large {} in the center"]
 TEMPLATES = {"object": OBJECT, "style": STYLE, "world": WORLD}
 
 
 def templates_for(name: str, tokenizer) -> list[str]:
-    """A template set by name; "auto" = the object templates if the tokenizer knows their words, else world."""
+    """A template set by name; "auto" = the object templates if the tokenizer knows their words,
+    else world."""
     if name == "auto":
         words = {w for t in OBJECT for w in t.replace("{}", "").split()}
         return OBJECT if all(len(tokenizer.ids(w)) == 1 for w in words) else WORLD
@@ -57,7 +63,8 @@ def templates_for(name: str, tokenizer) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Defaults: the reference's README run (batch 1 × 4 accumulation, lr 5e-4 scaled ×4, AdamW wd 1e-2)."""
+    """Defaults: the reference's README run (batch 1 × 4 accumulation, lr 5e-4 scaled ×4,
+    AdamW wd 1e-2)."""
     token: str
     init_token: str
     bins: int = 10
@@ -72,7 +79,8 @@ class TrainConfig:
 
     def check(self):
         if not re.fullmatch(NAME, self.token or ""):
-            raise ValueError(f"token={self.token!r}: need a bare name such as star (it is written <star|3|>)")
+            raise ValueError(f"token={self.token!r}: need a bare name such as star "
+                             "(it is written <star|3|>)")
         for name in ("bins", "steps", "batch", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -83,12 +91,13 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: need a finite number ≥ 0")
 
 
-# ---------------------------------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------------------- files
 
 def _meta(path: Path) -> tuple[dict, dict]:
     if path.suffix in PICKLED:
-        raise LoadError(f"{path}: pickled embeddings ({path.suffix}) can run arbitrary code when loaded and are "
-                        "refused; convert it to .safetensors (safetensors.torch.save_file) and load that")
+        raise LoadError(f"{path}: pickled embeddings ({path.suffix}) can run arbitrary code when "
+                        "loaded and are refused; convert it to .safetensors "
+                        "(safetensors.torch.save_file) and load that")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such embeddings file")
     try:
@@ -99,68 +108,79 @@ def _meta(path: Path) -> tuple[dict, dict]:
 
 
 def load_concepts(path) -> list[Concept]:
-    """A multires file of ours, a diffusers learned_embeds.safetensors ({token: (n, D) or (D,)}) or an A1111
-    .safetensors embedding ({"emb_params": (n, D)}, named by its file stem)."""
+    """A multires file of ours, a diffusers learned_embeds.safetensors ({token: (n, D) or (D,)}) or
+    an A1111 .safetensors embedding ({"emb_params": (n, D)}, named by its file stem)."""
     path = Path(path)
     tensors, meta = _meta(path)
     if meta.get("format") == FORMAT:
-        return [Concept(meta["token"], tensors["embeds"].float(), True, meta.get("initializer", ""))]
+        return [Concept(meta["token"], tensors["embeds"].float(), True,
+                        meta.get("initializer", ""))]
     if {"clip_l", "clip_g"} & tensors.keys():
-        raise LoadError(f"{path}: an SDXL embedding (clip_l / clip_g); this engine's text encoders are SD 1.x/2.x")
+        raise LoadError(f"{path}: an SDXL embedding (clip_l / clip_g); "
+                        "this engine's text encoders are SD 1.x/2.x")
     if len(tensors) != 1:
-        raise LoadError(f"{path}: keys {sorted(tensors)[:5]} are not an embedding file: need one tensor "
-                        "(diffusers' {token: vectors}, A1111's emb_params) or a file written by train-ti")
+        raise LoadError(f"{path}: keys {sorted(tensors)[:5]} are not an embedding file: "
+                        "need one tensor (diffusers' {token: vectors}, A1111's emb_params) "
+                        "or a file written by train-ti")
     (key, v), = tensors.items()
     name = path.stem if key == "emb_params" else key.strip("<>")
     if v.ndim not in (1, 2) or not v.is_floating_point() or not name:
-        raise LoadError(f"{path}: {key!r} has shape {tuple(v.shape)}; need (n, D) or (D,) float vectors")
+        raise LoadError(f"{path}: {key!r} has shape {tuple(v.shape)}; "
+                        "need (n, D) or (D,) float vectors")
     return [Concept(name, v.float().reshape(-1, v.shape[-1]), False)]
 
 
 def save_concept(c: Concept, path, **meta) -> Path:
-    """All K rows with their metadata (K, token, initializer) in one .safetensors, written atomically."""
+    """All K rows with their metadata (K, token, initializer) in one .safetensors, written
+    atomically."""
     m = {"format": FORMAT, "token": c.name, "bins": str(c.bins), "initializer": c.initializer,
          "dim": str(c.embeds.shape[1]), **{k: str(v) for k, v in meta.items()}}
-    blob = safetensors.torch.save({"embeds": c.embeds.detach().float().cpu().contiguous()}, metadata=m)
+    blob = safetensors.torch.save({"embeds": c.embeds.detach().float().cpu().contiguous()},
+                                  metadata=m)
     return images.write_atomic(path, lambda f: f.write(blob))
 
 
 def export_row(c: Concept, row: int, path, token: str | None = None) -> Path:
-    """Row `row` as a diffusers learned_embeds.safetensors: {"<token>": (1, D)}, for load_textual_inversion."""
+    """Row `row` as a diffusers learned_embeds.safetensors: {"<token>": (1, D)}, for
+    load_textual_inversion."""
     if not c.multires or not 0 <= row < c.bins:
         raise ValueError(f"row={row}: {c.name} has rows 0..{c.bins - 1}" if c.multires else
                          f"{c.name} is not a multiresolution concept")
     token = token or f"<{c.name}>"
-    blob = safetensors.torch.save({token: c.embeds[row:row + 1].detach().float().cpu().contiguous()})
+    blob = safetensors.torch.save(
+        {token: c.embeds[row:row + 1].detach().float().cpu().contiguous()})
     return images.write_atomic(path, lambda f: f.write(blob))
 
 
 def check_dim(c: Concept, text_encoder, where) -> Concept:
     d = text_encoder.config.hidden_size
     if c.embeds.shape[1] != d:
-        raise LoadError(f"{where}: <{c.name}> has {c.embeds.shape[1]}-d vectors but this model's text encoder is "
-                        f"{d}-d: the embeddings were trained for another model")
+        raise LoadError(f"{where}: <{c.name}> has {c.embeds.shape[1]}-d vectors but this model's "
+                        f"text encoder is {d}-d: the embeddings were trained for another model")
     if not torch.isfinite(c.embeds).all():
         raise LoadError(f"{where}: <{c.name}> has NaN/inf values")
     return c
 
 
-# ---------------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------- training
 
 def load_images(folder, resolution: int, center_crop: bool = False) -> torch.Tensor:
-    """(N, 3, res, res) in [-1, 1]: every image file of `folder`, bicubic-resized (as the reference)."""
+    """(N, 3, res, res) in [-1, 1]: every image file of `folder`, bicubic-resized (as the
+    reference)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder of training images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to learn the concept from")
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) "
+                         "to learn the concept from")
     out = []
     for p in files:
         im = images.load(p)
         if center_crop:
             s = min(im.size)
-            im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2))
+            im = im.crop(((im.width - s) // 2, (im.height - s) // 2,
+                          (im.width + s) // 2, (im.height + s) // 2))
         out.append(images.to_tensor(im.resize((resolution, resolution), images.Image.BICUBIC)))
     return torch.cat(out)
 
@@ -169,22 +189,24 @@ def _digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> Concept:
-    """Learn cfg.bins time-indexed embeddings of cfg.token from `pixels` (N, 3, H, W) in [-1, 1].
+def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> Concept:
+    """Learn cfg.bins time-indexed embeddings of cfg.token from `pixels` (N, 3, H, W) in [-1, 1]
+    with the model `c` (an engine.model.Model, or the loaded Components).
 
-    Each example draws t ~ U{0..T−1}, a template and a flip, and trains only the row of t's bin. Only those rows
-    are in the optimiser: every other weight, the embedding table included, stays bit for bit. Every step's
-    randomness comes from a generator seeded by (seed, step), and the state is checkpointed every
-    cfg.checkpoint_every steps, so a run resumed from `checkpoint` ends with the same embeddings as one that
-    never stopped. The frozen VAE encodes each image and its mirror once; each step samples the latent from
-    those means and variances (the reference encodes every step: same distribution, more work)."""
+    Each example draws t ~ U{0..T−1}, a template and a flip, and trains only the row of t's bin.
+    Only those rows are in the optimiser: every other weight, the embedding table included, stays
+    bit for bit. Every step's randomness comes from a generator seeded by (seed, step), and the
+    state is checkpointed every cfg.checkpoint_every steps, so a run resumed from `checkpoint` ends
+    with the same embeddings as one that never stopped. The frozen VAE encodes each image and its
+    mirror once; each step samples the latent from those means and variances (the reference encodes
+    every step: same distribution, more work)."""
     cfg.check()
     tok, te, unet, vae, sched = c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler
     init = tok.ids(cfg.init_token)
     if len(init) != 1:
-        raise ValueError(f"init_token={cfg.init_token!r} is {len(init)} tokens for this tokenizer; need a single "
-                         "token (a common word of the model's vocabulary)")
+        raise ValueError(f"init_token={cfg.init_token!r} is {len(init)} tokens for this tokenizer; "
+                         "need a single token (a common word of the model's vocabulary)")
     for m in (te, unet, vae):
         m.requires_grad_(False)
     dev, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
@@ -194,12 +216,14 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
     enc = Encoder(tok, te, {cfg.token: concept})
     temps = templates_for(cfg.templates, tok)
     resolved = {}  # prompt text → its token pieces, tokenized once
-    opt = torch.optim.AdamW([rows], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW([rows], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            eps=1e-8)
 
     with torch.no_grad():
         x = pixels.to(dev, torch.float32)
         moments = [vae.encode(v.to(next(vae.parameters()).dtype)) for v in (x, x.flip(-1))]
-        mean, logvar = (torch.stack([m[j].float() for m in moments]) for j in (0, 1))  # (flip, N, C, h, w)
+        # (flip, N, C, h, w)
+        mean, logvar = (torch.stack([m[j].float() for m in moments]) for j in (0, 1))
         std = torch.exp(0.5 * logvar)
     f, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     n, T = pixels.shape[0], sched.num_train_timesteps
@@ -209,7 +233,8 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
     if checkpoint is not None and checkpoint.is_file():
         tensors, meta = _meta(checkpoint)
         if json.loads(meta.get("run", "{}")) != json.loads(json.dumps(run)):
-            raise ValueError(f"{checkpoint} is from another run (other images or settings); delete it to start over")
+            raise ValueError(f"{checkpoint} is from another run (other images or settings); "
+                             "delete it to start over")
         start = int(meta["step"])
         with torch.no_grad():
             rows.copy_(tensors["embeds"])
@@ -217,7 +242,8 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
                                            "exp_avg_sq": tensors["exp_avg_sq"]}},
                              "param_groups": opt.state_dict()["param_groups"]})
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train <{cfg.token}>", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train <{cfg.token}>", disable=not progress,
+               leave=False)
     ema = None
     for step in range(start, cfg.steps):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -226,10 +252,12 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
         tpl = torch.randint(len(temps), (cfg.batch,), generator=g)
         t = torch.randint(T, (cfg.batch,), generator=g)
         bins = t * cfg.bins // T
-        z0 = (mean[flip, idx] + std[flip, idx] * randn_tensor((cfg.batch, *mean.shape[2:]), g, dev) - shift) * f
+        z0 = (mean[flip, idx] + std[flip, idx] * randn_tensor((cfg.batch, *mean.shape[2:]), g, dev)
+              - shift) * f
         noise = randn_tensor(z0.shape, g, dev)
         t = t.to(dev)
-        texts = [temps[a].format(f"<{cfg.token}|{b}|>") for a, b in zip(tpl.tolist(), bins.tolist())]
+        texts = [temps[a].format(f"<{cfg.token}|{b}|>")
+                 for a, b in zip(tpl.tolist(), bins.tolist())]
         for s in texts:
             if s not in resolved:
                 resolved[s] = enc.resolve(s)
@@ -247,10 +275,12 @@ def train(c: Components, pixels: torch.Tensor, cfg: TrainConfig, out=None, check
         bar.set_postfix(loss=f"{ema:.4f}")
         if on_step is not None:
             on_step(step, value)
-        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
+        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0
+                                       and step + 1 < cfg.steps):
             st = opt.state_dict()["state"][0]
-            blob = safetensors.torch.save({"embeds": rows.detach().contiguous(), "step": st["step"].reshape(()),
-                                           "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]},
+            blob = safetensors.torch.save({"embeds": rows.detach().contiguous(),
+                                           "step": st["step"].reshape(()), "exp_avg": st["exp_avg"],
+                                           "exp_avg_sq": st["exp_avg_sq"]},
                                           metadata={"step": str(step + 1), "run": json.dumps(run)})
             images.write_atomic(checkpoint, lambda fh: fh.write(blob))
     bar.close()

@@ -1,5 +1,6 @@
-"""Text→image, img2img, x4 upscaling, inversion and Direct Inversion edits: the user-facing API, a thin
-façade over the runtime model (engine.model.Model) that the CLI and the papers' modules share."""
+"""Text→image, img2img, x4 upscaling, inversion and Direct Inversion edits: the user-facing API, a
+thin façade over the runtime model (engine.model.Model) that the CLI and the papers' modules
+share."""
 import math
 
 import torch
@@ -14,13 +15,15 @@ from .tiles import Tiled
 
 def _check(steps, guidance, eta, output):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r}: need a positive whole number of denoising steps, e.g. 50")
+        raise ValueError(f"steps={steps!r}: need a positive whole number of denoising steps, "
+                         "e.g. 50")
     for name, v, hint in (("guidance", guidance, "7.5 is typical; ≤ 1 disables CFG"),
                           ("eta", eta, "0 = deterministic DDIM")):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name}={v!r}: need a finite number ≥ 0 ({hint})")
     if output not in ("pil", "pt"):
-        raise ValueError(f"output={output!r}: use 'pil' for PIL images or 'pt' for tensors in [-1, 1]")
+        raise ValueError(f"output={output!r}: use 'pil' for PIL images or 'pt' for tensors "
+                         "in [-1, 1]")
 
 
 class Pipeline:
@@ -35,21 +38,25 @@ class Pipeline:
         return self.model.is_upscaler
 
     def load_embeddings(self, *paths) -> list[str]:
-        """Register the pseudo-words of embedding files (engine.multires.load_concepts); returns their names."""
+        """Register the pseudo-words of embedding files (engine.multires.load_concepts); returns
+        their names."""
         return self.model.load_embeddings(*paths)
 
     def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False):
-        """Check the arguments shared by every method before any work; returns (prompts, negatives)."""
+        """Check the arguments shared by every method before any work; returns (prompts,
+        negatives)."""
         if upscaler != self.is_upscaler:
             raise ValueError("this is an x4 upscaler model: use upscale()" if self.is_upscaler else
-                             "upscale() needs an x4 upscaler model (a folder with low_res_scheduler/)")
+                             "upscale() needs an x4 upscaler model "
+                             "(a folder with low_res_scheduler/)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt: need a string or a non-empty list of strings")
         if negative is not None:
             negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
             if len(negative) != len(prompts):
-                raise ValueError(f"negative: {len(negative)} negative prompts for {len(prompts)} prompts")
+                raise ValueError(f"negative: {len(negative)} negative prompts for "
+                                 f"{len(prompts)} prompts")
         _check(steps, guidance, eta, output)
         return prompts, negative
 
@@ -58,8 +65,8 @@ class Pipeline:
         return x if output == "pt" else images.to_pil(x)
 
     @torch.no_grad()
-    def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None, width=None,
-                 eta=0.0, output="pil", progress=True):
+    def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None,
+                 width=None, eta=0.0, output="pil", progress=True):
         """Text → image with DDIM. Same seed → same image as diffusers' StableDiffusionPipeline +
         DDIMScheduler."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
@@ -68,16 +75,17 @@ class Pipeline:
         den = m.denoiser(guidance)
         cond = m.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
-        shape = (len(prompts), m.unet.config.in_channels, height // m.downscale, width // m.downscale)
+        shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
+                 width // m.downscale)
         x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
         x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress)
         return self._out(x, output)
 
     @torch.no_grad()
-    def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0, eta=0.0,
-                output="pil", progress=True):
-        """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt (diffusers
-        img2img)."""
+    def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0,
+                eta=0.0, output="pil", progress=True):
+        """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt
+        (diffusers img2img)."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: need a number in (0, 1]; 1 ignores the image")
@@ -85,7 +93,8 @@ class Pipeline:
         x0 = m.pixels(image, batch=len(prompts))
         timesteps = schedule.timesteps(m.scheduler, steps, strength)
         if len(timesteps) == 0:
-            raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; raise either")
+            raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
+                             "raise either")
         den = m.denoiser(guidance)
         cond = m.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
@@ -96,19 +105,24 @@ class Pipeline:
         return self._out(x, output)
 
     @torch.no_grad()
-    def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0, eta=0.0,
-                output="pil", progress=True, tile=None, overlap=16, backproject=0):
+    def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0,
+                eta=0.0, output="pil", progress=True, tile=None, overlap=16, backproject=0):
         """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4
         upscaler).
 
-        tile: run the UNet on tile × tile windows of the low-res image overlapping by `overlap` pixels and
-        blend them every step (engine.tiles), for inputs larger than the model was trained on.
-        backproject: iterations of back-projection onto the input after decoding (images.back_project): each
-        4 × 4 block of the output then averages to its input pixel, which undoes colour drift; 3 is plenty.
-        0 (default) gives diffusers' StableDiffusionUpscalePipeline output."""
-        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output, upscaler=True)
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8):
-            raise ValueError(f"tile={tile!r}: need a multiple of 8 pixels of the low-res image, e.g. 64")
+        tile: run the UNet on tile × tile windows of the low-res image overlapping by `overlap`
+        pixels and blend them every step (engine.tiles), for inputs larger than the model was
+        trained on.
+        backproject: iterations of back-projection onto the input after decoding
+        (images.back_project): each 4 × 4 block of the output then averages to its input pixel,
+        which undoes colour drift; 3 is plenty. 0 (default) gives diffusers'
+        StableDiffusionUpscalePipeline output."""
+        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output,
+                                        upscaler=True)
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8
+                                 or tile % 8):
+            raise ValueError(f"tile={tile!r}: need a multiple of 8 pixels of the low-res image, "
+                             "e.g. 64")
         images.check_backproject(backproject)
         m = self.model
         m.check_noise_level(noise_level)
@@ -128,11 +142,12 @@ class Pipeline:
         return y.to(m.vae_dtype) if output == "pt" else images.to_pil(y)
 
     @torch.no_grad()
-    def invert(self, image, prompt="", steps=50, convention="destination", null_text=None, guidance=7.5,
-               strength=1.0, progress=True) -> inv.Trajectory:
-        """DDIM-invert an image (its VAE mean latent) under `prompt`, without CFG (engine.invert). With
-        null_text="reference" or "fast", also optimise per-step unconditional embeddings so that CFG sampling
-        at `guidance` reconstructs the image (null-text inversion); `reconstruct` uses them."""
+    def invert(self, image, prompt="", steps=50, convention="destination", null_text=None,
+               guidance=7.5, strength=1.0, progress=True) -> inv.Trajectory:
+        """DDIM-invert an image (its VAE mean latent) under `prompt`, without CFG (engine.invert).
+        With null_text="reference" or "fast", also optimise per-step unconditional embeddings so
+        that CFG sampling at `guidance` reconstructs the image (null-text inversion); `reconstruct`
+        uses them."""
         prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
         if null_text is not None and null_text not in inv.NULL_TEXT_METHODS:
             raise ValueError(f"null_text={null_text!r}: use None, 'reference' or 'fast'")
@@ -140,25 +155,29 @@ class Pipeline:
         if len(prompts) == 1 < x.shape[0]:
             prompts = prompts * x.shape[0]
         if len(prompts) != x.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {x.shape[0]} images: give one prompt or one per image")
-        return inv.invert_image(self.model, x, prompts, steps, convention, null_text, guidance, strength,
-                                progress)
+            raise ValueError(f"{len(prompts)} prompts for {x.shape[0]} images: "
+                             "give one prompt or one per image")
+        return inv.invert_image(self.model, x, prompts, steps, convention, null_text, guidance,
+                                strength, progress)
 
     @torch.no_grad()
-    def reconstruct(self, traj: inv.Trajectory, prompt="", steps=None, output="pil", progress=True):
-        """Sample back from the trajectory's x_T under the prompt it was inverted with: on its own grid with
-        its null-text embeddings and CFG when it has them, else without CFG; `steps` samples on another
-        grid."""
-        prompts, _ = self._begin(prompt, None, steps or traj.num_steps, traj.guidance or 1.0, 0.0, output)
+    def reconstruct(self, traj: inv.Trajectory, prompt="", steps=None, output="pil",
+                    progress=True):
+        """Sample back from the trajectory's x_T under the prompt it was inverted with: on its own
+        grid with its null-text embeddings and CFG when it has them, else without CFG; `steps`
+        samples on another grid."""
+        prompts, _ = self._begin(prompt, None, steps or traj.num_steps, traj.guidance or 1.0, 0.0,
+                                 output)
         return self._out(inv.reconstruct(self.model, traj, prompts, steps, progress), output)
 
     @torch.no_grad()
-    def edit(self, image, prompt, source="", steps=100, guidance=3.0, lam=0.5, inject_steps=None, every=1,
-             negative=None, convention="source", output="pil", progress=True):
-        """Direct Inversion (engine.direct): invert the image under `source` (default ""), then sample each
-        edit prompt with CFG from the inverted noise, merging λ of the inverted noise on the injected steps.
-        Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5, injection on every step.
-        Returns (edited images, trajectory); one image and several prompts give one edit per prompt."""
+    def edit(self, image, prompt, source="", steps=100, guidance=3.0, lam=0.5, inject_steps=None,
+             every=1, negative=None, convention="source", output="pil", progress=True):
+        """Direct Inversion (engine.direct): invert the image under `source` (default ""), then
+        sample each edit prompt with CFG from the inverted noise, merging λ of the inverted noise on
+        the injected steps. Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5,
+        injection on every step. Returns (edited images, trajectory); one image and several prompts
+        give one edit per prompt."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output)
         direct.check_lambda(lam)
         direct.injected_steps(steps, inject_steps, every)

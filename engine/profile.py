@@ -41,7 +41,8 @@ def table(records) -> str:
 
 @contextlib.contextmanager
 def profiled(out_dir=None):
-    """Collect stage times (yielded list); with out_dir, also write a chrome trace there and print the table."""
+    """Collect stage times (yielded list); with out_dir, also write a chrome trace there and print
+    the table."""
     global _records
     records: list = []
     _records = records
@@ -64,7 +65,8 @@ def profiled(out_dir=None):
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else the machine type: what a timing was measured on."""
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type: what a timing was measured
+    on."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -1,4 +1,5 @@
-"""Prompt syntax → conditioning as a function of t (multiresolution textual inversion, Daras & Dimakis 2022).
+"""Prompt syntax → conditioning as a function of t (multiresolution textual inversion,
+Daras & Dimakis 2022).
 
 A prompt is text with pseudo-word references:
 
@@ -9,8 +10,9 @@ A prompt is text with pseudo-word references:
 | `<C(i)>` or `C*(t)` | semi | none (a zero input vector, or no token) while r ≤ i, else S[r] |
 | `<C[i]>` or `C*[t]` | fully | S[i] while r ≤ i, else S[r] |
 
-i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a step at
-timestep t of a T-step model. `S*` names the concept S, or the only loaded concept when none is called S.
+i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a
+step at timestep t of a T-step model. `S*` names the concept S, or the only loaded concept when none
+is called S.
 """
 import re
 from collections.abc import Callable
@@ -23,7 +25,8 @@ CLOSE = {"|": "|", "(": ")", "[": "]"}
 MODES = {"|": "fixed", "(": "semi", "[": "fully"}
 SEMI = ("zero", "remove")
 _START = re.compile(rf"<{NAME}[|(\[>]|{NAME}\*[|(\[]")
-_ANGLE = re.compile(rf"<(?P<name>{NAME})(?:(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]]))?>")
+_ANGLE = re.compile(rf"<(?P<name>{NAME})(?:(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)"
+                    r"(?P<close>[|)\]]))?>")
 _PAPER = re.compile(rf"(?P<name>{NAME})\*(?P<open>[|(\[])(?P<arg>[^<>|()\[\]\s]*)(?P<close>[|)\]])")
 _INT, _UNIT = re.compile(r"\d+"), re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 HELP = "write <C>, <C|i|>, <C(i)> or <C[i]> with a bin i, or C*|t|, C*(t), C*[t] with t in [0, 1]"
@@ -48,7 +51,8 @@ class Ref:
         if self.mode is None:
             return f"<{self.name}>"
         o = next(k for k, m in MODES.items() if m == self.mode)
-        return f"<{self.name}{o}{self.index}{CLOSE[o]}>" if self.t is None else f"{self.name}*{o}{self.t!r}{CLOSE[o]}"
+        return (f"<{self.name}{o}{self.index}{CLOSE[o]}>" if self.t is None
+                else f"{self.name}*{o}{self.t!r}{CLOSE[o]}")
 
     def bin(self, k: int) -> int:
         """The bin i of a fixed / semi / fully reference to a concept with k bins."""
@@ -77,13 +81,15 @@ def parse(text: str) -> list[str | Ref]:
             raise _bad(text, m.start(), f"opened with {o!r} but closed with {full['close']!r}")
         paper = text[m.start()] != "<"
         if o is not None and not (_UNIT if paper else _INT).fullmatch(arg or ""):
-            raise _bad(text, m.start(), f"{arg!r} is not " + ("a number t in [0, 1]" if paper else "a whole bin number"))
+            raise _bad(text, m.start(), f"{arg!r} is not "
+                       + ("a number t in [0, 1]" if paper else "a whole bin number"))
         t = float(arg) if paper else None
         if t is not None and t > 1:
             raise _bad(text, m.start(), f"t = {arg} is above 1")
         if m.start() > pos:
             out.append(text[pos:m.start()])
-        out.append(Ref(full["name"], MODES.get(o), None if paper or o is None else int(arg), t, full[0]))
+        out.append(Ref(full["name"], MODES.get(o),
+                       None if paper or o is None else int(arg), t, full[0]))
         pos = full.end()
     if pos < len(text):
         out.append(text[pos:])
@@ -96,8 +102,8 @@ def format(segments: list[str | Ref]) -> str:  # noqa: A001 - the inverse of par
 
 @dataclass
 class Concept:
-    """A pseudo-word's vectors: K time bins of a multiresolution concept (multires), or the n consecutive
-    token vectors of an ordinary textual-inversion embedding."""
+    """A pseudo-word's vectors: K time bins of a multiresolution concept (multires), or the n
+    consecutive token vectors of an ordinary textual-inversion embedding."""
     name: str
     embeds: torch.Tensor           # (K, D) or (n, D)
     multires: bool = True
@@ -108,11 +114,13 @@ class Concept:
         return self.embeds.shape[0] if self.multires else 1
 
 
-ZERO, DROP, ALL = -1, -2, -3  # selections that are not one row: a zero input vector; no token; every vector
+# selections that are not one row: a zero input vector; no token; every vector
+ZERO, DROP, ALL = -1, -2, -3
 
 
 def selection(ref: Ref, c: Concept, t: int, T: int, semi: str = "zero") -> int:
-    """The row of c that ref uses at timestep t, or ZERO / DROP (semi mode), or ALL (an ordinary pseudo-word)."""
+    """The row of c that ref uses at timestep t, or ZERO / DROP (semi mode), or ALL (an ordinary
+    pseudo-word)."""
     if not c.multires:
         return ALL
     k = c.bins
@@ -129,19 +137,24 @@ def selection(ref: Ref, c: Concept, t: int, T: int, semi: str = "zero") -> int:
 
 def check_semi(semi: str) -> str:
     if semi not in SEMI:
-        raise ValueError(f"semi={semi!r}: use 'zero' (a zero input vector, the paper's code) or 'remove' (no token)")
+        raise ValueError(f"semi={semi!r}: use 'zero' (a zero input vector, the paper's code) "
+                         "or 'remove' (no token)")
     return semi
 
 
 class Encoder:
-    """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection changes."""
+    """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection
+    changes."""
 
-    def __init__(self, tokenizer, text_encoder, concepts: dict[str, Concept], semi: str = "zero", T: int = 1000):
-        self.tokenizer, self.text_encoder, self.concepts, self.T = tokenizer, text_encoder, concepts, T
+    def __init__(self, tokenizer, text_encoder, concepts: dict[str, Concept], semi: str = "zero",
+                 T: int = 1000):
+        self.tokenizer, self.text_encoder, self.concepts, self.T = (
+            tokenizer, text_encoder, concepts, T)
         self.semi = check_semi(semi)
 
     def resolve(self, text: str) -> list[list[int] | tuple[Ref, Concept]]:
-        """Token ids of the text pieces and the concept of each reference; unknown names are an error here."""
+        """Token ids of the text pieces and the concept of each reference; unknown names are an
+        error here."""
         out = []
         for seg in parse(text):
             if isinstance(seg, str):
@@ -152,10 +165,11 @@ class Encoder:
                 c = next(iter(self.concepts.values()))  # S* of the paper: the one loaded concept
             if c is None:
                 known = ", ".join(f"<{n}>" for n in self.concepts) or "none"
-                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; load its file with --embeddings "
-                                  "(Pipeline.load_embeddings)")
+                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; "
+                                  "load its file with --embeddings (Pipeline.load_embeddings)")
             if seg.mode is not None and not c.multires:
-                raise PromptError(f"{seg}: {c.name} is an ordinary pseudo-word with no time bins; write <{c.name}>")
+                raise PromptError(f"{seg}: {c.name} is an ordinary pseudo-word with no time bins; "
+                                  f"write <{c.name}>")
             if seg.mode is not None:
                 seg.bin(c.bins)
             out.append((seg, c))
@@ -171,12 +185,14 @@ class Encoder:
                 continue
             s = selection(*seg, t, self.T, self.semi)
             c = seg[1]
-            pieces.append(c.embeds.to(table) if s == ALL else table.new_zeros(1, table.shape[1]) if s == ZERO
+            pieces.append(c.embeds.to(table) if s == ALL
+                          else table.new_zeros(1, table.shape[1]) if s == ZERO
                           else table[:0] if s == DROP else c.embeds[s:s + 1].to(table))
         return self.tokenizer.pad_embeds(torch.cat(pieces) if pieces else table[:0], table)
 
     def _key(self, resolved, t: int) -> tuple:
-        return tuple(selection(*seg, t, self.T, self.semi) for seg in resolved if isinstance(seg, tuple))
+        return tuple(selection(*seg, t, self.T, self.semi)
+                     for seg in resolved if isinstance(seg, tuple))
 
     def encode(self, texts: list[str], t: int = 0) -> torch.Tensor:
         """(B, 77, D) at timestep t."""
@@ -186,7 +202,8 @@ class Encoder:
         return self.text_encoder(inputs_embeds=torch.stack([self._embed(r, t) for r in resolved]))
 
     def dynamic(self, texts: list[str]) -> Ref | None:
-        """The first reference that changes with t (native / semi / fully, to a multires concept), if any."""
+        """The first reference that changes with t (native / semi / fully, to a multires concept),
+        if any."""
         return next((ref for s in texts for seg in self.resolve(s) if isinstance(seg, tuple)
                      for ref, c in [seg] if c.multires and ref.mode != "fixed"), None)
 

@@ -7,8 +7,8 @@ def generator(seed: int | None) -> torch.Generator | None:
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None):
-    """diffusers' `randn_tensor`: drawn on the generator's device (a CPU generator draws on the CPU, then
-    moves), one draw per batch item when given a list of generators."""
+    """diffusers' `randn_tensor`: drawn on the generator's device (a CPU generator draws on the CPU,
+    then moves), one draw per batch item when given a list of generators."""
     device = torch.device(device or "cpu")
     gens = generator if isinstance(generator, list) else [generator]
     rand_device = gens[0].device if gens[0] is not None else device

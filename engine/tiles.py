@@ -1,8 +1,9 @@
 """Run a denoiser tile by tile on a latent larger than the model was trained on, without seams.
 
-Every step, each overlapping tile is denoised (tiles batched together) and the outputs are averaged where
-tiles overlap, weighted by a ramp that falls towards each tile's edge (MultiDiffusion, Bar-Tal et al. 2023,
-eq. 5). The sampler sees one full-size prediction per step, so any sampler works unchanged.
+Every step, each overlapping tile is denoised (tiles batched together) and the outputs are averaged
+where tiles overlap, weighted by a ramp that falls towards each tile's edge (MultiDiffusion, Bar-Tal
+et al. 2023, eq. 5). The sampler sees one full-size prediction per step, so any sampler works
+unchanged.
 """
 from dataclasses import dataclass, replace
 
@@ -28,7 +29,8 @@ def ramp(tile: int, overlap: int) -> torch.Tensor:
 
 @dataclass
 class Tiled:
-    """A Denoiser applied on tile × tile latent windows overlapping by `overlap`, `batch` tiles per UNet call."""
+    """A Denoiser applied on tile × tile latent windows overlapping by `overlap`, `batch` tiles per
+    UNet call."""
     denoiser: Denoiser
     tile: int
     overlap: int
@@ -54,10 +56,13 @@ class Tiled:
         for i in range(0, len(boxes), self.batch):
             chunk = boxes[i:i + self.batch]
             k = len(chunk)
-            crop = lambda z: torch.cat([z[:, :, y:y + th, x0:x0 + tw] for y, x0 in chunk])  # noqa: E731
-            e = repeat_batch(emb, k, self.guided)  # tile-major batch: row j*b + i is tile j of image i
+            crop = lambda z: torch.cat([z[:, :, y:y + th, x0:x0 + tw]  # noqa: E731
+                                        for y, x0 in chunk])
+            # tile-major batch: row j*b + i is tile j of image i
+            e = repeat_batch(emb, k, self.guided)
             tiled = replace(den, concat=None if den.concat is None else crop(den.concat),
-                            class_labels=None if den.class_labels is None else den.class_labels.repeat(k))
+                            class_labels=None if den.class_labels is None else
+                            den.class_labels.repeat(k))
             pred = tiled(crop(x), t, lambda _: e)
             for j, (y, x0) in enumerate(chunk):
                 out[:, :, y:y + th, x0:x0 + tw] += pred[j * b:(j + 1) * b] * weight

@@ -1,9 +1,9 @@
 """The procedural world the embedded model is trained and evaluated on.
 
-A scene is 1–2 shapes on a background, described exactly by a `Scene` value, so it can be rendered at any
-resolution, captioned, masked, and re-rendered with one attribute changed (the ground truth of an edit).
-Rendering is analytic: every pixel samples signed distances at its centre and takes a one-pixel-wide
-coverage ramp, so edges are anti-aliased the same way at 64², 256² and 1024².
+A scene is 1–2 shapes on a background, described exactly by a `Scene` value, so it can be rendered
+at any resolution, captioned, masked, and re-rendered with one attribute changed (the ground truth
+of an edit). Rendering is analytic: every pixel samples signed distances at its centre and takes a
+one-pixel-wide coverage ramp, so edges are anti-aliased the same way at 64², 256² and 1024².
 """
 import dataclasses
 import math
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 COLOURS = {
-    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
-    "cyan": (40, 200, 210), "blue": (40, 70, 220), "purple": (140, 50, 190), "pink": (245, 130, 190),
+    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
+    "green": (40, 170, 60), "cyan": (40, 200, 210), "blue": (40, 70, 220),
+    "purple": (140, 50, 190), "pink": (245, 130, 190),
 }
 BG_COLOURS = {**COLOURS, "white": (240, 240, 240), "gray": (128, 128, 128), "black": (25, 25, 25)}
 SHAPES = ("circle", "square", "triangle", "star", "ring")
@@ -33,7 +34,8 @@ class Obj:
     dx: float = 0.0      # jitter of the centre, in image units
     dy: float = 0.0
     angle: float = 0.0   # radians (square, triangle, star)
-    stripes: str | None = None  # a second colour in stripes across the shape: never in a caption (a concept to learn)
+    # a second colour in stripes across the shape: never in a caption (a concept to learn)
+    stripes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Scene:
         return f"{objs}, on a {self.background} {self.bg_colour} background"
 
     def replace(self, index: int | None = None, **changes) -> "Scene":
-        """The same scene with attributes changed: of object `index`, or of the background when index is None."""
+        """The same scene with attributes changed: of object `index`, or of the background when
+        index is None."""
         if index is None:
             return dataclasses.replace(self, **changes)
         objs = list(self.objects)
@@ -58,9 +61,11 @@ class Scene:
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """A random scene: 1 object (60%) or 2 at opposite positions, colours distinct from the background."""
+    """A random scene: 1 object (60%) or 2 at opposite positions, colours distinct from the
+    background."""
     n = n_objects or (1 if rng.random() < 0.6 else 2)
-    positions = [str(rng.choice(list(POSITIONS)))] if n == 1 else list(PAIRS[rng.integers(len(PAIRS))])
+    positions = ([str(rng.choice(list(POSITIONS)))] if n == 1
+                 else list(PAIRS[rng.integers(len(PAIRS))]))
     if n == 2 and rng.random() < 0.5:
         positions.reverse()
     objs = []
@@ -71,8 +76,8 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
                         angle=float(rng.uniform(-0.3, 0.3))))
     used = {o.colour for o in objs}
     bg_colour = str(rng.choice([c for c in BG_COLOURS if c not in used]))
-    return Scene(tuple(objs), str(rng.choice(BACKGROUNDS)), bg_colour, float(rng.uniform(0, math.pi)),
-                 int(rng.integers(2**31)))
+    return Scene(tuple(objs), str(rng.choice(BACKGROUNDS)), bg_colour,
+                 float(rng.uniform(0, math.pi)), int(rng.integers(2**31)))
 
 
 def scenes(seed: int, n: int) -> list[Scene]:
@@ -124,7 +129,8 @@ def _shape_sd(o: Obj, u, v) -> np.ndarray:
 
 def _background(s: Scene, u, v, res: int) -> np.ndarray:
     base = np.array(BG_COLOURS[s.bg_colour], np.float64) / 255
-    other = base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4  # the second tone: darker, or lighter
+    # the second tone: darker, or lighter
+    other = base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4
     ca, sa = math.cos(s.bg_angle), math.sin(s.bg_angle)
     w = (u - 0.5) * ca + (v - 0.5) * sa
     if s.background == "plain":
@@ -148,7 +154,8 @@ def _background(s: Scene, u, v, res: int) -> np.ndarray:
 
 
 def masks(s: Scene, res: int) -> np.ndarray:
-    """(n_objects, res, res) float32 coverage of each object as drawn (later objects occlude earlier ones)."""
+    """(n_objects, res, res) float32 coverage of each object as drawn (later objects occlude earlier
+    ones)."""
     u, v = _grid(res)
     cov = [_cover(_shape_sd(o, u, v), res) for o in s.objects]
     out = []

@@ -194,7 +194,7 @@ def test_predict_x0_eps_roundtrips_q_sample_for_every_prediction_type():
 def _const_eps_model(c, eps):
     """A 'model' whose implied eps is the same tensor at every (x, t), in the config's prediction type."""
     def model(x, t):
-        a = S._abar(c, t, x.dtype)
+        a = S.abar(c, t, x.dtype)
         return eps if c.prediction_type == "epsilon" else (eps - (1 - a) ** 0.5 * x) / a**0.5
     return model
 
@@ -243,7 +243,7 @@ def test_inverse_step_is_algebraic_inverse_of_ddim_step(d):
         if c.prediction_type != "sample":
             out_inv = model(x_prev, t)
         else:  # the x0 that, read at (x_prev, t), implies the same eps
-            a = S._abar(c, t, x.dtype)
+            a = S.abar(c, t, x.dtype)
             out_inv = (x_prev - (1 - a) ** 0.5 * eps) / a**0.5
         torch.testing.assert_close(S.ddim_inverse_step(c, out_inv, t_prev, t, x_prev), x, atol=1e-10, rtol=0)
 

@@ -183,7 +183,7 @@ def trimmed(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- stages
 
 def stage_tokenizer():
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend, decoders, models, trainers
     from tokenizers.pre_tokenizers import ByteLevel
 
     out = BUILD / "tokenizer"
@@ -191,7 +191,7 @@ def stage_tokenizer():
     corpus = [s.caption() for s in world.scenes(TRAIN_SEED, 20_000)]
     proto = Tokenizer({"a": 0, "<|endoftext|>": 1, "<|startoftext|>": 2}, [])  # CLIP normaliser + pre-tokenizer
     bpe = Backend(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer, bpe.pre_tokenizer = proto._tok.normalizer, proto._tok.pre_tokenizer
+    bpe.normalizer, bpe.pre_tokenizer = proto.backend.normalizer, proto.backend.pre_tokenizer
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False,
                                   initial_alphabet=ByteLevel.alphabet(), end_of_word_suffix="</w>")

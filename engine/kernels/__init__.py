@@ -1,12 +1,13 @@
 """The single kernel dispatch point: models call only these functions.
 
-`ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per shape, the
-faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU the torch ops, except
-3×3 convolutions with few output pixels and many channels (im2col + GEMM, kernels/conv.py). `torch` forces the torch ops everywhere. `triton`
-forces the Triton kernels wherever their guards allow (dtype, shape; anything else falls back to torch); on
-the CPU that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
-The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and autograd
-formulas, so torch.compile traces through them and training differentiates through them.
+`ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
+shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
+the torch ops, except 3×3 convolutions with few output pixels and many channels (im2col + GEMM,
+kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton kernels
+wherever their guards allow (dtype, shape; anything else falls back to torch); on the CPU that needs
+`TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
+The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and
+autograd formulas, so torch.compile traces through them and training differentiates through them.
 """
 import os
 
@@ -17,7 +18,8 @@ from . import conv
 from .conv import HAS_TRITON
 
 _MODES = ("auto", "torch", "triton")
-if HAS_TRITON:  # imported before the functions below are defined, which take back the name `attention`
+# imported before the functions below are defined, which take back the name `attention`
+if HAS_TRITON:
     from . import attention as flash
     from . import groupnorm as gn
 
@@ -35,23 +37,27 @@ def _triton(x: torch.Tensor, m: str) -> bool:
         return False
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if m == "triton" and not (HAS_TRITON and (x.is_cuda or interpret)):
-        raise RuntimeError("ENGINE_KERNELS=triton needs triton and a CUDA device (on the CPU: TRITON_INTERPRET=1, "
-                           "slow); unset ENGINE_KERNELS to use the torch ops")
+        raise RuntimeError("ENGINE_KERNELS=triton needs triton and a CUDA device (on the CPU: "
+                           "TRITON_INTERPRET=1, slow); unset ENGINE_KERNELS to use the torch ops")
     return HAS_TRITON and (x.is_cuda or (m == "triton" and interpret))
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, is_causal: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    is_causal: bool = False
 ) -> torch.Tensor:
-    """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim) tensors; is_causal masks keys after the query."""
+    """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim) tensors; is_causal masks keys after
+    the query."""
     if _triton(q, mode()):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if flash.supported(q, k, v):
-            return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, is_causal)[0]
+            return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale,
+                                      is_causal)[0]
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None) -> torch.Tensor:
+def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float,
+               act: str | None = None) -> torch.Tensor:
     """GroupNorm, optionally followed by SiLU (act='silu')."""
     if _triton(x, mode()) and weight is not None and bias is not None:
         if gn.supported(x, num_groups):
@@ -60,16 +66,18 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: 
     return F.silu(y) if act == "silu" else y
 
 
-def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
-           act: str | None = None) -> torch.Tensor:
-    """conv2d(x) + bias [+ residual] [then SiLU (act='silu')]; the Triton kernel does all of it in one pass.
-    Under autograd the convolution is torch's: the Triton kernel has no backward, and im2col's (autograd through
-    nine slices) is slower than torch's."""
+def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,
+           residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """conv2d(x) + bias [+ residual] [then SiLU (act='silu')]; the Triton kernel does all of it in
+    one pass.
+    Under autograd the convolution is torch's: the Triton kernel has no backward, and im2col's
+    (autograd through nine slices) is slower than torch's."""
     m = mode()
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not differentiated and _triton(x, m) and conv.triton_supported(x, weight, stride, padding):
-        return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu", m == "triton")
+        return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu",
+                              m == "triton")
     if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
     return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)

@@ -1,9 +1,11 @@
-"""FlashAttention-2 in Triton: forward and backward, any sequence length, any head dim ≤ 256, fp32/fp16/bf16.
+"""FlashAttention-2 in Triton: forward and backward, any sequence length, any head dim ≤ 256,
+fp32/fp16/bf16.
 
-SD's head dims 40, 80 and 160 run on 64-, 128- and 256-wide tiles with the tail of the head dim masked; the
-77-token cross-attention and odd lengths mask the sequence tails. The forward saves the row log-sum-exp (base 2);
-the backward recomputes the probabilities from it, with one kernel for dK/dV (a program per key block) and one
-for dQ (a program per query block), so nothing is accumulated atomically and results repeat bit for bit.
+SD's head dims 40, 80 and 160 run on 64-, 128- and 256-wide tiles with the tail of the head dim
+masked; the 77-token cross-attention and odd lengths mask the sequence tails. The forward saves the
+row log-sum-exp (base 2); the backward recomputes the probabilities from it, with one kernel for
+dK/dV (a program per key block) and one for dQ (a program per query block), so nothing is
+accumulated atomically and results repeat bit for bit.
 """
 import os
 
@@ -13,12 +15,14 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # the forward; the VAE's single head is 512 wide
-MAX_BWD_HEAD_DIM = 256  # the backward (UNet and CLIP heads); wider heads differentiate through torch's math
+# the backward (UNet and CLIP heads); wider heads differentiate through torch's math
+MAX_BWD_HEAD_DIM = 256
 
 
 def precision(dtype: torch.dtype) -> int:
-    """How `_dot` multiplies: 1 fp32 inputs in true fp32 (as torch's matmul; tf32 otherwise), 2 bf16 upcast to
-    fp32 under the interpreter, whose bf16 tl.dot returns garbage (triton 3.9), 0 the native tensor-core dot."""
+    """How `_dot` multiplies: 1 fp32 inputs in true fp32 (as torch's matmul; tf32 otherwise), 2 bf16
+    upcast to fp32 under the interpreter, whose bf16 tl.dot returns garbage (triton 3.9), 0 the
+    native tensor-core dot."""
     if dtype == torch.float32:
         return 1
     return 2 if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else 0
@@ -37,8 +41,9 @@ def _dot(a, b, PREC: tl.constexpr):
 def _fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, NQ, NK, D, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr):
-    """One (query block, head, BLOCK_D-wide slice of the output) per program. Head dims above 256 (the VAE's
-    512) take several slices, each recomputing QKᵀ over the whole head dim in BLOCK_D chunks."""
+    """One (query block, head, BLOCK_D-wide slice of the output) per program. Head dims above 256
+    (the VAE's 512) take several slices, each recomputing QKᵀ over the whole head dim in BLOCK_D
+    chunks."""
     pid_m, bh, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,8 +62,10 @@ def _fwd(Q, K, V, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh,
         k = tl.load(k_ptr + rd[None, :], mask=(cols[:, None] < NK) & (rd[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(k), PREC)
         for d0 in tl.static_range(BLOCK_D, D_PAD, BLOCK_D):
-            qc = tl.load(q_ptr + d0 + rd[None, :], mask=(rm[:, None] < NQ) & (d0 + rd[None, :] < D), other=0.0)
-            kc = tl.load(k_ptr + d0 + rd[None, :], mask=(cols[:, None] < NK) & (d0 + rd[None, :] < D), other=0.0)
+            qc = tl.load(q_ptr + d0 + rd[None, :],
+                         mask=(rm[:, None] < NQ) & (d0 + rd[None, :] < D), other=0.0)
+            kc = tl.load(k_ptr + d0 + rd[None, :],
+                         mask=(cols[:, None] < NK) & (d0 + rd[None, :] < D), other=0.0)
             s += _dot(qc, tl.trans(kc), PREC)
         s = s * qk_scale
         valid = cols[None, :] < NK
@@ -95,7 +102,8 @@ def _bwd_delta(O, DO, DELTA, son_b, son_h, son, sdb, sdh, sdn, H, NQ, D,
 
 @triton.jit
 def _probs(q, k, lse, rm, cols, NQ, NK, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """P of a (query block, key block) tile recomputed from the saved log-sum-exp; zero outside the valid area."""
+    """P of a (query block, key block) tile recomputed from the saved log-sum-exp; zero outside the
+    valid area."""
     s = _dot(q, tl.trans(k), PREC) * qk_scale
     valid = (rm[:, None] < NQ) & (cols[None, :] < NK)
     if CAUSAL:
@@ -104,8 +112,9 @@ def _probs(q, k, lse, rm, cols, NQ, NK, qk_scale, CAUSAL: tl.constexpr, PREC: tl
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-              H, NQ, NK, D, qk_scale, sm_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+              sdb, sdh, sdn, H, NQ, NK, D, qk_scale, sm_scale,
+              CAUSAL: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -121,7 +130,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb
         rm = start + tl.arange(0, BLOCK_M)
         q_mask = (rm[:, None] < NQ) & (rd[None, :] < D)
         q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=q_mask,
+                     other=0.0)
         lse = tl.load(LSE + bh * NQ + rm, mask=rm < NQ, other=0.0)
         delta = tl.load(DELTA + bh * NQ + rm, mask=rm < NQ, other=0.0)
         p = _probs(q, k, lse, rm, cols, NQ, NK, qk_scale, CAUSAL, PREC)
@@ -129,9 +139,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds).to(q.dtype), q, PREC)
-    tl.store(DK + b * skb + h * skh + cols[:, None] * skn + rd[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + b * svb + h * svh + cols[:, None] * svn + rd[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + b * skb + h * skh + cols[:, None] * skn + rd[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * svb + h * svh + cols[:, None] * svn + rd[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -152,17 +163,20 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh,
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < NK) & (rd[None, :] < D)
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + rd[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + rd[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + rd[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + rd[None, :], mask=kv_mask,
+                    other=0.0)
         p = _probs(q, k, lse, rm, cols, NQ, NK, qk_scale, CAUSAL, PREC)
         ds = p * (_dot(do, tl.trans(v), PREC) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PREC)
-    tl.store(DQ + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(DQ + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and q.dtype == k.dtype == v.dtype
             and q.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_HEAD_DIM
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
@@ -180,15 +194,16 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, log2-sum-exp of each query row) for (batch, heads, seq, head_dim) tensors with unit last stride."""
+    """(out, log2-sum-exp of each query row) for (batch, heads, seq, head_dim) tensors with unit
+    last stride."""
     b, h, nq, d = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     bm, bn, bd, pad = _blocks(d)
     _fwd[(triton.cdiv(nq, bm), b * h, pad // bd)](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), h, nq, k.shape[2], d,
-        scale * LOG2E, CAUSAL=causal, PREC=precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        D_PAD=pad, num_warps=4 if bd <= 64 else 8)
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), h, nq, k.shape[2],
+        d, scale * LOG2E, CAUSAL=causal, PREC=precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=bd, D_PAD=pad, num_warps=4 if bd <= 64 else 8)
     return o, lse
 
 
@@ -210,7 +225,8 @@ def backward(do, q, k, v, o, lse, scale: float, causal: bool) -> tuple[torch.Ten
     nk = k.shape[2]
     if d > MAX_BWD_HEAD_DIM:
         return _math_backward(do, q, k, v, lse, scale, causal)
-    do, q, k, v = (t.contiguous() for t in (do, q, k, v))  # the gradients are stored with their inputs' strides
+    # the gradients are stored with their inputs' strides
+    do, q, k, v = (t.contiguous() for t in (do, q, k, v))
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     delta = torch.empty_like(lse)
     bd = max(16, triton.next_power_of_2(d))
@@ -219,7 +235,8 @@ def backward(do, q, k, v, o, lse, scale: float, causal: bool) -> tuple[torch.Ten
                                              BLOCK_M=bm, BLOCK_D=bd)
     common = dict(CAUSAL=causal, PREC=precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   num_warps=4 if bd <= 64 else 8)
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), h, nq, nk, d, scale * LOG2E, scale)
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            h, nq, nk, d, scale * LOG2E, scale)
     _bwd_dkdv[(triton.cdiv(nk, bn), b * h)](q, k, v, do, lse, delta, dk, dv, *args, **common)
     _bwd_dq[(triton.cdiv(nq, bm), b * h)](q, k, v, do, lse, delta, dq, *args, **common)
     return dq, dk, dv
@@ -233,12 +250,13 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 @attention_op.register_fake
 def _(q, k, v, scale, causal):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
 @torch.library.custom_op("engine::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, scale: float, causal: bool
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backward(do, q, k, v, o, lse, scale, causal)
 

@@ -1,13 +1,14 @@
 """Convolution paths other than the plain torch op.
 
-CUDA: an implicit-GEMM Triton convolution (3×3 and 1×1, stride 1 and 2) over any strides (NHWC is the fast
-layout), GEMM M = output pixels, N = output channels, K = taps × input channels, with bias, residual add and
-SiLU fused into the epilogue. Whether it or cuDNN runs a given shape is measured once per device and cached on
-disk (`choose`).
+CUDA: an implicit-GEMM Triton convolution (3×3 and 1×1, stride 1 and 2) over any strides (NHWC is
+the fast layout), GEMM M = output pixels, N = output channels, K = taps × input channels, with bias,
+residual add and SiLU fused into the epilogue. Whether it or cuDNN runs a given shape is measured
+once per device and cached on disk (`choose`).
 
-CPU: oneDNN's direct 3×3 convolution is slow when there are few output pixels and many input channels (the SD
-UNet's 16×16 and 8×8 levels, the tiny UNet's 4×4 level); there, gathering NHWC patches and doing one GEMM is
-faster (bench/results/conv_cpu.json). With few channels the nine-slice gather costs more than it saves.
+CPU: oneDNN's direct 3×3 convolution is slow when there are few output pixels and many input
+channels (the SD UNet's 16×16 and 8×8 levels, the tiny UNet's 4×4 level); there, gathering NHWC
+patches and doing one GEMM is faster (bench/results/conv_cpu.json). With few channels the nine-slice
+gather costs more than it saves.
 """
 import json
 import os
@@ -29,26 +30,32 @@ try:
 except ImportError:  # triton is Linux-only; the CPU paths below need none of it
     HAS_TRITON = False
 
-# (output pixels = batch × H' × W' at most, input channels at least) where im2col beat oneDNN on 2 cores
+# (output pixels = batch × H' × W' at most, input channels at least) where im2col beat oneDNN
+# on 2 cores
 IM2COL_WINS = ((32, 320), (128, 640), (512, 1280))
 
 
 def im2col_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
-    if x.shape[1] < IM2COL_WINS[0][1] or padding != 1 or stride not in (1, 2) or x.device.type != "cpu":
+    if (x.shape[1] < IM2COL_WINS[0][1] or padding != 1 or stride not in (1, 2)
+            or x.device.type != "cpu"):
         return False
     pixels = x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
-    return weight.shape[2:] == (3, 3) and any(pixels <= p and x.shape[1] >= c for p, c in IM2COL_WINS)
+    return (weight.shape[2:] == (3, 3)
+            and any(pixels <= p and x.shape[1] >= c for p, c in IM2COL_WINS))
 
 
-def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:
-    """3×3, padding 1 convolution as (B·H'·W', 9·C) patches @ (9·C, O); returns a channels-last tensor."""
+def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: int = 1) -> torch.Tensor:
+    """3×3, padding 1 convolution as (B·H'·W', 9·C) patches @ (9·C, O); returns a channels-last
+    tensor."""
     b, c = x.shape[:2]
     h, w = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
     xp = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
     patches = [xp[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
                for i in range(3) for j in range(3)]
     cols = torch.cat(patches, dim=-1).reshape(-1, 9 * c)
-    wm = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # (O, kh, kw, C): matches the patch order
+    # (O, kh, kw, C): matches the patch order
+    wm = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
     out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)
 
@@ -60,20 +67,21 @@ def epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None) ->
     return F.silu(y) if act == "silu" else y
 
 
-# ------------------------------------------------------------------------------------------------ Triton
+# ------------------------------------------------------------------------------------------- Triton
 
 def triton_supported(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
     return (x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dtype == weight.dtype
-            and x.dim() == 4 and weight.shape[1] == x.shape[1] and weight.shape[2] == weight.shape[3]
+            and x.dim() == 4 and weight.shape[1] == x.shape[1]
+            and weight.shape[2] == weight.shape[3]
             and (weight.shape[2], padding) in ((3, 1), (3, 0), (1, 0)) and stride in (1, 2))
 
 
 if HAS_TRITON:
     @triton.jit
     def _conv(X, W, BIAS, RES, Y, C, H, WI, O, HO, WO, M, sxb, sxc, sxh, sxw, swo, swc, swh, sww,
-              srb, src, srh, srw, stride, pad, KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-              SILU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              srb, src, srh, srw, stride, pad, KS: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_RES: tl.constexpr, SILU: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -87,8 +95,8 @@ if HAS_TRITON:
                 x_row = b * sxb + ih * sxh + iw * sxw
                 for c0 in range(0, C, BLOCK_K):
                     c = c0 + rk
-                    a = tl.load(X + x_row[:, None] + c[None, :] * sxc, mask=inside[:, None] & (c[None, :] < C),
-                                other=0.0)
+                    a = tl.load(X + x_row[:, None] + c[None, :] * sxc,
+                                mask=inside[:, None] & (c[None, :] < C), other=0.0)
                     w = tl.load(W + rn[None, :] * swo + c[:, None] * swc + kh * swh + kw * sww,
                                 mask=(c[:, None] < C) & (rn[None, :] < O), other=0.0)
                     acc += _dot(a, w, PREC)
@@ -97,30 +105,33 @@ if HAS_TRITON:
         mask = (rm[:, None] < M) & (rn[None, :] < O)
         if HAS_RES:
             r_row = b * srb + oh * srh + ow * srw
-            acc += tl.load(RES + r_row[:, None] + rn[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(RES + r_row[:, None] + rn[None, :] * src, mask=mask,
+                           other=0.0).to(tl.float32)
         if SILU:
             acc = acc * tl.sigmoid(acc)
         tl.store(Y + rm[:, None] * O + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def triton_conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0, residual=None, act=None) -> torch.Tensor:
+def triton_conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0, residual=None,
+                  act=None) -> torch.Tensor:
     """Implicit-GEMM convolution with the epilogue fused; returns a channels-last tensor."""
     bsz, c, h, w = x.shape
     o, ks = weight.shape[0], weight.shape[2]
     ho, wo = (h + 2 * padding - ks) // stride + 1, (w + 2 * padding - ks) // stride + 1
-    y = torch.empty(bsz, o, ho, wo, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    y = torch.empty(bsz, o, ho, wo, device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
     m = bsz * ho * wo
     bm, bn, bk = (128 if m >= 4096 else 64), (128 if o >= 128 else 64), (32 if c >= 32 else 16)
     res = residual if residual is not None else y
     _conv[(triton.cdiv(m, bm), triton.cdiv(o, bn))](
-        x, weight, bias if bias is not None else y, res, y, c, h, w, o, ho, wo, m, *x.stride(), *weight.stride(),
-        *res.stride(), stride, padding, KS=ks, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        SILU=act == "silu", PREC=precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=4, num_stages=3)
+        x, weight, bias if bias is not None else y, res, y, c, h, w, o, ho, wo, m, *x.stride(),
+        *weight.stride(), *res.stride(), stride, padding, KS=ks, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, SILU=act == "silu", PREC=precision(x.dtype), BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
     return y
 
 
-# ------------------------------------------------------------------------------ measured per-shape choice
+# ------------------------------------------------------------------------ measured per-shape choice
 
 def cache_path(device: torch.device) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -131,9 +142,15 @@ def cache_path(device: torch.device) -> Path:
 _CHOICES: dict[Path, dict] = {}
 
 
+def forget_choices():
+    """Drop the choices this process has read or measured; the files stay (as in a new process)."""
+    _CHOICES.clear()
+
+
 def measured_choice(key: str, candidates: dict[str, Callable[[], object]], path: Path,
                     sync: Callable[[], None] = lambda: None, repeats: int = 5) -> str:
-    """The fastest candidate for `key` (median of `repeats` after a warm-up), timed once and kept in `path`."""
+    """The fastest candidate for `key` (median of `repeats` after a warm-up), timed once and kept in
+    `path`."""
     table = _CHOICES.setdefault(path, json.loads(path.read_text()) if path.exists() else {})
     if key not in table:
         times = {}
@@ -156,9 +173,11 @@ def measured_choice(key: str, candidates: dict[str, Callable[[], object]], path:
 
 
 @torch.library.custom_op("engine::conv2d", mutates_args=())
-def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
-              residual: torch.Tensor | None, silu: bool, force: bool) -> torch.Tensor:
-    """The Triton convolution, or cuDNN where it measured faster for this shape (unless `force`); channels-last."""
+def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+              padding: int, residual: torch.Tensor | None, silu: bool, force: bool
+              ) -> torch.Tensor:
+    """The Triton convolution, or cuDNN where it measured faster for this shape (unless `force`);
+    channels-last."""
     act = "silu" if silu else None
     if force or choose(x, weight, bias, stride, padding, residual, act) == "triton":
         return triton_conv2d(x, weight, bias, stride, padding, residual, act)
@@ -170,13 +189,15 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def _(x, weight, bias, stride, padding, residual, silu, force):
     ks = weight.shape[2]
     size = [(n + 2 * padding - ks) // stride + 1 for n in x.shape[2:]]
-    return x.new_empty(x.shape[0], weight.shape[0], *size).contiguous(memory_format=torch.channels_last)
+    return (x.new_empty(x.shape[0], weight.shape[0], *size)
+            .contiguous(memory_format=torch.channels_last))
 
 
 def choose(x, weight, bias, stride, padding, residual, act) -> str:
     """'triton' or 'torch' (cuDNN) for this shape on this GPU, measured on first sight."""
-    key = (f"{x.dtype}|b{x.shape[0]}|c{x.shape[1]}|{x.shape[2]}x{x.shape[3]}|o{weight.shape[0]}|k{weight.shape[2]}"
-           f"|s{stride}|p{padding}|cl{int(x.stride(1) == 1)}|r{int(residual is not None)}|{act}")
+    key = (f"{x.dtype}|b{x.shape[0]}|c{x.shape[1]}|{x.shape[2]}x{x.shape[3]}|o{weight.shape[0]}"
+           f"|k{weight.shape[2]}|s{stride}|p{padding}|cl{int(x.stride(1) == 1)}"
+           f"|r{int(residual is not None)}|{act}")
     return measured_choice(key, {
         "triton": lambda: triton_conv2d(x, weight, bias, stride, padding, residual, act),
         "torch": lambda: epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act),

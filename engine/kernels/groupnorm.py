@@ -1,10 +1,11 @@
-"""GroupNorm with optional SiLU fused, forward and backward, in Triton; NCHW and channels-last alike.
+"""GroupNorm with optional SiLU fused, forward and backward, in Triton; NCHW and channels-last
+alike.
 
-One program per (sample, group) walks the group's channels × pixels in tiles through the tensor's own strides
-(channels-last is a channel stride of 1 and a pixel stride of C), in three passes: mean, variance (of the
-centred values, so no cancellation), normalise-scale-shift-activate. The backward recomputes the normalised
-input from the saved mean and 1/std; the per-channel weight and bias gradients are summed over the batch by
-torch afterwards, so no atomics are needed.
+One program per (sample, group) walks the group's channels × pixels in tiles through the tensor's
+own strides (channels-last is a channel stride of 1 and a pixel stride of C), in three passes: mean,
+variance (of the centred values, so no cancellation), normalise-scale-shift-activate. The backward
+recomputes the normalised input from the saved mean and 1/std; the per-channel weight and bias
+gradients are summed over the batch by torch afterwards, so no atomics are needed.
 """
 import torch
 import triton
@@ -41,7 +42,8 @@ def _fwd(X, W, B, Y, MEAN, RSTD, sb, sc, ss, G, C_PER_G, S, eps, SILU: tl.conste
     bias = tl.load(B + g * C_PER_G + c, mask=c < C_PER_G, other=0.0).to(tl.float32)
     for s0 in range(0, S, BLOCK_S):
         off, mask = _tile(base, c, s0 + tl.arange(0, BLOCK_S), C_PER_G, S, sc, ss)
-        y = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w[:, None] + bias[:, None]
+        y = ((tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w[:, None]
+             + bias[:, None])
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(off + Y, y.to(Y.dtype.element_ty), mask=mask)
@@ -51,7 +53,8 @@ def _fwd(X, W, B, Y, MEAN, RSTD, sb, sc, ss, G, C_PER_G, S, eps, SILU: tl.conste
 
 @triton.jit
 def _xhat_dy(X, DY, off, mask, mean, rstd, w, bias, SILU: tl.constexpr):
-    """The normalised input and the gradient reaching the affine output (through SiLU's derivative)."""
+    """The normalised input and the gradient reaching the affine output (through SiLU's
+    derivative)."""
     xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
@@ -98,7 +101,8 @@ def supported(x: torch.Tensor, num_groups: int) -> bool:
 
 
 def _layout(x: torch.Tensor):
-    """(sample, channel, pixel) strides when the pixels form one strided run (NCHW or channels-last)."""
+    """(sample, channel, pixel) strides when the pixels form one strided run (NCHW or
+    channels-last)."""
     if x.stride(2) != x.shape[3] * x.stride(3) and x.shape[2] > 1:
         return None
     return x.stride(0), x.stride(1), x.stride(3)
@@ -129,13 +133,14 @@ def backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
     dw = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     args, blocks = _launch_args(x, num_groups)
-    _bwd[(x.shape[0] * num_groups,)](x, weight, bias, dy, dx, mean, rstd, dw, db, *args, SILU=silu, **blocks)
+    _bwd[(x.shape[0] * num_groups,)](x, weight, bias, dy, dx, mean, rstd, dw, db,
+                                     *args, SILU=silu, **blocks)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
 
 
 @torch.library.custom_op("engine::group_norm", mutates_args=())
-def group_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
-                  silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                  eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return forward(x, weight, bias, num_groups, eps, silu)
 
 
@@ -146,8 +151,9 @@ def _(x, weight, bias, num_groups, eps, silu):
 
 
 @torch.library.custom_op("engine::group_norm_backward", mutates_args=())
-def group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, silu: bool
+def group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                           num_groups: int, silu: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backward(dy, x, weight, bias, mean, rstd, num_groups, silu)
 

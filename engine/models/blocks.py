@@ -1,4 +1,5 @@
-"""Building blocks shared by the UNet and the VAE. Attribute names mirror diffusers' state-dict keys."""
+"""Building blocks shared by the UNet and the VAE. Attribute names mirror diffusers' state-dict
+keys."""
 import math
 from contextvars import ContextVar
 
@@ -9,8 +10,8 @@ from torch import nn
 from .. import kernels
 
 
-# When set, GroupNorm.forward(x, act) returns GROUP_NORM_HOOK(module, x, act): engine.tiled_vae uses it to
-# normalise every tile with statistics of the whole image.
+# When set, GroupNorm.forward(x, act) returns GROUP_NORM_HOOK(module, x, act): engine.tiled_vae uses
+# it to normalise every tile with statistics of the whole image.
 GROUP_NORM_HOOK: ContextVar = ContextVar("GROUP_NORM_HOOK", default=None)
 
 
@@ -29,12 +30,15 @@ class Conv2d(nn.Conv2d):
         return kernels.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], residual)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0, max_period=10000):
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0,
+                       max_period=10000):
     """Sinusoidal embedding of (fractional) timesteps, DDPM style."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
     args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], -1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos
+                    else [torch.sin(args), torch.cos(args)], -1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -92,7 +96,8 @@ class Upsample2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over token sequences (B, N, C); cross-attention when `context` is given."""
+    """Multi-head attention over token sequences (B, N, C); cross-attention when `context` is
+    given."""
 
     def __init__(self, query_dim, heads, dim_head, context_dim=None, bias=False, upcast=False):
         super().__init__()
@@ -127,7 +132,8 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0),
+                                  nn.Linear(dim * mult, dim)])
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
@@ -138,7 +144,8 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, context_dim if only_cross_attention else None, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim_head, context_dim if only_cross_attention else None,
+                               upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim_head, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
@@ -153,8 +160,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """GroupNorm → proj_in → transformer blocks → proj_out, with a residual around it all."""
 
-    def __init__(self, heads, dim_head, in_ch, context_dim, num_layers=1, groups=32, use_linear_projection=False,
-                 only_cross_attention=False, upcast=False):
+    def __init__(self, heads, dim_head, in_ch, context_dim, num_layers=1, groups=32,
+                 use_linear_projection=False, only_cross_attention=False, upcast=False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -163,7 +170,8 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, only_cross_attention, upcast)
             for _ in range(num_layers))
-        self.proj_out = nn.Linear(inner, in_ch) if use_linear_projection else Conv2d(inner, in_ch, 1)
+        self.proj_out = (nn.Linear(inner, in_ch) if use_linear_projection
+                         else Conv2d(inner, in_ch, 1))
 
     def forward(self, x, context):
         b, _, h, w = x.shape
@@ -185,7 +193,8 @@ class Transformer2DModel(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """The VAE's single-head attention over all pixels (diffusers Attention with group_norm, residual)."""
+    """The VAE's single-head attention over all pixels (diffusers Attention with group_norm,
+    residual)."""
 
     def __init__(self, ch, groups=32, eps=1e-6):
         super().__init__()

@@ -1,7 +1,7 @@
-"""CLIP text transformer, and the vision transformer of full CLIP checkpoints (for CLIP scores). Attribute names
-mirror the `text_model.*` / `vision_model.*` keys of transformers checkpoints, so a `model.safetensors` loads
-with `load_state_dict(sd, strict=True, assign=True)` into a model built on the meta device (see
-`canonical_keys` for the two text key layouts accepted)."""
+"""CLIP text transformer, and the vision transformer of full CLIP checkpoints (for CLIP scores).
+Attribute names mirror the `text_model.*` / `vision_model.*` keys of transformers checkpoints, so a
+`model.safetensors` loads with `load_state_dict(sd, strict=True, assign=True)` into a model built on
+the meta device (see `canonical_keys` for the two text key layouts accepted)."""
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,9 +17,10 @@ ACTIVATIONS = {
 
 
 def canonical_keys(module, state_dict: dict, prefix: str, *_) -> None:
-    """load_state_dict pre-hook. transformers 4.x (the hub's SD text encoders) saved `text_model.*` keys, before
-    4.31 plus a `text_model.embeddings.position_ids` buffer; transformers 5 saves the same weights without the
-    `text_model.` prefix. Drop the buffer (positions are computed in forward); add the prefix where missing."""
+    """load_state_dict pre-hook. transformers 4.x (the hub's SD text encoders) saved `text_model.*`
+    keys, before 4.31 plus a `text_model.embeddings.position_ids` buffer; transformers 5 saves the
+    same weights without the `text_model.` prefix. Drop the buffer (positions are computed in
+    forward); add the prefix where missing."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):].removeprefix("text_model.")
         if rest == "embeddings.position_ids":
@@ -43,7 +44,8 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        """From a transformers config.json (a CLIPTextConfig, or a CLIPConfig's text_config); other keys are ignored."""
+        """From a transformers config.json (a CLIPTextConfig, or a CLIPConfig's text_config); other
+        keys are ignored."""
         cfg = _tower_config(cls, d.get("text_config", d))
         if not isinstance(cfg.eos_token_id, int):
             raise ValueError(f"eos_token_id={cfg.eos_token_id!r} must be a single int")
@@ -51,12 +53,15 @@ class CLIPTextConfig:
 
 
 def _tower_config(cls, d: dict):
-    """A config dataclass from the keys of a transformers tower config (others ignored), with the shared checks."""
+    """A config dataclass from the keys of a transformers tower config (others ignored), with the
+    shared checks."""
     cfg = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
     if cfg.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; "
+                         f"use one of {sorted(ACTIVATIONS)}")
     if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads={cfg.num_attention_heads}")
     return cfg
 
 
@@ -69,8 +74,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v, is_causal=self.causal).transpose(1, 2).reshape(b, n, d))
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v, is_causal=self.causal)
+                             .transpose(1, 2).reshape(b, n, d))
 
 
 class MLP(nn.Module):
@@ -106,7 +113,8 @@ class Embeddings(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         n, max_n = inputs_embeds.shape[1], self.position_embedding.num_embeddings
         if n > max_n:
-            raise ValueError(f"sequence of {n} tokens is longer than max_position_embeddings={max_n}")
+            raise ValueError(f"sequence of {n} tokens is longer than "
+                             f"max_position_embeddings={max_n}")
         return inputs_embeds + self.position_embedding(torch.arange(n, device=inputs_embeds.device))
 
 
@@ -118,16 +126,20 @@ class CLIPTextModel(nn.Module):
         self.text_model = nn.Module()
         self.text_model.embeddings = Embeddings(cfg)
         self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.text_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg)
+                                                       for _ in range(cfg.num_hidden_layers))
         self.text_model.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.register_load_state_dict_pre_hook(canonical_keys)
 
     def forward(
-        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, skip_last_layers: int = 0
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+        skip_last_layers: int = 0
     ) -> torch.Tensor:
-        """(B, N) token ids, or (B, N, D) token embeddings that replace their lookup -> (B, N, D) last_hidden_state.
+        """(B, N) token ids, or (B, N, D) token embeddings that replace their lookup -> (B, N, D)
+        last_hidden_state.
 
-        skip_last_layers=k stops k layers early, then applies final_layer_norm (diffusers' clip_skip=k)."""
+        skip_last_layers=k stops k layers early, then applies final_layer_norm (diffusers'
+        clip_skip=k)."""
         tm, layers = self.text_model, self.text_model.encoder.layers
         if not 0 <= skip_last_layers < len(layers):
             raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {len(layers)})")
@@ -141,7 +153,8 @@ class CLIPTextModel(nn.Module):
         return tm.final_layer_norm(x)
 
     def pooled(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, D) hidden state at each sequence's first eos token (transformers' `pooler_output`)."""
+        """(B, D) hidden state at each sequence's first eos token (transformers'
+        `pooler_output`)."""
         ids = input_ids.to(device=last_hidden_state.device, dtype=torch.int)
         eos = self.config.eos_token_id
         pos = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
@@ -162,10 +175,12 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
-        """From a transformers CLIPVisionConfig, or a CLIPConfig's vision_config; other keys are ignored."""
+        """From a transformers CLIPVisionConfig, or a CLIPConfig's vision_config; other keys are
+        ignored."""
         cfg = _tower_config(cls, d.get("vision_config", d))
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
+            raise ValueError(f"image_size={cfg.image_size} is not a multiple of "
+                             f"patch_size={cfg.patch_size}")
         return cfg
 
 
@@ -174,24 +189,28 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.class_embedding = nn.Parameter(torch.empty(d))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, d)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = (self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+             .flatten(2).transpose(1, 2))
         x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1)
         return x + self.position_embedding.weight
 
 
 class CLIPVisionModel(nn.Module):
-    """ViT image tower: (B, 3, image_size, image_size) normalised pixels → (B, D) pooled output (the class token)."""
+    """ViT image tower: (B, 3, image_size, image_size) normalised pixels → (B, D) pooled output (the
+    class token)."""
 
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
         self.config = cfg
         self.vision_model = nn.Module()
         self.vision_model.embeddings = VisionEmbeddings(cfg)
-        self.vision_model.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, as the keys
+        # sic, as the keys
+        self.vision_model.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.vision_model.encoder = nn.Module()
         self.vision_model.encoder.layers = nn.ModuleList(EncoderLayer(cfg, causal=False)
                                                          for _ in range(cfg.num_hidden_layers))

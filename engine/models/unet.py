@@ -1,22 +1,26 @@
-"""UNet2DConditionModel for SD 1.x, SD 2.x and the SD x4 upscaler. Names mirror diffusers' state-dict keys."""
+"""UNet2DConditionModel for SD 1.x, SD 2.x and the SD x4 upscaler. Names mirror diffusers'
+state-dict keys."""
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
-                     Upsample2D, timestep_embedding)
+from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
+                     Transformer2DModel, Upsample2D, timestep_embedding)
 
-# config.json fields that must hold exactly this value (diffusers' default) for this engine to be correct
+# config.json fields that must hold exactly this value (diffusers' default) for this engine to be
+# correct
 _FIXED = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "addition_embed_type": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "addition_embed_type": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
-    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None, "mid_block_only_cross_attention": None,
-    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "dropout",
             "addition_embed_type_num_heads"}
@@ -44,7 +48,8 @@ class UNetConfig:
     norm_eps: float = 1e-5
     cross_attention_dim: int | list = 768
     transformer_layers_per_block: int | list = 1
-    attention_head_dim: int | list = 8  # diffusers' legacy name: the number of heads unless num_attention_heads is set
+    # diffusers' legacy name: the number of heads unless num_attention_heads is set
+    attention_head_dim: int | list = 8
     num_attention_heads: int | list | None = None
     use_linear_projection: bool = False
     class_embed_type: str | None = None
@@ -59,38 +64,46 @@ class UNetConfig:
             if k in _FIXED and v != _FIXED[k]:
                 raise ValueError(f"unet config: {k}={v!r} is not supported (only {_FIXED[k]!r})")
             if k not in names and k not in _FIXED and k not in _IGNORED:
-                raise ValueError(f"unet config: unknown field {k!r}; this engine does not implement it")
+                raise ValueError(f"unet config: unknown field {k!r}; "
+                                 "this engine does not implement it")
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         n = len(cfg.block_out_channels)
         for k, allowed in (("down_block_types", _DOWN), ("up_block_types", _UP)):
             bad = [b for b in getattr(cfg, k) if b not in allowed]
             if bad or len(getattr(cfg, k)) != n:
-                raise ValueError(f"unet config: {k}={getattr(cfg, k)!r}; need {n} entries from {allowed}")
+                raise ValueError(f"unet config: {k}={getattr(cfg, k)!r}; "
+                                 f"need {n} entries from {allowed}")
         if cfg.class_embed_type is not None:
-            raise ValueError(f"unet config: class_embed_type={cfg.class_embed_type!r} is not supported "
-                             "(only null, with num_class_embeds for the x4 upscaler)")
-        if isinstance(cfg.cross_attention_dim, (list, tuple)) and len(set(cfg.cross_attention_dim)) > 1:
+            raise ValueError(f"unet config: class_embed_type={cfg.class_embed_type!r} is not "
+                             "supported (only null, with num_class_embeds for the x4 upscaler)")
+        if (isinstance(cfg.cross_attention_dim, (list, tuple))
+                and len(set(cfg.cross_attention_dim)) > 1):
             raise ValueError("unet config: per-block cross_attention_dim values are not supported")
-        if any(isinstance(x, (list, tuple)) for x in _per_block(cfg.transformer_layers_per_block, n)):
+        if any(isinstance(x, (list, tuple))
+               for x in _per_block(cfg.transformer_layers_per_block, n)):
             raise ValueError("unet config: nested transformer_layers_per_block is not supported")
         return cfg
 
     @property
     def heads(self) -> list:
-        return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels))
+        return _per_block(self.num_attention_heads or self.attention_head_dim,
+                          len(self.block_out_channels))
 
 
 class _Block(nn.Module):
-    """A down or up block: resnets interleaved with optional attentions, then an optional resampler."""
+    """A down or up block: resnets interleaved with optional attentions, then an optional
+    resampler."""
 
-    def __init__(self, in_chs, out_ch, temb, cfg, heads, depth, cross, only_cross, down=None, up=False, n_attn=None):
+    def __init__(self, in_chs, out_ch, temb, cfg, heads, depth, cross, only_cross, down=None,
+                 up=False, n_attn=None):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(ResnetBlock2D(c, out_ch, temb, g, eps) for c in in_chs)
         if cross:
             self.attentions = nn.ModuleList(
-                Transformer2DModel(heads, out_ch // heads, out_ch, _per_block(cfg.cross_attention_dim, 1)[0], depth,
-                                   g, cfg.use_linear_projection, only_cross, cfg.upcast_attention)
+                Transformer2DModel(heads, out_ch // heads, out_ch,
+                                   _per_block(cfg.cross_attention_dim, 1)[0], depth, g,
+                                   cfg.use_linear_projection, only_cross, cfg.upcast_attention)
                 for _ in range(n_attn or len(in_chs)))
         else:
             self.attentions = None
@@ -117,20 +130,24 @@ class UNet2DConditionModel(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             in_chs = [ch[max(i - 1, 0)]] + [ch[i]] * (layers[i] - 1)
-            self.down_blocks.append(_Block(in_chs, ch[i], temb, cfg, heads[i], depth[i], kind.startswith("CrossAttn"),
-                                           only_cross[i], down=cfg.downsample_padding if i < n - 1 else None))
+            self.down_blocks.append(_Block(in_chs, ch[i], temb, cfg, heads[i], depth[i],
+                                           kind.startswith("CrossAttn"), only_cross[i],
+                                           down=cfg.downsample_padding if i < n - 1 else None))
 
-        self.mid_block = _Block([ch[-1], ch[-1]], ch[-1], temb, cfg, heads[-1], depth[-1], True, False, n_attn=1)
+        self.mid_block = _Block([ch[-1], ch[-1]], ch[-1], temb, cfg, heads[-1], depth[-1], True,
+                                False, n_attn=1)
         for r in self.mid_block.resnets:
             r.output_scale_factor = cfg.mid_block_scale_factor
 
         self.up_blocks = nn.ModuleList()
-        rch, rheads, rlayers, rdepth, ronly = (x[::-1] for x in (ch, heads, layers, depth, only_cross))
+        rch, rheads, rlayers, rdepth, ronly = (x[::-1]
+                                               for x in (ch, heads, layers, depth, only_cross))
         for i, kind in enumerate(cfg.up_block_types):
             prev, skip = rch[max(i - 1, 0)], rch[min(i + 1, n - 1)]
-            in_chs = [(prev if j == 0 else rch[i]) + (skip if j == rlayers[i] else rch[i]) for j in range(rlayers[i] + 1)]
-            self.up_blocks.append(_Block(in_chs, rch[i], temb, cfg, rheads[i], rdepth[i], kind.startswith("CrossAttn"),
-                                         ronly[i], up=i < n - 1))
+            in_chs = [(prev if j == 0 else rch[i]) + (skip if j == rlayers[i] else rch[i])
+                      for j in range(rlayers[i] + 1)]
+            self.up_blocks.append(_Block(in_chs, rch[i], temb, cfg, rheads[i], rdepth[i],
+                                         kind.startswith("CrossAttn"), ronly[i], up=i < n - 1))
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -139,13 +156,15 @@ class UNet2DConditionModel(nn.Module):
         """ε / v prediction for latents x (B, C, H, W) at timesteps t, text context (B, L, D)."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                     cfg.freq_shift).to(x.dtype))
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0],
+                                                     cfg.flip_sin_to_cos, cfg.freq_shift)
+                                  .to(x.dtype))
         if cfg.num_class_embeds is not None:
             if class_labels is None:
-                raise ValueError("this UNet has a class embedding (x4 upscaler): pass class_labels (noise level)")
-            emb = emb + self.class_embedding(torch.as_tensor(class_labels, device=x.device).reshape(-1)
-                                             .expand(x.shape[0])).to(x.dtype)
+                raise ValueError("this UNet has a class embedding (x4 upscaler): "
+                                 "pass class_labels (noise level)")
+            emb = emb + self.class_embedding(torch.as_tensor(class_labels, device=x.device)
+                                             .reshape(-1).expand(x.shape[0])).to(x.dtype)
 
         h = self.conv_in(x)
         skips = [h]
