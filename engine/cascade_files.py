@@ -4,7 +4,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors import safe_open
 
@@ -51,9 +50,7 @@ class CascadeInversion:
         meta = {"prompt": json.dumps(self.prompt), "method": self.method, "stage1": self.stage1,
                 "steps": str(self.steps), "noise_level": str(self.noise_level),
                 "seed": str(self.seed), "sizes": json.dumps([im.shape[-1] for im in self.images])}
-        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in t.items()},
-                                      metadata=meta)
-        return images.write_atomic(path, lambda f: f.write(blob))
+        return images.save_tensors(t, path, meta)
 
     @staticmethod
     def load_stages(path) -> tuple[dict, list[SRInversion]]:

@@ -1,9 +1,11 @@
 """`python -m engine COMMAND ...`: the argument parser (flags whose defaults come from the Python
 API, engine.flags) and main; engine.commands runs each command."""
 import argparse
+import signal
 import sys
+import threading
 
-from . import commands, demo
+from . import commands, demo, images
 from .blended import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS, Options
 from .flags import cascade_args, flag, model_args, prompt_args, sampling_args
 from .iterinv import Cascade
@@ -266,12 +268,35 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+    signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
+    """Run one command. A bad input: one `error:` line, exit 2. Ctrl-C or SIGTERM: one
+    `interrupted:` line, exit 130 or 143. Either way the command's outputs are taken back."""
     args = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        commands.HANDLERS[args.command](args)
+        with images.outputs():
+            commands.HANDLERS[args.command](args)
     except (ValueError, OSError, KeyError, FloatingPointError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt as e:
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+        line = f"interrupted: {getattr(e, 'hint', None) or 'no output written'}"
+    else:
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(line, file=sys.stderr)  # once the traceback is freed, so progress bars have closed
+    return code

@@ -3,7 +3,6 @@ before any work, calls the Python API, builds its report (engine.reports), write
 and prints a summary."""
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -168,7 +167,7 @@ def iterinv(a) -> list[Path]:
         cas = _cascade(a)
         inv = _invert_cascade(a, cas, image)
     seconds = time.perf_counter() - t0
-    out.mkdir(exist_ok=True)
+    images.make_folder(out)
     scorer = reports.load_scorer(a.clip, a.model)
     report = {"image": str(a.image), **reports.iterinv_report(image, inv, cas.sr, scorer, seconds)}
     pils = [images.to_pil(im)[0] for im in inv.images]
@@ -208,7 +207,7 @@ def iterinv_edit(a) -> list[Path]:
                                mask_ratio=a.mask_ratio, seed=a.seed, backproject=a.backproject,
                                progress=not a.quiet)
     seconds = time.perf_counter() - t0
-    out.mkdir(exist_ok=True)
+    images.make_folder(out)
     report = {"image": str(a.image), **reports.iterinv_edit_report(
         image, edits, mask, a.prompt, a.edit, inversion=a.inversion, backproject=a.backproject,
         scorer=reports.load_scorer(a.clip, a.model), seconds=seconds)}
@@ -275,11 +274,10 @@ def train_ti(a) -> list[Path]:
             print(f"resuming from {ckpt}")
         try:
             multires.train(pipe.model, pixels, cfg, out, ckpt, progress=not a.quiet)
-        except KeyboardInterrupt:
-            kept = (f"rerun the same command to resume from {ckpt}" if ckpt.is_file() else
-                    "no checkpoint yet")
-            print(f"interrupted: {kept}", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            e.hint = (f"rerun the same command to resume from {ckpt}" if ckpt.is_file() else
+                      "no checkpoint yet")
+            raise
     print(f"wrote {out}: <{a.token}> with {a.bins} time bins from {pixels.shape[0]} images at "
           f"{side}², {a.steps} steps in {time.perf_counter() - t0:.1f}s")
     return [out]

@@ -23,8 +23,7 @@ def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_
     written."""
     import engine
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = images.make_folder(out)
     t0 = time.perf_counter()
     base, sr = engine.load(model), engine.load(upscaler)
     common = dict(seed=seed, progress=progress)

@@ -1,10 +1,15 @@
-"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic
-writes; back-projection of an upscale onto its input."""
+"""Image files ↔ tensors in [-1, 1], the way diffusers' VaeImageProcessor converts them; atomic,
+byte-reproducible writes that an interrupt takes back; back-projection of an upscale onto its
+input."""
+import json
 import os
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -70,10 +75,52 @@ def check_out(path) -> tuple[Path, str]:
     return path, fmt
 
 
-def write_atomic(path, write) -> Path:
-    """Call write(binary file) on a temporary file in path's folder, renamed over `path` only once
-    complete."""
+# the files and folders made inside `outputs()`, newest last
+_MADE: ContextVar[list | None] = ContextVar("made", default=None)
+
+
+@contextmanager
+def outputs():
+    """Files first created (write_atomic) and folders made (make_folder) inside this block are
+    removed again when it is left by an exception or an interrupt: a command leaves all of its
+    outputs or none."""
+    made = []
+    token = _MADE.set(made)
+    try:
+        yield made
+    except BaseException:
+        for p in reversed(made):
+            if p.is_dir():
+                if not any(p.iterdir()):
+                    p.rmdir()
+            elif p.exists():
+                p.unlink()
+        raise
+    finally:
+        _MADE.reset(token)
+
+
+def _made(path: Path):
+    made = _MADE.get()
+    if made is not None:
+        made.append(path)
+
+
+def make_folder(path) -> Path:
+    """mkdir -p, each new folder taken back with the command's other outputs (`outputs`)."""
     path = Path(path)
+    for p in [*reversed(path.parents), path]:
+        if not p.exists():
+            p.mkdir()
+            _made(p)
+    return path
+
+
+def write_atomic(path, write, keep: bool = False) -> Path:
+    """Call write(binary file) on a temporary file in path's folder, renamed over `path` only once
+    complete. keep: the file survives an interrupt of `outputs()` (a checkpoint to resume from)."""
+    path = Path(path)
+    new = not path.exists() and not keep
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,7 +133,23 @@ def write_atomic(path, write) -> Path:
     except BaseException:
         os.unlink(tmp)
         raise
+    if new:
+        _made(path)
     return path
+
+
+def save_tensors(tensors: dict, path, metadata: dict | None = None, keep: bool = False) -> Path:
+    """Tensors (to the CPU, contiguous) and string metadata as one .safetensors file written with
+    write_atomic. Its header's keys are sorted (safetensors writes them in hash order), so the same
+    tensors and metadata give the same bytes."""
+    blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()},
+                                  metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+    out = len(header).to_bytes(8, "little") + header + blob[8 + n:]
+    return write_atomic(path, lambda f: f.write(out), keep)
 
 
 def save(image: Image.Image, path) -> Path:

@@ -15,13 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import safetensors.torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import schedule
 from .denoiser import Cond, Denoiser, cfg, constant, guided_batch, per_step
-from .images import write_atomic
+from .images import save_tensors
 from .sample import ddim
 
 CONVENTIONS = ("destination", "source")
@@ -81,9 +80,7 @@ class Trajectory:
         meta = {"convention": self.convention, "num_steps": str(self.num_steps),
                 "strength": repr(self.strength), "guidance": json.dumps(self.guidance),
                 **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-        blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()},
-                                      metadata=meta)
-        return write_atomic(path, lambda f: f.write(blob))
+        return save_tensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path) -> "Trajectory":

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -135,9 +134,7 @@ def save_concept(c: Concept, path, **meta) -> Path:
     atomically."""
     m = {"format": FORMAT, "token": c.name, "bins": str(c.bins), "initializer": c.initializer,
          "dim": str(c.embeds.shape[1]), **{k: str(v) for k, v in meta.items()}}
-    blob = safetensors.torch.save({"embeds": c.embeds.detach().float().cpu().contiguous()},
-                                  metadata=m)
-    return images.write_atomic(path, lambda f: f.write(blob))
+    return images.save_tensors({"embeds": c.embeds.detach().float()}, path, m)
 
 
 def export_row(c: Concept, row: int, path, token: str | None = None) -> Path:
@@ -147,9 +144,7 @@ def export_row(c: Concept, row: int, path, token: str | None = None) -> Path:
         raise ValueError(f"row={row}: {c.name} has rows 0..{c.bins - 1}" if c.multires else
                          f"{c.name} is not a multiresolution concept")
     token = token or f"<{c.name}>"
-    blob = safetensors.torch.save(
-        {token: c.embeds[row:row + 1].detach().float().cpu().contiguous()})
-    return images.write_atomic(path, lambda f: f.write(blob))
+    return images.save_tensors({token: c.embeds[row:row + 1].detach().float()}, path)
 
 
 def check_dim(c: Concept, text_encoder, where) -> Concept:
@@ -278,11 +273,10 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
         if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0
                                        and step + 1 < cfg.steps):
             st = opt.state_dict()["state"][0]
-            blob = safetensors.torch.save({"embeds": rows.detach().contiguous(),
-                                           "step": st["step"].reshape(()), "exp_avg": st["exp_avg"],
-                                           "exp_avg_sq": st["exp_avg_sq"]},
-                                          metadata={"step": str(step + 1), "run": json.dumps(run)})
-            images.write_atomic(checkpoint, lambda fh: fh.write(blob))
+            images.save_tensors({"embeds": rows.detach(), "step": st["step"].reshape(()),
+                                 "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]},
+                                checkpoint, {"step": str(step + 1), "run": json.dumps(run)},
+                                keep=True)
     bar.close()
     learned = Concept(cfg.token, rows.detach().clone(), True, cfg.init_token)
     if out is not None:

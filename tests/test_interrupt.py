@@ -1,0 +1,82 @@
+"""Ctrl-C (SIGINT) and SIGTERM during a command: one `interrupted:` line, exit 130 / 143, and none
+of the command's outputs left behind (a train-ti checkpoint stays, with how to resume)."""
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import world
+
+
+def interrupt(args, cwd, ready, signum=signal.SIGINT, timeout=180):
+    """Start `python -m engine ARGS`, send `signum` once ready(stderr so far) holds; (rc, stderr)."""
+    log = cwd / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        t0 = time.time()
+        try:
+            while not ready(log.read_text()):
+                assert proc.poll() is None, "it finished before it could be interrupted"
+                assert time.time() - t0 < timeout, "it never got going"
+                time.sleep(0.1)
+            proc.send_signal(signum)
+            rc = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    return rc, log.read_text()
+
+
+def left(folder):
+    """What a command left in a folder: every file but the test's own log."""
+    return sorted(p.name for p in folder.rglob("*") if p.name != "stderr.txt")
+
+
+def started(bar):
+    return lambda text: f"{bar}:" in text
+
+
+def scene_png(path, side):
+    pixels = world.render(world.scenes(5, 1)[0], side)
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_generate(tmp_path, signum, code):
+    (tmp_path / "out").mkdir()
+    rc, err = interrupt(["generate", "--prompt", "a red star", "--steps", "900", "--out",
+                         "out/a.png"], tmp_path, started("denoise"), signum)
+    assert rc == code and err.strip().splitlines()[-1] == "interrupted: no output written"
+    assert left(tmp_path) == ["out"]
+
+
+def test_iterinv_leaves_no_folder(tmp_path):
+    image = scene_png(tmp_path / "in.png", 256)
+    rc, err = interrupt(["iterinv", "--image", str(image), "--prompt", "x", "--steps", "900",
+                         "--out", "res"], tmp_path, started("invert"))
+    assert rc == 130 and "interrupted:" in err.splitlines()[-1]
+    assert left(tmp_path) == ["in.png"]
+
+
+def test_demo_leaves_no_folder(tmp_path):
+    rc, err = interrupt(["demo", "--steps", "900", "--out", "d/e"], tmp_path, started("denoise"))
+    assert rc == 130 and "interrupted:" in err.splitlines()[-1]
+    assert left(tmp_path) == []
+
+
+def test_train_ti_keeps_its_checkpoint_and_says_how_to_resume(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    scene_png(tmp_path / "imgs" / "a.png", 64)
+    ckpt = tmp_path / "c.ckpt.safetensors"
+    rc, err = interrupt(["train-ti", "--images", "imgs", "--token", "c", "--init-token", "star",
+                         "--steps", "900", "--checkpoint-every", "2", "--out", "c.safetensors"],
+                        tmp_path, lambda _: ckpt.is_file())
+    assert rc == 130
+    assert err.strip().splitlines()[-1] == \
+        f"interrupted: rerun the same command to resume from {ckpt.name}"
+    assert left(tmp_path) == ["a.png", "c.ckpt.safetensors", "imgs"]
