@@ -184,7 +184,7 @@ def speed(args):
         for _ in range(n):
             ours.model.unet(z, tt, emb).square().mean().backward()
 
-    runs = {"ours": lambda n: multires.train(ours.c, pixels, cfg(n), progress=False),
+    runs = {"ours": lambda n: multires.train(ours.model, pixels, cfg(n), progress=False),
             "diffusers": diffusers_steps,
             "diffusers + cached latents": lambda n: diffusers_steps(n, cached),
             "our UNet forward + backward alone": unet_alone}

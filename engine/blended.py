@@ -20,6 +20,7 @@ from . import images, schedule
 from .blend_options import (BLENDS, RERANKS as RERANKS, STAGE_MODELS as STAGE_MODELS,
                             UPSCALERS as UPSCALERS, Options, Result)
 from .denoiser import Cond, repeat_cond
+from .model import check_pair
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
 from .regions import (binary_mask, composite, crop_box, prepare_mask, progressive, resize,
@@ -60,7 +61,8 @@ def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond,
     def background(t):
         if t < 0:
             return z_src
-        return schedule.q_sample(sched, z_src, t, randn_tensor(x.shape, bg_gen, x.device, x.dtype))
+        noise = randn_tensor(x.shape, bg_gen, x.device, torch.float32).to(x.dtype)
+        return schedule.q_sample(sched, z_src, t, noise)
 
     def keep(level):  # the hook: the source, noised to `level`, outside the mask
         def hook(x, t, t_next):
@@ -72,7 +74,8 @@ def blended(den, x: torch.Tensor, z_src: torch.Tensor, mask, cond: Cond,
              "exact": {"after": keep(lambda _, t_next: t_next)},
              "before": {"before": keep(lambda t, _: t)}}[blend]
     return ddim(den, x, cond, sched, steps, strength, eta, generator, progress,
-                walk=repaint_walk(pairs, repeats, jump), desc=desc, **hooks)
+                walk=repaint_walk(pairs, repeats, jump), noise_dtype=torch.float32, desc=desc,
+                **hooks)
 
 
 # ---- the multi-stage edit ------------------------------------------------------------------------
@@ -82,9 +85,7 @@ class MultiStage:
     diffusion), as engine.model.Model."""
 
     def __init__(self, base, sr, scorer=None):
-        if base.is_upscaler or (sr is not None and not sr.is_upscaler):
-            raise ValueError("MultiStage(base, sr): need a text→image model and an x4 upscaler "
-                             "model, in that order")
+        check_pair(base, sr, "MultiStage", sr_optional=True)
         self.base, self.sr, self.scorer = base, sr, scorer
         self.base_side = base.side
 
@@ -94,11 +95,6 @@ class MultiStage:
         """Edit the masked region of `image` ((1, 3, H, W) in [-1, 1]) to match `prompt`. `first`: a
         stage-1 result (`Result.stages[0]`) to upscale instead of sampling stage 1 again, e.g. to
         compare upscaling options."""
-        if image.ndim != 4 or image.shape[:2] != (1, 3):
-            raise ValueError("image: need one RGB image (1, 3, H, W), "
-                             f"got shape {tuple(image.shape)}")
-        if not torch.isfinite(image).all():
-            raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
             raise ValueError("the SR upscaler / stage model needs an x4 model; "
                              "pass one or use bicubic + base")
@@ -106,8 +102,7 @@ class MultiStage:
         if opts.sr_noise_level > top:
             raise ValueError(f"sr_noise_level={opts.sr_noise_level}: "
                              f"the x4 model takes at most {top}")
-        image = image.to(self.base.device, torch.float32)
-        m = prepare_mask(mask, image.shape[-2:]).to(image)
+        image, m = self._inputs(image, mask)
         if not m.any():
             warnings.warn("the mask is empty: nothing to edit, returning the image unchanged",
                           stacklevel=2)
@@ -147,10 +142,20 @@ class MultiStage:
                side: int | None = None, progress: bool = True) -> torch.Tensor:
         """The direct baseline: stage 1's blended diffusion on the whole image resized to `side`
         (default the base model's), with no upscaling stages; returns (1, 3, side, side)."""
-        m = prepare_mask(mask, image.shape[-2:]).to(image)
+        image, m = self._inputs(image, mask)
         res = Result(image, [], m, (0, 0, image.shape[-1]))
         return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress,
                             "direct", side)
+
+    def _inputs(self, image: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checked image, float32 on the base model's device, and its binary mask."""
+        if image.ndim != 4 or image.shape[:2] != (1, 3):
+            raise ValueError("image: need one RGB image (1, 3, H, W), "
+                             f"got shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise ValueError("image has NaN/inf values: need finite pixel values in [-1, 1]")
+        image = image.to(self.base.device, torch.float32)
+        return image, prepare_mask(mask, image.shape[-2:]).to(image)
 
     def _conds(self, prompt: str, o: Options) -> dict:
         """The prompt encoded once for every stage: by the base model (CFG at o.guidance) and the ×4

@@ -6,7 +6,7 @@ import sys
 import threading
 
 from . import commands, demo, images
-from .blended import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS, Options
+from .blend_options import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS, Options
 from .flags import cascade_args, flag, model_args, prompt_args, sampling_args
 from .iterinv import Cascade
 from .load import DEFAULT_MODEL, DEFAULT_UPSCALER

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from . import images, schedule
 from .cascade_files import CascadeInversion, SRInversion
 from .denoiser import Cond, constant, repeat_cond
-from .invert import invert as ddim_invert, invert_image, reconstruct
-from .rng import generator, randn_tensor
 from .diffedit import diffedit_mask, masked_ddim
-from .sample import ddim
+from .invert import invert as ddim_invert, invert_image, reconstruct
+from .model import check_pair
+from .rng import generator, randn_tensor
+from .sample import check_args, ddim
 from .tiles import Tiled
 
 MODES = ("paper", "fast")
@@ -184,9 +185,7 @@ class Cascade:
     by tile above `tile` low-res pixels)."""
 
     def __init__(self, base, sr, tile: int = 64, overlap: int = 16):
-        if not sr.is_upscaler or base.is_upscaler:
-            raise ValueError("Cascade(base, sr): need a text→image model and an x4 upscaler model, "
-                             "in that order")
+        check_pair(base, sr, "Cascade")
         self.base, self.sr, self.tile, self.overlap = base, sr, tile, overlap
 
     def sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
@@ -223,6 +222,7 @@ class Cascade:
         if stage1 not in STAGE1:
             raise ValueError(f"stage1={stage1!r}: use one of {STAGE1}")
         self.sr.check_noise_level(noise_level)
+        check_args(steps, guidance)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         pyr = [x.to(self.base.device) for x in pyramid(image, size)]
         if len(prompts) != pyr[0].shape[0]:
@@ -274,6 +274,8 @@ class Cascade:
         output onto the edited stage below (images.back_project), which stops the ×4 stages' colour
         drift from compounding."""
         b, sr = self.base, self.sr
+        check_args(steps, guidance)
+        self.sr.check_noise_level(noise_level)
         sources = [source] if isinstance(source, str) else list(source)
         targets = [target] if isinstance(target, str) else list(target)
         pyr = pyramid(image, 64 * 4 ** len(stages))

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from torch import Tensor
 
-from .ldm_keys import Pairs, _wb, unet_key_pairs, vae_key_pairs
+from .ldm_keys import Pairs, weight_bias, unet_key_pairs, vae_key_pairs
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 # SD1 (HF CLIP) / SD2 (OpenCLIP)
@@ -119,10 +119,10 @@ def openclip_to_diffusers(sd_clip: dict[str, Tensor], text_config: dict,
            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     pairs = [("token_embedding.weight", t + "embeddings.token_embedding.weight"),
              ("positional_embedding", t + "embeddings.position_embedding.weight"),
-             *_wb("ln_final", t + "final_layer_norm")]
+             *weight_bias("ln_final", t + "final_layer_norm")]
     for i in range(n):
         for a, b in ren.items():
-            pairs += _wb(f"transformer.resblocks.{i}.{a}", f"{t}encoder.layers.{i}.{b}")
+            pairs += weight_bias(f"transformer.resblocks.{i}.{a}", f"{t}encoder.layers.{i}.{b}")
     fused = [f"transformer.resblocks.{i}.attn.in_proj_{p}"
              for i in range(n) for p in ("weight", "bias")]
     dropped = lambda k: (k in ("text_projection", "logit_scale", "attn_mask")

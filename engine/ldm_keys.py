@@ -5,7 +5,7 @@ from typing import Iterator
 Pairs = Iterator[tuple[str, str]]
 
 
-def _wb(src: str, dst: str, bias: bool = True) -> Pairs:
+def weight_bias(src: str, dst: str, bias: bool = True) -> Pairs:
     yield f"{src}.weight", f"{dst}.weight"
     if bias:
         yield f"{src}.bias", f"{dst}.bias"
@@ -22,9 +22,9 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
 
 def _unet_resnet(src: str, dst: str, shortcut: bool) -> Pairs:
     for a, b in _RESNET.items():
-        yield from _wb(f"{src}.{a}", f"{dst}.{b}")
+        yield from weight_bias(f"{src}.{a}", f"{dst}.{b}")
     if shortcut:
-        yield from _wb(f"{src}.skip_connection", f"{dst}.conv_shortcut")
+        yield from weight_bias(f"{src}.skip_connection", f"{dst}.conv_shortcut")
 
 
 def _unet_attn(src: str, dst: str, depth: int) -> Pairs:
@@ -37,7 +37,7 @@ def _unet_attn(src: str, dst: str, depth: int) -> Pairs:
             for p in "qkv":
                 yield f"{src}.{t}.{a}.to_{p}.weight", f"{dst}.{t}.{a}.to_{p}.weight"
     for n in names:
-        yield from _wb(f"{src}.{n}", f"{dst}.{n}")
+        yield from weight_bias(f"{src}.{n}", f"{dst}.{n}")
 
 
 def unet_key_pairs(cfg: dict) -> Pairs:
@@ -50,17 +50,17 @@ def unet_key_pairs(cfg: dict) -> Pairs:
     if not isinstance(L, int):
         raise ValueError(f"layers_per_block={L!r}: "
                          "per-block lists are not supported for LDM checkpoints")
-    yield from _wb("time_embed.0", "time_embedding.linear_1")
-    yield from _wb("time_embed.2", "time_embedding.linear_2")
+    yield from weight_bias("time_embed.0", "time_embedding.linear_1")
+    yield from weight_bias("time_embed.2", "time_embedding.linear_2")
     if cfg.get("class_embed_type") in ("projection", "timestep"):
-        yield from _wb("label_emb.0.0", "class_embedding.linear_1")
-        yield from _wb("label_emb.0.2", "class_embedding.linear_2")
+        yield from weight_bias("label_emb.0.0", "class_embedding.linear_1")
+        yield from weight_bias("label_emb.0.2", "class_embedding.linear_2")
     elif cfg.get("addition_embed_type") == "text_time":  # SDXL-style; untested here
-        yield from _wb("label_emb.0.0", "add_embedding.linear_1")
-        yield from _wb("label_emb.0.2", "add_embedding.linear_2")
+        yield from weight_bias("label_emb.0.0", "add_embedding.linear_1")
+        yield from weight_bias("label_emb.0.2", "add_embedding.linear_2")
     if cfg.get("num_class_embeds") is not None:
         yield "label_emb.weight", "class_embedding.weight"
-    yield from _wb("input_blocks.0.0", "conv_in")
+    yield from weight_bias("input_blocks.0.0", "conv_in")
     for i, t in enumerate(cfg["down_block_types"]):
         for j in range(L):
             s, d = f"input_blocks.{1 + i * (L + 1) + j}", f"down_blocks.{i}"
@@ -69,7 +69,7 @@ def unet_key_pairs(cfg: dict) -> Pairs:
             if "CrossAttn" in t:
                 yield from _unet_attn(f"{s}.1", f"{d}.attentions.{j}", depth[i])
         if i < n - 1:
-            yield from _wb(f"input_blocks.{1 + i * (L + 1) + L}.0.op",
+            yield from weight_bias(f"input_blocks.{1 + i * (L + 1) + L}.0.op",
                            f"down_blocks.{i}.downsamplers.0.conv")
     mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid != "UNetMidBlock2DCrossAttn":
@@ -88,17 +88,17 @@ def unet_key_pairs(cfg: dict) -> Pairs:
         if i < n - 1:
             # after the attention, if any
             s = f"output_blocks.{i * (L + 1) + L}.{2 if attn else 1}.conv"
-            yield from _wb(s, f"up_blocks.{i}.upsamplers.0.conv")
-    yield from _wb("out.0", "conv_norm_out")
-    yield from _wb("out.2", "conv_out")
+            yield from weight_bias(s, f"up_blocks.{i}.upsamplers.0.conv")
+    yield from weight_bias("out.0", "conv_norm_out")
+    yield from weight_bias("out.2", "conv_out")
 
 
 # ---------------------------------------------------------------- VAE
 def _vae_resnet(src: str, dst: str, shortcut: bool) -> Pairs:
     for n in ("norm1", "conv1", "norm2", "conv2"):
-        yield from _wb(f"{src}.{n}", f"{dst}.{n}")
+        yield from weight_bias(f"{src}.{n}", f"{dst}.{n}")
     if shortcut:
-        yield from _wb(f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
+        yield from weight_bias(f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
 
 
 def _vae_mid(side: str, attn: bool) -> Pairs:
@@ -107,7 +107,7 @@ def _vae_mid(side: str, attn: bool) -> Pairs:
     if attn:
         for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"),
                      ("proj_out", "to_out.0")):
-            yield from _wb(f"{side}.mid.attn_1.{a}", f"{side}.mid_block.attentions.0.{b}")
+            yield from weight_bias(f"{side}.mid.attn_1.{a}", f"{side}.mid_block.attentions.0.{b}")
 
 
 def vae_key_pairs(cfg: dict) -> Pairs:
@@ -116,19 +116,19 @@ def vae_key_pairs(cfg: dict) -> Pairs:
     ch, L, attn = (list(cfg["block_out_channels"]), cfg["layers_per_block"],
                    cfg.get("mid_block_add_attention", True))
     n = len(ch)
-    yield from _wb("encoder.conv_in", "encoder.conv_in")
+    yield from weight_bias("encoder.conv_in", "encoder.conv_in")
     for i in range(n):
         for j in range(L):
             yield from _vae_resnet(f"encoder.down.{i}.block.{j}",
                                    f"encoder.down_blocks.{i}.resnets.{j}",
                                    j == 0 and ch[max(i - 1, 0)] != ch[i])
         if i < n - 1:
-            yield from _wb(f"encoder.down.{i}.downsample.conv",
+            yield from weight_bias(f"encoder.down.{i}.downsample.conv",
                            f"encoder.down_blocks.{i}.downsamplers.0.conv")
     yield from _vae_mid("encoder", attn)
-    yield from _wb("encoder.norm_out", "encoder.conv_norm_out")
-    yield from _wb("encoder.conv_out", "encoder.conv_out")
-    yield from _wb("decoder.conv_in", "decoder.conv_in")
+    yield from weight_bias("encoder.norm_out", "encoder.conv_norm_out")
+    yield from weight_bias("encoder.conv_out", "encoder.conv_out")
+    yield from weight_bias("decoder.conv_in", "decoder.conv_in")
     yield from _vae_mid("decoder", attn)
     rev = ch[::-1]
     # diffusers up_blocks.k is LDM up.{n-1-k}: LDM indexes the decoder by resolution level
@@ -138,10 +138,10 @@ def vae_key_pairs(cfg: dict) -> Pairs:
                                    f"decoder.up_blocks.{k}.resnets.{j}",
                                    j == 0 and rev[max(k - 1, 0)] != rev[k])
         if k < n - 1:
-            yield from _wb(f"decoder.up.{n - 1 - k}.upsample.conv",
+            yield from weight_bias(f"decoder.up.{n - 1 - k}.upsample.conv",
                            f"decoder.up_blocks.{k}.upsamplers.0.conv")
-    yield from _wb("decoder.norm_out", "decoder.conv_norm_out")
-    yield from _wb("decoder.conv_out", "decoder.conv_out")
+    yield from weight_bias("decoder.norm_out", "decoder.conv_norm_out")
+    yield from weight_bias("decoder.conv_out", "decoder.conv_out")
     for q, use in (("quant_conv", "use_quant_conv"), ("post_quant_conv", "use_post_quant_conv")):
         if cfg.get(use, True):
-            yield from _wb(q, q)
+            yield from weight_bias(q, q)

@@ -172,3 +172,15 @@ class Model:
         if not whole or not 0 <= noise_level <= top:
             raise ValueError(f"noise_level={noise_level!r}: need a whole number in [0, {top}]")
         return noise_level
+
+
+def check_pair(base, sr, who: str, sr_optional: bool = False):
+    """`who`(base, sr) takes a text→image Model and an x4 upscaler Model, in that order."""
+    for x in (base, sr):
+        if x is not None and not isinstance(x, Model):
+            raise TypeError(f"{who}(base, sr): need engine.model.Model objects (a Pipeline's "
+                            f".model), got {type(x).__name__}")
+    upscaler = sr.is_upscaler if sr is not None else sr_optional
+    if base.is_upscaler or not upscaler:
+        raise ValueError(f"{who}(base, sr): need a text→image model and an x4 upscaler model, "
+                         "in that order")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import images, schedule
+from . import images, schedule, tiled_vae
 from .load import PICKLED, LoadError
 from .prompt import NAME, Concept, Encoder
 from .rng import randn_tensor
@@ -216,7 +216,8 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
 
     with torch.no_grad():
         x = pixels.to(dev, torch.float32)
-        moments = [vae.encode(v.to(next(vae.parameters()).dtype)) for v in (x, x.flip(-1))]
+        moments = [tiled_vae.encode_moments(vae, v.to(next(vae.parameters()).dtype))
+                   for v in (x, x.flip(-1))]
         # (flip, N, C, h, w)
         mean, logvar = (torch.stack([m[j].float() for m in moments]) for j in (0, 1))
         std = torch.exp(0.5 * logvar)

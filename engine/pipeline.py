@@ -1,7 +1,6 @@
 """Text→image, img2img, x4 upscaling, inversion and Direct Inversion edits: the user-facing API, a
 thin façade over the runtime model (engine.model.Model) that the CLI and the papers' modules
 share."""
-import math
 
 import torch
 
@@ -9,18 +8,12 @@ from . import direct, images, invert as inv, schedule
 from .load import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
-from .sample import ddim
+from .sample import check_args, ddim
 from .tiles import Tiled
 
 
 def _check(steps, guidance, eta, output):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r}: need a positive whole number of denoising steps, "
-                         "e.g. 50")
-    for name, v, hint in (("guidance", guidance, "7.5 is typical; ≤ 1 disables CFG"),
-                          ("eta", eta, "0 = deterministic DDIM")):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name}={v!r}: need a finite number ≥ 0 ({hint})")
+    check_args(steps, guidance, eta)
     if output not in ("pil", "pt"):
         raise ValueError(f"output={output!r}: use 'pil' for PIL images or 'pt' for tensors "
                          "in [-1, 1]")
@@ -29,6 +22,8 @@ def _check(steps, guidance, eta, output):
 class Pipeline:
     """A loaded model. Methods return PIL images (output="pil") or tensors in [-1, 1] (output="pt");
     `model` is the runtime model they run on (engine.model.Model)."""
+
+    __slots__ = ("model",)
 
     def __init__(self, components: Components, semi: str = "zero"):
         self.model = Model(components, semi)

@@ -60,14 +60,18 @@ def applies(vae, area: int, pixels: int | None = None, tile: int | None = None) 
     return area > budget and not torch.is_grad_enabled()
 
 
+def encode_moments(vae, x: torch.Tensor, pixels: int | None = None,
+                   tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vae.encode(x) → (mean, logvar), tiled when `applies`."""
+    if applies(vae, x.shape[-2] * x.shape[-1], pixels, tile):
+        return vae.moments(encode(vae, x, _side(vae, tile)))
+    return vae.encode(x)
+
+
 def encode_latents(vae, x: torch.Tensor, sample: bool = False, generator=None,
                    pixels: int | None = None, tile: int | None = None) -> torch.Tensor:
     """vae.encode_latents(x, sample, generator), tiled when `applies`."""
-    if applies(vae, x.shape[-2] * x.shape[-1], pixels, tile):
-        mean, logvar = vae.moments(encode(vae, x, _side(vae, tile)))
-    else:
-        mean, logvar = vae.encode(x)
-    return vae.latents(mean, logvar, sample, generator)
+    return vae.latents(*encode_moments(vae, x, pixels, tile), sample, generator)
 
 
 def decode_latents(vae, latents: torch.Tensor, pixels: int | None = None,

@@ -177,3 +177,35 @@ def test_bad_env_and_argument(monkeypatch, env):
         tiled_vae.decode_latents(vae, torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="tile=0"):
         tiled_vae.decode(vae, torch.randn(1, 8, 4, 4), tile=0)
+
+
+def test_the_runtime_model_applies_the_strategy(monkeypatch):
+    """engine.model.Model encodes and decodes through tiled_vae: tiled above its budget."""
+    import engine
+
+    m = engine.load().model
+    calls = []
+    for name in ("encode", "decode"):
+        real = getattr(tiled_vae, name)
+        monkeypatch.setattr(tiled_vae, name, lambda vae, t, tile=None, real=real, name=name:
+                            calls.append(name) or real(vae, t, tile))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():  # as the Pipeline runs them
+        plain = m.vae.decode_latents(m.vae.encode_latents(x))
+        assert m.decode(m.encode(x)).shape == plain.shape and calls == []  # under the budget
+        m.tile_pixels, m.tile_size = 0, 4
+        _close(m.decode(m.encode(x)), plain)
+    assert calls == ["encode", "decode"]
+
+
+def test_papers_take_models_not_pipelines():
+    import engine
+    from engine.iterinv import Cascade
+    from engine.load import DEFAULT_UPSCALER
+
+    base, sr = engine.load(), engine.load(DEFAULT_UPSCALER)
+    with pytest.raises(TypeError, match=r"a Pipeline's \.model"):
+        Cascade(base, sr)
+    Cascade(base.model, sr.model)
+    with pytest.raises(AttributeError):
+        base.semi = "remove"  # the façade has no settings of its own: pipe.model.semi

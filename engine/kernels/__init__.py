@@ -3,7 +3,7 @@
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except 3×3 convolutions with few output pixels and many channels (im2col + GEMM,
-kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton kernels
+engine/kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton kernels
 wherever their guards allow (dtype, shape; anything else falls back to torch); on the CPU that needs
 `TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
 The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and
