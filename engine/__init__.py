@@ -33,5 +33,7 @@ def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None
 
     check_semi(semi)
     pipe = Pipeline(_load(path, dtype, device, variant, config, prediction_type), semi)
+    if isinstance(embeddings, (str, bytes)) or hasattr(embeddings, "__fspath__"):
+        embeddings = [embeddings]  # one path, not its characters
     pipe.load_embeddings(*(embeddings or ()))
     return pipe

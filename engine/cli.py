@@ -193,8 +193,8 @@ def _blend(sub):
                    "to SIZE² first, e.g. 1024 or 2048 (default: the image's own size)")
     for name, help, kw in BLEND_FLAGS:
         flag(p, name, Options, help, **kw)
-    p.add_argument("--out", required=True, help="output image (.png/.jpg); written only when "
-                   "complete")
+    p.add_argument("--out", required=True, help="output image; .png keeps the outside of the mask "
+                   "exact, .jpg does not; written only when complete")
 
 
 def _ti(sub):

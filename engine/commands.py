@@ -52,12 +52,14 @@ def _folder_out(path) -> Path:
 
 def _sample(a, call) -> Path:
     out, _ = images.check_out(a.out)
+    # a missing or unreadable input fails before the model loads
+    source = images.load(a.image) if getattr(a, "image", None) is not None else None
     with profiled(a.profile):
         t0 = time.perf_counter()
         pipe = _load(a)
         t_load = time.perf_counter() - t0
-        image = call(pipe, dict(negative=a.negative, steps=a.steps, guidance=a.guidance,
-                                seed=a.seed, eta=a.eta, progress=not a.quiet))[0]
+        image = call(pipe, source, dict(negative=a.negative, steps=a.steps, guidance=a.guidance,
+                                        seed=a.seed, eta=a.eta, progress=not a.quiet))[0]
     images.save(image, out)
     print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, "
           f"total {time.perf_counter() - t0:.1f}s)")
@@ -65,17 +67,18 @@ def _sample(a, call) -> Path:
 
 
 def generate(a) -> Path:
-    return _sample(a, lambda p, kw: p.generate(a.prompt, height=a.height, width=a.width, **kw))
+    return _sample(a, lambda p, _, kw: p.generate(a.prompt, height=a.height, width=a.width,
+                                                   **kw))
 
 
 def img2img(a) -> Path:
-    return _sample(a, lambda p, kw: p.img2img(a.image, a.prompt, strength=a.strength, **kw))
+    return _sample(a, lambda p, src, kw: p.img2img(src, a.prompt, strength=a.strength, **kw))
 
 
 def upscale(a) -> Path:
-    return _sample(a, lambda p, kw: p.upscale(a.image, a.prompt, noise_level=a.noise_level,
-                                              tile=a.tile, overlap=a.overlap,
-                                              backproject=a.backproject, **kw))
+    return _sample(a, lambda p, src, kw: p.upscale(src, a.prompt, noise_level=a.noise_level,
+                                                   tile=a.tile, overlap=a.overlap,
+                                                   backproject=a.backproject, **kw))
 
 
 def invert(a) -> list[Path]:
@@ -255,6 +258,8 @@ def blend(a) -> list[Path]:
                _json(json_path, report)]
     outside = report["outside_mask_max_abs_diff"]
     off = "the source, pixel for pixel" if outside == 0 else f"off by up to {outside:.2e}"
+    if out.suffix.lower() in images.LOSSY:
+        off += f" before {out.suffix} compression, which changes it (use .png to keep it exact)"
     print(f"wrote {', '.join(map(str, written))}: {image.width}² edit in {seconds:.1f}s; outside "
           f"the mask the image is {off}")
     return written

@@ -45,5 +45,6 @@ def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_
     written = [images.save(im, out / name) for name, im, _ in shots]
     sheet = images.contact_sheet([(im, cap) for _, im, cap in shots])
     written.append(images.save(sheet, out / "contact_sheet.png"))
-    print(f"demo: wrote {len(written)} images to {out}/ in {time.perf_counter() - t0:.1f}s")
+    print(f"demo: wrote {len(written)} images to {out}/ in {time.perf_counter() - t0:.1f}s; "
+          f"all of them side by side: {written[-1]}")
     return written

@@ -15,13 +15,25 @@ import torch.nn.functional as F
 from PIL import Image
 
 
+MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
+LOSSY = (".jpg", ".jpeg", ".webp")
+
+
 def load(path) -> Image.Image:
+    """An image file as RGB; refused before decoding above MAX_PIXELS."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"{path}: the image is {w}×{h}, over the limit of "
+                                 f"{MAX_PIXELS // 10**6} megapixels; downscale it first")
             return im.convert("RGB")
+    except Image.DecompressionBombError:  # Pillow refuses far larger images itself
+        raise ValueError(f"{path}: the image is over the limit of {MAX_PIXELS // 10**6} "
+                         "megapixels; downscale it first") from None
     except OSError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
@@ -69,6 +81,10 @@ def check_out(path) -> tuple[Path, str]:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; --out names the image file to write")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"{path}: the folder {path.parent} is not writable; choose another")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")

@@ -62,7 +62,8 @@ class Model:
     def size(self, height=None, width=None) -> tuple[int, int]:
         """(height, width) checked against the VAE factor; None: the model's own side."""
         f = self.downscale
-        height, width = height or self.side, width or self.side
+        height = self.side if height is None else height
+        width = self.side if width is None else width
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
                 raise ValueError(f"{name}={v!r}: need a positive multiple of {f} "

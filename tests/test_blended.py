@@ -260,6 +260,10 @@ def test_cli_blend(tmp_path, capsys, cli_error):
     big = np.asarray(images.load(src).resize((256, 256), Image.LANCZOS)).astype(int)
     keep = np.asarray(Image.open(mpath).resize((256, 256), Image.NEAREST)) < 128
     assert (edit[keep] == big[keep]).all()
+    jpg = tmp_path / "edit.jpg"  # lossy: the exactness is not promised for what is written
+    assert main(["blend", "--image", str(src), "--mask", str(mpath), "--prompt", new.caption(),
+                 "--size", "256", *fast, "--out", str(jpg)]) == 0
+    assert "before .jpg compression, which changes it" in capsys.readouterr().out
 
     wide = images.save(Image.new("L", (128, 64)), tmp_path / "wide.png")
     args = ["blend", "--image", str(src), "--prompt", "x", *fast]

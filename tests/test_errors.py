@@ -141,3 +141,59 @@ def test_upscale_bad_option(tiny, tmp_path, capsys, flag, value):
                  "--steps", "2", flag, value, "--out", str(out), "--quiet"]) == 2
     assert f"{flag[2:].replace('-', '_')}={value}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def height_zero(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--height", "0"], "height=0"
+
+
+def out_is_a_folder(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--out", str(tmp)], "is a folder"
+
+
+def out_checked_before_the_model(tiny, tmp):
+    return ["--model", str(tmp / "nope"), "--out", str(tmp)], "is a folder"
+
+
+MORE = [height_zero, out_is_a_folder, out_checked_before_the_model]
+
+
+@pytest.mark.parametrize("case", MORE, ids=[c.__name__ for c in MORE])
+def test_generate_more_bad_input(tiny, tmp_path, capsys, case):
+    test_generate_bad_input(tiny, tmp_path, capsys, case)
+
+
+def _huge_png(path, side=30000):
+    """A PNG whose header says side × side: refused before any pixel is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("image,expected", [("missing.png", "no such image file"),
+                                            ("huge.png", "over the limit"),
+                                            ("folder", "no such image file"),
+                                            ("text.png", "not a readable image")])
+def test_img2img_input_checked_before_the_model(tiny, tmp_path, capsys, image, expected):
+    _huge_png(tmp_path / "huge.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "text.png").write_text("not an image")
+    out = tmp_path / "out.png"
+    capsys.readouterr()
+    assert main(["img2img", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / image),
+                 "--prompt", "x", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert not out.exists()
+
+
+def test_load_takes_one_embeddings_path_as_a_string(tmp_path):
+    import engine
+
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        engine.load(embeddings=str(tmp_path / "nope.safetensors"))
