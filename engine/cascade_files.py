@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import images
 from .invert import Trajectory
@@ -59,7 +58,7 @@ class CascadeInversion:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such inversion file "
                                     "(write one with `python -m engine iterinv`)")
-        with safe_open(path, "pt") as f:
+        with images.open_tensors(path) as f:
             meta, keys = f.metadata() or {}, set(f.keys())
             if "sr0.z_T" not in keys or "method" not in meta:
                 raise ValueError(f"{path}: not a cascade inversion file "

@@ -231,6 +231,9 @@ def _blend_inputs(a):
         if a.size < 16 or a.size % 16 or image.width != image.height:
             raise ValueError(f"--size {a.size} with a {image.width}×{image.height} image: need a "
                              "square image and a multiple of 16")
+        if a.size * a.size > images.MAX_PIXELS:
+            raise ValueError(f"--size {a.size}: over the limit of {images.MAX_PIXELS // 10**6} "
+                             "megapixels; pass a smaller size")
         if mask.size == image.size:  # a mask of another size is left to the edit's own check
             mask = mask.resize((a.size, a.size), images.Image.NEAREST)
         image = image.resize((a.size, a.size), images.Image.LANCZOS)

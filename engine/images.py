@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import safe_open
 import torch.nn.functional as F
 from PIL import Image
 
@@ -152,6 +153,17 @@ def write_atomic(path, write, keep: bool = False) -> Path:
     if new:
         _made(path)
     return path
+
+
+@contextmanager
+def open_tensors(path):
+    """safe_open(path) for reading, with one line naming the file when it is not .safetensors."""
+    try:
+        f = safe_open(str(path), "pt")
+    except Exception as e:  # safetensors' own error type for a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    with f:
+        yield f
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None, keep: bool = False) -> Path:

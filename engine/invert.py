@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import schedule
 from .denoiser import Cond, Denoiser, cfg, constant, guided_batch, per_step
-from .images import save_tensors
+from .images import open_tensors, save_tensors
 from .sample import ddim
 
 CONVENTIONS = ("destination", "source")
@@ -88,7 +87,7 @@ class Trajectory:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such trajectory file "
                                     "(write one with `python -m engine invert`)")
-        with safe_open(path, "pt") as f:
+        with open_tensors(path) as f:
             keys, meta = set(f.keys()), f.metadata() or {}
             if (not {"latents", "noises", "timesteps"} <= keys
                     or not {"convention", "num_steps", "strength"} <= set(meta)):

@@ -93,9 +93,12 @@ def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
     unexpected = sorted(set(sd) - set(want))
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
               for k in sorted(set(want) & set(sd)) if sd[k].shape != want[k].shape]
+    ints = [f"{k} ({str(sd[k].dtype).removeprefix('torch.')})" for k in sorted(set(want) & set(sd))
+            if want[k].is_floating_point() and not sd[k].is_floating_point()]
     problems = [f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
                 f"{len(unexpected)} unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
-                f"{len(shapes)} mis-shaped: {'; '.join(shapes[:3])}" if shapes else ""]
+                f"{len(shapes)} mis-shaped: {'; '.join(shapes[:3])}" if shapes else "",
+                f"{len(ints)} not floating point: {', '.join(ints[:3])}" if ints else ""]
     problems = [p for p in problems if p]
     if problems:
         raise LoadError(f"{where}: weights do not match the config: {' | '.join(problems)}")
@@ -177,6 +180,10 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
         converted = ldm.convert(sd, configs)
     except KeyError as e:
         raise LoadError(f"{path}: {e.args[0] if e.args else e}") from None
+    absent = [n for n in _MODELS if n not in converted]
+    if absent:
+        raise LoadError(f"{path}: no {' / '.join(absent)} weights found (an SD 1.x/2.x checkpoint "
+                        "has model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)")
     models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
     return Components(**models, tokenizer=Tokenizer.from_dir(config / "tokenizer"),
                       scheduler=SchedulerConfig.from_dict(configs["scheduler"]))

@@ -155,7 +155,32 @@ def out_checked_before_the_model(tiny, tmp):
     return ["--model", str(tmp / "nope"), "--out", str(tmp)], "is a folder"
 
 
-MORE = [height_zero, out_is_a_folder, out_checked_before_the_model]
+def single_file_matching_nothing(tiny, tmp):
+    save_file({"foo.weight": torch.zeros(3)}, tmp / "other.safetensors")
+    return ["--model", str(tmp / "other.safetensors"), "--config", str(tiny("sd1")[0])], \
+        "no unet / vae / text_encoder weights found"
+
+
+def integer_weights(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_weights(m / "unet" / "diffusion_pytorch_model.safetensors",
+                  lambda sd: sd.update({k: v.to(torch.int32) for k, v in sd.items()}))
+    return ["--model", str(m)], "not floating point"
+
+
+def huge_config_size(tiny, tmp):
+    m = _copy(tiny, "sd1", tmp)
+    _edit_json(m / "unet" / "config.json", sample_size=10**6)
+    return ["--model", str(m)], "over the limit"
+
+
+def huge_height(tiny, tmp):
+    return ["--model", str(tiny("sd1")[0]), "--height", "100000", "--width", "100000"], \
+        "over the limit"
+
+
+MORE = [height_zero, out_is_a_folder, out_checked_before_the_model, single_file_matching_nothing,
+        integer_weights, huge_config_size, huge_height]
 
 
 @pytest.mark.parametrize("case", MORE, ids=[c.__name__ for c in MORE])
@@ -197,3 +222,15 @@ def test_load_takes_one_embeddings_path_as_a_string(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         engine.load(embeddings=str(tmp_path / "nope.safetensors"))
+
+
+def test_iterinv_edit_inversion_that_is_not_safetensors(tmp_path, capsys):
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "inv.safetensors").write_text("hello")
+    capsys.readouterr()
+    assert main(["iterinv-edit", "--image", str(tmp_path / "in.png"), "--prompt", "x", "--edit", "y",
+                 "--inversion", str(tmp_path / "inv.safetensors"), "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a readable .safetensors file" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
