@@ -68,7 +68,8 @@ def prompt_args(p):
     p.add_argument("--embeddings", action="append", default=[], metavar="FILE",
                    help="pseudo-words for the prompts: a train-ti file (write <C>, <C|i|>, <C(i)>, "
                    "<C[i]>, or C*|t|, C*(t), C*[t]) or a diffusers / A1111 .safetensors embedding "
-                   "(write <name>); repeat for several")
+                   "(write <name>); repeat for several. A backslash keeps text as written: "
+                   "\\<b> is the text <b>")
     flag(p, "--semi", engine.load, "what <C(i)> puts in the concept's place below bin i: a zero "
          "input vector (the paper's code) or nothing", choices=["zero", "remove"])
 

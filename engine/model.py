@@ -145,7 +145,7 @@ class Model:
             with stage("text encode"):
                 return enc.encode(texts)
         with stage("tokenize"):
-            ids = self.tokenizer(texts).to(self.device)
+            ids = self.tokenizer([pr.unescape(t) for t in texts]).to(self.device)
         with stage("text encode"):
             return self.text_encoder(ids)
 

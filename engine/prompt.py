@@ -13,6 +13,7 @@ A prompt is text with pseudo-word references:
 i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a
 step at timestep t of a T-step model. `S*` names the concept S, or the only loaded concept when none
 is called S.
+A backslash keeps the text as written: `\\<b>` is the text "<b>" and `S\\*(t)` the text "S*(t)".
 """
 import re
 from collections.abc import Callable
@@ -71,7 +72,7 @@ def parse(text: str) -> list[str | Ref]:
     """Text and pseudo-word references, in order; ''.join(map(str, parse(text))) == text."""
     out, pos = [], 0
     for m in _START.finditer(text):
-        if m.start() < pos:
+        if m.start() < pos or text[m.start() - 1:m.start()] == "\\":  # escaped: text
             continue
         full = (_ANGLE if text[m.start()] == "<" else _PAPER).match(text, m.start())
         if full is None:
@@ -94,6 +95,11 @@ def parse(text: str) -> list[str | Ref]:
     if pos < len(text):
         out.append(text[pos:])
     return out
+
+
+def unescape(text: str) -> str:
+    """The text a prompt's plain part stands for: `\\<` is "<" and `\\*` is "*"."""
+    return text.replace("\\<", "<").replace("\\*", "*")
 
 
 def format(segments: list[str | Ref]) -> str:  # noqa: A001 - the inverse of parse
@@ -158,15 +164,16 @@ class Encoder:
         out = []
         for seg in parse(text):
             if isinstance(seg, str):
-                out.append(self.tokenizer.ids(seg))
+                out.append(self.tokenizer.ids(unescape(seg)))
                 continue
             c = self.concepts.get(seg.name)
             if c is None and seg.t is not None and len(self.concepts) == 1:
                 c = next(iter(self.concepts.values()))  # S* of the paper: the one loaded concept
             if c is None:
                 known = ", ".join(f"<{n}>" for n in self.concepts) or "none"
-                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; "
-                                  "load its file with --embeddings (Pipeline.load_embeddings)")
+                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; load its file "
+                                  "with --embeddings (Pipeline.load_embeddings), or write "
+                                  f"\\{seg} for the text itself")
             if seg.mode is not None and not c.multires:
                 raise PromptError(f"{seg}: {c.name} is an ordinary pseudo-word with no time bins; "
                                   f"write <{c.name}>")

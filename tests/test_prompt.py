@@ -155,3 +155,13 @@ def test_several_concepts_and_resolutions_in_one_prompt(pipe):
     cond = pipe.model.prompt_cond(texts, None, False)
     assert not torch.equal(cond(50), cond(950))        # <C[7]>: row 7 below bin 7, row 9 at bin 9
     assert torch.equal(cond(50), cond(750))            # bins 0 and 7: both rows 7
+
+
+def test_a_backslash_writes_the_text_of_a_pseudo_word():
+    assert pr.parse(r"a \<b> star and S\*(0.3)") == [r"a \<b> star and S\*(0.3)"]
+    assert pr.unescape(r"a \<b> star and S\*(0.3)") == "a <b> star and S*(0.3)"
+    p = engine.load()
+    with pytest.raises(pr.PromptError, match=r"write \\<b> for the text itself"):
+        p.model.encode_prompt(["a <b> star"])
+    want = p.model.text_encoder(p.model.tokenizer(["a <b> star"]))
+    assert torch.equal(p.model.encode_prompt([r"a \<b> star"]), want)
