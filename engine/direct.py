@@ -71,4 +71,4 @@ def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.Sched
     steps = frozenset(pairs[i][0] for i in injected_steps(len(pairs), inject_steps, every))
     den = Injected(denoiser, traj, sched, float(lam), steps)
     return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength,
-                progress=progress)
+                progress=progress, desc="edit (Direct Inversion)")

@@ -237,7 +237,7 @@ def reconstruct(model, traj: Trajectory, prompts: list[str], steps: int | None =
     else:
         den, c = model.denoiser(), constant(cond)
     return ddim(den, traj.latents[-1], c, model.scheduler, steps or traj.num_steps, traj.strength,
-                progress=progress)
+                progress=progress, desc="reconstruct")
 
 
 def null_text_cond(traj: Trajectory, cond: torch.Tensor) -> Cond:

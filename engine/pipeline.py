@@ -73,7 +73,8 @@ class Pipeline:
         shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
                  width // m.downscale)
         x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
-        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress)
+        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
+                 desc="generate")
         return self._out(x, output)
 
     @torch.no_grad()
@@ -96,7 +97,7 @@ class Pipeline:
         z0 = m.encode(x0, sample=True, generator=gen)
         noise = randn_tensor(z0.shape, gen, m.device, torch.float32).to(m.dtype)
         x = schedule.q_sample(m.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
-        x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress)
+        x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, desc="img2img")
         return self._out(x, output)
 
     @torch.no_grad()
@@ -130,7 +131,8 @@ class Pipeline:
         x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
         if tile is not None and max(shape[2:]) > tile:
             den = Tiled(den, tile, overlap)
-        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress)
+        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
+                 desc=f"upscale to {4 * low.shape[-1]}²")
         if not backproject:
             return self._out(x, output)
         y = images.back_project(m.decode(x).float(), low.float(), backproject)

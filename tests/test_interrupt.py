@@ -50,7 +50,7 @@ def scene_png(path, side):
 def test_generate(tmp_path, signum, code):
     (tmp_path / "out").mkdir()
     rc, err = interrupt(["generate", "--prompt", "a red star", "--steps", "900", "--out",
-                         "out/a.png"], tmp_path, started("denoise"), signum)
+                         "out/a.png"], tmp_path, started("generate"), signum)
     assert rc == code and err.strip().splitlines()[-1] == "interrupted: no output written"
     assert left(tmp_path) == ["out"]
 
@@ -64,7 +64,7 @@ def test_iterinv_leaves_no_folder(tmp_path):
 
 
 def test_demo_leaves_no_folder(tmp_path):
-    rc, err = interrupt(["demo", "--steps", "900", "--out", "d/e"], tmp_path, started("denoise"))
+    rc, err = interrupt(["demo", "--steps", "900", "--out", "d/e"], tmp_path, started("generate"))
     assert rc == 130 and "interrupted:" in err.splitlines()[-1]
     assert left(tmp_path) == []
 
