@@ -37,17 +37,7 @@ def _tensors_out(path, what="") -> Path:
     out = Path(path)
     if out.suffix != ".safetensors" or not out.parent.is_dir():
         raise ValueError(f"{out}: need a .safetensors path in an existing folder{what}")
-    return out
-
-
-def _folder_out(path) -> Path:
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out}: its parent folder {out.parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder; --out names the folder the results "
-                         "go to")
-    return out
+    return images.check_target(out)
 
 
 def _sample(a, call) -> Path:
@@ -142,7 +132,7 @@ def edit(a) -> list[Path]:
 def _cascade_inputs(a):
     """The input image and the output folder of iterinv / iterinv-edit, checked before any work."""
     image = images.load(a.image)
-    out = _folder_out(a.out)
+    out = images.check_target(a.out, folder=True)
     pyramid(image, a.size)  # checks the image and the size
     return image, out
 

@@ -76,16 +76,27 @@ def back_project(y: torch.Tensor, low: torch.Tensor, iterations: int) -> torch.T
     return y
 
 
-def check_out(path) -> tuple[Path, str]:
-    """(path, PIL format) of an image file we may write, or a one-line error; call it before long
-    work."""
+def check_target(path, folder: bool = False) -> Path:
+    """An output path we may write, a file (or with folder=True a folder of outputs), or a one-line
+    error; call it before long work."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a folder; --out names the image file to write")
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"{path}: the folder {path.parent} is not writable; choose another")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a folder; --out names the folder the results "
+                         "go to")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; --out names the file to write")
+    where = path if path.is_dir() else path.parent
+    if not os.access(where, os.W_OK):
+        raise PermissionError(f"{path}: the folder {where} is not writable; choose another")
+    return path
+
+
+def check_out(path) -> tuple[Path, str]:
+    """(path, PIL format) of an image file we may write, or a one-line error; call it before long
+    work."""
+    path = check_target(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")
