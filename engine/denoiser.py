@@ -30,8 +30,18 @@ def repeat_batch(emb: torch.Tensor, n: int, guided: bool) -> torch.Tensor:
 
 
 def repeat_cond(cond: "Cond", n: int, guided: bool) -> "Cond":
-    """`cond` for n copies of its batch (encoded once, repeated as `repeat_batch`)."""
-    return cond if n == 1 else lambda t: repeat_batch(cond(t), n, guided)
+    """`cond` for n copies of its batch (encoded once, repeated as `repeat_batch` once per distinct
+    embedding, not once per step)."""
+    if n == 1:
+        return cond
+    last = [None, None]  # the embedding cond(t) gave last, and its repetition
+
+    def repeated(t):
+        emb = cond(t)
+        if emb is not last[0]:
+            last[:] = [emb, repeat_batch(emb, n, guided)]
+        return last[1]
+    return repeated
 
 
 def cfg(out_u: torch.Tensor, out_c: torch.Tensor, w: float) -> torch.Tensor:
