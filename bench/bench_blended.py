@@ -37,7 +37,7 @@ from PIL import Image
 
 import engine
 from engine import blended, images, metrics, regions, world
-from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "blended.json"

@@ -28,7 +28,7 @@ import engine
 from engine import direct, images, metrics, world
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert, null_text
-from engine.load import DEFAULT_MODEL
+from engine.embedded import DEFAULT_MODEL
 from engine.sample import ddim
 
 RESULTS = Path(__file__).parent / "results"

@@ -34,7 +34,7 @@ import engine
 from engine import diffedit, images, iterinv, metrics, world
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert
-from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.rng import generator, randn_tensor
 from engine.sample import ddim
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import engine
-from engine import images, multires, world
-from engine.load import DEFAULT_MODEL
+from engine import images, multires, templates, world
+from engine.embedded import DEFAULT_MODEL
 from engine.metrics import Scorer
 from engine.profile import cpu_name
 from engine.world import Obj, Scene
@@ -145,7 +145,7 @@ def speed(args):
     orig = te.get_input_embeddings().weight.detach().clone()
     frozen = torch.ones(len(tok), dtype=torch.bool, device=dev)
     frozen[ids_new] = False
-    temps = multires.templates_for("auto", ours.model.tokenizer)
+    temps = templates.templates_for("auto", ours.model.tokenizer)
     g = torch.Generator().manual_seed(0)
 
     def diffusers_steps(n, cached=None):

@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine import tiled_vae  # noqa: E402
-from engine.load import DEFAULT_MODEL, load_component  # noqa: E402
+from engine.embedded import DEFAULT_MODEL  # noqa: E402
+from engine.checkpoints import load_component  # noqa: E402
 from engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "tiled_vae.json"

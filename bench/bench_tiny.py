@@ -16,8 +16,8 @@ from PIL import Image
 
 import engine
 from engine import images, world
-from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
-from engine.load import load_component
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.checkpoints import load_component
 from engine.metrics import Scorer, psnr
 
 OUT = Path(__file__).parent / "results" / "tiny_gates.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import engine
-from engine.load import DEFAULT_MODEL
+from engine.embedded import DEFAULT_MODEL
 from engine.profile import cpu_name
 
 PROMPT = "a large red star in the center, on a plain white background"

@@ -63,7 +63,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     from diffusers import UNet2DConditionModel as Reference
-    from engine.load import load_component
+    from engine.checkpoints import load_component
 
     folder = weights(Path(args.cache))
     ours = load_component(folder, "unet", dtype, device)

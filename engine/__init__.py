@@ -5,34 +5,42 @@
     pipe = engine.load("path/to/diffusers-folder")          # or a single-file LDM .safetensors
     image = pipe.generate("a red star", steps=30, seed=1)[0]
 """
-import torch
-
-from .load import LoadError
-from .model import Model
-from .pipeline import Pipeline
+from importlib import import_module
 
 __all__ = ["load", "Model", "Pipeline", "LoadError"]
+# imported on first use, so that `import engine` (and the CLI's --help) imports no torch
+_LAZY = {"Model": "model", "Pipeline": "pipeline", "LoadError": "checkpoints"}
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def load(path=None, dtype=torch.float32, device="cpu", variant=None, config=None,
-         prediction_type=None, embeddings=(), semi="zero") -> Pipeline:
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
+         prediction_type=None, embeddings=(), semi="zero"):
     """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a
     Pipeline. No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4).
-    embeddings: files of pseudo-words for its prompts (Pipeline.load_embeddings); semi: how <C(i)>
-    drops the concept ("zero" / "remove")."""
-    from .load import DEFAULT_MODEL, load as _load
+    dtype: a torch dtype or its name (float32, float16, bfloat16). embeddings: files of
+    pseudo-words for its prompts (Pipeline.load_embeddings); semi: how <C(i)> drops the concept
+    ("zero" / "remove")."""
+    import torch
+
+    from .embedded import DEFAULT_MODEL
+    from .checkpoints import load as load_model
+    from .pipeline import Pipeline
+    from .prompt import check_semi
 
     path = DEFAULT_MODEL if path is None else path
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16}.get(dtype, dtype)
-        if isinstance(dtype, str):
+        if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
-    from .prompt import check_semi
-
+        dtype = getattr(torch, _DTYPES[dtype])
     check_semi(semi)
-    pipe = Pipeline(_load(path, dtype, device, variant, config, prediction_type), semi)
+    pipe = Pipeline(load_model(path, dtype, device, variant, config, prediction_type), semi)
     if isinstance(embeddings, (str, bytes)) or hasattr(embeddings, "__fspath__"):
         embeddings = [embeddings]  # one path, not its characters
     pipe.load_embeddings(*(embeddings or ()))

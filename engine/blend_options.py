@@ -1,8 +1,6 @@
-"""Options and result of the multi-stage edit (engine.blended): its choices, defaults and checks."""
+"""Options of the multi-stage edit (engine.blended): its choices, defaults and checks."""
 import math
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 # after the step at t (MSBD, BLD-SD2), after at t_prev, before at t (BLD-LDM)
 BLENDS = ("after", "exact", "before")
@@ -80,17 +78,3 @@ def _whole(v, least):
 def _num(v, least):
     return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             and v >= least)
-
-
-@dataclass
-class Result:
-    """The edit at full resolution, each stage's output (crop, stitched with the original at that
-    resolution), the binary mask, the crop box (y, x, side), the candidates' CLIP scores and
-    per-stage tile counts and times."""
-    image: torch.Tensor
-    stages: list[torch.Tensor]
-    mask: torch.Tensor
-    box: tuple[int, int, int]
-    scores: list[float] = field(default_factory=list)
-    chosen: int = 0
-    log: list[dict] = field(default_factory=list)

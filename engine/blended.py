@@ -12,19 +12,34 @@ outside the mask, pixel for pixel.
 """
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from . import images, schedule
 from .blend_options import (BLENDS, RERANKS as RERANKS, STAGE_MODELS as STAGE_MODELS,
-                            UPSCALERS as UPSCALERS, Options, Result)
+                            UPSCALERS as UPSCALERS, Options)
 from .denoiser import Cond, repeat_cond
 from .model import check_pair
 from .rng import generator as make_generator, randn_tensor
 from .sample import ddim
 from .regions import (binary_mask, composite, crop_box, prepare_mask, progressive, resize,
                       stage_sides, tile_boxes)
+
+
+@dataclass
+class Result:
+    """The edit at full resolution, each stage's output (crop, stitched with the original at that
+    resolution), the binary mask, the crop box (y, x, side), the candidates' CLIP scores and
+    per-stage tile counts and times."""
+    image: torch.Tensor
+    stages: list[torch.Tensor]
+    mask: torch.Tensor
+    box: tuple[int, int, int]
+    scores: list[float] = field(default_factory=list)
+    chosen: int = 0
+    log: list[dict] = field(default_factory=list)
 
 
 def repaint_walk(pairs: list[tuple[int, int]], repeats: int,

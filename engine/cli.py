@@ -5,43 +5,41 @@ import signal
 import sys
 import threading
 
-from . import commands, demo, images
-from .blend_options import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS, Options
+from .blend_options import BLENDS, RERANKS, STAGE_MODELS, UPSCALERS
+from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from .flags import cascade_args, flag, model_args, prompt_args, sampling_args
-from .iterinv import Cascade
-from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
-from .multires import TEMPLATES, TrainConfig
-from .pipeline import Pipeline
+from .templates import TEMPLATES
 
 MULTIPLE = "its sides must be multiples of the VAE factor"
 
 
 def _sampling(sub):
+    gen, i2i, up = (f"engine.pipeline:Pipeline.{m}" for m in ("generate", "img2img", "upscale"))
     g = sub.add_parser("generate", help="text → image",
                        description="Text → image with DDIM and classifier-free guidance.")
-    sampling_args(g, Pipeline.generate, DEFAULT_MODEL)
-    flag(g, "--height", Pipeline.generate, "image height in pixels, a multiple of the VAE factor: "
+    sampling_args(g, gen, DEFAULT_MODEL)
+    flag(g, "--height", gen, "image height in pixels, a multiple of the VAE factor: "
          "8 for SD, 4 for the embedded model", none="the model's size", type=int)
-    flag(g, "--width", Pipeline.generate, "image width in pixels, a multiple of the VAE factor",
+    flag(g, "--width", gen, "image width in pixels, a multiple of the VAE factor",
          none="the model's size", type=int)
     i = sub.add_parser("img2img", help="image + text → image (SDEdit)", description="Noise an "
                        "image to a level set by --strength, then denoise it under the prompt.")
-    sampling_args(i, Pipeline.img2img, DEFAULT_MODEL)
+    sampling_args(i, i2i, DEFAULT_MODEL)
     i.add_argument("--image", required=True, help=f"input image; {MULTIPLE} (8 for SD, 4 for the "
                    "embedded model)")
-    flag(i, "--strength", Pipeline.img2img, "how much of the schedule to run, in (0, 1]: 1 ignores "
+    flag(i, "--strength", i2i, "how much of the schedule to run, in (0, 1]: 1 ignores "
          "the image")
     u = sub.add_parser("upscale", help="×4 super-resolution (SD x4-upscaler models)",
                        description="×4 super-resolution conditioned on the noise-augmented "
                        "low-res image.")
-    sampling_args(u, Pipeline.upscale, DEFAULT_UPSCALER)
+    sampling_args(u, up, DEFAULT_UPSCALER)
     u.add_argument("--image", required=True, help="the low-resolution input image")
-    flag(u, "--noise-level", Pipeline.upscale, "noise added to the low-res image, "
+    flag(u, "--noise-level", up, "noise added to the low-res image, "
          "0..max_noise_level")
-    flag(u, "--tile", Pipeline.upscale, "run the UNet on TILE×TILE windows of the low-res image, "
+    flag(u, "--tile", up, "run the UNet on TILE×TILE windows of the low-res image, "
          "blended every step (for inputs larger than the model was trained on, e.g. 64)", type=int)
-    flag(u, "--overlap", Pipeline.upscale, "overlap of neighbouring tiles in pixels")
-    flag(u, "--backproject", Pipeline.upscale, "iterations of back-projection onto the input after "
+    flag(u, "--overlap", up, "overlap of neighbouring tiles in pixels")
+    flag(u, "--backproject", up, "iterations of back-projection onto the input after "
          "decoding: each 4×4 block of the output then averages to its input pixel, which undoes "
          "colour drift; 3 is plenty", note=", the diffusers pipeline's output")
 
@@ -55,7 +53,7 @@ def _invert(sub):
     prompt_args(v)
     v.add_argument("--image", required=True, help=f"input image; {MULTIPLE} (8 for SD, 4 for the "
                    "embedded model)")
-    inv = Pipeline.invert
+    inv = "engine.pipeline:Pipeline.invert"
     flag(v, "--prompt", inv, "prompt the image is inverted under", none="empty")
     flag(v, "--steps", inv, "DDIM inversion steps")
     flag(v, "--convention", inv, "evaluate the noise at the next timestep (null-text inversion, "
@@ -83,7 +81,7 @@ def _edit(sub):
                         "words")
     prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit "
                         "each, written as OUT_0, OUT_1, …")
-    ed = Pipeline.edit
+    ed = "engine.pipeline:Pipeline.edit"
     flag(e, "--source", ed, "prompt the image is inverted under", none="empty")
     flag(e, "--negative", ed, "negative prompt of CFG", none="empty")
     flag(e, "--lambda", ed, "noise merge λ in [0, 1]: 0 = plain CFG from the inverted noise, 1 = "
@@ -117,7 +115,8 @@ def _iterinv(sub, edit: bool):
     p.add_argument("--image", required=True, help="a square input image; it is resized to each "
                    "stage's side")
     p.add_argument("--prompt", required=True, help="the caption of the input image")
-    inv, ed = Cascade.invert, Cascade.edit
+    cas = "engine.iterinv:Cascade"
+    inv, ed = f"{cas}.invert", f"{cas}.edit"
     if edit:
         p.add_argument("--edit", required=True, help="the edit prompt: the whole edited image "
                        "described in words")
@@ -143,8 +142,8 @@ def _iterinv(sub, edit: bool):
     flag(p, "--guidance", inv, "CFG of the base stage's null-text inversion")
     flag(p, "--noise-level", inv, "noise level of the low-res conditioning")
     flag(p, "--seed", inv, "seed of the low-res conditioning noise")
-    flag(p, "--tile", Cascade, "×4 stages run tile by tile above this low-res side")
-    flag(p, "--overlap", Cascade, "tile overlap in low-res pixels")
+    flag(p, "--tile", cas, "×4 stages run tile by tile above this low-res side")
+    flag(p, "--overlap", cas, "tile overlap in low-res pixels")
     p.add_argument("--out", required=True, help="output folder (created; files written only when "
                    "complete)")
 
@@ -192,7 +191,7 @@ def _blend(sub):
     p.add_argument("--size", type=int, help="output side: the (square) image and mask are resized "
                    "to SIZE² first, e.g. 1024 or 2048 (default: the image's own size)")
     for name, help, kw in BLEND_FLAGS:
-        flag(p, name, Options, help, **kw)
+        flag(p, name, "engine.blend_options:Options", help, **kw)
     p.add_argument("--out", required=True, help="output image; .png keeps the outside of the mask "
                    "exact, .jpg does not; written only when complete")
 
@@ -211,22 +210,23 @@ def _ti(sub):
                    "prompts")
     p.add_argument("--init-token", required=True, help="a one-token word every row starts from, "
                    "e.g. star")
-    flag(p, "--steps", TrainConfig, "optimiser steps")
-    flag(p, "--bins", TrainConfig, "K, the number of time bins")
-    flag(p, "--batch", TrainConfig, "examples per step")
-    flag(p, "--lr", TrainConfig, "AdamW learning rate", note=": the reference's 5e-4 scaled by its "
+    cfg = "engine.multires:TrainConfig"
+    flag(p, "--steps", cfg, "optimiser steps")
+    flag(p, "--bins", cfg, "K, the number of time bins")
+    flag(p, "--batch", cfg, "examples per step")
+    flag(p, "--lr", cfg, "AdamW learning rate", note=": the reference's 5e-4 scaled by its "
          "batch of 4")
-    flag(p, "--weight-decay", TrainConfig, "AdamW weight decay of the K rows")
-    flag(p, "--templates", TrainConfig, "prompt templates: the TI object or style sets, or the "
+    flag(p, "--weight-decay", cfg, "AdamW weight decay of the K rows")
+    flag(p, "--templates", cfg, "prompt templates: the TI object or style sets, or the "
          "embedded model's caption language; auto = object when the tokenizer knows its words, "
          "else world", choices=["auto", *TEMPLATES])
-    flag(p, "--flip", TrainConfig, "probability of a horizontal flip")
+    flag(p, "--flip", cfg, "probability of a horizontal flip")
     p.add_argument("--center-crop", action="store_true", help="centre-crop each image to a square "
                    "first")
     p.add_argument("--resolution", type=int, help="training side in pixels (default: the model's "
                    "size)")
-    flag(p, "--seed", TrainConfig, "seed of every step's draws")
-    flag(p, "--checkpoint-every", TrainConfig, "steps between checkpoints")
+    flag(p, "--seed", cfg, "seed of every step's draws")
+    flag(p, "--checkpoint-every", cfg, "steps between checkpoints")
     p.add_argument("--out", required=True, help="the embeddings file (.safetensors); written only "
                    "when complete")
     x = sub.add_parser("export-ti", help="one row of a train-ti file → a diffusers "
@@ -246,10 +246,10 @@ def _demo(sub):
                        "into out/", description="Text→image, img2img, a ×4 upscale to 256² and a "
                        "tiled ×4 upscale to 1024² on the embedded model; PNGs and a captioned "
                        "contact sheet under --out.")
-    flag(d, "--out", demo.run, "output folder", note="/")
-    flag(d, "--steps", demo.run, "DDIM steps of the base model")
-    flag(d, "--sr-steps", demo.run, "DDIM steps of each upscale")
-    flag(d, "--seed", demo.run, "seed of every stage")
+    flag(d, "--out", "engine.demo:run", "output folder", note="/")
+    flag(d, "--steps", "engine.demo:run", "DDIM steps of the base model")
+    flag(d, "--sr-steps", "engine.demo:run", "DDIM steps of each upscale")
+    flag(d, "--seed", "engine.demo:run", "seed of every stage")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -281,6 +281,7 @@ def main(argv=None) -> int:
     """Run one command. A bad input: one `error:` line, exit 2. Ctrl-C or SIGTERM: one
     `interrupted:` line, exit 130 or 143. Either way the command's outputs are taken back."""
     args = parser().parse_args(argv)
+    from . import commands, images  # torch: after parsing, so that --help is quick
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from . import images, world
-from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 PROMPTS = ["a large red star in the center, on a plain white background",
            "a small yellow circle on the left and a large blue square on the right, "

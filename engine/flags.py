@@ -1,21 +1,42 @@
 """Command-line flags written once: a flag that sets a parameter of the Python API takes its default
-from the API (`flag`), and the flag groups that several commands share."""
+from the API (`flag`), and the flag groups that several commands share. The defaults are read from
+the API's source, so building the parser imports no torch and `--help` is quick."""
 import argparse
-import dataclasses
-import inspect
+import ast
+import functools
+import importlib.util
+from pathlib import Path
 
-import torch
-
-import engine
-
-from .load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 
-def api_default(src, name: str):
-    """The default of parameter `name` of function `src`, or of field `name` of dataclass `src`."""
-    if dataclasses.is_dataclass(src):
-        return {f.name: f.default for f in dataclasses.fields(src)}[name]
-    return inspect.signature(src).parameters[name].default
+@functools.cache
+def _source(module: str) -> ast.Module:
+    return ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+
+
+def _defaults(fn: ast.FunctionDef) -> dict:
+    a = fn.args
+    named = [p.arg for p in a.posonlyargs + a.args]
+    out = dict(zip(named[len(named) - len(a.defaults):], a.defaults))
+    out.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
+    return out
+
+
+def api_default(src: str, name: str):
+    """The default of parameter `name` of `src`: "module:function", "module:Class.method" or
+    "module:Class" (its __init__, or a dataclass's field), a literal in the module's source."""
+    module, qualname = src.split(":")
+    node = _source(module)
+    for part in qualname.split("."):
+        node = next(n for n in node.body if getattr(n, "name", None) == part)
+    if isinstance(node, ast.ClassDef):
+        init = next((n for n in node.body if getattr(n, "name", None) == "__init__"), None)
+        if init is None:
+            fields = {n.target.id: n.value for n in node.body if isinstance(n, ast.AnnAssign)}
+            return ast.literal_eval(fields[name])
+        node = init
+    return ast.literal_eval(_defaults(node)[name])
 
 
 def _show(v) -> str:
@@ -26,12 +47,9 @@ def flag(p, name: str, src, help: str, *, param: str | None = None, note: str = 
          none: str | None = None, **kw) -> argparse.Action:
     """Add option `name` to parser `p` with the default of `src`'s `param` (default: the option's
     dest) and a help that ends in "(default X)": X the default then `note`, or ": `none`" for a
-    None or empty default. int and float defaults set the option's type; a torch dtype is written
-    as its name."""
+    None or empty default. int and float defaults set the option's type."""
     dest = kw.get("dest") or name.lstrip("-").replace("-", "_")
     default = api_default(src, param or dest)
-    if isinstance(default, torch.dtype):
-        default = str(default).removeprefix("torch.")
     if none is not None and default in (None, ""):
         help += f" (default: {none})"
     elif default is not None:
@@ -47,16 +65,16 @@ def model_args(p, model):
     p.add_argument("--model", default=str(model), help="a diffusers model folder (with "
                    "model_index.json) or a single-file SD 1.x/2.x checkpoint in LDM key layout "
                    f"(.safetensors only); default: the embedded model {where}")
-    flag(p, "--config", engine.load, "single-file checkpoints only: a diffusers folder whose "
+    flag(p, "--config", "engine:load", "single-file checkpoints only: a diffusers folder whose "
          "configs and tokenizer to use (its weights are not needed)")
-    flag(p, "--prediction-type", engine.load, "override the scheduler's prediction type (e.g. "
+    flag(p, "--prediction-type", "engine:load", "override the scheduler's prediction type (e.g. "
          "v_prediction for SD 2.x 768-v single files)",
          choices=["epsilon", "v_prediction", "sample"])
-    flag(p, "--variant", engine.load, "load weight files of this variant, e.g. fp16 "
+    flag(p, "--variant", "engine:load", "load weight files of this variant, e.g. fp16 "
          "(unet/diffusion_pytorch_model.fp16.safetensors)")
-    flag(p, "--dtype", engine.load, "weights and compute dtype",
+    flag(p, "--dtype", "engine:load", "weights and compute dtype",
          choices=["float32", "float16", "bfloat16"])
-    flag(p, "--device", engine.load, "torch device, e.g. cpu or cuda")
+    flag(p, "--device", "engine:load", "torch device, e.g. cpu or cuda")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR "
                    "and print a per-stage timing table (tokenize, text encode, each UNet step, "
                    "VAE decode)")
@@ -70,7 +88,7 @@ def prompt_args(p):
                    "<C[i]>, or C*|t|, C*(t), C*[t]) or a diffusers / A1111 .safetensors embedding "
                    "(write <name>); repeat for several. A backslash keeps text as written: "
                    "\\<b> is the text <b>")
-    flag(p, "--semi", engine.load, "what <C(i)> puts in the concept's place below bin i: a zero "
+    flag(p, "--semi", "engine:load", "what <C(i)> puts in the concept's place below bin i: a zero "
          "input vector (the paper's code) or nothing", choices=["zero", "remove"])
 
 

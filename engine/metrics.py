@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .load import build, fill, load_component, read_json, read_state_dict, weight_files
+from .checkpoints import build, fill, load_component, read_json, read_state_dict, weight_files
 from .models.clip import CLIPVisionConfig, CLIPVisionModel
 from .tokenizer import Tokenizer
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from . import images, multires, prompt as pr, schedule, tiled_vae
 from .denoiser import Cond, Denoiser, constant, guided_texts
-from .load import Components
+from .checkpoints import Components
 from .profile import stage
 
 

@@ -5,7 +5,7 @@ share."""
 import torch
 
 from . import direct, images, invert as inv, schedule
-from .load import Components
+from .checkpoints import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
 from .sample import check_args, ddim

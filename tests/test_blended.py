@@ -13,7 +13,7 @@ import engine
 from engine import blended as B, regions as R, images, metrics, schedule as S, world
 from engine.cli import main
 from engine.denoiser import Denoiser, constant
-from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.rng import generator
 from engine.sample import ddim
 

@@ -3,6 +3,8 @@ help), so that a default changed in one place only fails here."""
 import argparse
 import dataclasses
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,9 +82,13 @@ def test_flag_defaults_are_the_apis(command):
     assert checked, f"{command}: no flag matched an API parameter"
 
 
-def test_flag_takes_default_type_and_help_from_the_api():
-    def api(steps=30, scale=2.5, name=None, mode="fast"):
-        pass
+def test_flag_takes_default_type_and_help_from_the_api(tmp_path, monkeypatch):
+    (tmp_path / "some_api.py").write_text(
+        "class Thing:\n"
+        "    def run(self, steps=30, scale=2.5, name=None, *, mode='fast'):\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    api = "some_api:Thing.run"
 
     p = argparse.ArgumentParser()
     flag(p, "--steps", api, "steps")
@@ -98,3 +104,10 @@ def test_flag_takes_default_type_and_help_from_the_api():
     assert p.parse_args(["--steps", "4", "--guidance", "3"]).guidance == 3.0
     with pytest.raises(SystemExit):
         p.parse_args(["--steps", "4.5"])
+
+
+def test_help_imports_no_torch():
+    """Every command's --help is quick: building the parser imports no torch."""
+    code = ("import sys, engine.cli as c; c.parser(); import engine; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ from engine import diffedit, images, iterinv, metrics, schedule as S, world
 from engine.cli import main
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert
-from engine.load import DEFAULT_UPSCALER
+from engine.embedded import DEFAULT_UPSCALER
 from engine.sample import ddim
 
 # the tiny-x4 / SD x4-upscaler scheduler: v-prediction, ᾱ[0] as the final alpha

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import engine
-from engine.load import LoadError, load as load_components
+from engine.checkpoints import LoadError, load as load_components
 
 
 def _copy(tiny, tmp_path, kind="sd1"):

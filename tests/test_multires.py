@@ -8,7 +8,8 @@ import torch
 import engine
 from engine import multires, world
 from engine.cli import main
-from engine.load import DEFAULT_MODEL, LoadError
+from engine.embedded import DEFAULT_MODEL
+from engine.checkpoints import LoadError
 from engine.prompt import Concept
 
 STARS = [world.Scene((world.Obj("star", "red", "large", "in the center", 0, 0, a, "yellow"),), "plain", c)
@@ -166,7 +167,7 @@ def test_pseudo_words_work_in_direct_inversion_and_blended_edits():
     """A concept whose every row is the embedding of "blue" edits exactly as the word does, in Direct Inversion's
     `edit` and in the multi-stage blended `edit` (both stages of the cascade): the pseudo-word path composes."""
     from engine import blended, metrics
-    from engine.load import DEFAULT_UPSCALER
+    from engine.embedded import DEFAULT_UPSCALER
 
     base, sr = engine.load(), engine.load(DEFAULT_UPSCALER)
     for p in (base, sr):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import engine
-from engine.load import load as load_components
+from engine.checkpoints import load as load_components
 
 PIXEL_TOL = 2 / 255  # the end-to-end bound on [0, 1] pixels
 MODEL_TOL = 1e-4     # the bound on UNet / VAE / text-encoder outputs

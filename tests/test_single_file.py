@@ -4,13 +4,13 @@ import torch
 from safetensors.torch import save_file
 
 import engine
-from engine.load import LoadError, read_json
+from engine.checkpoints import LoadError, read_json
 from test_ldm import clip_to_openclip, unet_to_ldm, vae_to_ldm
 
 
 def write_single_file(folder, path, kind):
     """The tiny diffusers folder re-written as one LDM-layout .safetensors (test-side inverse mapping)."""
-    from engine.load import read_state_dict, weight_files
+    from engine.checkpoints import read_state_dict, weight_files
 
     unet = read_state_dict(weight_files(folder / "unet"))
     vae = read_state_dict(weight_files(folder / "vae"))

@@ -201,7 +201,7 @@ def test_the_runtime_model_applies_the_strategy(monkeypatch):
 def test_papers_take_models_not_pipelines():
     import engine
     from engine.iterinv import Cascade
-    from engine.load import DEFAULT_UPSCALER
+    from engine.embedded import DEFAULT_UPSCALER
 
     base, sr = engine.load(), engine.load(DEFAULT_UPSCALER)
     with pytest.raises(TypeError, match=r"a Pipeline's \.model"):

@@ -7,7 +7,7 @@ from PIL import Image
 
 import engine
 from engine import images, world
-from engine.load import DEFAULT_MODEL, DEFAULT_UPSCALER
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.metrics import Scorer
 from engine.tokenizer import Tokenizer
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.load import DEFAULT_MODEL, load_component
+from engine.embedded import DEFAULT_MODEL
+from engine.checkpoints import load_component
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

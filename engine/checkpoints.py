@@ -23,14 +23,6 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
-# the embedded model (weights/README.md), the default of every command: engine/weights/ when
-# installed, weights/ beside engine/ in a source checkout
-_WEIGHTS = [Path(__file__).resolve().parent / "weights",
-            Path(__file__).resolve().parent.parent / "weights"]
-DEFAULT_MODEL = next((w for w in _WEIGHTS if (w / "tiny").is_dir()), _WEIGHTS[-1]) / "tiny"
-DEFAULT_UPSCALER = DEFAULT_MODEL.with_name("tiny-x4")
-
-
 def _refuse_pickle(path: Path):
     raise LoadError(f"{path}: pickled checkpoints ({path.suffix}) can run arbitrary code "
                     "when loaded and are refused; convert it to .safetensors "
