@@ -253,9 +253,15 @@ def _demo(sub):
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class Parser(argparse.ArgumentParser):
+    """Its errors (and its subcommands') are one `error:` line, exit 2, as every bad input is."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine",
-                                 description="A small Stable-Diffusion-family engine.")
+    ap = Parser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
     _sampling(sub)
     _invert(sub)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import engine
 
-from . import demo as demos, images, multires, reports
+from . import (demo as demos, diffedit, direct, images, invert as inv, multires, prompt, reports,
+               rng, tiles)
 from .blended import MultiStage, Options
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
+from .sample import check_args, check_fraction
 
 
 def _load(a, path=None) -> engine.Pipeline:
@@ -21,6 +23,13 @@ def _load(a, path=None) -> engine.Pipeline:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
     return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,
                        prediction_type=a.prediction_type, **words)
+
+
+def _words(a, *texts):
+    """The prompts' syntax and pseudo-words, against the --embeddings files (read here too), so
+    that a bad prompt or file fails before the model loads."""
+    concepts = {c.name: c for path in a.embeddings for c in multires.load_concepts(path)}
+    prompt.check([t for t in texts if t is not None], concepts)
 
 
 def _fields(cls, a, **renamed) -> dict:
@@ -42,6 +51,9 @@ def _tensors_out(path, what="") -> Path:
 
 def _sample(a, call) -> Path:
     out, _ = images.check_out(a.out)
+    check_args(a.steps, a.guidance, a.eta)
+    rng.check_seed(a.seed)
+    _words(a, a.prompt, a.negative)
     # a missing or unreadable input fails before the model loads
     source = images.load(a.image) if getattr(a, "image", None) is not None else None
     with profiled(a.profile):
@@ -57,15 +69,19 @@ def _sample(a, call) -> Path:
 
 
 def generate(a) -> Path:
+    images.check_size(a.height, a.width)
     return _sample(a, lambda p, _, kw: p.generate(a.prompt, height=a.height, width=a.width,
                                                    **kw))
 
 
 def img2img(a) -> Path:
+    check_fraction("strength", a.strength, "; 1 ignores the image")
     return _sample(a, lambda p, src, kw: p.img2img(src, a.prompt, strength=a.strength, **kw))
 
 
 def upscale(a) -> Path:
+    tiles.check(a.tile, a.overlap, 8)
+    images.check_backproject(a.backproject)
     return _sample(a, lambda p, src, kw: p.upscale(src, a.prompt, noise_level=a.noise_level,
                                                    tile=a.tile, overlap=a.overlap,
                                                    backproject=a.backproject, **kw))
@@ -76,6 +92,9 @@ def invert(a) -> list[Path]:
     t0 = time.perf_counter()
     out = _tensors_out(a.out, " for the trajectory")
     rec_path, _ = images.check_out(a.reconstruction or out.with_suffix(".png"))
+    check_args(a.steps, a.guidance)
+    inv.check_null_text(a.null_text, a.guidance)
+    _words(a, a.prompt)
     with profiled(a.profile):
         pipe = _load(a)
         traj = pipe.invert(image, a.prompt, a.steps, a.convention, a.null_text, a.guidance,
@@ -109,11 +128,15 @@ def edit(a) -> list[Path]:
     out, _ = images.check_out(a.out)
     outs = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                             for i in range(len(prompts))]
+    check_args(a.steps, a.guidance)
+    direct.check_lambda(a.lam)
+    direct.injected_steps(a.steps, a.inject_steps, a.every)
+    _words(a, *prompts, a.source, a.negative)
+    scorer = reports.load_scorer(a.clip, a.model)
     with profiled(a.profile):
         edited, _ = _load(a).edit(image, prompts, a.source, a.steps, a.guidance, a.lam,
                                   a.inject_steps, a.every, a.negative, a.convention, output="pt",
                                   progress=not a.quiet)
-    scorer = reports.load_scorer(a.clip, a.model)
     report = {"image": str(a.image), **reports.edit_report(
         image, edited, prompts, source=a.source, steps=a.steps, guidance=a.guidance, lam=a.lam,
         inject_steps=a.inject_steps, every=a.every, convention=a.convention, scorer=scorer,
@@ -129,16 +152,30 @@ def edit(a) -> list[Path]:
     return written
 
 
-def _cascade_inputs(a):
-    """The input image and the output folder of iterinv / iterinv-edit, checked before any work."""
+def _cascade_inputs(a, *prompts):
+    """The input image and the output folder of iterinv / iterinv-edit, checked before any work
+    with the settings and prompts."""
     image = images.load(a.image)
     out = images.check_target(a.out, folder=True)
     pyramid(image, a.size)  # checks the image and the size
+    check_args(a.steps, a.guidance)
+    rng.check_seed(a.seed)
+    tiles.check(a.tile, a.overlap)
+    _words(a, a.prompt, *prompts)
     return image, out
 
 
+def _models(a):
+    """The base model and its ×4 stage; both paths are checked before either loads."""
+    for path in (a.model, a.upscaler):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist; pass a diffusers model folder or a "
+                                    ".safetensors file")
+    return _load(a).model, _load(a, a.upscaler).model
+
+
 def _cascade(a) -> Cascade:
-    return Cascade(_load(a).model, _load(a, a.upscaler).model, a.tile, a.overlap)
+    return Cascade(*_models(a), a.tile, a.overlap)
 
 
 def _invert_cascade(a, cas: Cascade, image):
@@ -155,13 +192,13 @@ def _finish(out: Path, written: list, sheet: list, name: str, report: dict) -> l
 
 def iterinv(a) -> list[Path]:
     image, out = _cascade_inputs(a)
+    scorer = reports.load_scorer(a.clip, a.model)
     t0 = time.perf_counter()
     with profiled(a.profile):
         cas = _cascade(a)
         inv = _invert_cascade(a, cas, image)
     seconds = time.perf_counter() - t0
     images.make_folder(out)
-    scorer = reports.load_scorer(a.clip, a.model)
     report = {"image": str(a.image), **reports.iterinv_report(image, inv, cas.sr, scorer, seconds)}
     pils = [images.to_pil(im)[0] for im in inv.images]
     written = [inv.save(out / "inversion.safetensors"),
@@ -188,9 +225,13 @@ def _inversion_stages(a):
 
 
 def iterinv_edit(a) -> list[Path]:
-    image, out = _cascade_inputs(a)
+    image, out = _cascade_inputs(a, a.edit)
+    check_args(a.steps, a.edit_guidance)
+    check_fraction("strength", a.strength)
+    diffedit.check_mask(a.mask_strength, a.mask_ratio)
     images.check_backproject(a.backproject)
     stages = _inversion_stages(a) if a.inversion else None
+    scorer = reports.load_scorer(a.clip, a.model)
     t0 = time.perf_counter()
     with profiled(a.profile):
         cas = _cascade(a)
@@ -203,7 +244,7 @@ def iterinv_edit(a) -> list[Path]:
     images.make_folder(out)
     report = {"image": str(a.image), **reports.iterinv_edit_report(
         image, edits, mask, a.prompt, a.edit, inversion=a.inversion, backproject=a.backproject,
-        scorer=reports.load_scorer(a.clip, a.model), seconds=seconds)}
+        scorer=scorer, seconds=seconds)}
     pils = [images.to_pil(im)[0] for im in edits]
     mask_pil = reports.mask_image(reports.full_mask(mask, edits[-1]))
     written = [images.save(pils[-1], out / "edit.png"), images.save(mask_pil, out / "mask.png")]
@@ -217,6 +258,14 @@ def iterinv_edit(a) -> list[Path]:
 def _blend_inputs(a):
     """The image and mask of `blend`, resized to --size."""
     image, mask = images.load(a.image), images.load(a.mask)
+    (w, h), (mw, mh) = image.size, mask.size
+    if mw * h != mh * w:
+        raise ValueError(f"{a.mask} is {mw}×{mh} but the image is {w}×{h}: draw the mask at the "
+                         "image's size")
+    if a.margin is None and w != h:
+        raise ValueError(f"{a.image} is {w}×{h}: without --margin the whole image is edited and "
+                         "must be square; give a margin (e.g. 1.2) to edit a square crop around "
+                         "the mask")
     if a.size is not None:
         if a.size < 16 or a.size % 16 or image.width != image.height:
             raise ValueError(f"--size {a.size} with a {image.width}×{image.height} image: need a "
@@ -233,11 +282,16 @@ def _blend_inputs(a):
 def blend(a) -> list[Path]:
     out, _ = images.check_out(a.out)
     opts = Options(**_fields(Options, a, upscaler="upscale_with"))
+    rng.check_seed(a.seed)
     image, mask = _blend_inputs(a)
+    _words(a, a.prompt)
+    scorer = reports.load_scorer(a.clip, a.model)
+    if scorer is None and opts.candidates > 1:
+        raise ValueError(f"--candidates {opts.candidates} needs a CLIP scorer to rerank them and "
+                         f"{a.model} has none; pass --clip or use --candidates 1")
     t0 = time.perf_counter()
     with profiled(a.profile):
-        base, sr = _load(a).model, _load(a, a.upscaler).model
-        scorer = reports.load_scorer(a.clip, a.model)
+        base, sr = _models(a)
         res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask,
                                                 a.prompt, opts, progress=not a.quiet)
     seconds = time.perf_counter() - t0
@@ -262,6 +316,8 @@ def train_ti(a) -> list[Path]:
     out = _tensors_out(a.out)
     cfg = multires.TrainConfig(**_fields(multires.TrainConfig, a))
     cfg.check()
+    images.check_size(a.resolution, a.resolution, ("resolution", "resolution"))
+    multires.load_images(a.images, 8)  # the folder and every image, before the model loads
     t0 = time.perf_counter()
     with profiled(a.profile):
         pipe = _load(a)
@@ -293,6 +349,12 @@ def export_ti(a) -> list[Path]:
 
 
 def demo(a) -> list[Path]:
+    top = next(p for p in [Path(a.out), *Path(a.out).parents] if p.exists())
+    images.check_target(top, folder=True)  # what of --out exists: folders we may write in
+    for flag, steps in (("--steps", a.steps), ("--sr-steps", a.sr_steps)):
+        if steps < 1:
+            raise ValueError(f"{flag} {steps}: need a positive whole number of DDIM steps")
+    rng.check_seed(a.seed)
     return demos.run(a.out, a.steps, a.sr_steps, seed=a.seed, progress=not a.quiet)
 
 

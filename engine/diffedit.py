@@ -1,12 +1,28 @@
 """DiffEdit (Couairon et al. 2023) as IterInv's editing code uses it on the base stage
 (algorithms.md 6.3): a mask from the disagreement of two prompts' noise predictions, and DDIM that
 keeps the inverted latents outside it."""
+import math
+
 import torch
 
 from . import schedule
 from .denoiser import Cond, Denoiser
 from .rng import randn_tensor
-from .sample import ddim
+from .sample import check_args, check_fraction, ddim
+
+
+def check_mask(strength: float, ratio: float, steps: int = 50, maps: int = 10):
+    """The DiffEdit mask's settings (diffedit_mask), or a one-line error; call it before long
+    work."""
+    check_args(steps, 1.0)
+    check_fraction("mask_strength", strength, "; the noise level the predictions are compared at")
+    if int(steps * strength) < 1:
+        raise ValueError(f"mask_strength={strength} with {steps} mask steps leaves no timestep to "
+                         "compare at; raise it")
+    if isinstance(maps, bool) or not isinstance(maps, int) or maps < 1:
+        raise ValueError(f"mask_maps={maps!r}: need a whole number ≥ 1")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        raise ValueError(f"mask_ratio={ratio!r}: need a finite number > 0, e.g. 3")
 
 
 def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Cond, sched,
@@ -16,6 +32,7 @@ def diffedit_mask(den: Denoiser, z0: torch.Tensor, cond_src: Cond, cond_tgt: Con
     t(strength) and over channels of |ε̂_tgt − ε̂_src|, clamped to [0, ratio·mean], scaled to [0, 1]
     and binarised at 0.5. cond_*(t) give (2·maps·B, L, D) [uncond; cond] embeddings when `den` is
     guided. Returns (B, 1, h, w) in {0, 1}."""
+    check_mask(strength, ratio, steps, maps)
     t = int(schedule.timesteps(sched, steps, strength)[0])
     b = z0.shape[0]
     zs = z0.repeat(maps, 1, 1, 1)

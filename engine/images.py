@@ -23,6 +23,8 @@ LOSSY = (".jpg", ".jpeg", ".webp")
 def load(path) -> Image.Image:
     """An image file as RGB; refused before decoding above MAX_PIXELS."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; pass an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
@@ -37,6 +39,17 @@ def load(path) -> Image.Image:
                          "megapixels; downscale it first") from None
     except OSError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def check_size(height, width, names=("height", "width")):
+    """Requested output sides in pixels (None: the model's own), or a one-line error: positive whole
+    numbers, within MAX_PIXELS together. The model checks its VAE factor."""
+    for name, v in zip(names, (height, width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name}={v!r}: need a positive whole number of pixels")
+    if height is not None and width is not None and height * width > MAX_PIXELS:
+        raise ValueError(f"{height}×{width} is over the limit of {MAX_PIXELS // 10**6} megapixels; "
+                         f"pass a smaller {' / '.join(dict.fromkeys(names))}")
 
 
 def to_tensor(images) -> torch.Tensor:

@@ -122,6 +122,16 @@ def invert(denoiser: Denoiser, z0: torch.Tensor, cond: Cond, sched: schedule.Sch
                       strength)
 
 
+def check_null_text(method: str | None, guidance: float):
+    """A null-text method (None: none) and the guidance it optimises for, or a one-line error;
+    call it before long work."""
+    if method is not None and method not in NULL_TEXT_METHODS:
+        raise ValueError(f"null_text={method!r}: use None, 'reference' or 'fast'")
+    if method is not None and not guidance > 1:
+        raise ValueError(f"null-text inversion needs guidance > 1 (got {guidance}); "
+                         "7.5 is the reference")
+
+
 def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: torch.Tensor,
               sched: schedule.SchedulerConfig, method: str = "reference", inner_steps: int = 10,
               lr: float = 1e-2, early_stop: float = 1e-5, progress: bool = True) -> Trajectory:
@@ -212,6 +222,7 @@ def invert_image(model, x: torch.Tensor, prompts: list[str], steps: int,
     """DDIM-invert images x (B, 3, H, W) in [-1, 1] on an engine.model.Model: the VAE mean latent
     under one prompt per image, without CFG; with null_text_method, also the null-text embeddings
     for CFG at `guidance`."""
+    check_null_text(null_text_method, guidance)
     z0 = model.encode(x)
     cond = model.encode_prompt(prompts)
     traj = invert(model.denoiser(), z0, constant(cond), model.scheduler, steps, strength,

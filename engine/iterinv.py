@@ -27,15 +27,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import images, schedule
+from . import diffedit, images, schedule, tiles
 from .cascade_files import CascadeInversion, SRInversion
 from .denoiser import Cond, constant, repeat_cond
-from .diffedit import diffedit_mask, masked_ddim
 from .invert import invert as ddim_invert, invert_image, reconstruct
 from .model import check_pair
 from .rng import generator, randn_tensor
-from .sample import check_args, ddim
-from .tiles import Tiled
+from .sample import check_args, check_fraction, ddim
 
 MODES = ("paper", "fast")
 
@@ -186,13 +184,14 @@ class Cascade:
 
     def __init__(self, base, sr, tile: int = 64, overlap: int = 16):
         check_pair(base, sr, "Cascade")
+        tiles.check(tile, overlap)
         self.base, self.sr, self.tile, self.overlap = base, sr, tile, overlap
 
     def sr_denoiser(self, low: torch.Tensor, noise: torch.Tensor, level: int):
         """An SR stage's denoiser, ĉ = q_sample(low, level, noise) fixed: the same for inversion and
         sampling."""
         den = self.sr.upscaler_denoiser(low, level, noise)
-        return Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
+        return tiles.Tiled(den, self.tile, self.overlap) if max(low.shape[2:]) > self.tile else den
 
     def _stage1(self, x64, prompts, stage1, steps, guidance, progress):
         b = self.base
@@ -276,6 +275,9 @@ class Cascade:
         b, sr = self.base, self.sr
         check_args(steps, guidance)
         self.sr.check_noise_level(noise_level)
+        check_fraction("strength", strength)
+        diffedit.check_mask(mask_strength, mask_ratio, mask_steps, mask_maps)
+        images.check_backproject(backproject)
         sources = [source] if isinstance(source, str) else list(source)
         targets = [target] if isinstance(target, str) else list(target)
         pyr = pyramid(image, 64 * 4 ** len(stages))
@@ -283,18 +285,15 @@ class Cascade:
         if not len(sources) == len(targets) == x64.shape[0]:
             raise ValueError(f"{len(sources)} source and {len(targets)} edit prompts "
                              f"for {x64.shape[0]} images")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength={strength!r}: need a number in (0, 1]")
-        images.check_backproject(backproject)
         den = b.denoiser(guidance)
         z0 = b.encode(x64)
         src, tgt = (constant(b.encode_prompt(ps, None, den.guided)) for ps in (sources, targets))
         # each prompt encoded once
         maps = [repeat_cond(c, mask_maps, den.guided) for c in (src, tgt)]
-        mask = diffedit_mask(den, z0, *maps, b.scheduler, mask_steps, mask_strength, mask_maps,
-                             mask_ratio, generator(seed))
+        mask = diffedit.diffedit_mask(den, z0, *maps, b.scheduler, mask_steps, mask_strength,
+                                      mask_maps, mask_ratio, generator(seed))
         traj = ddim_invert(den, z0, src, b.scheduler, steps, strength, "destination", progress)
-        low = b.decode(masked_ddim(den, traj, tgt, b.scheduler, mask, progress))
+        low = b.decode(diffedit.masked_ddim(den, traj, tgt, b.scheduler, mask, progress))
         outs = [low.float()]
         cond = constant(sr.encode_prompt(targets))
         for st in stages:

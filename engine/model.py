@@ -64,14 +64,11 @@ class Model:
         f = self.downscale
         height = self.side if height is None else height
         width = self.side if width is None else width
+        images.check_size(height, width)
         for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
+            if v % f:
                 raise ValueError(f"{name}={v!r}: need a positive multiple of {f} "
                                  "(the VAE's downscale factor)")
-        if height * width > images.MAX_PIXELS:
-            raise ValueError(f"{height}×{width} is over the limit of "
-                             f"{images.MAX_PIXELS // 10**6} megapixels; pass a smaller "
-                             "height / width (--height, --width)")
         return height, width
 
     def pixels(self, image, multiple: int | None = None, batch: int = 1) -> torch.Tensor:

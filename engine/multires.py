@@ -54,6 +54,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}={v!r}: need a finite number ≥ 0")
+        if self.flip > 1:
+            raise ValueError(f"flip={self.flip!r}: need a probability in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------- files

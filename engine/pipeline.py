@@ -4,12 +4,11 @@ share."""
 
 import torch
 
-from . import direct, images, invert as inv, schedule
+from . import direct, images, invert as inv, schedule, tiles
 from .checkpoints import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
-from .sample import check_args, ddim
-from .tiles import Tiled
+from .sample import check_args, check_fraction, ddim
 
 
 def _check(steps, guidance, eta, output):
@@ -17,6 +16,16 @@ def _check(steps, guidance, eta, output):
     if output not in ("pil", "pt"):
         raise ValueError(f"output={output!r}: use 'pil' for PIL images or 'pt' for tensors "
                          "in [-1, 1]")
+
+
+def _texts(texts, name: str) -> list[str]:
+    """A string or a non-empty list / tuple of strings as a list, or a one-line error."""
+    out = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) \
+        else []
+    if not out or not all(isinstance(t, str) for t in out):
+        raise ValueError(f"{name}: need a string or a non-empty list of strings, got "
+                         f"{type(texts).__name__}")
+    return out
 
 
 class Pipeline:
@@ -44,11 +53,10 @@ class Pipeline:
             raise ValueError("this is an x4 upscaler model: use upscale()" if self.is_upscaler else
                              "upscale() needs an x4 upscaler model "
                              "(a folder with low_res_scheduler/)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: need a string or a non-empty list of strings")
+        prompts = _texts(prompt, "prompt")
         if negative is not None:
-            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            negative = [negative] * len(prompts) if isinstance(negative, str) else \
+                _texts(negative, "negative")
             if len(negative) != len(prompts):
                 raise ValueError(f"negative: {len(negative)} negative prompts for "
                                  f"{len(prompts)} prompts")
@@ -83,8 +91,7 @@ class Pipeline:
         """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt
         (diffusers img2img)."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength={strength!r}: need a number in (0, 1]; 1 ignores the image")
+        check_fraction("strength", strength, "; 1 ignores the image")
         m = self.model
         x0 = m.pixels(image, batch=len(prompts))
         timesteps = schedule.timesteps(m.scheduler, steps, strength)
@@ -115,10 +122,7 @@ class Pipeline:
         StableDiffusionUpscalePipeline output."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output,
                                         upscaler=True)
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8
-                                 or tile % 8):
-            raise ValueError(f"tile={tile!r}: need a multiple of 8 pixels of the low-res image, "
-                             "e.g. 64")
+        tiles.check(tile, overlap, 8)
         images.check_backproject(backproject)
         m = self.model
         m.check_noise_level(noise_level)
@@ -130,7 +134,7 @@ class Pipeline:
         shape = (low.shape[0], m.vae.config.latent_channels, *low.shape[2:])
         x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
         if tile is not None and max(shape[2:]) > tile:
-            den = Tiled(den, tile, overlap)
+            den = tiles.Tiled(den, tile, overlap)
         x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
                  desc=f"upscale to {4 * low.shape[-1]}²")
         if not backproject:
@@ -146,8 +150,7 @@ class Pipeline:
         that CFG sampling at `guidance` reconstructs the image (null-text inversion); `reconstruct`
         uses them."""
         prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
-        if null_text is not None and null_text not in inv.NULL_TEXT_METHODS:
-            raise ValueError(f"null_text={null_text!r}: use None, 'reference' or 'fast'")
+        inv.check_null_text(null_text, guidance)
         x = self.model.pixels(image, batch=len(prompts))
         if len(prompts) == 1 < x.shape[0]:
             prompts = prompts * x.shape[0]

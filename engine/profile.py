@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from . import images
+
 _records: list | None = None
 
 
@@ -51,7 +53,10 @@ def profiled(out_dir=None):
             yield records
             return
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out}: exists and is not a folder; --profile names the folder the "
+                             "trace goes to")
+        images.make_folder(out)  # taken back with the command's outputs
         acts = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             acts.append(torch.profiler.ProfilerActivity.CUDA)

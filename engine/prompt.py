@@ -148,6 +148,33 @@ def check_semi(semi: str) -> str:
     return semi
 
 
+def concept(ref: Ref, concepts: dict[str, Concept]) -> Concept:
+    """The concept `ref` names, checked to take its bin; unknown names are an error here."""
+    c = concepts.get(ref.name)
+    if c is None and ref.t is not None and len(concepts) == 1:
+        c = next(iter(concepts.values()))  # S* of the paper: the one loaded concept
+    if c is None:
+        known = ", ".join(f"<{n}>" for n in concepts) or "none"
+        raise PromptError(f"unknown pseudo-word {ref}: loaded: {known}; load its file "
+                          "with --embeddings (Pipeline.load_embeddings), or write "
+                          f"\\{ref} for the text itself")
+    if ref.mode is not None and not c.multires:
+        raise PromptError(f"{ref}: {c.name} is an ordinary pseudo-word with no time bins; "
+                          f"write <{c.name}>")
+    if ref.mode is not None:
+        ref.bin(c.bins)
+    return c
+
+
+def check(texts, concepts: dict[str, Concept]) -> None:
+    """The syntax and pseudo-words of prompts, against `concepts`, without a model: a bad prompt
+    fails before one loads."""
+    for text in texts:
+        for seg in parse(text):
+            if isinstance(seg, Ref):
+                concept(seg, concepts)
+
+
 class Encoder:
     """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection
     changes."""
@@ -166,20 +193,7 @@ class Encoder:
             if isinstance(seg, str):
                 out.append(self.tokenizer.ids(unescape(seg)))
                 continue
-            c = self.concepts.get(seg.name)
-            if c is None and seg.t is not None and len(self.concepts) == 1:
-                c = next(iter(self.concepts.values()))  # S* of the paper: the one loaded concept
-            if c is None:
-                known = ", ".join(f"<{n}>" for n in self.concepts) or "none"
-                raise PromptError(f"unknown pseudo-word {seg}: loaded: {known}; load its file "
-                                  "with --embeddings (Pipeline.load_embeddings), or write "
-                                  f"\\{seg} for the text itself")
-            if seg.mode is not None and not c.multires:
-                raise PromptError(f"{seg}: {c.name} is an ordinary pseudo-word with no time bins; "
-                                  f"write <{c.name}>")
-            if seg.mode is not None:
-                seg.bin(c.bins)
-            out.append((seg, c))
+            out.append((seg, concept(seg, self.concepts)))
         return out
 
     def _embed(self, resolved, t: int) -> torch.Tensor:

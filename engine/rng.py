@@ -1,9 +1,23 @@
 """Seeded noise drawn exactly as diffusers draws it, so the same seed gives the same image."""
+import operator
+
 import torch
 
 
+def check_seed(seed) -> int | None:
+    """A seed torch takes (a whole number in [-2⁶³, 2⁶⁴)) or None, or a one-line error."""
+    try:
+        whole = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        whole = None
+    if seed is not None and (whole is None or not -2**63 <= whole < 2**64):
+        raise ValueError(f"seed={seed!r}: need a whole number in [0, 2⁶⁴), e.g. 0")
+    return whole
+
+
 def generator(seed: int | None) -> torch.Generator | None:
-    return None if seed is None else torch.Generator("cpu").manual_seed(int(seed))
+    seed = check_seed(seed)
+    return None if seed is None else torch.Generator("cpu").manual_seed(seed)
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None):

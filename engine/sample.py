@@ -20,6 +20,13 @@ def check_args(steps, guidance, eta=0.0):
             raise ValueError(f"{name}={v!r}: need a finite number ≥ 0 ({hint})")
 
 
+def check_fraction(name: str, v, hint: str = "") -> float:
+    """A strength-like number in (0, 1], or a one-line error naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"{name}={v!r}: need a number in (0, 1]{hint}")
+    return v
+
+
 # x ← hook(x, t, t_next) around a step from t down to t_next
 Hook = Callable[[torch.Tensor, int, int], torch.Tensor]
 

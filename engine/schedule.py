@@ -142,7 +142,8 @@ def timesteps(cfg, num_steps, strength=1.0):
     `strength`."""
     T = cfg.num_train_timesteps
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps={num_steps!r} must be an int in [1, num_train_timesteps={T}]")
+        raise ValueError(f"steps={num_steps!r}: need a whole number in [1, {T}], the model's "
+                         "training timesteps")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength!r} must be in [0, 1]")
     if cfg.timestep_spacing == "linspace":

@@ -12,6 +12,19 @@ import torch
 from .denoiser import Cond, Denoiser, repeat_batch
 
 
+def check(tile, overlap, multiple: int = 1):
+    """A tile side in low-res pixels (None: no tiles) and the overlap of neighbouring tiles, or a
+    one-line error; call it before long work."""
+    if tile is None:
+        return
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < multiple or tile % multiple:
+        need = f"a multiple of {multiple}" if multiple > 1 else "a positive whole number of"
+        raise ValueError(f"tile={tile!r}: need {need} pixels of the low-res image, e.g. 64")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"overlap={overlap!r}: need a whole number of pixels in [0, {tile}), "
+                         "less than the tile")
+
+
 def starts(size: int, tile: int, overlap: int) -> list[int]:
     """Tile offsets covering [0, size) with at least `overlap` shared pixels between neighbours."""
     if size <= tile:
