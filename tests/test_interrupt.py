@@ -80,3 +80,35 @@ def test_train_ti_keeps_its_checkpoint_and_says_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == \
         f"interrupted: rerun the same command to resume from {ckpt.name}"
     assert left(tmp_path) == ["a.png", "c.ckpt.safetensors", "imgs"]
+
+
+def mask_png(path, side):
+    m = np.zeros((side, side), np.uint8)
+    m[side // 4:3 * side // 4, side // 4:3 * side // 4] = 255
+    Image.fromarray(m).save(path)
+    return path
+
+
+LONG = [  # (the command line, a progress bar it runs once working); inputs: in.png 64², small.png
+    # 16², mask.png
+    ("img2img --image in.png --prompt x --strength 1 --steps 900 --out o.png --profile prof",
+     "img2img:"),
+    ("upscale --image small.png --prompt x --steps 900 --out o.png", "upscale to 64²:"),
+    ("invert --image in.png --steps 900 --out o.safetensors", "invert:"),
+    ("edit --image in.png --prompt x --steps 900 --out o.png", "invert:"),
+    ("iterinv-edit --image in.png --prompt x --edit y --steps 900 --out res", "invert:"),
+    ("blend --image in.png --mask mask.png --prompt x --steps 900 --out o.png", "stage 1/"),
+]
+
+
+@pytest.mark.parametrize("args,bar", LONG, ids=[a.split()[0] for a, _ in LONG])
+def test_interrupted_command_leaves_nothing(tmp_path, args, bar):
+    inputs = [scene_png(tmp_path / "in.png", 64), scene_png(tmp_path / "small.png", 16),
+              mask_png(tmp_path / "mask.png", 64)]
+    rc, err = interrupt(args.split(), tmp_path, lambda text: bar in text)
+    lines = err.strip().splitlines()
+    assert rc == 130 and "Traceback" not in err, err
+    assert lines[-1] == "interrupted: no output written"
+    assert sum(line.startswith("interrupted:") for line in lines) == 1
+    # no output, sidecar (o_sheet.png, o.json, o.png of invert), temporary, folder or --profile
+    assert left(tmp_path) == sorted(p.name for p in inputs)

@@ -11,7 +11,10 @@ Training runs the engine's own models (engine.models); only `ship` writes the di
 import argparse
 import json
 import math
+import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +111,13 @@ def hard_negative(s: world.Scene, rng: np.random.Generator) -> str:
 
 # ---------------------------------------------------------------------------------------------- training utils
 
+def save(obj, path: Path):
+    """torch.save through a temporary file, so that an interrupted save leaves the last file whole."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int = 200):
     """Run step_fn(step, rng) for steps [start, total), saving modules + optimiser to build/<name>.pt; resumes.
 
@@ -129,8 +139,8 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
         torch.manual_seed(key * 1_000_003 + step)
         losses.append(step_fn(step, np.random.default_rng([key, step])))
         if (step + 1) % every == 0 or step + 1 == total:
-            torch.save({**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
-                        "step": step + 1}, path)
+            save({**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
+                  "step": step + 1}, path)
             log(f"{name}: step {step + 1}/{total} loss {np.mean(losses[-every:]):.4f} "
                 f"({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
 
@@ -399,10 +409,10 @@ def stage_data():
     lat = latent_means(vae, imgs, 500) * SCALING_FACTOR
     log(f"data: latent std {std:.4f} rescaled so that scaling_factor {SCALING_FACTOR} gives std {lat.std():.4f}")
     emb = embed_captions(scorer, [s.caption() for s in ss])
-    torch.save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
-                "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
+    save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
+          "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
 
-    torch.save(sr_data(vae, scorer), BUILD / "data_sr.pt")
+    save(sr_data(vae, scorer), BUILD / "data_sr.pt")
     log(f"data: {len(ss)} base latents, {SR_LATENTS} whole SR scenes")
 
 
@@ -556,6 +566,10 @@ STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "d
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM stops as Ctrl-C does
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=list(STAGES), help="run one stage (default: all, skipping finished ones)")
@@ -563,11 +577,19 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     BUILD.mkdir(parents=True, exist_ok=True)
-    for name in [args.stage] if args.stage else list(STAGES):
-        if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
-            continue
-        log(f"stage {name}")
-        STAGES[name]()
+    signal.signal(signal.SIGTERM, _stop)
+    name = None
+    try:
+        for name in [args.stage] if args.stage else list(STAGES):
+            if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
+                continue
+            log(f"stage {name}")
+            STAGES[name]()
+    except KeyboardInterrupt as e:
+        again = " ".join(["python weights/recipe.py", *sys.argv[1:]])
+        print(f"interrupted: stage {name} stopped; its last checkpoint is in {BUILD}; "
+              f"`{again}` resumes from it", file=sys.stderr)
+        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
 if __name__ == "__main__":
