@@ -267,8 +267,8 @@ def test_cli_blend(tmp_path, capsys, cli_error):
 
     wide = images.save(Image.new("L", (128, 64)), tmp_path / "wide.png")
     args = ["blend", "--image", str(src), "--prompt", "x", *fast]
-    cli_error([*args, "--mask", str(wide), "--out", str(tmp_path / "e2.png")], "mask is 128×64")
-    cli_error([*args, "--mask", str(wide), "--size", "256", "--out", str(tmp_path / "e2.png")], "mask is 128×64")
+    cli_error([*args, "--mask", str(wide), "--out", str(tmp_path / "e2.png")], "wide.png is 128×64 but the image is 128×128")
+    cli_error([*args, "--mask", str(wide), "--size", "256", "--out", str(tmp_path / "e2.png")], "wide.png is 128×64 but the image is 128×128")
     cli_error([*args, "--mask", str(tmp_path / "no.png"), "--out", str(tmp_path / "e2.png")], "no such image")
     cli_error([*args, "--mask", str(mpath), "--max-side", "100", "--out", str(tmp_path / "e2.png")], "max_side")
     cli_error([*args, "--mask", str(mpath), "--out", str(tmp_path / "e2.txt")], "extension")
