@@ -282,6 +282,16 @@ def tiled_vae(j):
          for px in sorted({v["output_px"] for v in r.values()})])
 
 
+@table("memory", "memory.json", "{command}")
+def memory_table(j):
+    mb = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    return md(["case (fp32, CPU)", "latent", "batch", "measured peak MB", "estimate MB",
+               "estimate / measured", "with the overhead"],
+              [[c["case"] + (f" in {j['tile_latent_px']}² latent tiles" if "tiled" in c["case"]
+                             else ""), f"{c['latent']}²", c["batch"], mb(c["measured_bytes"]),
+                mb(c["estimate_bytes"]), f(c["ratio"]), f(c["check_ratio"])] for c in j["cases"]])
+
+
 def render(name):
     fn, srcs, cmds = TABLES[name]
     js = [load(s) for s in srcs]

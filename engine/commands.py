@@ -18,7 +18,7 @@ from .sample import check_args, check_fraction
 
 def _load(a, path=None) -> engine.Pipeline:
     """The command's model, or its ×4 stage `path` (same dtype, device, variant, pseudo-words)."""
-    words = {k: getattr(a, k) for k in ("embeddings", "semi") if hasattr(a, k)}
+    words = {k: getattr(a, k) for k in ("embeddings", "semi", "max_memory") if hasattr(a, k)}
     if path is not None:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
     return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,

@@ -75,6 +75,9 @@ def model_args(p, model):
     flag(p, "--dtype", "engine:load", "weights and compute dtype",
          choices=["float32", "float16", "bfloat16"])
     flag(p, "--device", "engine:load", "torch device, e.g. cpu or cuda")
+    flag(p, "--max-memory", "engine:load", "memory this process may use in all, e.g. 8G: a job "
+         "whose estimated peak does not fit is refused before it starts, naming a size that fits",
+         none="what the device has free")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR "
                    "and print a per-stage timing table (tokenize, text encode, each UNet step, "
                    "VAE decode)")

@@ -4,7 +4,7 @@ the CLI use it through these public methods only."""
 import torch
 from PIL import Image
 
-from . import images, multires, prompt as pr, schedule, tiled_vae
+from . import images, memory, multires, prompt as pr, schedule, tiled_vae
 from .denoiser import Cond, Denoiser, constant, guided_texts
 from .checkpoints import Components
 from .profile import stage
@@ -27,6 +27,7 @@ class Model:
         # VAE tiling budget (pixels) and tile side (latent pixels), engine.tiled_vae; None: the env
         self.tile_pixels: int | None = None
         self.tile_size: int | None = None
+        self.max_memory: int | None = None  # bytes this process may use in all (memory.available)
 
     @property
     def is_upscaler(self) -> bool:
@@ -70,6 +71,35 @@ class Model:
                 raise ValueError(f"{name}={v!r}: need a positive multiple of {f} "
                                  "(the VAE's downscale factor)")
         return height, width
+
+    def peak_memory(self, height: int, width: int, unet_batch: int, images: int = 1,
+                    grad: bool = False, unet_side: int | None = None) -> tuple[int, int]:
+        """Estimated peak bytes of a job's UNet calls and of its VAE calls (engine.memory): UNet
+        calls on `unet_batch` latents of the image's size (at most unet_side² latent px when it
+        runs tiled), with a gradient when `grad`; the VAE on `images` images of height × width.
+        The job's peak is memory.OVERHEAD + the larger."""
+        f = self.downscale
+        budget_px, tile = tiled_vae.settings(self.vae, self.tile_pixels, self.tile_size)
+        item, vae_item = (torch.finfo(t).bits // 8 for t in (self.dtype, self.vae_dtype))
+        lh, lw = (min(s // f, unet_side or s // f) for s in (height, width))
+        tiled = tile * f if height * width > budget_px else None
+        return (memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
+                memory.vae_bytes(self.vae.config, height, width, images, vae_item, tiled))
+
+    def check_memory(self, job: str, height: int, width: int, unet_batch: int, images: int = 1,
+                     grad: bool = False, unet_side: int | None = None,
+                     fix: str = "pass a smaller image", unet_fix: str = ""):
+        """Before any allocation: refuse (memory.OutOfMemory) a job whose peak memory exceeds the
+        memory there is, naming a size that fits and `fix` (then `unet_fix` when the UNet is the
+        larger part)."""
+        def need(h, w):
+            return memory.OVERHEAD + max(self.peak_memory(h, w, unet_batch, images, grad,
+                                                          unet_side))
+
+        unet, vae = self.peak_memory(height, width, unet_batch, images, grad, unet_side)
+        fix += unet_fix if unet > vae else ""
+        memory.check(job, need, height, width, memory.available(self.device, self.max_memory),
+                     self.downscale, fix)
 
     def pixels(self, image, multiple: int | None = None, batch: int = 1) -> torch.Tensor:
         """A path, PIL image(s) or (B, 3, H, W) tensor in [-1, 1] → a checked tensor on the model's

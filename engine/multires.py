@@ -165,6 +165,9 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     mirror once; each step samples the latent from those means and variances (the reference encodes
     every step: same distribution, more work)."""
     cfg.check()
+    if hasattr(c, "check_memory"):  # a Model: refuse a run that cannot fit before it starts
+        c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, 2 * pixels.shape[0], grad=True,
+                       fix="pass a smaller resolution (--resolution) or batch (--batch)")
     tok, te, unet, vae, sched = c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler
     init = tok.ids(cfg.init_token)
     if len(init) != 1:

@@ -76,6 +76,8 @@ class Pipeline:
         m = self.model
         height, width = m.size(height, width)
         den = m.denoiser(guidance)
+        m.check_memory("generate", height, width, len(prompts) * (1 + den.guided), len(prompts),
+                       fix="pass a smaller height / width (--height, --width)")
         cond = m.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
         shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
@@ -99,6 +101,7 @@ class Pipeline:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                              "raise either")
         den = m.denoiser(guidance)
+        m.check_memory("img2img", *x0.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
         cond = m.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
         z0 = m.encode(x0, sample=True, generator=gen)
@@ -130,6 +133,10 @@ class Pipeline:
         gen = make_generator(seed)
         noise = randn_tensor(low.shape, gen, m.device, torch.float32).to(m.dtype)
         den = m.upscaler_denoiser(low, noise_level, noise, guidance)
+        b = low.shape[0]
+        m.check_memory("upscale", 4 * low.shape[2], 4 * low.shape[3], b * (1 + den.guided), b,
+                       unet_side=tile, unet_fix="" if tile else
+                       ", or run the UNet in tiles (tile=64, --tile 64)")
         cond = m.prompt_cond(prompts, negative, den.guided)
         shape = (low.shape[0], m.vae.config.latent_channels, *low.shape[2:])
         x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
@@ -152,6 +159,7 @@ class Pipeline:
         prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
         inv.check_null_text(null_text, guidance)
         x = self.model.pixels(image, batch=len(prompts))
+        self.model.check_memory("invert", *x.shape[2:], x.shape[0], grad=null_text is not None)
         if len(prompts) == 1 < x.shape[0]:
             prompts = prompts * x.shape[0]
         if len(prompts) != x.shape[0]:
@@ -181,9 +189,11 @@ class Pipeline:
         prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output)
         direct.check_lambda(lam)
         direct.injected_steps(steps, inject_steps, every)
-        traj = self.invert(image, source, steps, convention, progress=progress)
         m = self.model
+        x = m.pixels(image)
         den = m.denoiser(guidance)
+        m.check_memory("edit", *x.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
+        traj = self.invert(x, source, steps, convention, progress=progress)
         cond = m.prompt_cond(prompts, negative, den.guided)
         z = direct.edit(den, traj.expand(len(prompts)), cond, m.scheduler, lam, inject_steps, every,
                         progress)

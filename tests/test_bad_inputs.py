@@ -128,6 +128,11 @@ CASES = [
     cli("generate-width-negative", "generate --width -64", "width=-64"),
     cli("generate-height-not-a-multiple", "generate --height 62", "height=62", loads=True),
     cli("generate-sides-100000", "generate --height 100000 --width 100000", "over the limit"),
+    cli("generate-over-max-memory", "generate --height 4096 --width 4096 --max-memory 1G",
+        "fits); pass a smaller height / width", loads=True),
+    cli("generate-max-memory-not-a-size", "generate --max-memory lots", "max_memory='lots'"),
+    cli("upscale-over-max-memory", "upscale --image big.png --max-memory 700M",
+        "fits); pass a smaller image", loads=True),
     cli("generate-seed-too-big", "generate --seed 18446744073709551616",
         "seed=18446744073709551616"),
     cli("generate-model-missing", "generate --model nope", "does not exist", loads=True),
@@ -264,6 +269,8 @@ CASES = [
         "does not exist"),
     api("load-dtype", lambda f: engine.load(dtype="float64"), ValueError, "dtype='float64'"),
     api("load-semi", lambda f: engine.load(semi="half"), ValueError, "semi='half'"),
+    api("load-max-memory", lambda f: engine.load(max_memory="8X"), ValueError,
+        "max_memory='8X'"),
     api("load-device", lambda f: engine.load(device="warp9"), engine.LoadError,
         "not a torch device"),
     api("load-embeddings-missing", lambda f: engine.load(embeddings=str(f.dir / "no.safetensors")),
@@ -371,7 +378,7 @@ def make_inputs(d):
     for name, (w, h, v) in {"in.png": (64, 64, 0), "odd.png": (62, 64, 0),
                             "rect.png": (64, 48, 255), "small.png": (16, 16, 0),
                             "small_mask.png": (16, 16, 255), "mask.png": (64, 64, 255),
-                            "wide.png": (64, 32, 255)}.items():
+                            "wide.png": (64, 32, 255), "big.png": (256, 256, 0)}.items():
         Image.fromarray(np.full((h, w, 3), v, np.uint8)).save(d / name)
     (d / "empty.png").write_bytes(b"")
     (d / "trunc.png").write_bytes((d / "in.png").read_bytes()[:60])
