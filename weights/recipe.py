@@ -587,8 +587,8 @@ def main():
             STAGES[name]()
     except KeyboardInterrupt as e:
         again = " ".join(["python weights/recipe.py", *sys.argv[1:]])
-        print(f"interrupted: stage {name} stopped; its last checkpoint is in {BUILD}; "
-              f"`{again}` resumes from it", file=sys.stderr)
+        print(f"interrupted: stage {name} stopped; `{again}` resumes it from its last "
+              f"checkpoint in {BUILD}, if it reached one", file=sys.stderr)
         sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
