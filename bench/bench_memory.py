@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "memory.json"
 
-# (name, model, call, latent side, batch); a tiled VAE case runs in tiles of TILE latent px
+# (name, model, call, latent side (blend: the image side), batch); a tiled VAE case runs in
+# tiles of TILE latent px
 CASES = [
     ("tiny unet", "tiny", "unet", 64, 2), ("tiny unet", "tiny", "unet", 128, 2),
     ("tiny unet", "tiny", "unet", 256, 2),
@@ -30,6 +31,8 @@ CASES = [
     ("tiny vae decode", "tiny", "vae", 64, 1), ("tiny vae decode", "tiny", "vae", 256, 1),
     ("tiny vae decode, tiled", "tiny", "vae_tiled", 256, 1),
     ("tiny generate", "tiny", "generate", 256, 1),
+    ("tiny blend (side in px)", "tiny", "blend", 1024, 1),
+    ("tiny blend (side in px)", "tiny", "blend", 2048, 1),
     ("sd1.5 unet", "sd15", "unet", 64, 2), ("sd1.5 unet", "sd15", "unet", 96, 2),
     ("sd2 unet", "sd2", "unet", 64, 2),
     ("sd1.5 unet grad", "sd15", "unet_grad", 32, 1),
@@ -82,13 +85,26 @@ def measure(model: str, call: str, side: int, batch: int) -> dict:
     torch.manual_seed(0)
     unet, vae, pipe = _models(model)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    x = torch.randn(batch, 4, side, side)
+    x = torch.randn(batch, 4, side, side) if call != "blend" else None
     f, tile = vae.downscale, TILE if call == "vae_tiled" else None
     if call == "unet_grad":
         ctx.requires_grad_(True)
         unet.requires_grad_(False)
 
+    if call == "blend":
+        from engine.blended import MultiStage, Options
+        from engine.embedded import DEFAULT_UPSCALER
+
+        import engine
+
+        edit = MultiStage(pipe.model, engine.load(DEFAULT_UPSCALER).model)
+        opts = Options(steps=3, candidates=1, repaint=0, sr_steps=2, stage_steps=10)
+
     def run(s):
+        if call == "blend":  # s: the image side in px
+            m = torch.zeros(1, 1, s, s)
+            m[..., s // 4:s // 2, s // 4:s // 2] = 1
+            return edit.edit(torch.rand(1, 3, s, s) * 2 - 1, m, "a red star", opts, progress=False)
         if call == "unet":
             return unet(x[:, :, :s, :s], 500, ctx)
         if call == "unet_grad":
@@ -102,10 +118,12 @@ def measure(model: str, call: str, side: int, batch: int) -> dict:
         est = memory.unet_bytes(unet.config, side, side, batch, 4, grad=call == "unet_grad")
     elif call == "generate":  # the whole job, against the estimate generate checks
         est = max(pipe.model.peak_memory(side * f, side * f, 2 * batch, batch))
+    elif call == "blend":
+        est = edit.peak_memory(side, opts)
     else:
         est = memory.vae_bytes(vae.config, side * f, side * f, batch, 4, tile and tile * f)
     with torch.enable_grad() if call == "unet_grad" else torch.no_grad():
-        run(8)
+        run(64 if call == "blend" else 8)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
         base = _rss("VmRSS")

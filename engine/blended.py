@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import images, schedule
+from . import images, memory, schedule
 from .blend_options import (BLENDS, RERANKS as RERANKS, STAGE_MODELS as STAGE_MODELS,
                             UPSCALERS as UPSCALERS, Options)
 from .denoiser import Cond, repeat_cond
@@ -127,6 +127,9 @@ class MultiStage:
             raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]}: the edited square "
                              "must be a multiple of 16 pixels and at least the base model's "
                              f"{self.base_side}²; resize the image")
+        memory.check("blend", lambda s, _: memory.OVERHEAD + self.peak_memory(s, opts), side, side,
+                     memory.available(self.base.device, self.base.max_memory), 16,
+                     "pass a smaller --size, or edit a crop around the mask (--margin)")
         crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
         sides = stage_sides(side, self.base_side)
         res = Result(image, [], m, (y, x, side))
@@ -161,6 +164,16 @@ class MultiStage:
         res = Result(image, [], m, (0, 0, image.shape[-1]))
         return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress,
                             "direct", side)
+
+    def peak_memory(self, side: int, o: Options) -> int:
+        """Estimated peak bytes of an edit of a side² square (engine.memory): stage 1's candidates
+        at the base side or one stage's tile of at most max_side, whichever is larger, plus the
+        full-size images the stages keep (about 10 float32 copies)."""
+        b, t = self.base, min(side, o.max_side)
+        stage = self.sr if o.stage_model == "sr" else b
+        first = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
+        tiles = stage.peak_memory(t, t, 1 + (o.sr_guidance > 1))
+        return max(*first, *tiles) + 10 * 12 * side * side
 
     def _inputs(self, image: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked image, float32 on the base model's device, and its binary mask."""

@@ -131,6 +131,8 @@ CASES = [
     cli("generate-over-max-memory", "generate --height 4096 --width 4096 --max-memory 1G",
         "fits); pass a smaller height / width", loads=True),
     cli("generate-max-memory-not-a-size", "generate --max-memory lots", "max_memory='lots'"),
+    cli("blend-over-max-memory", "blend --size 4096 --max-memory 1G",
+        "fits); pass a smaller --size, or edit a crop around the mask (--margin)", loads=True),
     cli("upscale-over-max-memory", "upscale --image big.png --max-memory 700M",
         "fits); pass a smaller image", loads=True),
     cli("generate-seed-too-big", "generate --seed 18446744073709551616",
