@@ -192,6 +192,15 @@ def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,
                         "use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoadError(f"device={str(device)!r}: this torch has no CUDA device; use --device cpu")
+    if check_path(path).is_dir():
+        return load_folder(path, dtype, device, variant)
+    return load_single_file(path, dtype, device, config, prediction_type)
+
+
+def check_path(path) -> Path:
+    """A model path `load` takes, checked without reading it: a folder with model_index.json or a
+    .safetensors file."""
+    path = Path(path)
     if not path.exists():
         raise LoadError(f"{path} does not exist; "
                         "pass a diffusers model folder or a .safetensors file")
@@ -199,10 +208,10 @@ def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,
         if not (path / "model_index.json").exists():
             raise LoadError(f"{path} has no model_index.json; "
                             "pass the top folder of a diffusers model")
-        return load_folder(path, dtype, device, variant)
+        return path
     if path.suffix in PICKLED:
         _refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise LoadError(f"{path}: unknown checkpoint type {path.suffix!r}; "
                         "pass a folder or a .safetensors file")
-    return load_single_file(path, dtype, device, config, prediction_type)
+    return path

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import engine
 
-from . import (demo as demos, diffedit, direct, images, invert as inv, multires, prompt, reports,
-               rng, tiles)
+from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, multires,
+               prompt, reports, rng, tiles)
 from .blended import MultiStage, Options
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
@@ -168,9 +168,7 @@ def _cascade_inputs(a, *prompts):
 def _models(a):
     """The base model and its ×4 stage; both paths are checked before either loads."""
     for path in (a.model, a.upscaler):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist; pass a diffusers model folder or a "
-                                    ".safetensors file")
+        checkpoints.check_path(path)
     return _load(a).model, _load(a, a.upscaler).model
 
 
@@ -349,12 +347,6 @@ def export_ti(a) -> list[Path]:
 
 
 def demo(a) -> list[Path]:
-    top = next(p for p in [Path(a.out), *Path(a.out).parents] if p.exists())
-    images.check_target(top, folder=True)  # what of --out exists: folders we may write in
-    for flag, steps in (("--steps", a.steps), ("--sr-steps", a.sr_steps)):
-        if steps < 1:
-            raise ValueError(f"{flag} {steps}: need a positive whole number of DDIM steps")
-    rng.check_seed(a.seed)
     return demos.run(a.out, a.steps, a.sr_steps, seed=a.seed, progress=not a.quiet)
 
 

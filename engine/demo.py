@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from . import images, world
+from .rng import check_seed
 from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 
 PROMPTS = ["a large red star in the center, on a plain white background",
@@ -23,6 +24,10 @@ def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_
     written."""
     import engine
 
+    for name, v in (("steps", steps), ("sr_steps", sr_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: need a positive whole number of DDIM steps")
+    check_seed(seed)
     out = images.make_folder(out)
     t0 = time.perf_counter()
     base, sr = engine.load(model), engine.load(upscaler)

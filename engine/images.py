@@ -151,7 +151,12 @@ def make_folder(path) -> Path:
     """mkdir -p, each new folder taken back with the command's other outputs (`outputs`)."""
     path = Path(path)
     for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(f"{p}: exists and is not a folder; pass a folder path")
         if not p.exists():
+            if not os.access(p.parent, os.W_OK):
+                raise PermissionError(f"{p}: the folder {p.parent} is not writable; "
+                                      "choose another")
             p.mkdir()
             _made(p)
     return path

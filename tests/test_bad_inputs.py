@@ -261,8 +261,9 @@ CASES = [
     cli("export-ti-row-out-of-range", "export-ti --row 4", "row=4"),
     cli("export-ti-out-not-safetensors", "export-ti --out e.png", "need a .safetensors path"),
     # ---- demo
-    cli("demo-steps-zero", "demo --steps 0", "--steps 0"),
-    cli("demo-sr-steps-zero", "demo --sr-steps 0", "--sr-steps 0"),
+    cli("demo-steps-zero", "demo --steps 0", "steps=0"),
+    cli("demo-sr-steps-zero", "demo --sr-steps 0", "sr_steps=0"),
+    cli("demo-out-in-a-read-only-folder", "demo --out ro/d", "the folder ro is not writable"),
     cli("demo-out-is-a-file", "demo --out in.png", "exists and is not a folder"),
     cli("demo-out-under-a-file", "demo --out in.png/d", "exists and is not a folder"),
     cli("demo-seed-too-big", "demo --seed 18446744073709551616", "seed="),
