@@ -119,7 +119,7 @@ def measure(model: str, call: str, side: int, batch: int) -> dict:
     elif call == "generate":  # the whole job, against the estimate generate checks
         est = max(pipe.model.peak_memory(side * f, side * f, 2 * batch, batch))
     elif call == "blend":
-        est = edit.peak_memory(side, opts)
+        est = edit.peak_memory(side, side * side, opts)
     else:
         est = memory.vae_bytes(vae.config, side * f, side * f, batch, 4, tile and tile * f)
     with torch.enable_grad() if call == "unet_grad" else torch.no_grad():

@@ -42,6 +42,13 @@ class Result:
     log: list[dict] = field(default_factory=list)
 
 
+def check_scorer(scorer, o: Options):
+    """More than one stage-1 candidate needs a CLIP scorer to rerank them."""
+    if scorer is None and o.candidates > 1:
+        raise ValueError(f"candidates={o.candidates} needs a CLIP scorer to rerank them; pass one "
+                         "(--clip) or use 1 candidate (--candidates 1)")
+
+
 def repaint_walk(pairs: list[tuple[int, int]], repeats: int,
                  jump: int = 1) -> list[tuple[int, int]]:
     """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves
@@ -113,6 +120,7 @@ class MultiStage:
         if self.sr is None and (opts.upscaler == "sr" or opts.stage_model == "sr"):
             raise ValueError("the SR upscaler / stage model needs an x4 model; "
                              "pass one or use bicubic + base")
+        check_scorer(self.scorer, opts)
         top = self.sr.noise_levels if self.sr is not None else 350
         if opts.sr_noise_level > top:
             raise ValueError(f"sr_noise_level={opts.sr_noise_level}: "
@@ -127,9 +135,11 @@ class MultiStage:
             raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]}: the edited square "
                              "must be a multiple of 16 pixels and at least the base model's "
                              f"{self.base_side}²; resize the image")
-        memory.check("blend", lambda s, _: memory.OVERHEAD + self.peak_memory(s, opts), side, side,
-                     memory.available(self.base.device, self.base.max_memory), 16,
-                     "pass a smaller --size, or edit a crop around the mask (--margin)")
+        area = image.shape[-2] * image.shape[-1]
+        memory.check("blend", lambda s, _: memory.OVERHEAD + self.peak_memory(
+            s, area * s * s // side ** 2, opts), side, side,
+            memory.available(self.base.device, self.base.max_memory), 16,
+            "pass a smaller --size, or edit a crop around the mask (--margin)")
         crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
         sides = stage_sides(side, self.base_side)
         res = Result(image, [], m, (y, x, side))
@@ -165,15 +175,18 @@ class MultiStage:
         return self._stage1(image, m, prompt, self._conds(prompt, opts), opts, res, progress,
                             "direct", side)
 
-    def peak_memory(self, side: int, o: Options) -> int:
-        """Estimated peak bytes of an edit of a side² square (engine.memory): stage 1's candidates
-        at the base side or one stage's tile of at most max_side, whichever is larger, plus the
-        full-size images the stages keep (about 10 float32 copies)."""
+    def peak_memory(self, side: int, area: int, o: Options) -> int:
+        """Estimated peak bytes of an edit of a side² square in an image of `area` pixels
+        (engine.memory): the largest of stage 1's candidates at the base side, a stage's tile of
+        at most max_side and its ×4 upscale, plus the float32 images kept (about 10 copies when
+        the square is the whole image, measured; 3 of them are of the whole image)."""
         b, t = self.base, min(side, o.max_side)
-        stage = self.sr if o.stage_model == "sr" else b
-        first = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
-        tiles = stage.peak_memory(t, t, 1 + (o.sr_guidance > 1))
-        return max(*first, *tiles) + 10 * 12 * side * side
+        parts = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
+        if "sr" in (o.stage_model, o.upscaler):
+            parts += self.sr.peak_memory(t, t, 1 + (o.sr_guidance > 1))
+        if o.stage_model == "base":
+            parts += b.peak_memory(t, t, 1 + (o.guidance > 1))
+        return max(parts) + 12 * (7 * side * side + 3 * area)
 
     def _inputs(self, image: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked image, float32 on the base model's device, and its binary mask."""
@@ -211,9 +224,6 @@ class MultiStage:
                     o.repaint, o.jump, gen, progress, desc)
         cands = m_px * b.decode(z).float() + (1 - m_px) * src
         if n > 1:
-            if self.scorer is None:
-                raise ValueError(f"candidates={n} needs a CLIP scorer to rerank them; "
-                                 "pass one or use 1 candidate")
             scored = cands if o.rerank == "whole" else cands * m_px
             scores = self.scorer.score(scored, [prompt] * n)
             res.scores, res.chosen = [round(v, 3) for v in scores.tolist()], int(scores.argmax())

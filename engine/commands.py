@@ -10,7 +10,7 @@ import engine
 
 from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, multires,
                prompt, reports, rng, tiles)
-from .blended import MultiStage, Options
+from .blended import MultiStage, Options, check_scorer
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
 from .sample import check_args, check_fraction
@@ -159,16 +159,21 @@ def _cascade_inputs(a, *prompts):
     out = images.check_target(a.out, folder=True)
     pyramid(image, a.size)  # checks the image and the size
     check_args(a.steps, a.guidance)
+    inv.check_null_text(a.stage1 if a.stage1 in inv.NULL_TEXT_METHODS else None, a.guidance)
     rng.check_seed(a.seed)
     tiles.check(a.tile, a.overlap)
     _words(a, a.prompt, *prompts)
+    _check_models(a)
     return image, out
 
 
-def _models(a):
-    """The base model and its ×4 stage; both paths are checked before either loads."""
+def _check_models(a):
+    """The base model's and its ×4 stage's paths, before either (or a CLIP scorer) loads."""
     for path in (a.model, a.upscaler):
         checkpoints.check_path(path)
+
+
+def _models(a):
     return _load(a).model, _load(a, a.upscaler).model
 
 
@@ -283,10 +288,9 @@ def blend(a) -> list[Path]:
     rng.check_seed(a.seed)
     image, mask = _blend_inputs(a)
     _words(a, a.prompt)
+    _check_models(a)
     scorer = reports.load_scorer(a.clip, a.model)
-    if scorer is None and opts.candidates > 1:
-        raise ValueError(f"--candidates {opts.candidates} needs a CLIP scorer to rerank them and "
-                         f"{a.model} has none; pass --clip or use --candidates 1")
+    check_scorer(scorer, opts)
     t0 = time.perf_counter()
     with profiled(a.profile):
         base, sr = _models(a)

@@ -8,13 +8,14 @@ import torch
 from . import schedule
 from .denoiser import Cond, Denoiser
 from .rng import randn_tensor
-from .sample import check_args, check_fraction, ddim
+from .sample import check_fraction, ddim
 
 
 def check_mask(strength: float, ratio: float, steps: int = 50, maps: int = 10):
     """The DiffEdit mask's settings (diffedit_mask), or a one-line error; call it before long
     work."""
-    check_args(steps, 1.0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"mask_steps={steps!r}: need a whole number ≥ 1")
     check_fraction("mask_strength", strength, "; the noise level the predictions are compared at")
     if int(steps * strength) < 1:
         raise ValueError(f"mask_strength={strength} with {steps} mask steps leaves no timestep to "

@@ -2,12 +2,11 @@
 the memory the machine has free (and the user's `max_memory` cap).
 
 The estimates are activation counts per pixel, fitted to peak resident memory measured on the
-embedded model and on SD 1.5 / 2.x-shaped models (bench/results/memory.json, which checks they stay
-above the measurement): a UNet call keeps its skip connections plus the largest block's temporaries
+embedded model and on SD 1.5 / 2.x-shaped models (bench/results/memory.json: with OVERHEAD, they
+stay above the measurement): a UNet call keeps its skip connections plus the largest block's temporaries
 (a transformer's feed-forward, ~30 channels' worth), or every block's activations when a gradient
 is taken; a VAE decode keeps ~8 of its widest full-resolution channels per pixel.
 """
-import os
 import re
 
 import torch
@@ -91,16 +90,16 @@ def _cgroup() -> int | None:
 
 def available(device, max_memory: int | None = None) -> int:
     """Bytes a job on `device` may still allocate: the device's free memory, the cgroup's and the
-    address-space limit's room, and what `max_memory` (a cap on the whole process) leaves."""
+    address-space limit's room, and what `max_memory` leaves (a cap on the process's resident
+    memory; on CUDA, on torch's allocations on the device). Where none of these can be read
+    (no /proc), only max_memory limits."""
     device = torch.device(device)
     if device.type == "cuda":  # free on the device, plus what torch holds cached but unused
         used = torch.cuda.memory_allocated(device)
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - used
     else:
-        free = _meminfo("MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
-            "SC_AVPHYS_PAGES")
         used = _meminfo("VmRSS") or 0
-        room = [_cgroup()]
+        room = [_meminfo("MemAvailable"), _cgroup()]
         try:
             import resource
 
@@ -109,10 +108,10 @@ def available(device, max_memory: int | None = None) -> int:
                 room.append(soft - (_meminfo("VmSize") or 0))
         except (ImportError, ValueError):
             pass
-        free = min([free] + [r for r in room if r is not None])
+        free = min([r for r in room if r is not None], default=None)
     if max_memory is not None:
-        free = min(free, max_memory - used)
-    return max(free, 0)
+        free = max_memory - used if free is None else min(free, max_memory - used)
+    return 2**62 if free is None else max(free, 0)  # nothing known: no limit but max_memory
 
 
 def check(job: str, need, height: int, width: int, budget: int, multiple: int, fix: str):

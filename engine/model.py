@@ -4,7 +4,7 @@ the CLI use it through these public methods only."""
 import torch
 from PIL import Image
 
-from . import images, memory, multires, prompt as pr, schedule, tiled_vae
+from . import images, memory, multires, prompt as pr, schedule, tiled_vae, tiles
 from .denoiser import Cond, Denoiser, constant, guided_texts
 from .checkpoints import Components
 from .profile import stage
@@ -72,34 +72,36 @@ class Model:
                                  "(the VAE's downscale factor)")
         return height, width
 
-    def peak_memory(self, height: int, width: int, unet_batch: int, images: int = 1,
+    def peak_memory(self, height: int, width: int, unet_batch: int, decodes: int = 1,
                     grad: bool = False, unet_side: int | None = None) -> tuple[int, int]:
         """Estimated peak bytes of a job's UNet calls and of its VAE calls (engine.memory): UNet
-        calls on `unet_batch` latents of the image's size (at most unet_side² latent px when it
-        runs tiled), with a gradient when `grad`; the VAE on `images` images of height × width.
-        The job's peak is memory.OVERHEAD + the larger."""
+        calls on `unet_batch` latents of the image's size, with a gradient when `grad` (in tiles of
+        at most unet_side² latent px, engine.tiles, when given); the VAE on `decodes` images of
+        height × width. The job's peak is memory.OVERHEAD + the larger."""
         f = self.downscale
         budget_px, tile = tiled_vae.settings(self.vae, self.tile_pixels, self.tile_size)
         item, vae_item = (torch.finfo(t).bits // 8 for t in (self.dtype, self.vae_dtype))
-        lh, lw = (min(s // f, unet_side or s // f) for s in (height, width))
+        lh, lw = height // f, width // f
+        if unet_side and max(lh, lw) > unet_side:  # up to tiles.BATCH tiles in one call
+            unet_batch *= min(tiles.BATCH, -(-lh // unet_side) * -(-lw // unet_side))
+            lh, lw = min(lh, unet_side), min(lw, unet_side)
         tiled = tile * f if height * width > budget_px else None
         return (memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
-                memory.vae_bytes(self.vae.config, height, width, images, vae_item, tiled))
+                memory.vae_bytes(self.vae.config, height, width, decodes, vae_item, tiled))
 
-    def check_memory(self, job: str, height: int, width: int, unet_batch: int, images: int = 1,
-                     grad: bool = False, unet_side: int | None = None,
+    def check_memory(self, job: str, height: int, width: int, unet_batch: int, decodes: int = 1,
+                     grad: bool = False, unet_side: int | None = None, scale: int = 1,
                      fix: str = "pass a smaller image", unet_fix: str = ""):
-        """Before any allocation: refuse (memory.OutOfMemory) a job whose peak memory exceeds the
-        memory there is, naming a size that fits and `fix` (then `unet_fix` when the UNet is the
-        larger part)."""
-        def need(h, w):
-            return memory.OVERHEAD + max(self.peak_memory(h, w, unet_batch, images, grad,
-                                                          unet_side))
+        """Before the job's work: refuse (memory.OutOfMemory) a job whose `peak_memory` at
+        (scale·height) × (scale·width) exceeds the memory there is, naming the largest input
+        height × width that fits and `fix` (then `unet_fix` when the UNet is the larger part)."""
+        def parts(h, w):
+            return self.peak_memory(scale * h, scale * w, unet_batch, decodes, grad, unet_side)
 
-        unet, vae = self.peak_memory(height, width, unet_batch, images, grad, unet_side)
-        fix += unet_fix if unet > vae else ""
-        memory.check(job, need, height, width, memory.available(self.device, self.max_memory),
-                     self.downscale, fix)
+        unet, vae = parts(height, width)
+        memory.check(job, lambda h, w: memory.OVERHEAD + max(parts(h, w)), height, width,
+                     memory.available(self.device, self.max_memory),
+                     max(1, self.downscale // scale), fix + (unet_fix if unet > vae else ""))
 
     def pixels(self, image, multiple: int | None = None, batch: int = 1) -> torch.Tensor:
         """A path, PIL image(s) or (B, 3, H, W) tensor in [-1, 1] → a checked tensor on the model's

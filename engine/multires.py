@@ -166,7 +166,7 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     every step: same distribution, more work)."""
     cfg.check()
     if hasattr(c, "check_memory"):  # a Model: refuse a run that cannot fit before it starts
-        c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, 2 * pixels.shape[0], grad=True,
+        c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, pixels.shape[0], grad=True,
                        fix="pass a smaller resolution (--resolution) or batch (--batch)")
     tok, te, unet, vae, sched = c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler
     init = tok.ids(cfg.init_token)

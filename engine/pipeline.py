@@ -134,8 +134,8 @@ class Pipeline:
         noise = randn_tensor(low.shape, gen, m.device, torch.float32).to(m.dtype)
         den = m.upscaler_denoiser(low, noise_level, noise, guidance)
         b = low.shape[0]
-        m.check_memory("upscale", 4 * low.shape[2], 4 * low.shape[3], b * (1 + den.guided), b,
-                       unet_side=tile, unet_fix="" if tile else
+        m.check_memory("upscale", *low.shape[2:], b * (1 + den.guided), b, unet_side=tile,
+                       scale=4, unet_fix="" if tile else
                        ", or run the UNet in tiles (tile=64, --tile 64)")
         cond = m.prompt_cond(prompts, negative, den.guided)
         shape = (low.shape[0], m.vae.config.latent_channels, *low.shape[2:])
@@ -159,7 +159,8 @@ class Pipeline:
         prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
         inv.check_null_text(null_text, guidance)
         x = self.model.pixels(image, batch=len(prompts))
-        self.model.check_memory("invert", *x.shape[2:], x.shape[0], grad=null_text is not None)
+        self.model.check_memory("invert", *x.shape[2:], x.shape[0], x.shape[0],
+                                grad=null_text is not None)
         if len(prompts) == 1 < x.shape[0]:
             prompts = prompts * x.shape[0]
         if len(prompts) != x.shape[0]:

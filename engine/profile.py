@@ -53,9 +53,6 @@ def profiled(out_dir=None):
             yield records
             return
         out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a folder; --profile names the folder the "
-                             "trace goes to")
         images.make_folder(out)  # taken back with the command's outputs
         acts = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():

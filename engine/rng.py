@@ -11,7 +11,7 @@ def check_seed(seed) -> int | None:
     except TypeError:
         whole = None
     if seed is not None and (whole is None or not -2**63 <= whole < 2**64):
-        raise ValueError(f"seed={seed!r}: need a whole number in [0, 2⁶⁴), e.g. 0")
+        raise ValueError(f"seed={seed!r}: need a whole number in [-2⁶³, 2⁶⁴), e.g. 0")
     return whole
 
 

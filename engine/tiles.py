@@ -11,6 +11,8 @@ import torch
 
 from .denoiser import Cond, Denoiser, repeat_batch
 
+BATCH = 8  # tiles per UNet call
+
 
 def check(tile, overlap, multiple: int = 1):
     """A tile side in low-res pixels (None: no tiles) and the overlap of neighbouring tiles, or a
@@ -47,11 +49,10 @@ class Tiled:
     denoiser: Denoiser
     tile: int
     overlap: int
-    batch: int = 8
+    batch: int = BATCH
 
     def __post_init__(self):
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"tile overlap={self.overlap} must be in [0, tile={self.tile})")
+        check(self.tile, self.overlap)
 
     @property
     def guided(self) -> bool:

@@ -81,7 +81,9 @@ def pool(seed: int, n: int, res: int) -> tuple[list, np.ndarray]:
     if not path.exists():
         log(f"rendering {n} scenes at {res}²")
         arr = np.stack([(world.render(s, res) * 255).round().astype(np.uint8).transpose(2, 0, 1) for s in ss])
-        np.save(path, arr)
+        tmp = path.with_suffix(".tmp.npy")  # an interrupted write leaves no cache behind
+        np.save(tmp, arr)
+        os.replace(tmp, path)
     return ss, np.load(path, mmap_mode="r")
 
 
@@ -216,7 +218,6 @@ def stage_tokenizer():
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
          "pad_token": "<|endoftext|>"}, indent=2))
@@ -224,6 +225,8 @@ def stage_tokenizer():
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
          "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
          "pad_token": "<|endoftext|>"}, indent=2))
+    # merges.txt last: it marks the stage done (DONE)
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     tok = Tokenizer.from_dir(out)
     longest = max(len(tok.encode(c)) for c in corpus)
     log(f"tokenizer: {len(tok)} tokens, {len(merges)} merges, longest caption {longest} tokens")
