@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's engine, whatever is installed
 OUT = ROOT / "bench" / "results" / "memory.json"
 
 # (name, model, call, latent side (blend: the image side), batch); a tiled VAE case runs in

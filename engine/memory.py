@@ -58,9 +58,10 @@ def unet_bytes(cfg, height: int, width: int, batch: int, itemsize: int,
 def vae_bytes(cfg, height: int, width: int, batch: int, itemsize: int,
               tile: int | None = None) -> int:
     """Peak bytes of a VAE decode (or encode) of `batch` images of height × width pixels; `tile`:
-    the tile side in pixels when it runs tiled (engine.tiled_vae): a tile's crop, its halo taken as
-    half a tile, plus the latent-resolution tensors of the mid block's attention and the output."""
-    area = height * width if tile is None else min(height * width, 4 * tile * tile)
+    the tile side in pixels when it runs tiled (engine.tiled_vae): 6 tiles' area for a tile's crop
+    and the allocator's slack over the passes (measured), plus the latent-resolution tensors of the
+    mid block's attention and the output."""
+    area = height * width if tile is None else min(height * width, 6 * tile * tile)
     downscale = 2 ** (len(cfg.block_out_channels) - 1)
     latent = 3 * cfg.block_out_channels[-1] * height * width / downscale ** 2
     return int(batch * (itemsize * (8 * cfg.block_out_channels[0] * area + latent)
