@@ -9,7 +9,7 @@ from pathlib import Path
 import engine
 
 from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, multires,
-               prompt, reports, rng, tiles)
+               prompt, regions, reports, rng, tiles)
 from .blended import MultiStage, Options, check_scorer
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
@@ -262,13 +262,8 @@ def _blend_inputs(a):
     """The image and mask of `blend`, resized to --size."""
     image, mask = images.load(a.image), images.load(a.mask)
     (w, h), (mw, mh) = image.size, mask.size
-    if mw * h != mh * w:
-        raise ValueError(f"{a.mask} is {mw}×{mh} but the image is {w}×{h}: draw the mask at the "
-                         "image's size")
-    if a.margin is None and w != h:
-        raise ValueError(f"{a.image} is {w}×{h}: without --margin the whole image is edited and "
-                         "must be square; give a margin (e.g. 1.2) to edit a square crop around "
-                         "the mask")
+    regions.check_mask_shape((h, w), (mh, mw), a.mask)
+    regions.check_square(h, w, a.margin, a.image)
     if a.size is not None:
         if a.size < 16 or a.size % 16 or image.width != image.height:
             raise ValueError(f"--size {a.size} with a {image.width}×{image.height} image: need a "

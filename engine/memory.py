@@ -1,11 +1,11 @@
-"""Peak memory of a job, estimated from the model's configs before anything is allocated, against
+"""Peak memory of a job, estimated from the model's configs before the job's work starts, against
 the memory the machine has free (and the user's `max_memory` cap).
 
 The estimates are activation counts per pixel, fitted to peak resident memory measured on the
 embedded model and on SD 1.5 / 2.x-shaped models (bench/results/memory.json: with OVERHEAD, they
-stay above the measurement): a UNet call keeps its skip connections plus the largest block's temporaries
-(a transformer's feed-forward, ~30 channels' worth), or every block's activations when a gradient
-is taken; a VAE decode keeps ~8 of its widest full-resolution channels per pixel.
+stay above the measurement): a UNet call keeps its skip connections plus the largest block's
+temporaries (a transformer's feed-forward, ~30 channels' worth), or every block's activations when
+a gradient is taken; a VAE decode keeps ~8 of its widest full-resolution channels per pixel.
 """
 import re
 

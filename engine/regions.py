@@ -52,9 +52,7 @@ def prepare_mask(mask, size: tuple[int, int]) -> torch.Tensor:
         m = m / 255
     (h, w), (mh, mw) = size, m.shape[-2:]
     if (mh, mw) != (h, w):
-        if mh * w != mw * h:
-            raise ValueError(f"mask is {mw}×{mh} but the image is {w}×{h}: "
-                             "draw the mask at the image's size")
+        check_mask_shape(size, (mh, mw))
         warnings.warn(f"mask is {mw}×{mh}, the image {w}×{h}: resized it (nearest)", stacklevel=3)
         m = F.interpolate(m, size=(h, w), mode="nearest")
     grey = ((m > 0) & (m < 1)).sum().item()
@@ -63,17 +61,30 @@ def prepare_mask(mask, size: tuple[int, int]) -> torch.Tensor:
     return (m >= 0.5).float()
 
 
+def check_mask_shape(size: tuple[int, int], mask_size: tuple[int, int], name: str = "mask"):
+    """A mask (h, w) of the image's (h, w) aspect, as it is resized to the image."""
+    (h, w), (mh, mw) = size, mask_size
+    if mh * w != mw * h:
+        raise ValueError(f"{name} is {mw}×{mh} but the image is {w}×{h}: draw the mask at the "
+                         "image's size")
+
+
+def check_square(h: int, w: int, margin: float | None, name: str = "image"):
+    """Without a margin the whole image is edited, so it must be square."""
+    if margin is None and h != w:
+        raise ValueError(f"{name} is {w}×{h}: without --margin (margin=None) the whole image is "
+                         "edited and must be square; give a margin (e.g. 1.2) to edit a square "
+                         "crop around the mask")
+
+
 def crop_box(mask: torch.Tensor, margin: float | None, least: int,
              align: int = 16) -> tuple[int, int, int]:
     """(y, x, side) of the square that is edited: MSBD's crop of margin × the mask's bounding box
     (rounded up to `align`, at least `least`, at most the image), centred on the mask's centre of
     mass unless that would cut the mask; with margin None, the whole (square) image."""
     h, w = mask.shape[-2:]
+    check_square(h, w, margin)
     if margin is None:
-        if h != w:
-            raise ValueError(f"image is {w}×{h}: without a margin the whole image is edited "
-                             "and must be square; give a margin (e.g. 1.2) to edit a square crop "
-                             "around the mask")
         return 0, 0, h
     ys, xs = torch.nonzero(mask[0, 0], as_tuple=True)
     y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
