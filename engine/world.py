@@ -60,6 +60,100 @@ class Scene:
         return dataclasses.replace(self, objects=tuple(objs))
 
 
+# Free phrasing: the words people use for each attribute (the first is the template's word)
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+SHAPE_WORDS = {"circle": ("circle", "disc", "disk"), "square": ("square", "box"), "triangle": ("triangle",),
+               "star": ("star",), "ring": ("ring", "donut", "doughnut")}
+COLOUR_WORDS = {"gray": ("gray", "grey"), "purple": ("purple", "violet")}
+POSITION_WORDS = {
+    "on the left": ("on the left", "at the left", "to the left", "on the left side", "in the left"),
+    "on the right": ("on the right", "at the right", "to the right", "on the right side", "in the right"),
+    "at the top": ("at the top", "on top", "at the top of the image", "near the top", "up top"),
+    "at the bottom": ("at the bottom", "at the bottom of the image", "near the bottom", "down low", "below"),
+    "in the center": ("in the center", "in the centre", "in the middle", "at the center", "centered")}
+BACKGROUND_WORDS = {"plain": ("plain", "solid", "flat", "uniform"), "gradient": ("gradient", "shaded", "fading"),
+                    "striped": ("striped", "stripy", "lined"), "checkered": ("checkered", "checkerboard", "chequered"),
+                    "textured": ("textured", "wavy", "mottled")}
+BACKGROUND_NOUNS = ("background", "background", "backdrop")
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """A caption and which of the scene's attributes it names (colour and shape are always named)."""
+    text: str
+    sizes: tuple          # per object: is its size named
+    positions: tuple      # per object: is its position named
+    bg_colour: bool
+    background: bool      # the background's style
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeio" else "a ") + word
+
+
+def _word(table: dict, key: str, rng: np.random.Generator) -> str:
+    words = table.get(key, (key,))
+    return words[int(rng.integers(1 << 30)) % len(words)]
+
+
+def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
+    """The scene described as people write it: size, position and background may be left out, words and
+    their order vary. The draws from rng do not depend on the scene's values, so the same generator state
+    phrases a scene with one attribute changed the same way (a hard negative)."""
+    u = rng.random(16).tolist()  # every choice below reads one of these, or one word draw
+    n = len(s.objects)
+    sizes = tuple(x > 0.45 for x in rng.random(n).tolist())
+    positions = (u[0] > 0.35,) * n if n == 2 else (u[0] > 0.4,)
+    has_bg = u[4] > 0.12
+    bg_first = has_bg and u[8] < 0.35
+    objs = []
+    for o, size, pos in zip(s.objects, sizes, positions):
+        words = [_word(SIZE_WORDS, o.size, rng)] if size else []
+        words += [_word(COLOUR_WORDS, o.colour, rng), _word(SHAPE_WORDS, o.shape, rng)]
+        where = _word(POSITION_WORDS, o.position, rng)
+        text = " ".join(words)
+        text = _a(text) if u[1] < 0.75 else ("one " if u[1] < 0.8 else "") + text
+        if pos:
+            text = f"{where}, {text}" if u[2] < 0.15 and not bg_first else f"{text} {where}"
+        objs.append(text)
+    objs = (" and " if u[3] < 0.7 else ", ").join(objs)
+
+    bg_colour = has_bg and u[5] > 0.1
+    style = has_bg and (u[6] > (0.85 if s.background == "plain" else 0.45) or not bg_colour)
+    colour, noun = _word(COLOUR_WORDS, s.bg_colour, rng), BACKGROUND_NOUNS[int(rng.integers(3))]
+    adjectives = [_word(BACKGROUND_WORDS, s.background, rng)] * style + [colour] * bg_colour
+    if u[7] < 0.3:
+        adjectives.reverse()
+    bg = " ".join(adjectives + [noun])
+    if not has_bg:
+        text = objs
+    elif u[8] < 0.2:
+        text = f"{_a(bg) if u[9] < 0.5 else bg} with {objs}"
+    elif u[8] < 0.35:
+        text = f"{bg}, {objs}"
+    elif bg_colour and not style and u[9] < 0.3:
+        text = f"{objs}{',' * (u[10] < 0.3)} on {colour}"
+    else:
+        prep = ("on", "on", "against", "over")[int(u[11] * 4)]
+        text = f"{objs}, {bg}" if u[10] < 0.2 else f"{objs}{',' * (u[10] < 0.35)} {prep} {_a(bg)}"
+    if u[12] < 0.3:
+        text = text[0].upper() + text[1:]
+    if u[13] < 0.2:
+        text += "."
+    return Phrase(text, sizes, positions, bg_colour, style)
+
+
+def phrasings(ss: list[Scene], seed: int, k: int) -> list[tuple[str, ...]]:
+    """k captions per scene: the template, then k - 1 free phrasings, phrasing j of scene i drawn from
+    phrasing_rng(seed, i, j)."""
+    return [(s.caption(), *(phrase(s, phrasing_rng(seed, i, j)).text for j in range(1, k)))
+            for i, s in enumerate(ss)]
+
+
+def phrasing_rng(seed: int, i: int, j: int) -> np.random.Generator:
+    return np.random.default_rng([seed, i, j])
+
+
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
     """A random scene: 1 object (60%) or 2 at opposite positions, colours distinct from the
     background."""
@@ -86,12 +180,12 @@ def scenes(seed: int, n: int) -> list[Scene]:
     return [sample_scene(rng) for _ in range(n)]
 
 
-def _grid(res: int):
+def grid(res: int):
     c = (np.arange(res, dtype=np.float64) + 0.5) / res
     return np.meshgrid(c, c, indexing="xy")  # u (x, right), v (y, down)
 
 
-def _cover(sd: np.ndarray, res: int) -> np.ndarray:
+def cover(sd: np.ndarray, res: int) -> np.ndarray:
     """Signed distance (image units, negative inside) → pixel coverage with a one-pixel ramp."""
     return np.clip(0.5 - sd * res, 0.0, 1.0)
 
@@ -110,19 +204,23 @@ def _polygon_sd(u, v, pts) -> np.ndarray:
 
 def _shape_sd(o: Obj, u, v) -> np.ndarray:
     cx, cy = POSITIONS[o.position]
-    cx, cy, r = cx + o.dx, cy + o.dy, SIZES[o.size]
-    if o.shape == "circle":
+    return shape_sd(o.shape, cx + o.dx, cy + o.dy, SIZES[o.size], o.angle, u, v)
+
+
+def shape_sd(shape: str, cx: float, cy: float, r: float, angle: float, u, v) -> np.ndarray:
+    """Signed distance (image units, negative inside) to a shape of size r centred at (cx, cy)."""
+    if shape == "circle":
         return np.hypot(u - cx, v - cy) - r
-    if o.shape == "ring":
+    if shape == "ring":
         return np.abs(np.hypot(u - cx, v - cy) - 0.7 * r) - 0.3 * r
-    if o.shape == "square":
+    if shape == "square":
         k, radii = 4, [0.9 * r * math.sqrt(2)] * 4
         start = math.pi / 4
-    elif o.shape == "triangle":
+    elif shape == "triangle":
         k, radii, start = 3, [1.15 * r] * 3, -math.pi / 2
     else:  # star
         k, radii, start = 10, [1.1 * r, 0.45 * r] * 5, -math.pi / 2
-    a = start + o.angle + 2 * math.pi * np.arange(k) / k
+    a = start + angle + 2 * math.pi * np.arange(k) / k
     pts = np.stack([cx + np.array(radii) * np.cos(a), cy + np.array(radii) * np.sin(a)], 1)
     return _polygon_sd(u, v, pts)
 
@@ -138,10 +236,10 @@ def _background(s: Scene, u, v, res: int) -> np.ndarray:
     elif s.background == "gradient":
         t = np.clip(w / 1.42 + 0.5, 0, 1)
     elif s.background == "striped":
-        t = _cover((np.abs((w * 6) % 1 - 0.5) - 0.25) / 6, res)
+        t = cover((np.abs((w * 6) % 1 - 0.5) - 0.25) / 6, res)
     elif s.background == "checkered":
-        a = _cover((np.abs((u * 4) % 1 - 0.5) - 0.25) / 4, res)
-        b = _cover((np.abs((v * 4) % 1 - 0.5) - 0.25) / 4, res)
+        a = cover((np.abs((u * 4) % 1 - 0.5) - 0.25) / 4, res)
+        b = cover((np.abs((v * 4) % 1 - 0.5) - 0.25) / 4, res)
         t = a + b - 2 * a * b
     else:  # textured: a few seeded low-frequency waves
         rng = np.random.default_rng(s.bg_seed)
@@ -156,8 +254,8 @@ def _background(s: Scene, u, v, res: int) -> np.ndarray:
 def masks(s: Scene, res: int) -> np.ndarray:
     """(n_objects, res, res) float32 coverage of each object as drawn (later objects occlude earlier
     ones)."""
-    u, v = _grid(res)
-    cov = [_cover(_shape_sd(o, u, v), res) for o in s.objects]
+    u, v = grid(res)
+    cov = [cover(_shape_sd(o, u, v), res) for o in s.objects]
     out = []
     for i, c in enumerate(cov):
         for later in cov[i + 1:]:
@@ -168,10 +266,10 @@ def masks(s: Scene, res: int) -> np.ndarray:
 
 def render(s: Scene, res: int) -> np.ndarray:
     """(res, res, 3) float32 RGB in [0, 1]."""
-    u, v = _grid(res)
+    u, v = grid(res)
     img = _background(s, u, v, res)
     for o in s.objects:
-        a = _cover(_shape_sd(o, u, v), res)[..., None]
+        a = cover(_shape_sd(o, u, v), res)[..., None]
         img = img * (1 - a) + _fill(o, u, v, res) * a
     return img.astype(np.float32)
 
@@ -183,7 +281,7 @@ def _fill(o: Obj, u, v, res: int) -> np.ndarray:
     cx, cy = POSITIONS[o.position]
     period = SIZES[o.size] * 0.6
     w = ((u - cx - o.dx) * math.cos(o.angle) + (v - cy - o.dy) * math.sin(o.angle)) / period
-    t = _cover((np.abs(w % 1 - 0.5) - 0.25) * period, res)[..., None]
+    t = cover((np.abs(w % 1 - 0.5) - 0.25) * period, res)[..., None]
     return colour * (1 - t) + np.array(COLOURS[o.stripes], np.float64) / 255 * t
 
 

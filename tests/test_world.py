@@ -78,3 +78,42 @@ def test_stripes_paint_two_colours_inside_the_shape_only():
     assert {world.COLOURS["red"], world.COLOURS["yellow"]} <= colours
     assert 0.3 < (np.abs(b[inside] - np.array(world.COLOURS["yellow"]) / 255).sum(-1) < 0.01).mean() < 0.7
     assert striped.caption() == plain.caption()  # no caption names the stripes
+
+
+def test_phrasings_name_what_they_say_they_name():
+    ss = world.scenes(3, 300)
+    for i, s in enumerate(ss):
+        p = world.phrase(s, np.random.default_rng(i))
+        text = p.text.lower()
+        for o, size, pos in zip(s.objects, p.sizes, p.positions):
+            assert any(w in text.split() for w in world.COLOUR_WORDS.get(o.colour, (o.colour,)))
+            assert any(w in text for w in world.SHAPE_WORDS[o.shape])
+            words = text.replace(",", " ").replace(".", " ").split()
+            if size or len(s.objects) == 1:  # with two objects, the other one's size may be named
+                assert size == any(w in words for w in world.SIZE_WORDS[o.size])
+            assert pos == any(w in text for w in world.POSITION_WORDS[o.position])
+        words = text.replace(",", " ").replace(".", " ").split()
+        # the background's colour is never an object's, so its word appears only when it is named
+        assert p.bg_colour == any(w in words for w in world.COLOUR_WORDS.get(s.bg_colour, (s.bg_colour,)))
+        assert p.background == any(w in words for w in world.BACKGROUND_WORDS[s.background])
+
+
+def test_phrasing_draws_do_not_depend_on_the_scene():
+    """The same generator state words a scene with one attribute changed the same way (hard negatives)."""
+    for i, s in enumerate(world.scenes(4, 100)):
+        o = s.objects[0]
+        colour = next(c for c in world.COLOURS if c not in (o.colour, s.bg_colour))
+        a = world.phrase(s, np.random.default_rng(i))
+        b = world.phrase(s.replace(0, colour=colour), np.random.default_rng(i))
+        assert (a.sizes, a.positions, a.bg_colour, a.background) == (b.sizes, b.positions, b.bg_colour, b.background)
+        assert len(a.text.split()) == len(b.text.split())
+        assert a.text != b.text
+
+
+def test_phrasings_use_every_word():
+    texts = " ".join(c for cs in world.phrasings(world.scenes(5, 3000), 5, 3) for c in cs).lower()
+    tables = (world.SIZE_WORDS, world.SHAPE_WORDS, world.COLOUR_WORDS, world.POSITION_WORDS, world.BACKGROUND_WORDS)
+    missing = [w for t in tables for ws in t.values() for w in ws if w not in texts]
+    assert not missing
+    assert world.phrasings(world.scenes(5, 3), 5, 3) == world.phrasings(world.scenes(5, 3), 5, 3)
+    assert all(cs[0] == s.caption() for cs, s in zip(world.phrasings(world.scenes(5, 3), 5, 3), world.scenes(5, 3)))

@@ -1,0 +1,168 @@
+"""Read an image of the world back from its pixels: the background colour, and each object's colour,
+shape, place and size, with no learned model.
+
+    r = judge.read(image)            # (H, W, 3) in [0, 1], any resolution
+    judge.check(r, scene, phrase)    # which of the attributes a caption named were drawn
+
+The background is the world colour whose two-tone segment (a background is drawn in its colour and a
+darker or lighter tone of it) lies nearest the pixels of a band inside the image's border. Object
+pixels are those nearer to an object colour than to that segment; each 4-connected region of one
+colour is an object, and its shape is the world shape whose mask, fitted to the region's centroid and
+area and rotated over its symmetry period, overlaps the region best (intersection over union).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import world
+
+READ_RES = 64
+MIN_AREA = 0.004      # of the image: smaller regions are noise, not objects (a small ring covers 0.038)
+NEAR = 0.2            # a named position is drawn when an object's centre lies this close (image units)
+# area of each shape at size r, in units of r² (world.shape_sd's geometry)
+AREA = {"circle": math.pi, "ring": math.pi * (1 - 0.4**2), "square": 1.8**2,
+        "triangle": 3 * math.sqrt(3) / 4 * 1.15**2, "star": 5 * 1.1 * 0.45 * math.sin(math.pi / 5)}
+# rotations that give the same shape (0: every rotation)
+PERIOD = {"circle": 0.0, "ring": 0.0, "square": math.pi / 2, "triangle": 2 * math.pi / 3, "star": 2 * math.pi / 5}
+
+
+@dataclass(frozen=True)
+class Found:
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+    r: float       # the size of the fitted shape, as world.SIZES
+    iou: float
+
+
+@dataclass(frozen=True)
+class Reading:
+    bg_colour: str
+    objects: tuple   # Found, largest first
+
+
+def _rgb(name: str) -> np.ndarray:
+    return np.array(world.BG_COLOURS[name], np.float64) / 255
+
+
+def _segment_distance(px: np.ndarray, colour: str) -> np.ndarray:
+    """Distance of each pixel (…, 3) to the segment between a background colour and its second tone."""
+    base = _rgb(colour)
+    other = base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4
+    d = other - base
+    t = np.clip(((px - base) @ d) / (d @ d), 0, 1)
+    return np.linalg.norm(px - (base + t[..., None] * d), axis=-1)
+
+
+def _resize(img: np.ndarray) -> np.ndarray:
+    h = img.shape[0]
+    if h == READ_RES:
+        return img
+    if h % READ_RES == 0:
+        k = h // READ_RES
+        return img.reshape(READ_RES, k, READ_RES, k, 3).mean((1, 3))
+    from PIL import Image
+
+    u8 = Image.fromarray((img * 255).round().astype(np.uint8))
+    return np.asarray(u8.resize((READ_RES, READ_RES), Image.BOX), np.float64) / 255
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected regions of a boolean mask, as (N, 2) arrays of (row, column)."""
+    seen = np.zeros_like(mask)
+    out = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, region = [start], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        out.append(np.array(region))
+    return out
+
+
+def _fit(region: np.ndarray, n: int) -> tuple[str, float, float, float, float]:
+    """The world shape that best covers a region: (shape, cx, cy, r, iou)."""
+    mask = np.zeros((n, n), bool)
+    mask[region[:, 0], region[:, 1]] = True
+    cy, cx = (region.mean(0) + 0.5) / n
+    u, v = world.grid(n)
+    best = ("circle", cx, cy, 0.0, -1.0)
+    for shape, k in AREA.items():
+        r = math.sqrt(len(region) / n**2 / k)
+        for angle in np.linspace(0, PERIOD[shape], 12, endpoint=False) if PERIOD[shape] else [0.0]:
+            for scale in (0.92, 1.0, 1.08):
+                m = world.shape_sd(shape, cx, cy, r * scale, angle, u, v) < 0
+                iou = (m & mask).sum() / (m | mask).sum()
+                if iou > best[4]:
+                    best = (shape, cx, cy, r * scale, iou)
+    return best
+
+
+def read(image: np.ndarray) -> Reading:
+    """Read an (H, W, 3) image in [0, 1] (square, any resolution)."""
+    px = _resize(np.asarray(image, np.float64))
+    n = px.shape[0]
+    band = np.zeros((n, n), bool)
+    band[2:-2, 2:-2] = True    # the outer 2 pixels are left out: a border artefact must not decide
+    band[6:-6, 6:-6] = False
+    # the 75th percentile: objects may cover up to a quarter of the band; both tones must lie near the segment
+    bg = min(world.BG_COLOURS, key=lambda c: np.percentile(_segment_distance(px[band], c), 75))
+    names = [c for c in world.COLOURS if c != bg]
+    d_bg = _segment_distance(px, bg)
+    d = np.stack([np.linalg.norm(px - _rgb(c), axis=-1) for c in names])
+    label = d.argmin(0)
+    is_obj = d.min(0) < d_bg
+    found = []
+    for k, name in enumerate(names):
+        for region in _components(is_obj & (label == k)):
+            if len(region) >= MIN_AREA * n * n:
+                shape, cx, cy, r, iou = _fit(region, n)
+                found.append((len(region), Found(name, shape, cx, cy, r, iou)))
+    return Reading(bg, tuple(f for _, f in sorted(found, key=lambda x: -x[0])))
+
+
+def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict:
+    """For each object of the scene, whether the attributes the caption named were drawn; with no
+    phrase, the caption is the template, which names everything. Keys: colour, shape, size, position
+    (lists, one entry per object, None where not named) and bg_colour (None where not named)."""
+    n = len(s.objects)
+    sizes = named.sizes if named else (True,) * n
+    positions = named.positions if named else (True,) * n
+    out = {"colour": [], "shape": [], "size": [], "position": []}
+    mid = sum(world.SIZES.values()) / 2
+    for o, size, pos in zip(s.objects, sizes, positions):
+        x, y = world.POSITIONS[o.position]
+        same = [f for f in r.objects if f.colour == o.colour]  # largest first
+        if pos:
+            same.sort(key=lambda f: math.hypot(f.cx - x, f.cy - y))
+        f = same[0] if same else None
+        out["colour"].append(f is not None)
+        out["shape"].append(f is not None and f.shape == o.shape)
+        out["position"].append(f is not None and math.hypot(f.cx - x, f.cy - y) <= NEAR if pos else None)
+        out["size"].append(f is not None and (f.r > mid) == (world.SIZES[o.size] > mid) if size else None)
+    out["bg_colour"] = r.bg_colour == s.bg_colour if (named is None or named.bg_colour) else None
+    return out
+
+
+def border(image: np.ndarray) -> float:
+    """Mean absolute difference between the outer 2-pixel frame and the 2-pixel ring inside it (on a
+    plain background: 0 for a true render)."""
+    px = np.asarray(image, np.float64)
+    n = px.shape[0]
+
+    def ring(a, b):
+        m = np.zeros((n, n), bool)
+        m[a:n - a, a:n - a] = True
+        m[b:n - b, b:n - b] = False
+        return px[m].mean(0)
+
+    return float(np.abs(ring(0, 2) - ring(2, 4)).mean())

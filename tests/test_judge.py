@@ -1,0 +1,57 @@
+"""Reading images of the world back from their pixels: right on true renders, wrong on changed ones."""
+import numpy as np
+import pytest
+
+from engine import judge, world
+
+
+def rates(ss, images, phrases=None):
+    hits = {}
+    for k, (s, im) in enumerate(zip(ss, images)):
+        for attr, v in judge.check(judge.read(im), s, phrases[k] if phrases else None).items():
+            for x in v if isinstance(v, list) else [v]:
+                if x is not None:
+                    hits.setdefault(attr, []).append(x)
+    return {a: float(np.mean(v)) for a, v in hits.items()}
+
+
+@pytest.mark.parametrize("res, n", [(64, 80), (256, 12)])
+def test_true_renders_read_back(res, n):
+    ss = world.scenes(11, n)
+    r = rates(ss, [world.render(s, res) for s in ss])
+    assert r["bg_colour"] == 1.0 and r["colour"] == 1.0 and r["position"] == 1.0
+    assert r["shape"] >= 0.97 and r["size"] >= 0.97, r  # an object partly hidden by the other may misread
+
+
+def test_changed_scenes_read_as_changed():
+    """The render of a scene with one attribute changed fails the original scene's check on that attribute."""
+    ss = [s for s in world.scenes(12, 60) if len(s.objects) == 1][:30]
+    for attr, values in (("colour", list(world.COLOURS)), ("shape", list(world.SHAPES))):
+        wrong = []
+        for s in ss:
+            o = s.objects[0]
+            other = next(v for v in values if v != getattr(o, attr) and v != s.bg_colour)
+            wrong.append(world.render(s.replace(0, **{attr: other}), 64))
+        assert rates(ss, wrong)[attr] <= 0.05, attr
+    moved = [world.render(s.replace(bg_colour=next(c for c in world.BG_COLOURS
+                                                   if c not in (s.bg_colour, s.objects[0].colour))), 64) for s in ss]
+    assert rates(ss, moved)["bg_colour"] == 0.0
+
+
+def test_only_named_attributes_are_checked():
+    s = world.Scene((world.Obj("star", "red", "large", "on the left"),), "striped", "blue")
+    p = world.Phrase("a red star", sizes=(False,), positions=(False,), bg_colour=False, background=False)
+    moved = s.replace(0, position="on the right", size="small").replace(bg_colour="white")
+    c = judge.check(judge.read(world.render(moved, 64)), s, p)
+    assert c == {"colour": [True], "shape": [True], "size": [None], "position": [None], "bg_colour": None}
+    assert judge.check(judge.read(world.render(moved, 64)), s)["position"] == [False]
+
+
+def test_border_measures_a_frame():
+    s = world.Scene((world.Obj("circle", "red", "small", "in the center"),), "plain", "blue")
+    img = world.render(s, 64)
+    assert judge.border(img) == 0.0
+    framed = img.copy()
+    framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = 1.0, 1.0, 1.0, 1.0
+    assert judge.border(framed) > 0.3
+    assert judge.read(framed).bg_colour == "blue"  # a frame does not decide the background
