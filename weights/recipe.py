@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -31,6 +32,7 @@ from engine.models.unet import UNet2DConditionModel, UNetConfig
 from engine.models.vae import AutoencoderKL, VAEConfig
 from engine.tokenizer import Tokenizer
 
+VERSION = "v6"                       # written into each folder's model_index.json as _engine_version
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
@@ -39,21 +41,24 @@ SR_LATENTS = 3_000                   # of those, the scenes the SR stage trains 
 # (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
 # so the attention and group norms see at training the extents they see at inference
 SR_CROPS = ((16, 32), (32, 8), (64, 2))
+CAPTIONS = 3                         # per scene: the template and 2 free phrasings (world.phrasings)
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry")  # held out: chelsea, hubble
 
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu")
 PROJ_DIM = 128
-VAE = dict(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
-           up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
-           sample_size=64, force_upcast=False)
+LATENT = 8
+# no attention in the VAE's mid block: attention over the whole image would tie what it decodes to the image's size
+VAE = dict(block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+           up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=LATENT, norm_num_groups=16,
+           sample_size=64, force_upcast=False, mid_block_add_attention=False)
 # Both UNets use 8 norm groups, not 32: at the 32-channel level 32 groups is an instance norm, which erases each
 # image's per-channel means (its background colour) right before conv_out (weights/README.md, "Norm groups")
-BASE = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
+BASE = dict(in_channels=LATENT, out_channels=LATENT, sample_size=16, block_out_channels=[32, 64, 128], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             attention_head_dim=2, cross_attention_dim=128, norm_num_groups=8)
-SR = dict(in_channels=7, out_channels=4, sample_size=64, block_out_channels=[32, 64, 128], layers_per_block=1,
+SR = dict(in_channels=LATENT + 3, out_channels=LATENT, sample_size=64, block_out_channels=[32, 64, 128], layers_per_block=1,
           down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
           attention_head_dim=4, cross_attention_dim=128, norm_num_groups=8, num_class_embeds=1000)
@@ -91,24 +96,43 @@ def as_float(u8) -> torch.Tensor:
     return torch.from_numpy(np.asarray(u8, dtype=np.float32)) / 127.5 - 1
 
 
-def hard_negative(s: world.Scene, rng: np.random.Generator) -> str:
-    """The caption of the same scene with one attribute changed (or two objects' colours swapped)."""
+def captions(ss: list) -> list[tuple[str, ...]]:
+    return world.phrasings(ss, TRAIN_SEED, CAPTIONS)
+
+
+def changed(s: world.Scene, rng: np.random.Generator, kind: str | None = None) -> world.Scene:
+    """The same scene with one attribute changed (or two objects' colours swapped)."""
     i = int(rng.integers(len(s.objects)))
     o = s.objects[i]
-    kind = rng.choice(["colour", "shape", "colour", "shape", "size", "position", "background", "bg_colour", "swap"])
+    kind = kind or rng.choice(["colour", "shape", "colour", "shape", "size", "position", "background", "bg_colour",
+                               "swap"])
     if kind == "swap" and len(s.objects) == 2 and s.objects[0].colour != s.objects[1].colour:
-        return s.replace(0, colour=s.objects[1].colour).replace(1, colour=s.objects[0].colour).caption()
+        return s.replace(0, colour=s.objects[1].colour).replace(1, colour=s.objects[0].colour)
     if kind in ("background", "bg_colour"):
         options = world.BACKGROUNDS if kind == "background" else list(world.BG_COLOURS)
         cur = s.background if kind == "background" else s.bg_colour
-        return s.replace(**{kind: str(rng.choice([x for x in options if x != cur]))}).caption()
+        return s.replace(**{kind: str(rng.choice([x for x in options if x != cur]))})
     if kind == "position":
         taken = {x.position for x in s.objects}
         options = [p for p in world.POSITIONS if p not in taken]
-        return s.replace(i, position=str(rng.choice(options))).caption()
+        return s.replace(i, position=str(rng.choice(options)))
     options = {"colour": list(world.COLOURS), "shape": world.SHAPES, "size": list(world.SIZES)}.get(kind, world.SHAPES)
     attr = kind if kind in ("colour", "shape", "size") else "shape"
-    return s.replace(i, **{attr: str(rng.choice([x for x in options if x != getattr(o, attr)]))}).caption()
+    return s.replace(i, **{attr: str(rng.choice([x for x in options if x != getattr(o, attr)]))})
+
+
+def hard_negative(s: world.Scene, i: int, j: int, rng: np.random.Generator) -> str:
+    """Caption j of training scene i, worded the same way, for the scene with one attribute changed that
+    the caption names (free phrasings leave some out)."""
+    def words(scene):
+        return scene.caption() if j == 0 else world.phrase(scene, world.phrasing_rng(TRAIN_SEED, i, j)).text
+
+    text = words(s)
+    for _ in range(4):
+        neg = words(changed(s, rng))
+        if neg != text:
+            return neg
+    return words(changed(s, rng, "colour"))
 
 
 # ---------------------------------------------------------------------------------------------- training utils
@@ -200,7 +224,7 @@ def stage_tokenizer():
 
     out = BUILD / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [s.caption() for s in world.scenes(TRAIN_SEED, 20_000)]
+    corpus = [c for cs in captions(world.scenes(TRAIN_SEED, 20_000)) for c in cs]
     proto = Tokenizer({"a": 0, "<|endoftext|>": 1, "<|startoftext|>": 2}, [])  # CLIP normaliser + pre-tokenizer
     bpe = Backend(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer, bpe.pre_tokenizer = proto.backend.normalizer, proto.backend.pre_tokenizer
@@ -229,7 +253,10 @@ def stage_tokenizer():
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     tok = Tokenizer.from_dir(out)
     longest = max(len(tok.encode(c)) for c in corpus)
-    log(f"tokenizer: {len(tok)} tokens, {len(merges)} merges, longest caption {longest} tokens")
+    split = sorted({w for c in corpus for w in c.lower().replace(",", " ").replace(".", " ").split()
+                    if len(tok.encode(w)) > 3})  # encode adds the start and end tokens
+    log(f"tokenizer: {len(tok)} tokens, {len(merges)} merges, longest caption {longest} tokens, "
+        f"words split in several tokens: {split or 'none'}")
 
 
 class JointTower(nn.Module):
@@ -249,19 +276,20 @@ class JointTower(nn.Module):
         return self.proj(x.flatten(1))
 
 
-def stage_clip(steps=2400, batch=128):
+def stage_clip(steps=3000, batch=128):
     """Contrastive training of the text tower (the diffusion models' text encoder) with hard negatives."""
     tok = Tokenizer.from_dir(BUILD / "tokenizer")
     torch.manual_seed(0)
     scorer = Scorer(text_model(tok), tok, PROJ_DIM, visual=JointTower(PROJ_DIM))
     ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
-    captions = [s.caption() for s in ss]
+    caps = captions(ss)
     opt = adamw(scorer.parameters(), 1e-3, wd=0.01)
 
     def step(i, rng):
         idx = np.sort(rng.choice(len(ss), batch, replace=False))
+        var = rng.integers(CAPTIONS, size=batch)
         x = as_float(imgs[idx])
-        texts = [captions[j] for j in idx] + [hard_negative(ss[j], rng) for j in idx]
+        texts = [caps[k][j] for k, j in zip(idx, var)] + [hard_negative(ss[k], k, j, rng) for k, j in zip(idx, var)]
         img = scorer.encode_image(x)
         txt = scorer.encode_text(trimmed(tok(texts), tok.pad_id))
         logits = scorer.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, 2B): true captions + hard negatives
@@ -279,13 +307,15 @@ def stage_clip_image(steps=1500, batch=128, negatives=3):
     scorer.visual = ImageEncoder(PROJ_DIM)
     tok = scorer.tokenizer
     ss, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
-    captions = [s.caption() for s in ss]
+    caps = captions(ss)
     opt = adamw(scorer.visual.parameters(), 1e-3, wd=0.01)
     scale = scorer.logit_scale.exp().clamp(max=100)
 
     def step(i, rng):
         idx = np.sort(rng.choice(len(ss), batch, replace=False))
-        texts = [captions[j] for j in idx] + [hard_negative(ss[j], rng) for j in idx for _ in range(negatives)]
+        var = rng.integers(CAPTIONS, size=batch)
+        texts = [caps[k][j] for k, j in zip(idx, var)]
+        texts += [hard_negative(ss[k], k, j, rng) for k, j in zip(idx, var) for _ in range(negatives)]
         with torch.no_grad():
             txt = scorer.encode_text(trimmed(tok(texts), tok.pad_id))
         logits = scale * scorer.encode_image(as_float(imgs[idx])) @ txt.T
@@ -324,10 +354,15 @@ def photo_crops(photo: list[np.ndarray], n: int, crop: int, rng: np.random.Gener
     return torch.stack(out)
 
 
-def stage_vae(steps=3000, batch=32, crop=32):
-    """A quarter of each batch is crops of natural photos, so the VAE does not only know the world."""
+def stage_vae(steps=14000, batch=32, crop=32, photo_share=8):
+    """32² crops (4× the steps per second of whole images; `decoder` then adapts the decoder to whole images):
+    of 64² renders, of 256² renders, and 1 in photo_share of natural photos, so that the VAE does not only know
+    the world. The posterior's log-variance starts at −8: with the usual 0 its noise drowns the small initial
+    latents and training crawls."""
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.from_dict(VAE))
+    with torch.no_grad():
+        vae.quant_conv.bias[LATENT:] = -8.0
     _, imgs = pool(TRAIN_SEED, TRAIN_N, 64)
     _, big = pool(SR_SEED, SR_N, 256)
     photo = photos(TRAIN_PHOTOS)
@@ -340,7 +375,7 @@ def stage_vae(steps=3000, batch=32, crop=32):
         return torch.stack([as_float(arr[i, :, y:y + crop, x:x + crop]) for i, y, x in zip(idx, ys, xs)])
 
     def step(i, rng):
-        q = batch // 4
+        q = batch // photo_share
         x = torch.cat([crops(imgs, (batch - q) // 2, rng), crops(big, batch - q - (batch - q) // 2, rng),
                        photo_crops(photo, q, crop, rng)])
         mean, logvar = vae.encode(x)
@@ -348,12 +383,12 @@ def stage_vae(steps=3000, batch=32, crop=32):
         rec = vae.decode(z)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + 1e-6 * kl
-        return update(loss, opt)
+        return update(loss, opt, vae)
 
     checkpointed("vae", {"vae": vae}, opt, steps, step)
 
 
-def stage_decoder(steps=400, small=16):
+def stage_decoder(steps=1000, small=16):
     """Fine-tune the decoder on whole renders (one 256², `small` 64² and half as many 64² photo crops per step)
     with the encoder frozen, so the latents, and the base and x4 models trained on them, do not change.
     `vae` trains on 32² crops; its decoder otherwise meets 16² and 64² latents only at inference."""
@@ -411,7 +446,7 @@ def stage_data():
     rescale_latents(vae, 1 / (SCALING_FACTOR * std))
     lat = latent_means(vae, imgs, 500) * SCALING_FACTOR
     log(f"data: latent std {std:.4f} rescaled so that scaling_factor {SCALING_FACTOR} gives std {lat.std():.4f}")
-    emb = embed_captions(scorer, [s.caption() for s in ss])
+    emb = embed_captions(scorer, [c for cs in captions(ss) for c in cs]).unflatten(0, (len(ss), CAPTIONS))
     save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
           "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
 
@@ -429,7 +464,8 @@ def sr_data(vae: AutoencoderKL, scorer: Scorer) -> dict:
     n = SR_LATENTS
     lat = latent_means(vae, big[:n], 50) * SCALING_FACTOR
     return {"latents": lat.half(), "low": torch.from_numpy(np.array(small[:n])),
-            "emb": embed_captions(scorer, [s.caption() for s in sr_ss[:n]]).half(),
+            "emb": embed_captions(scorer, [c for cs in world.phrasings(sr_ss[:n], SR_SEED, CAPTIONS) for c in cs])
+            .unflatten(0, (n, CAPTIONS)).half(),
             "null": embed_captions(scorer, [""])[0]}
 
 
@@ -449,7 +485,7 @@ def stage_base(steps=8000, batch=64, drop=0.1):
 
     def step(i, _):
         idx = torch.randint(len(lat), (batch,))
-        x0, c = lat[idx].float(), emb[idx].float()
+        x0, c = lat[idx].float(), emb[idx, torch.randint(CAPTIONS, (batch,))].float()
         c[torch.rand(batch) < drop] = null
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(x0)
@@ -459,7 +495,7 @@ def stage_base(steps=8000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
-def stage_sr(steps=12000, drop=0.1):
+def stage_sr(steps=16000, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
     torch.nn.init.zeros_(unet.class_embedding.weight)  # N(0, 1) rows would add a random offset per noise level
@@ -476,9 +512,11 @@ def stage_sr(steps=12000, drop=0.1):
         ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
         crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side] for j, y, x in zip(idx, ys, xs)])  # noqa: E731
         x0, low = crop(lat).float(), crop(low_all).float() / 127.5 - 1
-        c = emb[idx].float()
+        c = emb[idx, rng.integers(CAPTIONS, size=batch)].float()
         c[torch.rand(batch) < drop] = null
-        level = torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,))
+        # half the levels near the ones upscaling uses (20 by default), half anywhere up to the maximum
+        level = torch.where(torch.rand(batch) < 0.5, torch.randint(0, 51, (batch,)),
+                            torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,)))
         low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(x0)
@@ -538,7 +576,7 @@ def stage_ship():
         _save(ck["ema"], tmp / "unet" / "diffusion_pytorch_model.safetensors")
         _json(_unet_config(unet_cfg), tmp / "unet" / "config.json")
         _json({**sched_common, **sched}, tmp / "scheduler" / "scheduler_config.json")
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "_engine_version": VERSION,
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
                  "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -560,6 +598,19 @@ def stage_ship():
         tmp.rename(out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         log(f"ship: {out} ({size / 1e6:.1f} MB)")
+    write_times()
+
+
+def write_times():
+    """bench/results/recipe_times.json: each stage's wall time (build/times.json), stamped."""
+    import subprocess
+
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            check=False, cwd=ROOT).stdout.strip()
+    times = json.loads((BUILD / "times.json").read_text())
+    _json({"command": "python weights/recipe.py", "commit": commit, "model_version": {"tiny": VERSION,
+           "tiny-x4": VERSION}, "stages": times, "total_seconds": round(sum(t["seconds"] for t in times.values()))},
+          ROOT.parent / "bench" / "results" / "recipe_times.json")
 
 
 # (the order is the run order, and each stage's index seeds its steps: append new stages, do not reorder)
@@ -567,6 +618,19 @@ STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "d
           "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
           "ship": stage_ship}
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
+
+
+def record_time(name: str, seconds: float):
+    """Add a stage's wall time to build/times.json (summed over resumed runs), with the machine it ran on."""
+    path = BUILD / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    entry = times.setdefault(name, {"seconds": 0.0, "runs": 0})
+    entry["seconds"] = round(entry["seconds"] + seconds, 1)
+    entry["runs"] += 1
+    entry["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(times, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _stop(signum, frame):
@@ -587,7 +651,11 @@ def main():
             if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
                 continue
             log(f"stage {name}")
-            STAGES[name]()
+            t0 = time.time()
+            try:
+                STAGES[name]()
+            finally:
+                record_time(name, time.time() - t0)
     except KeyboardInterrupt as e:
         again = " ".join(["python weights/recipe.py", *sys.argv[1:]])
         print(f"interrupted: stage {name} stopped; `{again}` resumes it from its last "
