@@ -10,6 +10,7 @@ pixels are those nearer to an object colour than to that segment; each 4-connect
 colour is an object, and its shape is the world shape whose mask, fitted to the region's centroid and
 area and rotated over its symmetry period, overlaps the region best (intersection over union).
 """
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,6 @@ from . import world
 
 READ_RES = 64
 MIN_AREA = 0.004      # of the image: smaller regions are noise, not objects (a small ring covers 0.038)
-NEAR = 0.2            # a named position is drawn when an object's centre lies this close (image units)
 # area of each shape at size r, in units of r² (world.shape_sd's geometry)
 AREA = {"circle": math.pi, "ring": math.pi * (1 - 0.4**2), "square": 1.8**2,
         "triangle": 3 * math.sqrt(3) / 4 * 1.15**2, "star": 5 * 1.1 * 0.45 * math.sin(math.pi / 5)}
@@ -109,7 +109,7 @@ def _fit(region: np.ndarray, n: int) -> tuple[str, float, float, float, float]:
 
 def read(image: np.ndarray) -> Reading:
     """Read an (H, W, 3) image in [0, 1] (square, any resolution)."""
-    px = _resize(np.asarray(image, np.float64))
+    px = _resize(np.clip(np.asarray(image, np.float64), 0, 1))
     n = px.shape[0]
     band = np.zeros((n, n), bool)
     band[2:-2, 2:-2] = True    # the outer 2 pixels are left out: a border artefact must not decide
@@ -130,39 +130,46 @@ def read(image: np.ndarray) -> Reading:
     return Reading(bg, tuple(f for _, f in sorted(found, key=lambda x: -x[0])))
 
 
+def place(f: Found) -> str:
+    """The world position nearest a found object's centre."""
+    return min(world.POSITIONS, key=lambda p: math.dist(world.POSITIONS[p], (f.cx, f.cy)))
+
+
 def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict:
     """For each object of the scene, whether the attributes the caption named were drawn; with no
     phrase, the caption is the template, which names everything. Keys: colour, shape, size, position
-    (lists, one entry per object, None where not named) and bg_colour (None where not named)."""
+    (lists, one entry per object, None where not named) and bg_colour (None where not named).
+
+    Each found object stands for at most one of the scene's: of every one-to-one assignment of found
+    objects to the scene's, the one with the most named attributes drawn counts."""
     n = len(s.objects)
     sizes = named.sizes if named else (True,) * n
     positions = named.positions if named else (True,) * n
-    out = {"colour": [], "shape": [], "size": [], "position": []}
     mid = sum(world.SIZES.values()) / 2
-    for o, size, pos in zip(s.objects, sizes, positions):
-        x, y = world.POSITIONS[o.position]
-        same = [f for f in r.objects if f.colour == o.colour]  # largest first
-        if pos:
-            same.sort(key=lambda f: math.hypot(f.cx - x, f.cy - y))
-        f = same[0] if same else None
-        out["colour"].append(f is not None)
-        out["shape"].append(f is not None and f.shape == o.shape)
-        out["position"].append(f is not None and math.hypot(f.cx - x, f.cy - y) <= NEAR if pos else None)
-        out["size"].append(f is not None and (f.r > mid) == (world.SIZES[o.size] > mid) if size else None)
+
+    def hits(o, size, pos, f):
+        if f is None or f.colour != o.colour:
+            return {"colour": False, "shape": False, "size": False if size else None,
+                    "position": False if pos else None}
+        return {"colour": True, "shape": f.shape == o.shape,
+                "size": (f.r > mid) == (world.SIZES[o.size] > mid) if size else None,
+                "position": place(f) == o.position if pos else None}
+
+    pool = list(r.objects) + [None] * n
+    best = None
+    for chosen in itertools.permutations(range(len(pool)), n):
+        h = [hits(o, size, pos, pool[k]) for o, size, pos, k in zip(s.objects, sizes, positions, chosen)]
+        score = sum(v is True for x in h for v in x.values())
+        if best is None or score > best[0]:
+            best = (score, h)
+    out = {k: [x[k] for x in best[1]] for k in ("colour", "shape", "size", "position")}
     out["bg_colour"] = r.bg_colour == s.bg_colour if (named is None or named.bg_colour) else None
     return out
 
 
 def border(image: np.ndarray) -> float:
-    """Mean absolute difference between the outer 2-pixel frame and the 2-pixel ring inside it (on a
-    plain background: 0 for a true render)."""
+    """Mean absolute difference between each pixel of the outer 2-pixel frame and the pixel 2 further in,
+    over the four sides (on a plain background: 0 for a true render whose objects stay off the frame)."""
     px = np.asarray(image, np.float64)
-    n = px.shape[0]
-
-    def ring(a, b):
-        m = np.zeros((n, n), bool)
-        m[a:n - a, a:n - a] = True
-        m[b:n - b, b:n - b] = False
-        return px[m].mean(0)
-
-    return float(np.abs(ring(0, 2) - ring(2, 4)).mean())
+    sides = [px[:2] - px[2:4], px[-2:] - px[-4:-2], px[:, :2] - px[:, 2:4], px[:, -2:] - px[:, -4:-2]]
+    return float(np.mean([np.abs(d).mean() for d in sides]))

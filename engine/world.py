@@ -66,10 +66,10 @@ SHAPE_WORDS = {"circle": ("circle", "disc", "disk"), "square": ("square", "box")
                "star": ("star",), "ring": ("ring", "donut", "doughnut")}
 COLOUR_WORDS = {"gray": ("gray", "grey"), "purple": ("purple", "violet")}
 POSITION_WORDS = {
-    "on the left": ("on the left", "at the left", "to the left", "on the left side", "in the left"),
-    "on the right": ("on the right", "at the right", "to the right", "on the right side", "in the right"),
+    "on the left": ("on the left", "at the left", "to the left", "on the left side", "on the left-hand side"),
+    "on the right": ("on the right", "at the right", "to the right", "on the right side", "on the right-hand side"),
     "at the top": ("at the top", "on top", "at the top of the image", "near the top", "up top"),
-    "at the bottom": ("at the bottom", "at the bottom of the image", "near the bottom", "down low", "below"),
+    "at the bottom": ("at the bottom", "at the bottom of the image", "near the bottom", "along the bottom"),
     "in the center": ("in the center", "in the centre", "in the middle", "at the center", "centered")}
 BACKGROUND_WORDS = {"plain": ("plain", "solid", "flat", "uniform"), "gradient": ("gradient", "shaded", "fading"),
                     "striped": ("striped", "stripy", "lined"), "checkered": ("checkered", "checkerboard", "chequered"),
@@ -99,7 +99,8 @@ def _word(table: dict, key: str, rng: np.random.Generator) -> str:
 def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
     """The scene described as people write it: size, position and background may be left out, words and
     their order vary. The draws from rng do not depend on the scene's values, so the same generator state
-    phrases a scene with one attribute changed the same way (a hard negative)."""
+    words a scene with one attribute changed the same way (a hard negative); only the background's style
+    is left out more often when it is plain, and a plain style's word never follows the colour."""
     u = rng.random(16).tolist()  # every choice below reads one of these, or one word draw
     n = len(s.objects)
     sizes = tuple(x > 0.45 for x in rng.random(n).tolist())
@@ -116,13 +117,13 @@ def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
         if pos:
             text = f"{where}, {text}" if u[2] < 0.15 and not bg_first else f"{text} {where}"
         objs.append(text)
-    objs = (" and " if u[3] < 0.7 else ", ").join(objs)
+    objs = (" and " if u[3] < 0.7 or u[2] < 0.15 else ", ").join(objs)
 
     bg_colour = has_bg and u[5] > 0.1
     style = has_bg and (u[6] > (0.85 if s.background == "plain" else 0.45) or not bg_colour)
     colour, noun = _word(COLOUR_WORDS, s.bg_colour, rng), BACKGROUND_NOUNS[int(rng.integers(3))]
     adjectives = [_word(BACKGROUND_WORDS, s.background, rng)] * style + [colour] * bg_colour
-    if u[7] < 0.3:
+    if u[7] < 0.3 and s.background != "plain":
         adjectives.reverse()
     bg = " ".join(adjectives + [noun])
     if not has_bg:

@@ -55,3 +55,20 @@ def test_border_measures_a_frame():
     framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = 1.0, 1.0, 1.0, 1.0
     assert judge.border(framed) > 0.3
     assert judge.read(framed).bg_colour == "blue"  # a frame does not decide the background
+
+
+def test_each_found_object_stands_for_one_named_object():
+    pair = world.Scene((world.Obj("circle", "red", "large", "on the left"),
+                        world.Obj("square", "red", "large", "on the right")), "plain", "white")
+    unplaced = world.Phrase("a red circle and a red square", (False, False), (False, False), False, False)
+    assert judge.check(judge.read(world.render(pair, 64)), pair, unplaced)["shape"] == [True, True]
+    alone = world.Scene(pair.objects[:1], "plain", "white")
+    c = judge.check(judge.read(world.render(alone, 64)), pair, unplaced)
+    assert sorted(c["colour"]) == [False, True]
+
+
+def test_a_place_is_the_nearest_world_position():
+    s = world.Scene((world.Obj("circle", "red", "small", "in the center", dx=-0.035),), "plain", "white")
+    left = s.replace(0, position="on the left", dx=0.0)
+    assert judge.check(judge.read(world.render(s, 64)), left)["position"] == [False]
+    assert judge.check(judge.read(world.render(s, 64)), s)["position"] == [True]

@@ -123,16 +123,19 @@ def changed(s: world.Scene, rng: np.random.Generator, kind: str | None = None) -
 
 def hard_negative(s: world.Scene, i: int, j: int, rng: np.random.Generator) -> str:
     """Caption j of training scene i, worded the same way, for the scene with one attribute changed that
-    the caption names (free phrasings leave some out)."""
+    the caption names (free phrasings leave some out, and name a plain background's style less often)."""
     def words(scene):
-        return scene.caption() if j == 0 else world.phrase(scene, world.phrasing_rng(TRAIN_SEED, i, j)).text
+        if j == 0:
+            return scene.caption(), None
+        p = world.phrase(scene, world.phrasing_rng(TRAIN_SEED, i, j))
+        return p.text, (p.sizes, p.positions, p.bg_colour, p.background)
 
-    text = words(s)
+    text, named = words(s)
     for _ in range(4):
-        neg = words(changed(s, rng))
-        if neg != text:
+        neg, neg_named = words(changed(s, rng))
+        if neg != text and neg_named == named:
             return neg
-    return words(changed(s, rng, "colour"))
+    return words(changed(s, rng, "colour"))[0]
 
 
 # ---------------------------------------------------------------------------------------------- training utils
@@ -470,11 +473,12 @@ def sr_data(vae: AutoencoderKL, scorer: Scorer) -> dict:
 
 
 def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
+    """Hidden states of the text encoder, in float16."""
     tok = scorer.tokenizer
-    return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])) for i in range(0, len(captions), 500)])
+    return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])).half() for i in range(0, len(captions), 500)])
 
 
-def stage_base(steps=8000, batch=64, drop=0.1):
+def stage_base(steps=10000, batch=64, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     ema = EMA(unet, 0.995)
@@ -598,7 +602,6 @@ def stage_ship():
         tmp.rename(out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         log(f"ship: {out} ({size / 1e6:.1f} MB)")
-    write_times()
 
 
 def write_times():
@@ -644,6 +647,13 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     BUILD.mkdir(parents=True, exist_ok=True)
+    made = BUILD / "VERSION"
+    if not made.exists():
+        made.write_text(VERSION + "\n")
+    elif made.read_text().strip() != VERSION:
+        print(f"error: {BUILD} holds a {made.read_text().strip()} build and this recipe makes {VERSION}; "
+              f"move or delete it to start over", file=sys.stderr)
+        sys.exit(2)
     signal.signal(signal.SIGTERM, _stop)
     name = None
     try:
@@ -656,6 +666,8 @@ def main():
                 STAGES[name]()
             finally:
                 record_time(name, time.time() - t0)
+        if not args.stage or args.stage == "ship":
+            write_times()
     except KeyboardInterrupt as e:
         again = " ".join(["python weights/recipe.py", *sys.argv[1:]])
         print(f"interrupted: stage {name} stopped; `{again}` resumes it from its last "
