@@ -10,9 +10,8 @@ from . import images, world
 from .rng import check_seed
 from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 
-PROMPTS = ["a large red star in the center, on a plain white background",
-           "a small yellow circle on the left and a large blue square on the right, "
-           "on a striped gray background"]
+PROMPTS = ["a large red star in the center, on a plain white background",  # the caption template
+           "a yellow circle on the left and a big blue square on the right, striped grey background"]
 SOURCE = world.Scene((world.Obj("triangle", "green", "large", "in the center"),), "checkered",
                      "white")
 EDIT = SOURCE.replace(0, colour="purple")

@@ -1,8 +1,8 @@
 """The procedural world the embedded model is trained and evaluated on.
 
 A scene is 1–2 shapes on a background, described exactly by a `Scene` value, so it can be rendered
-at any resolution, captioned, masked, and re-rendered with one attribute changed (the ground truth
-of an edit). Rendering is analytic: every pixel samples signed distances at its centre and takes a
+at any resolution, captioned (by a template, or in free phrasings as people write), masked, and
+re-rendered with one attribute changed (the ground truth of an edit). Rendering is analytic: every pixel samples signed distances at its centre and takes a
 one-pixel-wide coverage ramp, so edges are anti-aliased the same way at 64², 256² and 1024².
 """
 import dataclasses

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
 SR_SEED, SR_N = 2, 6_000
-SR_LATENTS = 3_000                   # of those, the scenes the SR stage trains on
+SR_LATENTS = 6_000                   # of those, the scenes the SR stage trains on
 # (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
 # so the attention and group norms see at training the extents they see at inference
 SR_CROPS = ((16, 32), (32, 8), (64, 2))
@@ -611,8 +611,12 @@ def write_times():
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             check=False, cwd=ROOT).stdout.strip()
     times = json.loads((BUILD / "times.json").read_text())
-    _json({"command": "python weights/recipe.py", "commit": commit, "model_version": {"tiny": VERSION,
-           "tiny-x4": VERSION}, "stages": times, "total_seconds": round(sum(t["seconds"] for t in times.values()))},
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+                if line.startswith("model name")), platform.machine())
+    _json({"command": "python weights/recipe.py", "commit": commit, "cpu": cpu,
+           "model_version": {"tiny": VERSION, "tiny-x4": VERSION}, "stages": times,
+           "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
 
 
