@@ -391,7 +391,7 @@ def stage_vae(steps=14000, batch=32, crop=32, photo_share=8):
     checkpointed("vae", {"vae": vae}, opt, steps, step)
 
 
-def stage_decoder(steps=1000, small=16):
+def stage_decoder(steps=600, small=16):
     """Fine-tune the decoder on whole renders (one 256², `small` 64² and half as many 64² photo crops per step)
     with the encoder frozen, so the latents, and the base and x4 models trained on them, do not change.
     `vae` trains on 32² crops; its decoder otherwise meets 16² and 64² latents only at inference."""
@@ -478,12 +478,12 @@ def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
     return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])).half() for i in range(0, len(captions), 500)])
 
 
-def stage_base(steps=10000, batch=64, drop=0.1):
+def stage_base(steps=9000, batch=64, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     ema = EMA(unet, 0.995)
     data = torch.load(BUILD / "data_base.pt")
-    lat, emb, null = data["latents"], data["emb"], data["null"]
+    lat, emb, null = data["latents"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
     opt = adamw(unet.parameters(), 8e-4)
 
@@ -499,13 +499,13 @@ def stage_base(steps=10000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
-def stage_sr(steps=16000, drop=0.1):
+def stage_sr(steps=13000, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
     torch.nn.init.zeros_(unet.class_embedding.weight)  # N(0, 1) rows would add a random offset per noise level
     ema = EMA(unet, 0.995)
     data = torch.load(BUILD / "data_sr.pt")
-    lat, low_all, emb, null = data["latents"], data["low"], data["emb"], data["null"]
+    lat, low_all, emb, null = data["latents"], data["low"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
     low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
     opt = adamw(unet.parameters(), 5e-4)
