@@ -48,9 +48,8 @@ def _rgb(name: str) -> np.ndarray:
 
 
 def _segment_distance(px: np.ndarray, colour: str) -> np.ndarray:
-    """Distance of each pixel (…, 3) to the segment between a background colour and its second tone."""
-    base = _rgb(colour)
-    other = base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4
+    """Distance of each pixel (…, 3) to the segment between a background colour's two tones."""
+    base, other = world.bg_tones(colour)
     d = other - base
     t = np.clip(((px - base) @ d) / (d @ d), 0, 1)
     return np.linalg.norm(px - (base + t[..., None] * d), axis=-1)
@@ -165,6 +164,11 @@ def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict
     out = {k: [x[k] for x in best[1]] for k in ("colour", "shape", "size", "position")}
     out["bg_colour"] = r.bg_colour == s.bg_colour if (named is None or named.bg_colour) else None
     return out
+
+
+def named(checked: dict) -> dict:
+    """check()'s result without what the caption did not name: each attribute's hits as a list."""
+    return {attr: [v for v in (x if isinstance(x, list) else [x]) if v is not None] for attr, x in checked.items()}
 
 
 def border(image: np.ndarray) -> float:

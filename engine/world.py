@@ -226,10 +226,15 @@ def shape_sd(shape: str, cx: float, cy: float, r: float, angle: float, u, v) -> 
     return _polygon_sd(u, v, pts)
 
 
+def bg_tones(colour: str) -> tuple[np.ndarray, np.ndarray]:
+    """A background colour's two tones in [0, 1]: the colour, and a darker (or, for dark colours, lighter)
+    one, which stripes, checks, gradients and textures mix with it."""
+    base = np.array(BG_COLOURS[colour], np.float64) / 255
+    return base, base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4
+
+
 def _background(s: Scene, u, v, res: int) -> np.ndarray:
-    base = np.array(BG_COLOURS[s.bg_colour], np.float64) / 255
-    # the second tone: darker, or lighter
-    other = base * 0.6 if base.mean() > 0.5 else base * 0.6 + 0.4
+    base, other = bg_tones(s.bg_colour)
     ca, sa = math.cos(s.bg_angle), math.sin(s.bg_angle)
     w = (u - 0.5) * ca + (v - 0.5) * sa
     if s.background == "plain":

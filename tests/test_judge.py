@@ -8,10 +8,8 @@ from engine import judge, world
 def rates(ss, images, phrases=None):
     hits = {}
     for k, (s, im) in enumerate(zip(ss, images)):
-        for attr, v in judge.check(judge.read(im), s, phrases[k] if phrases else None).items():
-            for x in v if isinstance(v, list) else [v]:
-                if x is not None:
-                    hits.setdefault(attr, []).append(x)
+        for attr, v in judge.named(judge.check(judge.read(im), s, phrases[k] if phrases else None)).items():
+            hits.setdefault(attr, []).extend(v)
     return {a: float(np.mean(v)) for a, v in hits.items()}
 
 
