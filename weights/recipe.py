@@ -449,8 +449,7 @@ def stage_data():
     rescale_latents(vae, 1 / (SCALING_FACTOR * std))
     lat = latent_means(vae, imgs, 500) * SCALING_FACTOR
     log(f"data: latent std {std:.4f} rescaled so that scaling_factor {SCALING_FACTOR} gives std {lat.std():.4f}")
-    emb = embed_captions(scorer, [c for cs in captions(ss) for c in cs]).unflatten(0, (len(ss), CAPTIONS))
-    save({"latents": lat.half(), "emb": emb.half(), "vae": vae.state_dict(),
+    save({"latents": lat.half(), "emb": embed_pool(scorer, captions(ss)), "vae": vae.state_dict(),
           "null": embed_captions(scorer, [""])[0]}, BUILD / "data_base.pt")
 
     save(sr_data(vae, scorer), BUILD / "data_sr.pt")
@@ -467,9 +466,13 @@ def sr_data(vae: AutoencoderKL, scorer: Scorer) -> dict:
     n = SR_LATENTS
     lat = latent_means(vae, big[:n], 50) * SCALING_FACTOR
     return {"latents": lat.half(), "low": torch.from_numpy(np.array(small[:n])),
-            "emb": embed_captions(scorer, [c for cs in world.phrasings(sr_ss[:n], SR_SEED, CAPTIONS) for c in cs])
-            .unflatten(0, (n, CAPTIONS)).half(),
+            "emb": embed_pool(scorer, world.phrasings(sr_ss[:n], SR_SEED, CAPTIONS)),
             "null": embed_captions(scorer, [""])[0]}
+
+
+def embed_pool(scorer: Scorer, caps: list[tuple[str, ...]]) -> torch.Tensor:
+    """(scenes, captions per scene, 77, hidden) float16 embeddings of each scene's captions."""
+    return embed_captions(scorer, [c for cs in caps for c in cs]).unflatten(0, (len(caps), len(caps[0])))
 
 
 def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
