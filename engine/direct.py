@@ -55,9 +55,20 @@ class Injected:
         out = self.denoiser(x, t, cond)
         if int(t) not in self.timesteps:
             return out
-        _, eps = schedule.predict_x0_eps(self.sched, out, t, x)
+        x0, eps = schedule.predict_x0_eps(self.sched, out, t, x)
+        if schedule.abar(self.sched, t) == 0:  # zero terminal SNR: ε is x itself, so merge x0 instead
+            merged = (1 - self.lam) * x0 + self.lam * landing_x0(self.sched, self.traj, t, x).to(x0)
+            return schedule.x0_to_output(self.sched, merged, t, x)
         merged = (1 - self.lam) * eps + self.lam * self.traj.noise_into(t).to(eps)
         return schedule.eps_to_output(self.sched, merged, t, x)
+
+
+def landing_x0(sched: schedule.SchedulerConfig, traj: Trajectory, t: int, x: torch.Tensor) -> torch.Tensor:
+    """At a timestep where ᾱ_t = 0 (ε = x): the x0 whose DDIM step from x lands on the inversion's latent at
+    the next sampling timestep."""
+    t_prev = dict(traj.sampling_pairs)[int(t)]
+    a_prev = schedule.abar(sched, t_prev, x.dtype)
+    return (traj.latents[traj.timesteps.index(t_prev)].to(x) - (1 - a_prev) ** 0.5 * x) / a_prev**0.5
 
 
 def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig,

@@ -243,8 +243,9 @@ def ddim_step(cfg, model_output, t, t_prev, x, eta=0.0, noise=None):
     elif cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     # eps is not re-derived from the clipped x0 (diffusers use_clipped_model_output=False)
-    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-    x_prev = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+    share = eta**2 * (1 - a / a_prev) / (1 - a)  # sigma² / (1 − ᾱ_prev), exactly 1 at ᾱ_t = 0 and eta = 1
+    sigma = ((1 - a_prev) * share) ** 0.5
+    x_prev = a_prev**0.5 * x0 + ((1 - a_prev) * (1 - share)) ** 0.5 * eps
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step: eta > 0 needs `noise` (the caller draws it)")
@@ -279,6 +280,16 @@ def renoise(cfg, x, t, t_to, noise):
     return r**0.5 * x + (1 - r) ** 0.5 * noise
 
 
+def x0_to_output(cfg, x0, t, x):
+    """The model output that predict_x0_eps(cfg, ., t, x) reads as `x0` (inverse of its x0 half)."""
+    a = abar(cfg, t, x.dtype)
+    b = 1 - a
+    if cfg.prediction_type == "sample":
+        return x0
+    eps = (x - a**0.5 * x0) / b**0.5
+    return eps if cfg.prediction_type == "epsilon" else a**0.5 * eps - b**0.5 * x0
+
+
 def eps_to_output(cfg, eps, t, x):
     """The model output that predict_x0_eps(cfg, ., t, x) reads as `eps` (inverse of its eps
     half)."""
@@ -286,6 +297,9 @@ def eps_to_output(cfg, eps, t, x):
     b = 1 - a
     if cfg.prediction_type == "epsilon":
         return eps
+    if a == 0:
+        raise ValueError(f"eps_to_output: at t={int(t)} abar is 0 (zero terminal SNR) and every "
+                         f"{cfg.prediction_type} output reads as eps = x; keep the model's output there")
     if cfg.prediction_type == "sample":
         return (x - b**0.5 * eps) / a**0.5
     return (eps - b**0.5 * x) / a**0.5

@@ -73,6 +73,46 @@ def test_direct_inversion_lambda_one_walks_the_inversion_back(d):
     assert (x - z0).abs().max() <= 1e-5
 
 
+ZERO_SNR = {**V, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+class ToyV:
+    """A v-prediction 'UNet' whose output is a fixed tensor scaled by t and the prompt: at ᾱ = 0 (zero terminal
+    SNR) no ε-parameterised toy exists, since every output there reads as ε = x."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __call__(self, x, t, emb, labels=None):
+        return (self.v * (1 + t / 1000) * (1 + emb.mean((1, 2)).view(-1, 1, 1, 1))).to(x)
+
+
+@pytest.mark.parametrize("convention", ["source", "destination"])
+def test_direct_inversion_lambda_one_walks_back_at_zero_terminal_snr(convention):
+    sched = S.SchedulerConfig.from_dict(ZERO_SNR)
+    g = torch.Generator().manual_seed(0)
+    z0, v = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(1, 4, 8, 8, generator=g).double()
+    den, cond = Denoiser(ToyV(v)), constant(torch.zeros(2, 3, 5, dtype=torch.float64))
+    traj = invert(den, z0, cond, sched, 20, convention=convention, progress=False)
+    assert traj.timesteps[-1] == 999 and S.abar(sched, 999) == 0
+    assert (ddim(den, traj.latents[-1], cond, sched, 20, progress=False) - z0).abs().max() > 1e-2
+    guided = constant(torch.cat([torch.full((2, 3, 5), 0.5, dtype=torch.float64), torch.zeros(2, 3, 5).double()]))
+    x = direct.edit(Denoiser(den.unet, 3.0), traj, guided, sched, lam=1.0, progress=False)
+    assert torch.isfinite(x).all() and (x - z0).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        S.eps_to_output(sched, v, 999, z0)
+
+
+@pytest.mark.parametrize("d", [EPS, V, ZERO_SNR, {**V, "prediction_type": "sample"}], ids=["eps", "v", "v0", "x0"])
+def test_x0_to_output_inverts_the_x0_half_of_predict_x0_eps(d):
+    sched = S.SchedulerConfig.from_dict(d)
+    g = torch.Generator().manual_seed(1)
+    x, x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g).double()
+    for t in (0, 500, 999):
+        got, _ = S.predict_x0_eps(sched, S.x0_to_output(sched, x0, t, x), t, x)
+        assert (got - x0).abs().max() <= 1e-9
+
+
 def test_direct_inversion_lambda_zero_is_plain_cfg_sampling():
     sched, den, z0 = _toy(EPS, True)
     traj = invert(den, z0, constant(torch.zeros(2, 3, 5, dtype=torch.float64)), sched, 20, progress=False)
@@ -128,11 +168,13 @@ def test_null_text_beats_plain_guided_reconstruction(tiny, method):
         emb = pipe.model.encode_prompt(caps, None, True)
         plain = c.vae.decode_latents(ddim(Denoiser(c.unet, 7.5), traj.latents[-1], constant(emb), c.scheduler, 10,
                                           progress=False))
-        # the null-text loss of the first step: the guided step from x_T against the inverted latent
-        (t, t_prev), x_t = traj.sampling_pairs[0], traj.latents[-1]
+        # the null-text loss of the first step with ᾱ_t > 0 (at ᾱ_t = 0, zero terminal SNR, the step's ε is x_t
+        # itself and the embedding moves only its √ᾱ_prev·x0 term): the guided step against the inverted latent
+        k = next(k for k, (t, _) in enumerate(traj.sampling_pairs) if S.abar(c.scheduler, t) > 0)
+        (t, t_prev), x_t = traj.sampling_pairs[k], traj.latents[-1 - k]
         loss = lambda u: (S.ddim_step(c.scheduler, Denoiser(c.unet, 7.5)(x_t, t, constant(torch.cat([u, emb[2:]]))),  # noqa: E731
-                                      t, t_prev, x_t)[0] - traj.latents[-2]).square().mean().item()
-        assert loss(traj.uncond[0]) < 0.5 * loss(emb[:2])
+                                      t, t_prev, x_t)[0] - traj.latents[-2 - k]).square().mean().item()
+        assert loss(traj.uncond[k]) < 0.5 * loss(emb[:2])
     assert (metrics.psnr(nti, x) > metrics.psnr(plain, x) + 5).all()
     assert (metrics.psnr(nti, x) > 25).all()
 

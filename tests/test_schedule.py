@@ -167,6 +167,17 @@ def test_ddim_step_matches_diffusers(name, d, eta, dtype):
         x = want_x
 
 
+def test_ddim_step_at_zero_terminal_snr_with_eta_one_is_the_ddpm_posterior():
+    c, g = cfg(ZERO_SNR, prediction_type="v_prediction"), torch.Generator().manual_seed(0)
+    x, out, z = torch.randn(3, 2, 4, 8, 8, generator=g)
+    t, t_prev = S.timesteps(c, 10)[:2]
+    assert S.abar(c, t) == 0
+    got, x0 = S.ddim_step(c, out, t, t_prev, x, eta=1.0, noise=z)
+    a_prev = S.abar(c, t_prev)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * z, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_q_sample_and_velocity_match_add_noise(name):
     g = torch.Generator().manual_seed(1)
