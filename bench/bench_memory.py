@@ -145,6 +145,7 @@ def main():
         return
     import torch
 
+    from engine import embedded
     from engine.memory import OVERHEAD
 
     rows = []
@@ -161,11 +162,9 @@ def main():
               f"  estimate {r['estimate_bytes'] / 2**20:6.0f} MB  ratio {r['ratio']:.2f}, with "
               f"the overhead {r['check_ratio']:.2f}")
         rows.append(r)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
     OUT.write_text(json.dumps({
         "command": "python bench/bench_memory.py" + (" --quick" if a.quick else ""),
-        "commit": commit, "device": f"CPU {platform.machine()}", "torch": torch.__version__,
+        "commit": embedded.source_commit(), "device": f"CPU {platform.machine()}", "torch": torch.__version__,
         "dtype": "float32", "overhead_bytes": OVERHEAD, "tile_latent_px": TILE,
         "min_check_ratio": min(r["check_ratio"] for r in rows),
         "max_check_ratio": max(r["check_ratio"] for r in rows), "cases": rows}, indent=1) + "\n")
