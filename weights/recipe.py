@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine import schedule, world
+from engine.embedded import source_commit
 from engine.metrics import ImageEncoder, Scorer
 from engine.models.clip import CLIPTextConfig, CLIPTextModel
 from engine.models.unet import UNet2DConditionModel, UNetConfig
@@ -62,8 +63,12 @@ SR = dict(in_channels=LATENT + 3, out_channels=LATENT, sample_size=64, block_out
           down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
           attention_head_dim=4, cross_attention_dim=128, norm_num_groups=8, num_class_embeds=1000)
-BASE_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+# zero terminal SNR (Lin et al. 2023) with v-prediction: with the usual schedule the last step keeps
+# sqrt(0.0047) of the image, whose mean carries the background colour, and the model learns to read the
+# background from the noise instead of the caption
+BASE_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+                  rescale_betas_zero_snr=True, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                  timestep_spacing="trailing")
 SR_SCHED = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 LOW_RES_SCHED = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
@@ -172,6 +177,8 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
                   "step": step + 1}, path)
             log(f"{name}: step {step + 1}/{total} loss {np.mean(losses[-every:]):.4f} "
                 f"({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
+            if CLOCK is not None:
+                CLOCK.lap()
 
 
 def update(loss, opt, model=None, ema=None) -> float:
@@ -481,6 +488,17 @@ def embed_captions(scorer: Scorer, captions: list[str]) -> torch.Tensor:
     return torch.cat([scorer.text_encoder(tok(captions[i:i + 500])).half() for i in range(0, len(captions), 500)])
 
 
+def min_snr_weights(sched, gamma=5.0, floor=0.1) -> torch.Tensor:
+    """Per-timestep weights of the v-prediction loss: Min-SNR-γ (Hang et al. 2023), min(SNR, γ) / (SNR + 1), which
+    weighs the x0 error as ε-prediction does up to SNR γ and caps it above, floored at `floor` times the unweighted
+    loss. Unweighted, the near-pure-noise steps (a third of them have SNR < 0.1), whose loss is the unpredictable
+    rest of the image, dominate the gradient and shapes stay blobs; the floor keeps the pure-noise steps learning
+    the caption's mean image, and keeps the near-clean steps (SNR > γ / floor − 1) at `floor`."""
+    abar = schedule.alphas_cumprod(sched)
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=gamma) / (snr + 1)).clamp(min=floor)
+
+
 def stage_base(steps=9000, batch=64, drop=0.1):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
@@ -488,6 +506,7 @@ def stage_base(steps=9000, batch=64, drop=0.1):
     data = torch.load(BUILD / "data_base.pt")
     lat, emb, null = data["latents"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
+    weight = min_snr_weights(sched)
     opt = adamw(unet.parameters(), 8e-4)
 
     def step(i, _):
@@ -496,8 +515,8 @@ def stage_base(steps=9000, batch=64, drop=0.1):
         c[torch.rand(batch) < drop] = null
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(x0)
-        loss = F.mse_loss(unet(schedule.q_sample(sched, x0, t, noise), t, c), noise)
-        return update(loss, opt, unet, ema)
+        err = unet(schedule.q_sample(sched, x0, t, noise), t, c) - schedule.training_target(sched, x0, t, noise)
+        return update((err.square().mean((1, 2, 3)) * weight[t]).mean(), opt, unet, ema)
 
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
@@ -529,7 +548,7 @@ def stage_sr(steps=13000, drop=0.1):
         noise = torch.randn_like(x0)
         xt = schedule.q_sample(sched, x0, t, noise)
         out = unet(torch.cat([xt, low], 1), t, c, level)
-        loss = F.mse_loss(out, schedule.get_velocity(sched, x0, t, noise))
+        loss = F.mse_loss(out, schedule.training_target(sched, x0, t, noise))
         return update(loss, opt, unet, ema)
 
     checkpointed("sr", {"unet": unet, "ema": ema}, opt, steps, step)
@@ -609,15 +628,11 @@ def stage_ship():
 
 def write_times():
     """bench/results/recipe_times.json: each stage's wall time (build/times.json), stamped."""
-    import subprocess
-
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            check=False, cwd=ROOT).stdout.strip()
     times = json.loads((BUILD / "times.json").read_text())
     info = Path("/proc/cpuinfo")
     cpu = next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
                 if line.startswith("model name")), platform.machine())
-    _json({"command": "python weights/recipe.py", "commit": commit, "cpu": cpu,
+    _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu,
            "model_version": {"tiny": VERSION, "tiny-x4": VERSION}, "stages": times,
            "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
@@ -630,17 +645,33 @@ STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "d
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
-def record_time(name: str, seconds: float):
-    """Add a stage's wall time to build/times.json (summed over resumed runs), with the machine it ran on."""
+def record_time(name: str, seconds: float, new_run: bool = True):
+    """Add wall time to a stage's entry in build/times.json (summed over resumed runs), with the machine it ran on."""
     path = BUILD / "times.json"
     times = json.loads(path.read_text()) if path.exists() else {}
     entry = times.setdefault(name, {"seconds": 0.0, "runs": 0})
     entry["seconds"] = round(entry["seconds"] + seconds, 1)
-    entry["runs"] += 1
+    entry["runs"] += new_run
     entry["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(times, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+class StageClock:
+    """The running stage's wall time, written down at each of its checkpoints and at its end, so that a run
+    killed outright loses only the time since its last checkpoint."""
+
+    def __init__(self, name: str):
+        self.name, self.since, self.new_run = name, time.time(), True
+
+    def lap(self):
+        now = time.time()
+        record_time(self.name, now - self.since, self.new_run)
+        self.since, self.new_run = now, False
+
+
+CLOCK: StageClock | None = None
 
 
 def _stop(signum, frame):
@@ -648,6 +679,7 @@ def _stop(signum, frame):
 
 
 def main():
+    global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=list(STAGES), help="run one stage (default: all, skipping finished ones)")
     ap.add_argument("--threads", type=int, default=2)
@@ -668,11 +700,11 @@ def main():
             if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
                 continue
             log(f"stage {name}")
-            t0 = time.time()
+            CLOCK = StageClock(name)
             try:
                 STAGES[name]()
             finally:
-                record_time(name, time.time() - t0)
+                CLOCK.lap()
         if not args.stage or args.stage == "ship":
             write_times()
     except KeyboardInterrupt as e:
