@@ -60,9 +60,10 @@ def headline(g, t, u, d, it, b, m):
     fast, vae = it["table_256"]["rows"]["fast"], it["table_256"]["rows"]["vae"]
     bp, cl = b["size_1024"]["summary"]["multistage-backproject"], m["fig3"]["baselines"]
     star = cl["caption of the concept's colour"]["mean"]
-    return md(["what", "measure", "result"], [
-        ["embedded base model", "named-object colour / shape (tiny CLIP)",
-         f"{pct(g['base']['colour'], 1)} / {pct(g['base']['shape'], 1)}"],
+    rows = [
+        ["embedded base model", "named-object colour / shape, read from the pixels (template; free phrasing)",
+         f"{pct(g['base']['colour'], 1)} / {pct(g['base']['shape'], 1)}; "
+         f"{pct(g['base']['colour_free'], 1)} / {pct(g['base']['shape_free'], 1)}"],
         ["`generate` vs diffusers, embedded model", "max pixel difference; time ours / diffusers",
          f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255; {f(t['ratio_ours_over_diffusers'])}"],
         ["SD1.5 UNet, one CFG step (CPU)", "time ours / diffusers",
@@ -78,34 +79,74 @@ def headline(g, t, u, d, it, b, m):
          f"{pct(bp['success'])}; " + ("exact" if bp["outside_max_abs_diff"] == 0 else "not exact")],
         ["multiresolution textual inversion", "CLIP-I of `<C>` vs \"red star\"; training speed",
          f"{f(cl['native <C>']['mean'], 3)} vs {f(star, 3)}; "
-         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop"]])
+         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop"]]
+    made_on = [g["base"], t, u, d, d, it, b, m]  # the result each row reads, for the embedded model's version
+    return md(["what", "measure", "result", "model"],
+              [[*r, f"tiny {j['model_version']['tiny']}" if "model_version" in j else "—"]
+               for r, j in zip(rows, made_on)])
 
 
-GATES = {"colour": "colour of the named object", "shape": "shape of the named object",
-         "psnr_64": "64² renders", "psnr_256": "256² renders",
-         "psnr_photo_64": "held-out photos, 64² crops",
-         "psnr_photo_256": "held-out photos, 256² crops"}
+GATE_ROWS = [  # (part, key, what, unit): unit "%" for a share, "dB", "/255" for a difference of pixel values
+    ("clip", "colour", "tiny CLIP: colour of the named object, template captions", "%"),
+    ("clip", "shape", "tiny CLIP: shape of the named object, template captions", "%"),
+    ("clip", "colour_free", "tiny CLIP: colour of the named object, held-out free phrasings", "%"),
+    ("clip", "shape_free", "tiny CLIP: shape of the named object, held-out free phrasings", "%"),
+    ("vae", "psnr_64", "VAE round trip: 64² renders", "dB"),
+    ("vae", "psnr_256", "VAE round trip: 256² renders", "dB"),
+    ("vae", "psnr_photo_64", "VAE round trip: held-out photos, 64² crops", "dB"),
+    ("vae", "psnr_photo_256", "VAE round trip: held-out photos, 256² crops", "dB"),
+    ("base", "colour", "base model, template captions: colour of each named object", "%"),
+    ("base", "shape", "base model, template captions: shape of each named object (in its colour)", "%"),
+    ("base", "bg_colour", "base model, template captions: background colour", "%"),
+    ("base", "size", "base model, template captions: size of each named object", "%"),
+    ("base", "position", "base model, template captions: place of each named object", "%"),
+    ("base", "colour_free", "base model, held-out free phrasings: colour of each named object", "%"),
+    ("base", "shape_free", "base model, held-out free phrasings: shape of each named object (in its colour)", "%"),
+    ("base", "bg_colour_free", "base model, held-out free phrasings: background colour, where named", "%"),
+    ("base", "size_free", "base model, held-out free phrasings: size, where named", "%"),
+    ("base", "position_free", "base model, held-out free phrasings: place, where named", "%"),
+    ("base", "border_excess", "base model: border frame on plain backgrounds, minus the true renders'", "/255"),
+]
 
 
 @table("gates", "tiny_gates.json", "python bench/bench_tiny.py")
 def gates(j):
-    ok, rows = lambda g: "pass" if g["pass"] else "**fail**", []
-    for part, who in (("clip", "tiny CLIP"), ("vae", "VAE round trip"), ("base", "base model")):
-        for key in (k for k in GATES if k in j[part]):
-            v, g, by = j[part][key], j[part]["gates"].get(key), j[part].get(key + "_by_objects")
-            val, bound = (f"{pct(v, 1)} (1 object {pct(by['1'], 1)}, 2 objects {pct(by['2'], 1)})",
-                          g and f"≥ {pct(g['threshold'])}") if by else (
-                          f"{f(v)} dB", g and f"≥ {f(g['threshold'], 0)} dB")
-            rows.append([f"{who}: {GATES[key]}", val, bound or "(report only)", g and ok(g) or ""])
-    sr, g = j["sr"], j["sr"]["gates"]["gain_db"]
-    return md(["gate", "measured", "bound", ""], rows + [
-        ["x4: SR(64² render) vs the true 256² render, minus bicubic",
-         f"{f(sr['psnr_sr'])} − {f(sr['psnr_bicubic'])} = {f(sr['gain_db'])} dB",
-         f"≥ +{f(g['threshold'], 0)} dB", ok(g)],
-        ["x4: the same, both back-projected onto the input", f"{f(sr['psnr_sr_backprojected'])} "
-         f"vs {f(sr['psnr_bicubic_backprojected'])} dB", "(report only)", ""],
-        ["x4: VAE round trip of the true 256² render (its ceiling)",
-         f"{f(sr['psnr_vae_roundtrip'])} dB", "(report only)", ""]])
+    def val(part, key, unit):
+        stem, free = (key[:-5], "_free") if key.endswith("_free") else (key, "")
+        v, by = j[part][key], j[part].get(f"{stem}_by_objects{free}")
+        if unit == "%":
+            out = pct(v, 1)
+            if by and None not in (by.get("1"), by.get("2")):
+                out += f" (1 object {pct(by['1'], 1)}, 2 objects {pct(by['2'], 1)})"
+            return out
+        return f"{f(v * 255, 2)}/255" if unit == "/255" else f"{f(v)} dB"
+
+    def bound(part, key, unit):
+        g = j[part]["gates"].get(key)
+        if not g:
+            return "(report only)", ""
+        op, num = g["bound"].split()
+        num = float(num)
+        text = {"%": pct(num), "/255": f"{f(num * 255, 0)}/255"}.get(unit, f"{f(num, 0)} dB")
+        return f"{op} {text}", "pass" if g["pass"] else "**fail**"
+
+    rows = [[what, val(part, key, unit), *bound(part, key, unit)]
+            for part, key, what, unit in GATE_ROWS if part in j and key in j[part]]
+    sr = j.get("sr", {})
+    for suffix, what in (("", "64² → 256²"), ("_1024", "256² → 1024², in tiles")) if sr else ():
+        rows.append([f"x4 {what}, back-projected (`--backproject 3`): vs the true render, minus bicubic "
+                     f"back-projected the same way (plain bicubic {f(sr['psnr_bicubic' + suffix])} dB)",
+                     f"{f(sr['psnr_sr' + suffix])} − {f(sr['psnr_bicubic_backprojected' + suffix])} = "
+                     f"{f(sr['gain_db' + suffix], 2, '+')} dB", *bound("sr", "gain_db" + suffix, "dB")])
+        rows.append([f"x4 {what}: edge sharpness (gradient on the true edges, share of the truth's)",
+                     f"{pct(sr['sharpness_sr' + suffix])} (bicubic {pct(sr['sharpness_bicubic' + suffix])}, "
+                     f"back-projected {pct(sr['sharpness_bicubic_backprojected' + suffix])})",
+                     *bound("sr", "sharpness_sr" + suffix, "%")])
+    rows += [["x4 64² → 256²: the plain sample, diffusers' StableDiffusionUpscalePipeline output",
+              f"{f(sr['psnr_sr_plain'])} dB, sharpness {pct(sr['sharpness_sr_plain'])}", "(report only)", ""],
+             ["x4 64² → 256²: VAE round trip of the true render (its ceiling)",
+              f"{f(sr['psnr_vae_roundtrip'])} dB", "(report only)", ""]] if sr else []
+    return md(["gate", "measured", "bound", ""], rows)
 
 
 @table("vs-diffusers", "unet_step_cpu_float32.json tiny_vs_diffusers_cpu.json",
@@ -292,14 +333,42 @@ def memory_table(j):
                 mb(c["estimate_bytes"]), f(c["ratio"]), f(c["check_ratio"])] for c in j["cases"]])
 
 
+@table("first-prompts", "tiny_gates.json", "python bench/bench_tiny.py --only base")
+def first_prompts(j):
+    return md(["prompt", "images showing everything it names", "a training caption"],
+               [[f"`{t}`", pct(v["shows_all"]), "yes" if v["a_training_caption"] else "no"]
+                for t, v in j["base"]["first_prompts"].items()])
+
+
+@table("recipe-times", "recipe_times.json", "{command}")
+def recipe_times(j):
+    hm = lambda s: f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min" if s >= 3600 else (  # noqa: E731
+        f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s")
+    rows = [[f"`{name}`", hm(t["seconds"]), t["runs"], t['machine']]
+            for name, t in j["stages"].items()]
+    total, budget = j["total_seconds"], 4 * 3600
+    verdict = ("within the recipe's 4 h target" if total <= budget else
+               f"{hm(total - budget)} over the recipe's 4 h target")
+    return md(["stage", "wall time", "runs (resumed)", "machine"], rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
+
+
+def stamp(j) -> str:
+    """" (commit …, model …)" from a result file's stamps, or from its parts' when each part has its own."""
+    parts = [j] if "commit" in j or "model_version" in j else [v for v in j.values() if isinstance(v, dict)]
+    commits = sorted({v["commit"] for v in parts if "commit" in v})
+    models = sorted({m if isinstance(m, str) else ", ".join(f"{k} {x}" for k, x in m.items())
+                     for m in (v["model_version"] for v in parts if "model_version" in v)})
+    said = ([f"commit {' / '.join(commits)}"] if commits else []) + ([f"model {' / '.join(models)}"] if models else [])
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def render(name):
     fn, srcs, cmds = TABLES[name]
     js = [load(s) for s in srcs]
     if not cmds:  # the headline, from many files
         where, made = "`bench/results/*.json`", "the bench scripts named in `bench/README.md`"
     else:
-        where = ", ".join(f"`bench/results/{s}`" + (f" (commit {j['commit']})" if "commit" in j
-                                                    else "") for s, j in zip(srcs, js))
+        where = ", ".join(f"`bench/results/{s}`" + stamp(j) for s, j in zip(srcs, js))
         made = ", ".join(f"`{c}`" for c in ([js[0]["command"]] if "command" in js[0] else
                                             [c.format(**js[0]) for c in cmds]))
     return (f"{fn(*js)}\n\n<sub>Generated by `python bench/tables.py` from {where}; "
