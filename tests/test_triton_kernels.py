@@ -204,7 +204,7 @@ def test_dispatch_traces_under_torch_compile(monkeypatch):
 def test_tiny_unet_through_the_kernels(monkeypatch):
     """The embedded UNet, forward and input gradient, with every op through the Triton kernels vs torch."""
     unet = load_component(DEFAULT_MODEL / "unet", "unet", device=DEVICE).eval()
-    x = randn(1, 4, 8, 8).requires_grad_()
+    x = randn(1, unet.config.in_channels, 8, 8).requires_grad_()
     t, ctx = torch.tensor([700], device=DEVICE), randn(1, 77, 128, seed=1)
     results = {}
     for m in ("torch", "triton"):
