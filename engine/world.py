@@ -181,9 +181,13 @@ def scenes(seed: int, n: int) -> list[Scene]:
     return [sample_scene(rng) for _ in range(n)]
 
 
-def grid(res: int):
+def grid(res: int, window: tuple[int, int, int] | None = None):
+    """Pixel centres in image units, u (x, right) and v (y, down); of the (x, y, side) window only, if given."""
     c = (np.arange(res, dtype=np.float64) + 0.5) / res
-    return np.meshgrid(c, c, indexing="xy")  # u (x, right), v (y, down)
+    x, y, side = window or (0, 0, res)
+    if min(x, y) < 0 or side < 1 or max(x, y) + side > res:
+        raise ValueError(f"window (x, y, side) = {window} does not lie inside a {res}² render")
+    return np.meshgrid(c[x:x + side], c[y:y + side], indexing="xy")
 
 
 def cover(sd: np.ndarray, res: int) -> np.ndarray:
@@ -270,9 +274,10 @@ def masks(s: Scene, res: int) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def render(s: Scene, res: int) -> np.ndarray:
-    """(res, res, 3) float32 RGB in [0, 1]."""
-    u, v = grid(res)
+def render(s: Scene, res: int, window: tuple[int, int, int] | None = None) -> np.ndarray:
+    """(res, res, 3) float32 RGB in [0, 1]; with window = (x, y, side), only that square of it, for the cost
+    of its pixels."""
+    u, v = grid(res, window)
     img = _background(s, u, v, res)
     for o in s.objects:
         a = cover(_shape_sd(o, u, v), res)[..., None]

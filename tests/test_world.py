@@ -39,6 +39,15 @@ def test_resolutions_agree(seed):
     assert 0 <= small.min() and small.max() <= 1
 
 
+@pytest.mark.parametrize("window", [(0, 0, 64), (40, 8, 24), (100, 72, 28)])
+def test_a_window_is_that_square_of_the_whole_render(window):
+    x, y, side = window
+    for s in world.scenes(11, 10):  # every background style and shape among them
+        assert np.array_equal(world.render(s, 128, window), world.render(s, 128)[y:y + side, x:x + side])
+    with pytest.raises(ValueError, match="inside a 128² render"):
+        world.render(s, 128, (x + 128 - side + 1, y, side))
+
+
 def test_masks_cover_the_shape_area():
     o = world.Obj("circle", "red", "large", "in the center")
     s = world.Scene((o,), "plain", "white")
