@@ -247,13 +247,10 @@ def bicubic_up(low: list, side: int) -> torch.Tensor:
     return images.to_tensor([im.resize((side, side), Image.BICUBIC) for im in low])
 
 
-BACKPROJECT = 3  # as the cascade runs its ×4 stages (blend, demo, `upscale --backproject 3`)
-
-
 def sr_scores(sr: torch.Tensor, low: list, truth: torch.Tensor) -> dict:
     """The upscale against the true render, beside bicubic plain and back-projected as the ×4 stage is."""
     bicubic = bicubic_up(low, truth.shape[-1])
-    bicubic_bp = images.back_project(bicubic, images.to_tensor(low), BACKPROJECT).clamp(-1, 1)
+    bicubic_bp = images.back_project(bicubic, images.to_tensor(low), images.BACKPROJECT).clamp(-1, 1)
     return {"psnr_sr": psnr(sr, truth).mean().item(), "psnr_bicubic": psnr(bicubic, truth).mean().item(),
             "psnr_bicubic_backprojected": psnr(bicubic_bp, truth).mean().item(),
             "gain_db": (psnr(sr, truth) - psnr(bicubic_bp, truth)).mean().item(),
@@ -279,7 +276,7 @@ def gate_sr(n=50, steps=50, noise_level=20, n_tiled=8, tile=64):
                                        guidance=1.0, noise_level=noise_level, seed=i, output="pt", progress=False,
                                        backproject=backproject) for i in range(0, n, 10)]).float().clamp(-1, 1)
 
-    out = sr_scores(upscale(BACKPROJECT), low, truth)
+    out = sr_scores(upscale(images.BACKPROJECT), low, truth)
     plain = upscale(0)
     out["psnr_sr_plain"], out["sharpness_sr_plain"] = psnr(plain, truth).mean().item(), sharpness(plain, truth)
     out["psnr_vae_roundtrip"] = psnr(roundtrip(pipe.model.vae, truth, 10), truth).mean().item()  # its ceiling
@@ -287,7 +284,7 @@ def gate_sr(n=50, steps=50, noise_level=20, n_tiled=8, tile=64):
     # the second stage: 256² renders → 1024², tile by tile, against the true 1024² render
     mid = renders(ss[:n_tiled], 256)
     big = torch.cat([pipe.upscale(im, s.caption(), steps=steps, guidance=1.0, noise_level=noise_level, seed=k,
-                                  tile=tile, output="pt", progress=False, backproject=BACKPROJECT)
+                                  tile=tile, output="pt", progress=False, backproject=images.BACKPROJECT)
                      for k, (im, s) in enumerate(zip(mid, ss))]).float().clamp(-1, 1)
     tiled = sr_scores(big, mid, torch.from_numpy(world.render_batch(ss[:n_tiled], 1024)))
     return {**out, **{f"{k}_1024": v for k, v in tiled.items()}}

@@ -40,10 +40,11 @@ def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_
     edit = base.img2img(src, EDIT.caption(), strength=0.6, steps=steps, guidance=5.0, **common)[0]
     shots.append(("img2img.png", edit, f"img2img (strength 0.6): {EDIT.caption()}"))
     low = shots[0][1]
-    up = sr.upscale(low, PROMPTS[0], steps=sr_steps, guidance=1.0, backproject=3, **common)[0]
+    up = sr.upscale(low, PROMPTS[0], steps=sr_steps, guidance=1.0, backproject=images.BACKPROJECT,
+                    **common)[0]
     shots.append(("upscale_256.png", up, "x4 upscale of generate 0 to 256x256, back-projected"))
     big = sr.upscale(up, PROMPTS[0], steps=sr_steps, guidance=1.0, tile=64, overlap=16,
-                     backproject=3, **common)[0]
+                     backproject=images.BACKPROJECT, **common)[0]
     shots.append(("upscale_1024.png", big,
                   "tiled x4 upscale (64x64 tiles) to 1024x1024, back-projected"))
     written = [images.save(im, out / name) for name, im, _ in shots]

@@ -7,7 +7,9 @@ prediction:
 ε_inv[N−1−i] is the eps of the inverse step that sampling step i mirrors (`Trajectory.noise_into`),
 so λ = 1 on every step walks the inversion back exactly and λ = 0 is plain CFG sampling from the
 inverted noise. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
-into the model's output.
+into the model's output. At a timestep where ᾱ_t = 0 (zero terminal SNR) every prediction's ε is x_t
+itself, so there the merge is done on x0 instead, with the x0 whose step lands on the inversion's
+latent.
 """
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ def check_lambda(lam):
 @dataclass
 class Injected:
     """A Denoiser whose prediction at the injected timesteps is merged with the inversion's
-    noise."""
+    noise (its landing x0 where ᾱ_t = 0)."""
     denoiser: Denoiser
     traj: Trajectory
     sched: schedule.SchedulerConfig
@@ -66,9 +68,9 @@ class Injected:
 def landing_x0(sched: schedule.SchedulerConfig, traj: Trajectory, t: int, x: torch.Tensor) -> torch.Tensor:
     """At a timestep where ᾱ_t = 0 (ε = x): the x0 whose DDIM step from x lands on the inversion's latent at
     the next sampling timestep."""
-    t_prev = dict(traj.sampling_pairs)[int(t)]
+    t_prev, lands = traj.before(t)
     a_prev = schedule.abar(sched, t_prev, x.dtype)
-    return (traj.latents[traj.timesteps.index(t_prev)].to(x) - (1 - a_prev) ** 0.5 * x) / a_prev**0.5
+    return (lands.to(x) - (1 - a_prev) ** 0.5 * x) / a_prev**0.5
 
 
 def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig,

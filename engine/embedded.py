@@ -1,5 +1,6 @@
 """Where the embedded model lies (weights/README.md), the default of every command: engine/weights/
-when installed, weights/ beside engine/ in a source checkout."""
+when installed, weights/ beside engine/ in a source checkout; and the model versions and source commit
+that results measured on it are stamped with."""
 import json
 import subprocess
 from pathlib import Path
@@ -17,11 +18,15 @@ def versions() -> dict:
 
 
 def source_commit() -> str:
-    """`git describe --always --dirty` of the source checkout the engine runs from ("" when there is none),
-    for stamping results."""
+    """`git describe --always --dirty` of the source checkout the engine runs from ("" when there is none:
+    an installed engine, even inside some other repository)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=root).stdout.strip()
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             check=False, cwd=Path(__file__).resolve().parent.parent)
+        if git("rev-parse", "--show-toplevel") != str(root):
+            return ""
+        return git("describe", "--always", "--dirty")
     except OSError:  # no git
         return ""
-    return out.stdout.strip()

@@ -74,6 +74,9 @@ def check_backproject(iterations) -> int:
     return iterations
 
 
+BACKPROJECT = 3  # the iterations the cascade's ×4 stages run (blend, demo): 3 is plenty
+
+
 def back_project(y: torch.Tensor, low: torch.Tensor, iterations: int) -> torch.Tensor:
     """Iterative back-projection (Irani & Peleg, 1991): y ← y + bicubic(low − area_downsample(y)),
     so that the f × f area means of the upscale y (B, C, f·h, f·w) converge to the low-res image

@@ -55,6 +55,12 @@ class Trajectory:
         mirrors."""
         return self.noises[self.timesteps.index(int(t), 1) - 1]
 
+    def before(self, t: int) -> tuple[int, torch.Tensor]:
+        """(timestep, latent) the inverse step that arrived at t started from: where the sampling
+        step leaving t lands."""
+        k = self.timesteps.index(int(t), 1) - 1
+        return self.timesteps[k], self.latents[k]
+
     def expand(self, batch: int) -> "Trajectory":
         """The same trajectory for `batch` samples (views of a batch-1 trajectory; itself when
         already that size)."""

@@ -282,10 +282,13 @@ def renoise(cfg, x, t, t_to, noise):
 
 def x0_to_output(cfg, x0, t, x):
     """The model output that predict_x0_eps(cfg, ., t, x) reads as `x0` (inverse of its x0 half)."""
-    a = abar(cfg, t, x.dtype)
-    b = 1 - a
     if cfg.prediction_type == "sample":
         return x0
+    a = abar(cfg, t, x.dtype)
+    b = 1 - a
+    if a == 0 and cfg.prediction_type == "epsilon":
+        raise ValueError(f"x0_to_output: at t={int(t)} abar is 0 (zero terminal SNR) and an epsilon "
+                         "output cannot carry an x0 there; use a v_prediction model")
     eps = (x - a**0.5 * x0) / b**0.5
     return eps if cfg.prediction_type == "epsilon" else a**0.5 * eps - b**0.5 * x0
 

@@ -186,7 +186,8 @@ def grid(res: int, window: tuple[int, int, int] | None = None):
     c = (np.arange(res, dtype=np.float64) + 0.5) / res
     x, y, side = window or (0, 0, res)
     if min(x, y) < 0 or side < 1 or max(x, y) + side > res:
-        raise ValueError(f"window (x, y, side) = {window} does not lie inside a {res}² render")
+        raise ValueError(f"window (x, y, side) = {window} does not lie inside a {res}² render; "
+                         f"need x, y ≥ 0, side ≥ 1 and x + side, y + side ≤ {res}")
     return np.meshgrid(c[x:x + side], c[y:y + side], indexing="xy")
 
 

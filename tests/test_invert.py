@@ -113,6 +113,12 @@ def test_x0_to_output_inverts_the_x0_half_of_predict_x0_eps(d):
         assert (got - x0).abs().max() <= 1e-9
 
 
+def test_x0_to_output_refuses_epsilon_at_zero_terminal_snr():
+    sched = S.SchedulerConfig.from_dict({**ZERO_SNR, "prediction_type": "epsilon"})
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        S.x0_to_output(sched, torch.zeros(1, 4, 2, 2), 999, torch.zeros(1, 4, 2, 2))
+
+
 def test_direct_inversion_lambda_zero_is_plain_cfg_sampling():
     sched, den, z0 = _toy(EPS, True)
     traj = invert(den, z0, constant(torch.zeros(2, 3, 5, dtype=torch.float64)), sched, 20, progress=False)

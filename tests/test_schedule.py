@@ -175,6 +175,7 @@ def test_ddim_step_at_zero_terminal_snr_with_eta_one_is_the_ddpm_posterior():
     got, x0 = S.ddim_step(c, out, t, t_prev, x, eta=1.0, noise=z)
     a_prev = S.abar(c, t_prev)
     assert torch.isfinite(got).all()
+    torch.testing.assert_close(x0, -out, atol=0, rtol=0)  # v-prediction at ᾱ = 0: x0 = −v
     torch.testing.assert_close(got, a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * z, atol=ATOL, rtol=0)
 
 

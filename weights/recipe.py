@@ -34,6 +34,7 @@ from engine.models.vae import AutoencoderKL, VAEConfig
 from engine.tokenizer import Tokenizer
 
 VERSION = "v6"                       # written into each folder's model_index.json as _engine_version
+TARGET_SECONDS = 4 * 3600             # the whole recipe, from scratch, on 2 CPU cores
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
@@ -84,13 +85,18 @@ def log(*a):
 
 # ---------------------------------------------------------------------------------------------- data
 
+def as_uint8(img: np.ndarray) -> np.ndarray:
+    """A render (H, W, 3) in [0, 1] as uint8 (3, H, W)."""
+    return (img * 255).round().astype(np.uint8).transpose(2, 0, 1)
+
+
 def pool(seed: int, n: int, res: int) -> tuple[list, np.ndarray]:
     """Scenes and their renders as uint8 (N, 3, res, res), cached in weights/build/."""
     ss = world.scenes(seed, n)
     path = BUILD / f"renders_{seed}_{n}_{res}.npy"
     if not path.exists():
         log(f"rendering {n} scenes at {res}²")
-        arr = np.stack([(world.render(s, res) * 255).round().astype(np.uint8).transpose(2, 0, 1) for s in ss])
+        arr = np.stack([as_uint8(world.render(s, res)) for s in ss])
         tmp = path.with_suffix(".tmp.npy")  # an interrupted write leaves no cache behind
         np.save(tmp, arr)
         os.replace(tmp, path)
@@ -165,6 +171,8 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
         opt.load_state_dict(ck["opt"])
         start = ck["step"]
         log(f"{name}: resuming at step {start}")
+        if start >= total and CLOCK is not None:
+            CLOCK.finished_before = True
     t0, losses = time.time(), []
     for step in range(start, total):
         for g in opt.param_groups:
@@ -626,14 +634,18 @@ def stage_ship():
         log(f"ship: {out} ({size / 1e6:.1f} MB)")
 
 
-def write_times():
-    """bench/results/recipe_times.json: each stage's wall time (build/times.json), stamped."""
-    times = json.loads((BUILD / "times.json").read_text())
+def cpu_name() -> str:
     info = Path("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
-                if line.startswith("model name")), platform.machine())
-    _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu,
-           "model_version": {"tiny": VERSION, "tiny-x4": VERSION}, "stages": times,
+    return next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+                 if line.startswith("model name")), platform.processor() or platform.machine())
+
+
+def write_times():
+    """bench/results/recipe_times.json: each stage's wall time (build/times.json) in run order, stamped."""
+    times = json.loads((BUILD / "times.json").read_text())
+    _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu_name(),
+           "model_version": {"tiny": VERSION, "tiny-x4": VERSION},
+           "stages": {k: times[k] for k in STAGES if k in times}, "target_seconds": TARGET_SECONDS,
            "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
 
@@ -652,7 +664,7 @@ def record_time(name: str, seconds: float, new_run: bool = True):
     entry = times.setdefault(name, {"seconds": 0.0, "runs": 0})
     entry["seconds"] = round(entry["seconds"] + seconds, 1)
     entry["runs"] += new_run
-    entry["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    entry["machine"] = f"{cpu_name()}, {torch.get_num_threads()} threads"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(times, indent=2) + "\n")
     os.replace(tmp, path)
@@ -663,9 +675,11 @@ class StageClock:
     killed outright loses only the time since its last checkpoint."""
 
     def __init__(self, name: str):
-        self.name, self.since, self.new_run = name, time.time(), True
+        self.name, self.since, self.new_run, self.finished_before = name, time.time(), True, False
 
     def lap(self):
+        if self.finished_before:  # re-entered with nothing left to do: not one of its runs
+            return
         now = time.time()
         record_time(self.name, now - self.since, self.new_run)
         self.since, self.new_run = now, False
