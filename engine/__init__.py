@@ -21,10 +21,12 @@ def __getattr__(name):
 
 
 def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
-         prediction_type=None, embeddings=(), semi="zero", max_memory=None):
+         prediction_type=None, tokenizer=None, embeddings=(), semi="zero", max_memory=None):
     """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a
     Pipeline. No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4).
     dtype: a torch dtype or its name (float32, float16, bfloat16). embeddings: files of
+    tokenizer: single files only, a CLIP tokenizer folder (see engine.clip_vocab for where it is
+    looked for when not given). embeddings: files of
     pseudo-words for its prompts (Pipeline.load_embeddings); semi: how <C(i)> drops the concept
     ("zero" / "remove"). max_memory: bytes (or a size such as "8G") the process may use in all;
     a job whose estimated peak exceeds it, or the memory the machine has free, is refused before
@@ -44,7 +46,7 @@ def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
         dtype = getattr(torch, _DTYPES[dtype])
     check_semi(semi)
     max_memory = None if max_memory is None else parse_size(max_memory)
-    pipe = Pipeline(load_model(path, dtype, device, variant, config, prediction_type), semi)
+    pipe = Pipeline(load_model(path, dtype, device, variant, config, prediction_type, tokenizer), semi)
     if isinstance(embeddings, (str, bytes)) or hasattr(embeddings, "__fspath__"):
         embeddings = [embeddings]  # one path, not its characters
     pipe.load_embeddings(*(embeddings or ()))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .models.clip import CLIPTextConfig, CLIPTextModel, canonical_keys
+from .models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, canonical_keys
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .schedule import SchedulerConfig
@@ -17,6 +17,7 @@ PICKLED = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 _MODELS = {"unet": (UNet2DConditionModel, UNetConfig), "vae": (AutoencoderKL, VAEConfig),
            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+_CLASSES = {**_MODELS, "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig)}  # SDXL
 
 
 class LoadError(ValueError):
@@ -102,7 +103,7 @@ def fill(model: torch.nn.Module, sd: dict, where: str) -> torch.nn.Module:
 
 
 def build(name: str, config: dict, sd: dict, where: str) -> torch.nn.Module:
-    cls, cfg_cls = _MODELS[name]
+    cls, cfg_cls = _CLASSES[name]
     # SD VAEs overflow in fp16; diffusers upcasts them too
     if name == "vae" and config.get("force_upcast", True):
         sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
@@ -115,7 +116,7 @@ def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu",
                    variant=None) -> torch.nn.Module:
     folder = Path(folder)
     sd = read_state_dict(weight_files(folder, variant), device, dtype)
-    if name == "text_encoder":
+    if name.startswith("text_encoder"):
         canonical_keys(None, sd, "")
     return build(name, read_json(folder / "config.json"), sd, str(folder))
 
@@ -149,22 +150,25 @@ def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> 
 
 
 def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path | None = None,
-                     prediction_type: str | None = None) -> Components:
+                     prediction_type: str | None = None, tokenizer: Path | None = None) -> Components:
     """An SD 1.x / 2.x checkpoint in the original LDM key layout. Configs come from `config` (a
     diffusers folder; its weights are not needed) where it has them, else are inferred from tensor
-    shapes; the tokenizer must come from `config`, since single files carry none."""
-    from . import ldm
+    shapes. Single files carry no tokenizer: it is `config`'s, else CLIP's vocabulary from the
+    `tokenizer` folder, the Hugging Face cache or open-clip-torch (engine.clip_vocab), padded as the
+    family pads."""
+    from . import clip_vocab, ldm
 
-    if config is None or not (Path(config) / "tokenizer").is_dir():
-        raise LoadError(f"{path}: a single-file checkpoint carries no tokenizer; "
-                        "pass config=DIR (--config), a diffusers folder with "
-                        "tokenizer/vocab.json + merges.txt (weights not needed)")
-    config = Path(config)
-    sd = read_state_dict([path], device, dtype)
+    config = Path(config) if config is not None else None
     given = {n: read_json(config / n / "config.json") for n in _MODELS
-             if (config / n / "config.json").exists()}
-    if (config / "scheduler" / "scheduler_config.json").exists():
+             if config is not None and (config / n / "config.json").exists()}
+    if config is not None and (config / "scheduler" / "scheduler_config.json").exists():
         given["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
+    own = config is not None and (config / "tokenizer").is_dir()
+    try:
+        vocab = None if own else clip_vocab.find(tokenizer)
+    except FileNotFoundError as e:
+        raise LoadError(f"{path}: {e}") from None
+    sd = read_state_dict([path], device, dtype)
     configs = given if len(given) == 4 else {**ldm.infer_configs(sd, prediction_type), **given}
     if prediction_type is not None:
         configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
@@ -176,13 +180,17 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
     if absent:
         raise LoadError(f"{path}: no {' / '.join(absent)} weights found (an SD 1.x/2.x checkpoint "
                         "has model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)")
+    if own:
+        tok = Tokenizer.from_dir(config / "tokenizer")
+    else:
+        pad = "!" if configs["text_encoder"]["hidden_act"] == "gelu" else "<|endoftext|>"  # OpenCLIP: SD 2.x
+        tok, _ = clip_vocab.clip_tokenizer(pad, vocab if vocab.is_dir() else None)
     models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
-    return Components(**models, tokenizer=Tokenizer.from_dir(config / "tokenizer"),
-                      scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
+    return Components(**models, tokenizer=tok, scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
 
 
 def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,
-         prediction_type=None) -> Components:
+         prediction_type=None, tokenizer=None) -> Components:
     """A diffusers folder (model_index.json) or a single-file LDM `.safetensors` checkpoint."""
     path = Path(path)
     try:
@@ -194,7 +202,7 @@ def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,
         raise LoadError(f"device={str(device)!r}: this torch has no CUDA device; use --device cpu")
     if check_path(path).is_dir():
         return load_folder(path, dtype, device, variant)
-    return load_single_file(path, dtype, device, config, prediction_type)
+    return load_single_file(path, dtype, device, config, prediction_type, tokenizer)
 
 
 def check_path(path) -> Path:

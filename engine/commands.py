@@ -22,7 +22,7 @@ def _load(a, path=None) -> engine.Pipeline:
     if path is not None:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
     return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,
-                       prediction_type=a.prediction_type, **words)
+                       prediction_type=a.prediction_type, tokenizer=a.tokenizer, **words)
 
 
 def _words(a, *texts):

@@ -67,6 +67,9 @@ def model_args(p, model):
                    f"(.safetensors only); default: the embedded model {where}")
     flag(p, "--config", "engine:load", "single-file checkpoints only: a diffusers folder whose "
          "configs and tokenizer to use (its weights are not needed)")
+    flag(p, "--tokenizer", "engine:load", "single-file checkpoints only: a CLIP tokenizer folder "
+         "(vocab.json + merges.txt); without one the Hugging Face cache, then the BPE file of an "
+         "installed open-clip-torch, is used", none="looked for")
     flag(p, "--prediction-type", "engine:load", "override the scheduler's prediction type (e.g. "
          "v_prediction for SD 2.x 768-v single files)",
          choices=["epsilon", "v_prediction", "sample"])

@@ -36,6 +36,24 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def read_vocab(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary and merges of a tokenizer folder: vocab.json + merges.txt, or tokenizer.json alone
+    (as transformers 5 saves it)."""
+    saved = _read_json(path / "tokenizer.json")
+    if saved and not (path / "vocab.json").is_file():
+        return saved["model"]["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                         for m in saved["model"]["merges"]]
+    for name in ("vocab.json", "merges.txt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer folder "
+                                    "needs vocab.json and merges.txt")
+    try:
+        return BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
+    # tokenizers' parse errors are bare Exceptions
+    except Exception as e:
+        raise ValueError(f"cannot read {path}/vocab.json + merges.txt: {e}") from None
+
+
 class Tokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77,
                  added_tokens: list[AddedToken] = (), **specials: str | dict | AddedToken):
@@ -70,20 +88,7 @@ class Tokenizer:
         path = Path(path)
         config, saved = (_read_json(path / "tokenizer_config.json"),
                          _read_json(path / "tokenizer.json"))
-        if saved and not (path / "vocab.json").is_file():
-            vocab = saved["model"]["vocab"]
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                      for m in saved["model"]["merges"]]
-        else:
-            for name in ("vocab.json", "merges.txt"):
-                if not (path / name).is_file():
-                    raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer folder "
-                                            "needs vocab.json and merges.txt")
-            try:
-                vocab, merges = BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
-            # tokenizers' parse errors are bare Exceptions
-            except Exception as e:
-                raise ValueError(f"cannot read {path}/vocab.json + merges.txt: {e}") from None
+        vocab, merges = read_vocab(path)
         specials = {k: config[k] for k in SPECIALS if config.get(k) is not None}
         decoder = config.get("added_tokens_decoder")
         # transformers' legacy path: special_tokens_map.json wins, tokenizer.json lists added tokens

@@ -72,8 +72,8 @@ def unsupported_unet_value(tiny, tmp):
 
 
 def single_file_without_tokenizer(tiny, tmp):
-    (tmp / "m.safetensors").write_bytes(b"")
-    return ["--model", str(tmp / "m.safetensors")], "tokenizer"
+    (tmp / "m.safetensors").write_bytes(b"")  # unreadable: the tokenizer is checked first
+    return ["--model", str(tmp / "m.safetensors"), "--tokenizer", str(tmp / "none")], "not a CLIP tokenizer folder"
 
 
 def unavailable_device(tiny, tmp):

@@ -41,8 +41,29 @@ def test_single_file_matches_folder(tiny, tmp_path, kind):
     assert torch.equal(run(a), run(b))
 
 
-def test_single_file_needs_a_tokenizer(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_single_file_with_a_tokenizer_folder_alone_pads_as_its_family(tiny, tmp_path, kind):
+    """A config folder without a tokenizer (these tiny configs cannot all be read from shapes): the vocabulary
+    comes from --tokenizer, the pad token from the family (SD 2.x pads with "!"), the images are the folder's."""
+    import shutil
+
+    folder, _ = tiny(kind)
+    single = write_single_file(folder, tmp_path / f"{kind}.safetensors", kind)
+    configs = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("tokenizer"))
+    a, b = engine.load(folder), engine.load(single, config=configs, tokenizer=folder / "tokenizer")
+    assert b.model.tokenizer.pad_id == a.model.tokenizer.pad_id
+    assert torch.equal(b.model.tokenizer(["a red star"]), a.model.tokenizer(["a red star"]))
+    run = lambda p: p.generate("a red star", steps=4, seed=1, height=64, width=64, output="pt", progress=False)
+    assert torch.equal(run(a), run(b))
+
+
+def test_single_file_without_any_tokenizer_names_where_to_get_one(tiny, tmp_path, monkeypatch):
+    from engine import clip_vocab
+
     folder, _ = tiny("sd1")
     single = write_single_file(folder, tmp_path / "sd1.safetensors", "sd1")
-    with pytest.raises(LoadError, match="carries no tokenizer"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(clip_vocab, "open_clip_bpe", lambda: None)
+    with pytest.raises(LoadError, match="no CLIP tokenizer found") as e:
         engine.load(single)
+    assert all(w in str(e.value) for w in ("--tokenizer", "Hugging Face cache", "open-clip-torch"))
