@@ -20,12 +20,12 @@ def canonical_keys(module, state_dict: dict, prefix: str, *_) -> None:
     """load_state_dict pre-hook. transformers 4.x (the hub's SD text encoders) saved `text_model.*`
     keys, before 4.31 plus a `text_model.embeddings.position_ids` buffer; transformers 5 saves the
     same weights without the `text_model.` prefix. Drop the buffer (positions are computed in
-    forward); add the prefix where missing."""
+    forward); add the prefix where missing (not to SDXL's top-level `text_projection`)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):].removeprefix("text_model.")
         if rest == "embeddings.position_ids":
             del state_dict[key]
-        elif not key.startswith(prefix + "text_model."):
+        elif not key.startswith((prefix + "text_model.", prefix + "text_projection.")):
             state_dict[prefix + "text_model." + rest] = state_dict.pop(key)
 
 
@@ -41,6 +41,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     # 2 marks legacy configs: pool at argmax(input_ids) instead of the first eos.
     eos_token_id: int = 49407
+    projection_dim: int = 512  # CLIPTextModelWithProjection only
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
@@ -140,17 +141,25 @@ class CLIPTextModel(nn.Module):
 
         skip_last_layers=k stops k layers early, then applies final_layer_norm (diffusers'
         clip_skip=k)."""
-        tm, layers = self.text_model, self.text_model.encoder.layers
-        if not 0 <= skip_last_layers < len(layers):
-            raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {len(layers)})")
+        n = len(self.text_model.encoder.layers)
+        if not 0 <= skip_last_layers < n:
+            raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {n})")
+        hidden = self.hidden_states(input_ids, inputs_embeds, n - skip_last_layers)
+        return self.text_model.final_layer_norm(hidden[-1])
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                      n_layers: int | None = None) -> list[torch.Tensor]:
+        """transformers' `hidden_states`: the embeddings' output, then each layer's (of the first
+        n_layers), without the final layer norm. SDXL conditions on the penultimate one."""
+        tm = self.text_model
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = tm.embeddings.token_embedding(input_ids)
-        x = tm.embeddings(inputs_embeds)
-        for layer in layers[: len(layers) - skip_last_layers]:
-            x = layer(x)
-        return tm.final_layer_norm(x)
+        out = [tm.embeddings(inputs_embeds)]
+        for layer in tm.encoder.layers[:n_layers]:
+            out.append(layer(out[-1]))
+        return out
 
     def pooled(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, D) hidden state at each sequence's first eos token (transformers'
@@ -159,6 +168,18 @@ class CLIPTextModel(nn.Module):
         eos = self.config.eos_token_id
         pos = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
         return last_hidden_state[torch.arange(ids.shape[0], device=ids.device), pos]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP bigG): the pooled output projected by `text_projection`."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def text_embeds(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, projection_dim): transformers' `text_embeds`, from the final-normed last hidden state."""
+        return self.text_projection(self.pooled(last_hidden_state, input_ids))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel for SD 1.x, SD 2.x and the SD x4 upscaler. Names mirror diffusers'
+"""UNet2DConditionModel for SD 1.x, SD 2.x, SDXL and the SD x4 upscaler. Names mirror diffusers'
 state-dict keys."""
 from dataclasses import dataclass, fields
 
@@ -13,14 +13,13 @@ from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmb
 _FIXED = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "addition_embed_type": None, "resnet_time_scale_shift": "default",
+    "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
-    "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None,
+    "mid_block_only_cross_attention": None,
 }
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "dropout",
             "addition_embed_type_num_heads"}
@@ -56,6 +55,10 @@ class UNetConfig:
     num_class_embeds: int | None = None
     upcast_attention: bool = False
     sample_size: int | None = None
+    # SDXL: the pooled text embedding and the micro-conditioning ids, embedded into the time embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -73,6 +76,12 @@ class UNetConfig:
             if bad or len(getattr(cfg, k)) != n:
                 raise ValueError(f"unet config: {k}={getattr(cfg, k)!r}; "
                                  f"need {n} entries from {allowed}")
+        if cfg.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unet config: addition_embed_type={cfg.addition_embed_type!r} is not "
+                             "supported (only null, or \"text_time\" for SDXL)")
+        if cfg.addition_embed_type and not (cfg.addition_time_embed_dim and cfg.projection_class_embeddings_input_dim):
+            raise ValueError("unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         if cfg.class_embed_type is not None:
             raise ValueError(f"unet config: class_embed_type={cfg.class_embed_type!r} is not "
                              "supported (only null, with num_class_embeds for the x4 upscaler)")
@@ -126,6 +135,8 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         if cfg.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -152,8 +163,10 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """ε / v prediction for latents x (B, C, H, W) at timesteps t, text context (B, L, D)."""
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None, text_embeds=None,
+                time_ids=None) -> torch.Tensor:
+        """ε / v prediction for latents x (B, C, H, W) at timesteps t, text context (B, L, D); SDXL also
+        takes the pooled text embedding (B, P) and the micro-conditioning time_ids (B, n)."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0],
@@ -165,6 +178,8 @@ class UNet2DConditionModel(nn.Module):
                                  "pass class_labels (noise level)")
             emb = emb + self.class_embedding(torch.as_tensor(class_labels, device=x.device)
                                              .reshape(-1).expand(x.shape[0])).to(x.dtype)
+        if cfg.addition_embed_type == "text_time":
+            emb = emb + self.add_embedding(self.added_input(x, text_embeds, time_ids))
 
         h = self.conv_in(x)
         skips = [h]
@@ -191,3 +206,20 @@ class UNet2DConditionModel(nn.Module):
                 h = block.upsamplers[0](h, skips[-1].shape[2:])
 
         return self.conv_out(self.conv_norm_out(h, act="silu")).contiguous()
+
+    def added_input(self, x, text_embeds, time_ids) -> torch.Tensor:
+        """SDXL's added conditioning: the pooled text embedding, then each micro-conditioning id
+        (original size, crop corner, target size or aesthetic score) embedded sinusoidally."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet is SDXL's (addition_embed_type \"text_time\"): "
+                             "pass text_embeds (pooled) and time_ids")
+        ids = torch.as_tensor(time_ids, device=x.device).reshape(x.shape[0], -1)
+        want = cfg.projection_class_embeddings_input_dim - text_embeds.shape[-1]
+        if ids.shape[1] * cfg.addition_time_embed_dim != want:
+            raise ValueError(f"time_ids: {ids.shape[1]} per image, but this UNet embeds "
+                             f"{want // cfg.addition_time_embed_dim} beside a {text_embeds.shape[-1]}-wide "
+                             "pooled text embedding")
+        times = timestep_embedding(ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                   cfg.freq_shift).reshape(x.shape[0], -1)
+        return torch.cat([text_embeds.to(times), times], -1).to(x.dtype)
