@@ -184,7 +184,7 @@ def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path
         tok = Tokenizer.from_dir(config / "tokenizer")
     else:
         pad = "!" if configs["text_encoder"]["hidden_act"] == "gelu" else "<|endoftext|>"  # OpenCLIP: SD 2.x
-        tok, _ = clip_vocab.clip_tokenizer(pad, vocab if vocab.is_dir() else None)
+        tok = clip_vocab.from_source(vocab, pad)
     models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
     return Components(**models, tokenizer=tok, scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
 

@@ -88,9 +88,14 @@ def find(folder: Path | None = None) -> Path:
     return bpe
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>", folder: Path | None = None) -> tuple[Tokenizer, str]:
-    """CLIP's tokenizer padding with `pad_token` ("!" for SD 2.x and SDXL's second encoder), and where its
-    vocabulary came from (`find`)."""
-    where = find(folder)
+def from_source(where: Path, pad_token: str = "<|endoftext|>") -> Tokenizer:
+    """CLIP's tokenizer from what `find` found, padding with `pad_token` ("!" for SD 2.x and SDXL's second
+    encoder)."""
     vocab, merges = read_bpe(where) if where.is_file() else read_vocab(where)
-    return Tokenizer(vocab, merges, pad_token=pad_token), str(where)
+    return Tokenizer(vocab, merges, pad_token=pad_token)
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>", folder: Path | None = None) -> tuple[Tokenizer, str]:
+    """CLIP's tokenizer padding with `pad_token`, and where its vocabulary came from (`find`)."""
+    where = find(folder)
+    return from_source(where, pad_token), str(where)
