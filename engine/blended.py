@@ -215,7 +215,7 @@ class MultiStage:
         m_px = binary_mask(mc, s)
         m_z = binary_mask(mc, s // b.downscale)
         z_src = b.encode(src).repeat(n, 1, 1, 1)
-        den = b.denoiser(o.guidance)
+        den = b.inpainting_denoiser(b.denoiser(o.guidance), src, m_px, n)
         cond = repeat_cond(conds["base"], n, den.guided)
         gen = make_generator(o.seed)
         x = randn_tensor(z_src.shape, gen, b.device, torch.float32).to(b.dtype)
@@ -279,6 +279,8 @@ class MultiStage:
             p, den, cond = sr, sr_den, conds["sr"]
         else:
             p, den, cond = self.base, self.base.denoiser(o.guidance), conds["base"]
+        if p is self.base:
+            den = p.inpainting_denoiser(den, comp, m)
         f = p.downscale
         z_src = p.encode(comp)
         m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)

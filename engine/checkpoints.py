@@ -1,11 +1,12 @@
 """Folder / single-file checkpoints → configs + state dicts → models (built on `meta`, filled with
 assign=True)."""
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, canonical_keys
 from .models.unet import UNet2DConditionModel, UNetConfig
@@ -63,18 +64,53 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
                     "or a *.safetensors.index.json")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(f, path) -> tuple[dict, int]:
+    """A .safetensors file's header ({name: {dtype, shape, data_offsets}}, metadata dropped) and
+    where its data starts; one line naming the file when it is not one."""
+    size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(f.read(8), "little")
+    try:
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise ValueError(f"a header of {n} bytes in a {size}-byte file")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for k, v in header.items():
+            start, end = v["data_offsets"]
+            if v["dtype"] not in _DTYPES or not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"tensor {k!r} has dtype {v['dtype']!r}, bytes {start}..{end}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
+    return header, 8 + n
+
+
 def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
+    """Every tensor of the files, read one at a time into its own memory and put in its final form
+    there: floating point to `dtype` (when given), 4-D (convolution) weights channels-last. Peak
+    memory is the loaded weights plus one tensor: no mapping of the file stays resident beside
+    them and nothing is converted twice."""
     sd = {}
-    for f in files:
-        try:
-            fh = safe_open(str(f), framework="pt", device=str(device))
-        # safetensors raises its own error type for a corrupt or non-safetensors file
-        except Exception as e:
-            raise LoadError(f"{f}: not a readable .safetensors file ({e})") from None
-        with fh:
-            for k in fh.keys():
-                t = fh.get_tensor(k)
-                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for path in files:
+        with open(path, "rb") as f:
+            header, base = read_header(f, path)
+            for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = v["data_offsets"]
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(base + start)
+                if f.readinto(memoryview(raw.numpy())) != end - start:
+                    raise LoadError(f"{path}: truncated: tensor {k!r} runs past the end of the "
+                                    "file")
+                t = raw.view(_DTYPES[v["dtype"]]).reshape(v["shape"])
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                if t.ndim == 4:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                sd[k] = t.to(device)
     return sd
 
 
@@ -125,68 +161,123 @@ def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu",
 class Components:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: Tokenizer
+    text_encoder: CLIPTextModel | None  # None: the SDXL refiner, which has text_encoder_2 only
+    tokenizer: Tokenizer | None
     scheduler: SchedulerConfig
     low_res_scheduler: SchedulerConfig | None = None
     max_noise_level: int | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
+    tokenizer_2: Tokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt → zero embeddings
 
 
 def _scheduler(folder: Path) -> SchedulerConfig:
     return SchedulerConfig.from_dict(read_json(folder / "scheduler_config.json"))
 
 
+def _listed(index: dict, name: str) -> bool:
+    """Whether model_index.json lists the component (the SDXL refiner writes [null, null] for the
+    text encoder it does not have)."""
+    v = index.get(name)
+    return v is not None and not (isinstance(v, list) and v and v[0] is None)
+
+
 def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> Components:
     index = read_json(path / "model_index.json")
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if name not in index:
+    texts = [n for n in ("text_encoder", "text_encoder_2")
+             if _listed(index, n) and _listed(index, n.replace("text_encoder", "tokenizer"))]
+    for name in ("unet", "vae", "scheduler"):
+        if not _listed(index, name):
             raise LoadError(f"{path / 'model_index.json'} has no {name!r} component; "
-                            "this engine needs unet, vae, text_encoder, tokenizer and scheduler")
-    models = {n: load_component(path / n, n, dtype, device, variant) for n in _MODELS}
+                            "this engine needs unet, vae, scheduler and a text encoder")
+    if not texts:
+        raise LoadError(f"{path / 'model_index.json'} lists no text_encoder with its tokenizer; "
+                        "this engine needs unet, vae, scheduler and a text encoder")
+    models = {n: load_component(path / n, n, dtype, device, variant)
+              for n in ("unet", "vae", *texts)}
+    tokenizers = {t: Tokenizer.from_dir(path / t)
+                  for t in (n.replace("text_encoder", "tokenizer") for n in texts)}
     low_res = _scheduler(path / "low_res_scheduler") if "low_res_scheduler" in index else None
-    return Components(**models, tokenizer=Tokenizer.from_dir(path / "tokenizer"),
+    return Components(**{"text_encoder": None, "tokenizer": None, **models, **tokenizers},
                       scheduler=_scheduler(path / "scheduler"), low_res_scheduler=low_res,
-                      max_noise_level=index.get("max_noise_level"))
+                      max_noise_level=index.get("max_noise_level"),
+                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")))
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, read from its header alone."""
+    with open(path, "rb") as f:
+        return list(read_header(f, path)[0])
 
 
 def load_single_file(path: Path, dtype=torch.float32, device="cpu", config: Path | None = None,
                      prediction_type: str | None = None, tokenizer: Path | None = None) -> Components:
-    """An SD 1.x / 2.x checkpoint in the original LDM key layout. Configs come from `config` (a
-    diffusers folder; its weights are not needed) where it has them, else are inferred from tensor
-    shapes. Single files carry no tokenizer: it is `config`'s, else CLIP's vocabulary from the
-    `tokenizer` folder, the Hugging Face cache or open-clip-torch (engine.clip_vocab), padded as the
-    family pads."""
+    """A checkpoint in the original LDM key layout (SD 1.x, 2.x, their inpainting models, SDXL base
+    and refiner, the x4 upscaler). Configs come from `config` (a diffusers folder; its weights are
+    not needed) where it has them, else from the family's reference model with every size read
+    from tensor shapes (engine.ldm). Single files carry no tokenizer: it is `config`'s, else CLIP's
+    vocabulary from the `tokenizer` folder, the Hugging Face cache or open-clip-torch
+    (engine.clip_vocab), padded as the family pads."""
     from . import clip_vocab, ldm
 
     config = Path(config) if config is not None else None
-    given = {n: read_json(config / n / "config.json") for n in _MODELS
+    given = {n: read_json(config / n / "config.json") for n in _CLASSES
              if config is not None and (config / n / "config.json").exists()}
-    if config is not None and (config / "scheduler" / "scheduler_config.json").exists():
-        given["scheduler"] = read_json(config / "scheduler" / "scheduler_config.json")
-    own = config is not None and (config / "tokenizer").is_dir()
-    try:
-        vocab = None if own else clip_vocab.find(tokenizer)
+    for n in ("scheduler", "low_res_scheduler"):
+        if config is not None and (config / n / "scheduler_config.json").exists():
+            given[n] = read_json(config / n / "scheduler_config.json")
+    if config is not None and (config / "model_index.json").exists():
+        index = read_json(config / "model_index.json")
+        given.update({k: index[k] for k in ("max_noise_level", "force_zeros_for_empty_prompt")
+                      if k in index})
+    own = {n: config / t
+           for n, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+           if config is not None and (config / t).is_dir()}
+    try:  # the vocabulary, before the weights are read
+        vocab = None if tokenizer is None else clip_vocab.find(tokenizer)
+        parts = ldm.split_components(dict.fromkeys(_tensor_names(path)))
+        towers = [n for n, has in (("text_encoder", parts["clip"] or parts["openclip"]),
+                                   ("text_encoder_2", parts["openclip_2"])) if has]
+        if vocab is None and any(n not in own for n in towers):
+            vocab = clip_vocab.find()
     except FileNotFoundError as e:
         raise LoadError(f"{path}: {e}") from None
     sd = read_state_dict([path], device, dtype)
-    configs = given if len(given) == 4 else {**ldm.infer_configs(sd, prediction_type), **given}
-    if prediction_type is not None:
-        configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
     try:
+        configs = {**ldm.infer_configs(sd, prediction_type), **given}
+        if prediction_type is not None:
+            configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
         converted = ldm.convert(sd, configs)
     except KeyError as e:
         raise LoadError(f"{path}: {e.args[0] if e.args else e}") from None
-    absent = [n for n in _MODELS if n not in converted]
+    absent = [n for n in ("unet", "vae") if n not in converted] + ["text encoder"] * (not towers)
     if absent:
-        raise LoadError(f"{path}: no {' / '.join(absent)} weights found (an SD 1.x/2.x checkpoint "
-                        "has model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)")
-    if own:
-        tok = Tokenizer.from_dir(config / "tokenizer")
-    else:
-        pad = "!" if configs["text_encoder"]["hidden_act"] == "gelu" else "<|endoftext|>"  # OpenCLIP: SD 2.x
-        tok = clip_vocab.from_source(vocab, pad)
-    models = {n: build(n, configs[n], converted[n], f"{path} [{n}]") for n in _MODELS}
-    return Components(**models, tokenizer=tok, scheduler=SchedulerConfig.from_dict(configs["scheduler"]))
+        raise LoadError(f"{path}: no {' / '.join(absent)} weights found (a checkpoint has "
+                        "model.diffusion_model.*, first_stage_model.*, and cond_stage_model.* or "
+                        "conditioner.embedders.*)")
+    sd2 = (configs.get("text_encoder", {}).get("hidden_act") == "gelu"  # SD 2.x's OpenCLIP
+           and "low_res_scheduler" not in configs and configs["unet"]["in_channels"] == 4)
+    if sd2 and "scheduler" not in given and prediction_type is None:
+        warnings.warn(f"{path.name}: an SD 2.x checkpoint, whose weights do not say whether it "
+                      "predicts ε or v: assumed epsilon (the 512-px base models); for the 768-px "
+                      "v models pass --prediction-type v_prediction (prediction_type= in Python)",
+                      stacklevel=3)
+    models = {n: build(n, configs[n], converted[n], f"{path} [{n}]")
+              for n in _CLASSES if n in converted}
+    tokenizers = {}
+    for n in models:
+        if n.startswith("text_encoder"):
+            # OpenCLIP towers (SD 2.x, SDXL's second) pad with "!"
+            pad = "!" if configs[n]["hidden_act"] == "gelu" else "<|endoftext|>"
+            tokenizers[n.replace("text_encoder", "tokenizer")] = (
+                Tokenizer.from_dir(own[n]) if n in own else clip_vocab.from_source(vocab, pad))
+    low = configs.get("low_res_scheduler")
+    zeros = bool(configs.get("force_zeros_for_empty_prompt"))
+    return Components(**{"text_encoder": None, "tokenizer": None, **models, **tokenizers},
+                      scheduler=SchedulerConfig.from_dict(configs["scheduler"]),
+                      low_res_scheduler=None if low is None else SchedulerConfig.from_dict(low),
+                      max_noise_level=configs.get("max_noise_level"),
+                      force_zeros_for_empty_prompt=zeros)
 
 
 def load(path, dtype=torch.float32, device="cpu", variant=None, config=None,

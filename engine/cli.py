@@ -29,6 +29,17 @@ def _sampling(sub):
                    "embedded model)")
     flag(i, "--strength", i2i, "how much of the schedule to run, in (0, 1]: 1 ignores "
          "the image")
+    ip = "engine.pipeline:Pipeline.inpaint"
+    n = sub.add_parser("inpaint", help="image + mask + text → image", description="Repaint the "
+                       "white part of --mask under the prompt: an inpainting model (9 input "
+                       "channels) sees the mask and the masked image; with an ordinary model the "
+                       "kept part is put back after every step.")
+    sampling_args(n, ip, DEFAULT_MODEL)
+    n.add_argument("--image", required=True, help=f"input image; {MULTIPLE}")
+    n.add_argument("--mask", required=True, help="mask image of the image's size (or aspect): "
+                   "white = repaint, black = keep, grey thresholded at 0.5")
+    flag(n, "--strength", ip, "how much of the schedule to run, in (0, 1]: 1 starts from pure "
+         "noise")
     u = sub.add_parser("upscale", help="×4 super-resolution (SD x4-upscaler models)",
                        description="×4 super-resolution conditioned on the noise-augmented "
                        "low-res image.")

@@ -49,13 +49,14 @@ def _tensors_out(path, what="") -> Path:
     return images.check_target(out)
 
 
-def _sample(a, call) -> Path:
+def _sample(a, call, source=None) -> Path:
     out, _ = images.check_out(a.out)
     check_args(a.steps, a.guidance, a.eta)
     rng.check_seed(a.seed)
     _words(a, a.prompt, a.negative)
     # a missing or unreadable input fails before the model loads
-    source = images.load(a.image) if getattr(a, "image", None) is not None else None
+    if source is None and getattr(a, "image", None) is not None:
+        source = images.load(a.image)
     with profiled(a.profile):
         t0 = time.perf_counter()
         pipe = _load(a)
@@ -77,6 +78,14 @@ def generate(a) -> Path:
 def img2img(a) -> Path:
     check_fraction("strength", a.strength, "; 1 ignores the image")
     return _sample(a, lambda p, src, kw: p.img2img(src, a.prompt, strength=a.strength, **kw))
+
+
+def inpaint(a) -> Path:
+    check_fraction("strength", a.strength, "; 1 starts from pure noise")
+    image, mask = images.load(a.image), images.load(a.mask)
+    regions.check_mask_shape(image.size[::-1], mask.size[::-1], a.mask)
+    return _sample(a, lambda p, src, kw: p.inpaint(src, mask, a.prompt, strength=a.strength, **kw),
+                   source=image)
 
 
 def upscale(a) -> Path:
@@ -349,6 +358,6 @@ def demo(a) -> list[Path]:
     return demos.run(a.out, a.steps, a.sr_steps, seed=a.seed, progress=not a.quiet)
 
 
-HANDLERS = {"generate": generate, "img2img": img2img, "upscale": upscale, "invert": invert,
-            "edit": edit, "iterinv": iterinv, "iterinv-edit": iterinv_edit, "blend": blend,
-            "train-ti": train_ti, "export-ti": export_ti, "demo": demo}
+HANDLERS = {"generate": generate, "img2img": img2img, "inpaint": inpaint, "upscale": upscale,
+            "invert": invert, "edit": edit, "iterinv": iterinv, "iterinv-edit": iterinv_edit,
+            "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "demo": demo}

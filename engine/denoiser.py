@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .profile import stage
+from .sdxl import TextTime
 
 # t -> text embeddings: (2B, L, D) = [uncond; cond] when guided, (B, L, D) otherwise
 Cond = Callable[[int], torch.Tensor]
@@ -73,6 +74,7 @@ class Denoiser:
     # channels appended to the latent (x4 upscaler: the noisy low-res image)
     concat: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None  # x4 upscaler: the noise level of `concat`
+    text_time: TextTime | None = None  # SDXL: the pooled embedding and micro-conditioning
 
     @property
     def guided(self) -> bool:
@@ -84,6 +86,9 @@ class Denoiser:
         if self.concat is not None:
             xin = torch.cat([xin, self.concat.repeat(n, 1, 1, 1).to(x.dtype)], dim=1)
         labels = None if self.class_labels is None else self.class_labels.repeat(n)
+        emb, added = cond(t), {}
+        if self.text_time is not None:
+            emb, added = self.text_time.inputs(emb, xin, self.guided)
         with stage("unet step"):
-            out = self.unet(xin, t, cond(t), labels)
+            out = self.unet(xin, t, emb, labels, **added)
         return cfg(*out.chunk(2), self.guidance) if self.guided else out

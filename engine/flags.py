@@ -63,10 +63,11 @@ def model_args(p, model):
     """The model to load and how: every command but demo and export-ti."""
     where = model.relative_to(model.parent.parent)
     p.add_argument("--model", default=str(model), help="a diffusers model folder (with "
-                   "model_index.json) or a single-file SD 1.x/2.x checkpoint in LDM key layout "
-                   f"(.safetensors only); default: the embedded model {where}")
+                   "model_index.json) or a single-file checkpoint (.safetensors only: SD 1.x/2.x, "
+                   "SDXL, their inpainting models, the x4 upscaler); default: the embedded model "
+                   f"{where}")
     flag(p, "--config", "engine:load", "single-file checkpoints only: a diffusers folder whose "
-         "configs and tokenizer to use (its weights are not needed)")
+         "configs and tokenizer to use instead of those inferred (its weights are not needed)")
     flag(p, "--tokenizer", "engine:load", "single-file checkpoints only: a CLIP tokenizer folder "
          "(vocab.json + merges.txt); without one the Hugging Face cache, then the BPE file of an "
          "installed open-clip-torch, is used", none="looked for")

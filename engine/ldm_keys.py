@@ -55,7 +55,7 @@ def unet_key_pairs(cfg: dict) -> Pairs:
     if cfg.get("class_embed_type") in ("projection", "timestep"):
         yield from weight_bias("label_emb.0.0", "class_embedding.linear_1")
         yield from weight_bias("label_emb.0.2", "class_embedding.linear_2")
-    elif cfg.get("addition_embed_type") == "text_time":  # SDXL-style; untested here
+    elif cfg.get("addition_embed_type") == "text_time":  # SDXL
         yield from weight_bias("label_emb.0.0", "add_embedding.linear_1")
         yield from weight_bias("label_emb.0.2", "add_embedding.linear_2")
     if cfg.get("num_class_embeds") is not None:

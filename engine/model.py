@@ -1,10 +1,13 @@
 """The runtime model under the four papers: loaded components plus image ↔ latent with the dtype
 rules, prompt → conditioning, and the denoisers samplers call. `Pipeline`, the papers' modules and
 the CLI use it through these public methods only."""
+from dataclasses import replace
+
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from . import images, memory, multires, prompt as pr, schedule, tiled_vae, tiles
+from . import images, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
 from .denoiser import Cond, Denoiser, constant, guided_texts
 from .checkpoints import Components
 from .profile import stage
@@ -12,12 +15,22 @@ from .profile import stage
 
 class Model:
     """One loaded model. Attribute names mirror a diffusers folder: unet, vae, text_encoder,
-    tokenizer, scheduler (and low_res_scheduler, max_noise_level for an x4 upscaler)."""
+    tokenizer, scheduler (and low_res_scheduler, max_noise_level for an x4 upscaler;
+    text_encoder_2, tokenizer_2 for SDXL, whose refiner has no text_encoder)."""
 
     def __init__(self, components: Components, semi: str = "zero"):
         c = components
         self.unet, self.vae, self.scheduler = c.unet, c.vae, c.scheduler
         self.text_encoder, self.tokenizer = c.text_encoder, c.tokenizer
+        self.text_encoder_2, self.tokenizer_2 = c.text_encoder_2, c.tokenizer_2
+        self.force_zeros = c.force_zeros_for_empty_prompt
+        self.text_time = None
+        if c.unet.config.addition_embed_type == "text_time":
+            if c.text_encoder_2 is None:
+                raise ValueError("this UNet is SDXL's (addition_embed_type \"text_time\") but the "
+                                 "model has no text_encoder_2 to give its pooled text embedding")
+            self.text_time = sdxl.TextTime.for_unet(
+                c.unet.config, c.text_encoder_2.config.projection_dim, c.vae.downscale)
         self.low_res_scheduler, self.max_noise_level = c.low_res_scheduler, c.max_noise_level
         self.device = next(c.unet.parameters()).device
         self.dtype = next(c.unet.parameters()).dtype
@@ -32,6 +45,18 @@ class Model:
     @property
     def is_upscaler(self) -> bool:
         return self.low_res_scheduler is not None
+
+    @property
+    def text_pairs(self) -> list[tuple]:
+        """(tokenizer, text encoder) of each text encoder the model has, in order."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        return [(tok, te) for tok, te in pairs if te is not None]
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A UNet that also takes the repaint mask and the masked image's latent (9 channels for
+        SD)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
     @property
     def downscale(self) -> int:
@@ -54,7 +79,8 @@ class Model:
         names = []
         for path in paths:
             for c in multires.load_concepts(path):
-                self.concepts[c.name] = multires.check_dim(c, self.text_encoder, path)
+                self.concepts[c.name] = multires.check_dim(
+                    c, [te for _, te in self.text_pairs], path)
                 names.append(c.name)
         return names
 
@@ -157,13 +183,13 @@ class Model:
         """The pseudo-word encoder when a text has a reference (syntax errors surface here)."""
         if not any(isinstance(seg, pr.Ref) for s in texts for seg in pr.parse(s)):
             return None
-        return pr.Encoder(self.tokenizer, self.text_encoder, self.concepts, self.semi,
+        return pr.Encoder(self.text_pairs, self.concepts, self.semi,
                           self.scheduler.num_train_timesteps)
 
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None,
                       guided: bool = False) -> torch.Tensor:
-        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D); pseudo-words
-        must not change with t here (prompt_cond takes those)."""
+        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D) (SDXL: one more
+        row, engine.sdxl); pseudo-words must not change with t here (prompt_cond takes those)."""
         texts = guided_texts(prompts, negative) if guided else prompts
         enc = self._encoder(texts)
         if enc is not None:
@@ -173,10 +199,15 @@ class Model:
                                      f"one fixed prompt; write <{ref.name}|i|>")
             with stage("text encode"):
                 return enc.encode(texts)
+        texts = [pr.unescape(t) for t in texts]
         with stage("tokenize"):
-            ids = self.tokenizer([pr.unescape(t) for t in texts]).to(self.device)
+            ids = [tok(texts).to(self.device) for tok, _ in self.text_pairs]
         with stage("text encode"):
-            return self.text_encoder(ids)
+            emb = (sdxl.encode([te for _, te in self.text_pairs], ids)
+                   if self.text_encoder_2 is not None else self.text_encoder(ids[0]))
+        if guided and negative is None and self.force_zeros:  # diffusers' SDXL default
+            emb[:len(prompts)] = 0
+        return emb
 
     def prompt_cond(self, prompts: list[str], negative: list[str] | None = None,
                     guided: bool = False) -> Cond:
@@ -191,7 +222,21 @@ class Model:
     # ---- denoisers -----------------------------------------------------------------------------
 
     def denoiser(self, guidance: float = 1.0) -> Denoiser:
-        return Denoiser(self.unet, guidance)
+        return Denoiser(self.unet, guidance, text_time=self.text_time)
+
+    def inpainting_denoiser(self, den: Denoiser, image: torch.Tensor, repaint: torch.Tensor,
+                            batch: int = 1, generator=None) -> Denoiser:
+        """`den` given an inpainting UNet's extra channels for a (1, 3, H, W) image and its
+        (1, 1, H, W) repaint mask: the mask at latent size (nearest) and the latent of the image
+        with the repaint part set to 0 (sampled with `generator` when given, else the mean), as
+        diffusers' inpainting pipeline; `den` itself for an ordinary UNet."""
+        if not self.is_inpainting:
+            return den
+        masked = self.encode(image * (repaint < 0.5), sample=generator is not None,
+                             generator=generator)
+        small = F.interpolate(repaint.to(masked.device, torch.float32), size=masked.shape[2:])
+        extra = torch.cat([small.to(masked), masked], 1)
+        return replace(den, concat=extra.repeat(batch, 1, 1, 1))
 
     def upscaler_denoiser(self, low: torch.Tensor, noise_level: int, noise: torch.Tensor,
                           guidance: float = 1.0) -> Denoiser:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import images, schedule, tiled_vae
+from . import images, schedule, sdxl, tiled_vae
 from .checkpoints import PICKLED, LoadError
 from .prompt import NAME, Concept, Encoder
 from .rng import randn_tensor
@@ -75,16 +75,21 @@ def _meta(path: Path) -> tuple[dict, dict]:
 
 
 def load_concepts(path) -> list[Concept]:
-    """A multires file of ours, a diffusers learned_embeds.safetensors ({token: (n, D) or (D,)}) or
-    an A1111 .safetensors embedding ({"emb_params": (n, D)}, named by its file stem)."""
+    """A multires file of ours, a diffusers learned_embeds.safetensors ({token: (n, D) or (D,)}),
+    an A1111 .safetensors embedding ({"emb_params": (n, D)}, named by its file stem) or an SDXL one
+    ({"clip_l", "clip_g"}, the two widths side by side, named by its file stem)."""
     path = Path(path)
     tensors, meta = _meta(path)
     if meta.get("format") == FORMAT:
+        widths = tuple(int(w) for w in meta.get("widths", "").split(",") if w)
         return [Concept(meta["token"], tensors["embeds"].float(), True,
-                        meta.get("initializer", ""))]
-    if {"clip_l", "clip_g"} & tensors.keys():
-        raise LoadError(f"{path}: an SDXL embedding (clip_l / clip_g); "
-                        "this engine's text encoders are SD 1.x/2.x")
+                        meta.get("initializer", ""), widths)]
+    if {"clip_l", "clip_g"} == tensors.keys():  # SDXL (A1111): both encoders' vectors
+        vs = [tensors[k].float().reshape(-1, tensors[k].shape[-1]) for k in ("clip_l", "clip_g")]
+        if vs[0].shape[0] != vs[1].shape[0]:
+            raise LoadError(f"{path}: clip_l has {vs[0].shape[0]} vectors, clip_g "
+                            f"{vs[1].shape[0]}; need as many of each")
+        return [Concept(path.stem, torch.cat(vs, 1), False, widths=tuple(v.shape[1] for v in vs))]
     if len(tensors) != 1:
         raise LoadError(f"{path}: keys {sorted(tensors)[:5]} are not an embedding file: "
                         "need one tensor (diffusers' {token: vectors}, A1111's emb_params) "
@@ -102,6 +107,8 @@ def save_concept(c: Concept, path, **meta) -> Path:
     atomically."""
     m = {"format": FORMAT, "token": c.name, "bins": str(c.bins), "initializer": c.initializer,
          "dim": str(c.embeds.shape[1]), **{k: str(v) for k, v in meta.items()}}
+    if c.widths:
+        m["widths"] = ",".join(map(str, c.widths))
     return images.save_tensors({"embeds": c.embeds.detach().float()}, path, m)
 
 
@@ -112,20 +119,25 @@ def export_row(c: Concept, row: int, path, token: str | None = None) -> Path:
         raise ValueError(f"row={row}: {c.name} has rows 0..{c.bins - 1}" if c.multires else
                          f"{c.name} is not a multiresolution concept")
     token = token or f"<{c.name}>"
-    return images.save_tensors({token: c.embeds[row:row + 1].detach().float()}, path)
+    v = c.embeds[row:row + 1].detach().float()
+    if len(c.widths) == 2:  # SDXL, as A1111 writes it
+        parts = v.split(list(c.widths), 1)
+        return images.save_tensors(dict(zip(("clip_l", "clip_g"), parts)), path)
+    return images.save_tensors({token: v}, path)
 
 
-def check_dim(c: Concept, text_encoder, where) -> Concept:
-    d = text_encoder.config.hidden_size
-    if c.embeds.shape[1] != d:
+def check_dim(c: Concept, text_encoders, where) -> Concept:
+    """A concept whose vectors fit the model's text encoders (SDXL: both widths side by side)."""
+    widths = [te.config.hidden_size for te in text_encoders]
+    if c.embeds.shape[1] != sum(widths) or (c.widths and list(c.widths) != widths):
+        enc = (f"text encoder is {widths[0]}-d" if len(widths) == 1 else
+               f"text encoders are {'+'.join(map(str, widths))}-d")
         raise LoadError(f"{where}: <{c.name}> has {c.embeds.shape[1]}-d vectors but this model's "
-                        f"text encoder is {d}-d: the embeddings were trained for another model")
+                        f"{enc}: the embeddings were trained for another model")
     if not torch.isfinite(c.embeds).all():
         raise LoadError(f"{where}: <{c.name}> has NaN/inf values")
     return c
 
-
-# ----------------------------------------------------------------------------------------- training
 
 def load_images(folder, resolution: int, center_crop: bool = False) -> torch.Tensor:
     """(N, 3, res, res) in [-1, 1]: every image file of `folder`, bicubic-resized (as the
@@ -168,19 +180,26 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     if hasattr(c, "check_memory"):  # a Model: refuse a run that cannot fit before it starts
         c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, pixels.shape[0], grad=True,
                        fix="pass a smaller resolution (--resolution) or batch (--batch)")
-    tok, te, unet, vae, sched = c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler
-    init = tok.ids(cfg.init_token)
-    if len(init) != 1:
-        raise ValueError(f"init_token={cfg.init_token!r} is {len(init)} tokens for this tokenizer; "
-                         "need a single token (a common word of the model's vocabulary)")
-    for m in (te, unet, vae):
+    unet, vae, sched = c.unet, c.vae, c.scheduler
+    pairs = [(tok, te) for tok, te in ((c.tokenizer, c.text_encoder),
+                                       (c.tokenizer_2, c.text_encoder_2)) if te is not None]
+    init = [tok.ids(cfg.init_token) for tok, _ in pairs]
+    if any(len(i) != 1 for i in init):
+        raise ValueError(f"init_token={cfg.init_token!r} is {max(map(len, init))} tokens for this "
+                         "tokenizer; need a single token (a common word of the model's vocabulary)")
+    for m in (*(te for _, te in pairs), unet, vae):
         m.requires_grad_(False)
     dev, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    table = te.text_model.embeddings.token_embedding.weight
-    rows = torch.nn.Parameter(table[init].detach().float().repeat(cfg.bins, 1))
-    concept = Concept(cfg.token, rows, True, cfg.init_token)
-    enc = Encoder(tok, te, {cfg.token: concept})
-    temps = templates_for(cfg.templates, tok)
+    # one vector per encoder, side by side (SDXL: CLIP ViT-L's, then bigG's)
+    start_rows = torch.cat([te.text_model.embeddings.token_embedding.weight[i].detach().float()
+                            for i, (_, te) in zip(init, pairs)], 1)
+    rows = torch.nn.Parameter(start_rows.repeat(cfg.bins, 1))
+    widths = tuple(te.config.hidden_size for _, te in pairs) if len(pairs) > 1 else ()
+    concept = Concept(cfg.token, rows, True, cfg.init_token, widths)
+    enc = Encoder(pairs, {cfg.token: concept})
+    text_time = None if unet.config.addition_embed_type != "text_time" else \
+        sdxl.TextTime.for_unet(unet.config, pairs[-1][1].config.projection_dim, vae.downscale)
+    temps = templates_for(cfg.templates, pairs[0][0])
     resolved = {}  # prompt text → its token pieces, tokenized once
     opt = torch.optim.AdamW([rows], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                             eps=1e-8)
@@ -229,7 +248,10 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
             if s not in resolved:
                 resolved[s] = enc.resolve(s)
         emb = enc.encode_resolved([resolved[s] for s in texts])
-        pred = unet(schedule.q_sample(sched, z0, t, noise).to(dtype), t, emb.to(dtype))
+        xt, added = schedule.q_sample(sched, z0, t, noise).to(dtype), {}
+        if text_time is not None:
+            emb, added = text_time.inputs(emb, xt, guided=False)
+        pred = unet(xt, t, emb.to(dtype), **added)
         loss = F.mse_loss(pred.float(), schedule.training_target(sched, z0, t, noise))
         value = loss.item()
         if not math.isfinite(value):
@@ -250,7 +272,7 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
                                 checkpoint, {"step": str(step + 1), "run": json.dumps(run)},
                                 keep=True)
     bar.close()
-    learned = Concept(cfg.token, rows.detach().clone(), True, cfg.init_token)
+    learned = Concept(cfg.token, rows.detach().clone(), True, cfg.init_token, widths)
     if out is not None:
         save_concept(learned, out, steps=cfg.steps, run=json.dumps(run))
     if checkpoint is not None and checkpoint.is_file():

@@ -1,10 +1,13 @@
-"""Text→image, img2img, x4 upscaling, inversion and Direct Inversion edits: the user-facing API, a
-thin façade over the runtime model (engine.model.Model) that the CLI and the papers' modules
-share."""
+"""Text→image, img2img, inpainting, x4 upscaling, inversion and Direct Inversion edits: the
+user-facing API, a thin façade over the runtime model (engine.model.Model) that the CLI and the
+papers' modules share."""
+
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
-from . import direct, images, invert as inv, schedule, tiles
+from . import direct, images, invert as inv, regions, schedule, tiles
 from .checkpoints import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
@@ -46,13 +49,17 @@ class Pipeline:
         their names."""
         return self.model.load_embeddings(*paths)
 
-    def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False):
+    def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False,
+               inpainting=False):
         """Check the arguments shared by every method before any work; returns (prompts,
         negatives)."""
         if upscaler != self.is_upscaler:
             raise ValueError("this is an x4 upscaler model: use upscale()" if self.is_upscaler else
                              "upscale() needs an x4 upscaler model "
                              "(a folder with low_res_scheduler/)")
+        if self.model.is_inpainting and not inpainting:
+            raise ValueError("this is an inpainting model (its UNet also takes a mask): use "
+                             "inpaint() or blend, or an ordinary model for this method")
         prompts = _texts(prompt, "prompt")
         if negative is not None:
             negative = [negative] * len(prompts) if isinstance(negative, str) else \
@@ -95,7 +102,10 @@ class Pipeline:
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         check_fraction("strength", strength, "; 1 ignores the image")
         m = self.model
-        x0 = m.pixels(image, batch=len(prompts))
+        x0 = m.pixels(image)
+        if x0.shape[0] not in (1, len(prompts)):
+            raise ValueError(f"{x0.shape[0]} images for {len(prompts)} prompts: give one image or "
+                             "one per prompt")
         timesteps = schedule.timesteps(m.scheduler, steps, strength)
         if len(timesteps) == 0:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
@@ -104,10 +114,66 @@ class Pipeline:
         m.check_memory("img2img", *x0.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
         cond = m.prompt_cond(prompts, negative, den.guided)
         gen = make_generator(seed)
-        z0 = m.encode(x0, sample=True, generator=gen)
+        # one image is encoded once for every prompt, as diffusers does
+        z0 = m.encode(x0, sample=True, generator=gen).repeat(len(prompts) // x0.shape[0], 1, 1, 1)
         noise = randn_tensor(z0.shape, gen, m.device, torch.float32).to(m.dtype)
         x = schedule.q_sample(m.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
         x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, desc="img2img")
+        return self._out(x, output)
+
+    @torch.no_grad()
+    def inpaint(self, image, mask, prompt, negative=None, strength=1.0, steps=50, guidance=7.5,
+                seed=0, eta=0.0, output="pil", progress=True):
+        """Repaint the white part of `mask` under the prompt, at the image's size (diffusers'
+        StableDiffusionInpaintPipeline given that size). An inpainting model (9 input channels)
+        sees the mask and the masked image's latent at every step; with an ordinary model the kept
+        part is put back after every step, noised to the step's level (diffusers' legacy
+        inpainting). strength < 1 starts from the noised image instead of pure noise. The mask is
+        a single-channel image (white = repaint), thresholded at 0.5."""
+        prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output,
+                                        inpainting=True)
+        check_fraction("strength", strength, "; 1 starts from pure noise")
+        m = self.model
+        latent = m.vae.config.latent_channels
+        ninth = m.is_inpainting
+        if not ninth and m.unet.config.in_channels != latent:
+            raise ValueError(f"inpaint needs an inpainting UNet ({2 * latent + 1} input channels) "
+                             f"or an ordinary one ({latent}); this one takes "
+                             f"{m.unet.config.in_channels}")
+        x0 = m.pixels(image)
+        if x0.shape[0] != 1:
+            raise ValueError(f"inpaint: need one image, got {x0.shape[0]}")
+        if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
+            mask = images.load(mask)
+        repaint = regions.prepare_mask(mask, tuple(x0.shape[2:])).to(x0)
+        pairs = schedule.step_pairs(m.scheduler, steps, strength)
+        if not pairs:
+            raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
+                             "raise either")
+        den = m.denoiser(guidance)
+        b = len(prompts)
+        m.check_memory("inpaint", *x0.shape[2:], b * (1 + den.guided), b)
+        cond = m.prompt_cond(prompts, negative, den.guided)
+        gen = make_generator(seed)
+        # diffusers' generator order: the image's latent (if needed), the noise, the masked image's
+        z0 = m.encode(x0, sample=True, generator=gen) if strength < 1 or not ninth else None
+        shape = (b, latent, x0.shape[2] // m.downscale, x0.shape[3] // m.downscale)
+        noise = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
+        x = noise if strength == 1 else \
+            schedule.q_sample(m.scheduler, z0.repeat(b, 1, 1, 1), pairs[0][0], noise)
+        den = m.inpainting_denoiser(den, x0, repaint, b, gen)
+        after = None
+        if not ninth:  # the legacy way: put the known latent back after every step
+            small = F.interpolate(repaint, size=shape[2:]).to(m.dtype)
+            # diffusers encodes the masked image here too: drawn to keep the generator in step
+            m.encode(x0 * (repaint < 0.5), sample=True, generator=gen)
+            last = pairs[-1][0]
+
+            def after(x, t, t_next):
+                known = z0 if t == last else schedule.q_sample(m.scheduler, z0, t_next, noise)
+                return (1 - small) * known + small * x
+        x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, after=after,
+                 desc="inpaint")
         return self._out(x, output)
 
     @torch.no_grad()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sdxl
+
 NAME = r"[\w.\-]+"
 CLOSE = {"|": "|", "(": ")", "[": "]"}
 MODES = {"|": "fixed", "(": "semi", "[": "fully"}
@@ -114,6 +116,8 @@ class Concept:
     embeds: torch.Tensor           # (K, D) or (n, D)
     multires: bool = True
     initializer: str = ""
+    # several text encoders (SDXL): each one's width, its vectors side by side in that order
+    widths: tuple[int, ...] = ()
 
     @property
     def bins(self) -> int:
@@ -177,50 +181,63 @@ def check(texts, concepts: dict[str, Concept]) -> None:
 
 class Encoder:
     """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection
-    changes."""
+    changes. `pairs`: (tokenizer, text encoder) of each encoder in order; a concept's vectors are
+    the encoders' widths side by side (SDXL: CLIP ViT-L's, then bigG's), and with several encoders
+    (or a projected one) the embedding is SDXL's packed one (engine.sdxl)."""
 
-    def __init__(self, tokenizer, text_encoder, concepts: dict[str, Concept], semi: str = "zero",
+    def __init__(self, pairs: list, concepts: dict[str, Concept], semi: str = "zero",
                  T: int = 1000):
-        self.tokenizer, self.text_encoder, self.concepts, self.T = (
-            tokenizer, text_encoder, concepts, T)
+        self.pairs, self.concepts, self.T = list(pairs), concepts, T
         self.semi = check_semi(semi)
+        widths = [te.config.hidden_size for _, te in self.pairs]
+        self.columns = [slice(sum(widths[:i]), sum(widths[:i + 1])) for i in range(len(widths))]
+        self.xl = len(self.pairs) > 1 or hasattr(self.pairs[-1][1], "text_projection")
 
-    def resolve(self, text: str) -> list[list[int] | tuple[Ref, Concept]]:
-        """Token ids of the text pieces and the concept of each reference; unknown names are an
-        error here."""
+    def resolve(self, text: str) -> list[list[list[int]] | tuple[Ref, Concept]]:
+        """Each text piece's token ids for every tokenizer, and the concept of each reference;
+        unknown names are an error here."""
         out = []
         for seg in parse(text):
             if isinstance(seg, str):
-                out.append(self.tokenizer.ids(unescape(seg)))
+                out.append([tok.ids(unescape(seg)) for tok, _ in self.pairs])
                 continue
             out.append((seg, concept(seg, self.concepts)))
         return out
 
-    def _embed(self, resolved, t: int) -> torch.Tensor:
-        """(77, D) input embeddings at timestep t."""
-        table = self.text_encoder.text_model.embeddings.token_embedding.weight
+    def _vectors(self, resolved, t: int, e: int) -> torch.Tensor:
+        """(n, D) input vectors of encoder e at timestep t, before bos / eos / padding."""
+        table = self.pairs[e][1].text_model.embeddings.token_embedding.weight
         pieces = []
         for seg in resolved:
             if isinstance(seg, list):
-                pieces.append(table[torch.tensor(seg, dtype=torch.long, device=table.device)])
+                pieces.append(table[torch.tensor(seg[e], dtype=torch.long, device=table.device)])
                 continue
             s = selection(*seg, t, self.T, self.semi)
-            c = seg[1]
-            pieces.append(c.embeds.to(table) if s == ALL
+            vectors = seg[1].embeds[:, self.columns[e]]
+            pieces.append(vectors.to(table) if s == ALL
                           else table.new_zeros(1, table.shape[1]) if s == ZERO
-                          else table[:0] if s == DROP else c.embeds[s:s + 1].to(table))
-        return self.tokenizer.pad_embeds(torch.cat(pieces) if pieces else table[:0], table)
+                          else table[:0] if s == DROP else vectors[s:s + 1].to(table))
+        return torch.cat(pieces) if pieces else table[:0]
 
     def _key(self, resolved, t: int) -> tuple:
         return tuple(selection(*seg, t, self.T, self.semi)
                      for seg in resolved if isinstance(seg, tuple))
 
     def encode(self, texts: list[str], t: int = 0) -> torch.Tensor:
-        """(B, 77, D) at timestep t."""
+        """(B, 77, D) at timestep t (SDXL: (B, 78, D), engine.sdxl)."""
         return self.encode_resolved([self.resolve(s) for s in texts], t)
 
     def encode_resolved(self, resolved: list, t: int = 0) -> torch.Tensor:
-        return self.text_encoder(inputs_embeds=torch.stack([self._embed(r, t) for r in resolved]))
+        embeds, counts = [], []
+        for e, (tok, te) in enumerate(self.pairs):
+            table = te.text_model.embeddings.token_embedding.weight
+            vectors = [self._vectors(r, t, e) for r in resolved]
+            embeds.append(torch.stack([tok.pad_embeds(v, table) for v in vectors]))
+            counts = [v.shape[0] for v in vectors]
+        if not self.xl:
+            return self.pairs[0][1](inputs_embeds=embeds[0])
+        ids = torch.stack([self.pairs[-1][0].pad_ids(n) for n in counts]).to(embeds[-1].device)
+        return sdxl.encode([te for _, te in self.pairs], [ids] * len(self.pairs), embeds)
 
     def dynamic(self, texts: list[str]) -> Ref | None:
         """The first reference that changes with t (native / semi / fully, to a multires concept),

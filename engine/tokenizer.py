@@ -149,6 +149,14 @@ class Tokenizer:
         fill = ids(self.pad_id).expand(max(room - embeds.shape[0], 0), -1)
         return torch.cat([ids(self.bos_id), embeds[:room].to(table), ids(self.eos_id), fill])
 
+    def pad_ids(self, n: int) -> torch.LongTensor:
+        """(max_length,) ids laid out as `pad_embeds` lays out n vectors, the vectors' own places
+        0: where the eos token lands, for pooling."""
+        room = self.max_length - 2
+        out = torch.full((self.max_length,), self.pad_id, dtype=torch.long)
+        out[0], out[1:1 + min(n, room)], out[1 + min(n, room)] = self.bos_id, 0, self.eos_id
+        return out
+
     def add_tokens(self, words: list[str]) -> list[int]:
         """Whole-word pseudo-tokens (textual inversion), never split; returns their ids (existing
         ones reused)."""

@@ -22,6 +22,7 @@ from engine.pipeline import Pipeline
 APIS = {
     "generate": ([Pipeline.generate, engine.load], {}),
     "img2img": ([Pipeline.img2img, engine.load], {}),
+    "inpaint": ([Pipeline.inpaint, engine.load], {}),
     "upscale": ([Pipeline.upscale, engine.load], {}),
     "invert": ([Pipeline.invert, engine.load], {}),
     "edit": ([Pipeline.edit, engine.load], {}),

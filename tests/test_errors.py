@@ -86,7 +86,7 @@ def unavailable_device(tiny, tmp):
 def single_file_matching_nothing(tiny, tmp):
     save_file({"foo.weight": torch.zeros(3)}, tmp / "other.safetensors")
     return ["--model", str(tmp / "other.safetensors"), "--config", str(tiny("sd1")[0])], \
-        "no unet / vae / text_encoder weights found"
+        "no unet / vae / text encoder weights found"
 
 
 def integer_weights(tiny, tmp):

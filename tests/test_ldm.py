@@ -17,6 +17,7 @@ _RES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "e
         ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 _FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
           "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
+          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
@@ -32,6 +33,8 @@ def unet_to_ldm(sd, cfg):
     for k, v in sd.items():
         if (m := re.fullmatch(r"(\w+\.linear_[12]|conv_in|conv_norm_out|conv_out)\.(\w+)", k)):
             new = f"{_FIXED[m[1]]}.{m[2]}"
+        elif k == "class_embedding.weight":  # the x4 upscaler's noise-level classes
+            new = "label_emb.weight"
         elif (m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", k)):
             i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
             if kind == "downsamplers":
@@ -78,12 +81,16 @@ def hub_clip(model):
 
 
 def clip_to_openclip(sd, prefix="cond_stage_model.model."):
+    """transformers CLIP text keys → an OpenCLIP tower; SDXL's bigG also keeps its projection, stored
+    (in, out) as OpenCLIP applies it (x @ P)."""
     ren = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
            "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
     out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
            "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
            "ln_final.weight": sd["text_model.final_layer_norm.weight"],
            "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd["text_projection.weight"].T.contiguous()
     for k, v in sd.items():
         if (m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)):
             r = f"transformer.resblocks.{m[1]}"
@@ -281,24 +288,40 @@ def _meta(cls, cfg):
         return cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
-@pytest.mark.parametrize("version,prediction", [("sd1", None), ("sd2", None), ("sd2", "v_prediction")])
+@pytest.mark.parametrize("version,prediction", [("sd1", None), ("sd2", None), ("sd2", "v_prediction"), ("x4", None),
+                                                ("sdxl", None), ("sdxl_refiner", None)])
 def test_infer_real_size_on_meta(version, prediction):
-    want = ldm.preset(version, prediction or "epsilon")
+    """Every family's reference model, written in its single-file layout on `meta`, is recognised and gets back
+    exactly the preset's configs (sizes read from shapes agree with the preset) and its weights' names."""
+    from transformers import CLIPTextModelWithProjection
+
+    want = ldm.preset(version, prediction or ("v_prediction" if version == "x4" else "epsilon"))
     unet = _meta(UNet2DConditionModel, want["unet"]).state_dict()
     vae = _meta(AutoencoderKL, want["vae"]).state_dict()
+    clip_sd, texts = {}, {}
     with torch.device("meta"):
-        text = hub_clip(CLIPTextModel(CLIPTextConfig(**want["text_encoder"])))
-        if version == "sd2":
+        if "text_encoder" in want:
+            texts["text_encoder"] = hub_clip(CLIPTextModel(CLIPTextConfig(**want["text_encoder"])))
+        if version in ("sd2", "x4"):
             full = hub_clip(CLIPTextModel(CLIPTextConfig(**{**want["text_encoder"], "num_hidden_layers": 24})))
             clip_sd = {**clip_to_openclip(full), "cond_stage_model.model.text_projection": torch.empty(1024, 1024),
                        "cond_stage_model.model.logit_scale": torch.empty(())}
+        elif version == "sd1":
+            clip_sd = {"cond_stage_model.transformer." + k: v for k, v in texts["text_encoder"].items()}
         else:
-            clip_sd = {"cond_stage_model.transformer." + k: v for k, v in text.items()}
+            big = CLIPTextModelWithProjection(CLIPTextConfig(**want["text_encoder_2"]))
+            texts["text_encoder_2"] = {**hub_clip(big.text_model), "text_projection.weight": big.text_projection.weight}
+            prefix = "conditioner.embedders.0.model." if version == "sdxl_refiner" else "conditioner.embedders.1.model."
+            clip_sd = {**clip_to_openclip(texts["text_encoder_2"], prefix), prefix + "logit_scale": torch.empty(())}
+            if version == "sdxl":
+                clip_sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in texts["text_encoder"].items()})
     sd = {**unet_to_ldm(unet, want["unet"]), **vae_to_ldm(vae, want["vae"]), **clip_sd}
-    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == (2 if version == "sd2" else 4)
+    assert ldm.family(ldm.split_components(sd)) == version
     got = ldm.infer_configs(sd, prediction_type=prediction)
     assert got == want
     out = ldm.convert(sd, prediction_type=prediction)
     assert_same(out["unet"], unet)
     assert_same(out["vae"], vae)
-    assert_same(out["text_encoder"], text)
+    assert sorted(out) == sorted(["unet", "vae", *texts])
+    for name, text in texts.items():
+        assert_same(out[name], text)

@@ -124,8 +124,8 @@ def test_pseudo_word_vectors_replace_their_token(pipe):
 
 
 def test_semi_mode_zeroes_or_removes_the_token_below_its_bin(pipe):
-    enc = pr.Encoder(pipe.model.tokenizer, pipe.model.text_encoder, pipe.model.concepts)
-    removed = pr.Encoder(pipe.model.tokenizer, pipe.model.text_encoder, pipe.model.concepts, semi="remove")
+    enc = pr.Encoder(pipe.model.text_pairs, pipe.model.concepts)
+    removed = pr.Encoder(pipe.model.text_pairs, pipe.model.concepts, semi="remove")
     above, below = 650, 250  # bins 6 and 2 around i = 4
     assert torch.allclose(enc.encode(["a <C(4)> star"], above), enc.encode(["a <C|6|> star"]), atol=1e-6)
     assert torch.allclose(removed.encode(["a <C(4)> star"], below), pipe.model.encode_prompt(["a star"], None, False),
