@@ -30,19 +30,29 @@ def repeat_batch(emb: torch.Tensor, n: int, guided: bool) -> torch.Tensor:
                       for half in emb.chunk(2 if guided else 1)])
 
 
-def repeat_cond(cond: "Cond", n: int, guided: bool) -> "Cond":
-    """`cond` for n copies of its batch (encoded once, repeated as `repeat_batch` once per distinct
-    embedding, not once per step)."""
-    if n == 1:
-        return cond
-    last = [None, None]  # the embedding cond(t) gave last, and its repetition
+def mapped(cond: "Cond", fn: Callable[[torch.Tensor], torch.Tensor]) -> "Cond":
+    """`cond` with fn applied to each distinct embedding it gives: once per embedding, not once per
+    step."""
+    last = [None, None]  # the embedding cond(t) gave last, and fn of it
 
-    def repeated(t):
+    def f(t):
         emb = cond(t)
         if emb is not last[0]:
-            last[:] = [emb, repeat_batch(emb, n, guided)]
+            last[:] = [emb, fn(emb)]
         return last[1]
-    return repeated
+    return f
+
+
+def repeat_cond(cond: "Cond", n: int, guided: bool) -> "Cond":
+    """`cond` for n copies of its batch (encoded once, repeated as `repeat_batch`)."""
+    return cond if n == 1 else mapped(cond, lambda emb: repeat_batch(emb, n, guided))
+
+
+def zero_uncond(emb: torch.Tensor) -> torch.Tensor:
+    """A guided batch's embeddings with the unconditional half zeroed (SDXL's
+    force_zeros_for_empty_prompt)."""
+    uncond, cond = emb.chunk(2)
+    return guided_batch(torch.zeros_like(uncond), cond)
 
 
 def cfg(out_u: torch.Tensor, out_c: torch.Tensor, w: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
-from .denoiser import Cond, Denoiser, constant, guided_texts
+from .denoiser import Cond, Denoiser, constant, guided_texts, mapped, zero_uncond
 from .checkpoints import Components
 from .profile import stage
 
@@ -198,16 +198,19 @@ class Model:
                 raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs "
                                      f"one fixed prompt; write <{ref.name}|i|>")
             with stage("text encode"):
-                return enc.encode(texts)
-        texts = [pr.unescape(t) for t in texts]
-        with stage("tokenize"):
-            ids = [tok(texts).to(self.device) for tok, _ in self.text_pairs]
-        with stage("text encode"):
-            emb = (sdxl.encode([te for _, te in self.text_pairs], ids)
-                   if self.text_encoder_2 is not None else self.text_encoder(ids[0]))
-        if guided and negative is None and self.force_zeros:  # diffusers' SDXL default
-            emb[:len(prompts)] = 0
-        return emb
+                emb = enc.encode(texts)
+        else:
+            texts = [pr.unescape(t) for t in texts]
+            with stage("tokenize"):
+                ids = [tok(texts).to(self.device) for tok, _ in self.text_pairs]
+            with stage("text encode"):
+                emb = (sdxl.encode([te for _, te in self.text_pairs], ids)
+                       if self.text_encoder_2 is not None else self.text_encoder(ids[0]))
+        return zero_uncond(emb) if self._zeros(negative, guided) else emb
+
+    def _zeros(self, negative, guided) -> bool:
+        """SDXL's force_zeros_for_empty_prompt: no negative prompt → a zero unconditional half."""
+        return guided and negative is None and self.force_zeros
 
     def prompt_cond(self, prompts: list[str], negative: list[str] | None = None,
                     guided: bool = False) -> Cond:
@@ -216,7 +219,8 @@ class Model:
         texts = guided_texts(prompts, negative) if guided else prompts
         enc = self._encoder(texts)
         if enc is not None and enc.dynamic(texts) is not None:
-            return enc.cond(texts)
+            cond = enc.cond(texts)
+            return mapped(cond, zero_uncond) if self._zeros(negative, guided) else cond
         return constant(self.encode_prompt(prompts, negative, guided))
 
     # ---- denoisers -----------------------------------------------------------------------------

@@ -290,6 +290,11 @@ def test_textual_inversion_on_sdxl_learns_a_vector_per_encoder(tiny, tmp_path):
     assert torch.isfinite(x).all() and (x[0] - x[1]).abs().max() > 0
     emb = m.encode_prompt(["a <tok|0|> st"])
     assert emb.shape == (1, 78, 64)
+    # force_zeros_for_empty_prompt holds with pseudo-words too, fixed or changing with t
+    assert (m.encode_prompt(["a <tok|0|> st"], None, True)[0] == 0).all()
+    cond = m.prompt_cond(["a <tok> st"], None, True)
+    assert all((cond(t)[0] == 0).all() and (cond(t)[1] != 0).any() for t in (999, 10))
+    assert (m.prompt_cond(["a <tok> st"], [""], True)(999)[0] != 0).any()
 
 
 def test_sdxl_embedding_files_load_as_both_encoders_vectors(tiny, tmp_path):
