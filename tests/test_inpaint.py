@@ -70,11 +70,23 @@ def test_inpaint_cli(tiny, tmp_path, cli_error):
               "mask")
 
 
+def blend_128(model, repaint=0):
+    """A 128² blend of a random image with the base model in both stages (64², then 128²): (result, image,
+    mask)."""
+    from engine import blended as B
+
+    src = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(128, 128)
+    mask[32:96, 40:100] = 1
+    opts = B.Options(steps=3, candidates=1, repaint=repaint, stage_steps=4, upscaler="bicubic",
+                     stage_model="base", guidance=4.0)
+    return B.MultiStage(model, None).edit(src, mask.numpy(), "a red star", opts, progress=False), src, mask
+
+
 def test_blend_gives_an_inpainting_model_its_mask_channels(tiny, monkeypatch):
     """Stage 1 and a base-model stage both feed the UNet the repaint mask and the masked image's latent."""
     import torch.nn.functional as F
 
-    from engine import blended as B
     from engine.model import Model
 
     model = engine.load(tiny("sd1_inpaint")[0]).model
@@ -85,12 +97,7 @@ def test_blend_gives_an_inpainting_model_its_mask_channels(tiny, monkeypatch):
         seen.append((image, repaint, batch, out.concat))
         return out
     monkeypatch.setattr(Model, "inpainting_denoiser", spy)
-    src = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mask = torch.zeros(128, 128)
-    mask[32:96, 40:100] = 1
-    opts = B.Options(steps=3, candidates=1, repaint=0, stage_steps=4, upscaler="bicubic", stage_model="base",
-                     guidance=4.0)
-    res = B.MultiStage(model, None).edit(src, mask.numpy(), "a red star", opts, progress=False)
+    res, src, mask = blend_128(model)
     assert torch.equal(res.image * (1 - mask), src * (1 - mask))
     assert [image.shape[-1] for image, *_ in seen] == [64, 128]
     for image, repaint, batch, extra in seen:

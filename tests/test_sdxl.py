@@ -252,15 +252,9 @@ def test_null_text_inversion_on_sdxl_fits_the_guided_steps(tiny):
 
 def test_blend_runs_on_sdxl_and_keeps_the_outside(tiny):
     import engine
-    from engine import blended as B
+    from test_inpaint import blend_128
 
-    model = engine.load(tiny("sdxl")[0]).model
-    src = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mask = torch.zeros(128, 128)
-    mask[32:96, 40:100] = 1
-    opts = B.Options(steps=3, candidates=1, repaint=1, stage_steps=4, upscaler="bicubic", stage_model="base",
-                     guidance=4.0)
-    res = B.MultiStage(model, None).edit(src, mask.numpy(), "a red star", opts, progress=False)
+    res, src, mask = blend_128(engine.load(tiny("sdxl")[0]).model, repaint=1)
     assert [s.shape[-1] for s in res.stages] == [64, 128]
     assert torch.equal(res.image * (1 - mask), src * (1 - mask))
     assert (res.image - src).abs().mul(mask).mean() > 0.02
