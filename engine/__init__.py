@@ -22,15 +22,17 @@ def __getattr__(name):
 
 def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
          prediction_type=None, tokenizer=None, embeddings=(), semi="zero", max_memory=None):
-    """Load a diffusers folder or a single-file SD 1.x/2.x `.safetensors` checkpoint into a
+    """Load a diffusers folder or a single-file `.safetensors` checkpoint (SD 1.x / 2.x, SDXL,
+    their inpainting models, the x4 upscaler; family and configs read from its tensors) into a
     Pipeline. No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4).
-    dtype: a torch dtype or its name (float32, float16, bfloat16). embeddings: files of
-    tokenizer: single files only, a CLIP tokenizer folder (see engine.clip_vocab for where it is
-    looked for when not given). embeddings: files of
-    pseudo-words for its prompts (Pipeline.load_embeddings); semi: how <C(i)> drops the concept
-    ("zero" / "remove"). max_memory: bytes (or a size such as "8G") the process may use in all;
-    a job whose estimated peak exceeds it, or the memory the machine has free, is refused before
-    it starts (engine.memory)."""
+    dtype: a torch dtype or its name (float32, float16, bfloat16). config: single files only, a
+    diffusers folder whose configs and tokenizer to use instead. prediction_type: override the
+    scheduler's (SD 2.x 768-v single files need "v_prediction"). tokenizer: single files only, a
+    CLIP tokenizer folder (see engine.clip_vocab for where it is looked for when not given).
+    embeddings: files of pseudo-words for its prompts (Pipeline.load_embeddings); semi: how
+    <C(i)> drops the concept ("zero" / "remove"). max_memory: bytes (or a size such as "8G") the
+    process may use in all; a job whose estimated peak exceeds it, or the memory the machine has
+    free, is refused before it starts (engine.memory)."""
     import torch
 
     from .embedded import DEFAULT_MODEL
