@@ -8,8 +8,8 @@ from pathlib import Path
 
 import engine
 
-from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, multires,
-               prompt, regions, reports, rng, tiles)
+from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, ksample,
+               multires, prompt, regions, reports, rng, tiles)
 from .blended import MultiStage, Options, check_scorer
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
@@ -71,8 +71,9 @@ def _sample(a, call, source=None) -> Path:
 
 def generate(a) -> Path:
     images.check_size(a.height, a.width)
+    ksample.pick(a.sampler, a.schedule, a.eta)
     return _sample(a, lambda p, _, kw: p.generate(a.prompt, height=a.height, width=a.width,
-                                                   **kw))
+                                                   sampler=a.sampler, schedule=a.schedule, **kw))
 
 
 def img2img(a) -> Path:

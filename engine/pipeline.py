@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from . import direct, images, invert as inv, regions, schedule, tiles
+from . import direct, images, invert as inv, ksample, regions, schedule, tiles
 from .checkpoints import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
@@ -76,10 +76,13 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None,
-                 width=None, eta=0.0, output="pil", progress=True):
-        """Text → image with DDIM. Same seed → same image as diffusers' StableDiffusionPipeline +
-        DDIMScheduler."""
+                 width=None, eta=0.0, output="pil", progress=True, sampler="ddim",
+                 schedule="default"):
+        """Text → image. Same seed → same image as diffusers' StableDiffusionPipeline with the
+        sampler's scheduler (DDIMScheduler for "ddim"; engine.ksample for the others, on the σ
+        grid `schedule`: default, karras or exponential)."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
+        run = ksample.pick(sampler, schedule, eta)
         m = self.model
         height, width = m.size(height, width)
         den = m.denoiser(guidance)
@@ -89,10 +92,15 @@ class Pipeline:
         gen = make_generator(seed)
         shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
                  width // m.downscale)
-        x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
-        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
-                 desc="generate")
-        return self._out(x, output)
+        if run is None:
+            x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
+            x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
+                     desc="generate")
+            return self._out(x, output)
+        fn, grid = run[0], run[1](m.scheduler, steps, schedule)
+        x = randn_tensor(shape, gen, m.device, torch.float32) * grid.init_sigma
+        x = fn(den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc="generate")
+        return self._out(x.to(m.dtype), output)
 
     @torch.no_grad()
     def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0,

@@ -46,7 +46,9 @@ class SchedulerConfig:
     beta_schedule: str = "linear"
     trained_betas: tuple | None = None
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    # None: absent from the file; each scheduler then uses its own default (DDIM "leading", the
+    # σ-space samplers of engine.ksample "linspace"), as diffusers does
+    timestep_spacing: str | None = None
     steps_offset: int = 0
     set_alpha_to_one: bool = True
     clip_sample: bool = True
@@ -59,7 +61,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name, allowed in (("beta_schedule", BETA_SCHEDULES),
                               ("prediction_type", PREDICTION_TYPES),
-                              ("timestep_spacing", TIMESTEP_SPACINGS)):
+                              ("timestep_spacing", (*TIMESTEP_SPACINGS, None))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"scheduler config: {name}={getattr(self, name)!r} is not one of "
                                  f"{allowed}")
@@ -146,9 +148,10 @@ def timesteps(cfg, num_steps, strength=1.0):
                          "training timesteps")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength!r} must be in [0, 1]")
-    if cfg.timestep_spacing == "linspace":
+    spacing = cfg.timestep_spacing or "leading"
+    if spacing == "linspace":
         ts = np.linspace(0, T - 1, num_steps).round()[::-1].copy().astype(np.int64)
-    elif cfg.timestep_spacing == "leading":
+    elif spacing == "leading":
         ts = ((np.arange(0, num_steps) * (T // num_steps)).round()[::-1].copy().astype(np.int64)
               + cfg.steps_offset)
     else:

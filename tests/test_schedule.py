@@ -70,9 +70,13 @@ def test_from_dict_defaults_match_ddim_and_ignores_other_scheduler_fields():
                                      "interpolation_type": "linear", "variance_type": "fixed_small"})
     r = ref({}).config
     for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-              "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range",
+              "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range",
               "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "rescale_betas_zero_snr"):
         assert getattr(c, k) == r[k], k
+    assert c.timestep_spacing is None  # absent: each scheduler's own default, DDIM's "leading"
+    d = ref({})
+    d.set_timesteps(10)
+    assert S.timesteps(c, 10).tolist() == d.timesteps.tolist()
     assert isinstance(cfg(TRAINED).trained_betas, tuple) and hash(cfg(TRAINED))
 
 

@@ -1,0 +1,93 @@
+"""The σ-space samplers (engine.ksample) against diffusers' schedulers, end to end on the tiny folders."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import engine
+
+PIXEL_TOL = 2 / 255
+SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+              "heun": ("HeunDiscreteScheduler", {}),
+              "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+              "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})}
+CASES = [(s, k) for s in SCHEDULERS for k in ("default", "karras", "exponential") if s != "euler_a" or k == "default"]
+
+
+def _with(ref, scheduler):
+    """A copy of the shared reference pipeline with another scheduler (the original stays as it was)."""
+    out = type(ref)(**{**ref.components, "scheduler": scheduler})
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _reference(ref, folder, sampler, schedule):
+    import diffusers
+
+    name, extra = SCHEDULERS[sampler]
+    kw = {} if schedule == "default" else {f"use_{schedule}_sigmas": True}
+    return _with(ref, getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler", **extra, **kw))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("sampler,schedule", CASES)
+def test_generate_matches_the_diffusers_scheduler(tiny, kind, sampler, schedule):
+    folder, ref = tiny(kind)
+    ref = _reference(ref, folder, sampler, schedule)
+    kw = dict(negative_prompt="st", num_inference_steps=7, guidance_scale=6.0, height=64, width=96)
+    want = ref("a red star", generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
+    got = engine.load(folder).generate("a red star", negative="st", steps=7, guidance=6.0, seed=3, height=64,
+                                       width=96, output="pt", progress=False, sampler=sampler, schedule=schedule)
+    assert want.std() > 0.05
+    assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL
+
+
+def test_a_config_without_timestep_spacing_takes_each_schedulers_default(tiny, tmp_path):
+    """Hub configs written before timestep_spacing existed: DDIM walks "leading", diffusers' Euler "linspace"."""
+    folder, ref = tiny("sd1")
+    bare = shutil.copytree(folder, tmp_path / "bare")
+    path = bare / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["timestep_spacing"]
+    path.write_text(json.dumps(cfg))
+    pipe = engine.load(bare)
+    for sampler in ("ddim", "euler"):
+        if sampler == "ddim":
+            from diffusers import DDIMScheduler as cls
+        else:
+            from diffusers import EulerDiscreteScheduler as cls
+        sched = cls.from_pretrained(bare, subfolder="scheduler")
+        want = _with(ref, sched)("a red star", num_inference_steps=6, generator=torch.Generator().manual_seed(1), height=64, width=64,
+                   output_type="pt").images
+        got = pipe.generate("a red star", steps=6, seed=1, output="pt", progress=False, sampler=sampler)
+        assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL, sampler
+    assert sched.config.timestep_spacing == "linspace"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sampler="lms"), "sampler='lms': use one of ddim, euler"),
+    (dict(schedule="beta"), "schedule='beta'"),
+    (dict(sampler="euler", eta=0.5), "eta=0.5 is DDIM's"),
+    (dict(schedule="karras"), "DDIM walks its own"),
+])
+def test_sampler_arguments_are_checked(kwargs, match):
+    pipe = engine.load()
+    with pytest.raises(ValueError, match=match):
+        pipe.generate("a red star", steps=2, progress=False, **kwargs)
+
+
+def test_the_cli_lists_every_sampler_and_schedule():
+    from engine import cli, ksample
+
+    assert cli.SAMPLER_NAMES == ("ddim", *ksample.SAMPLERS) and cli.SCHEDULE_NAMES == ksample.SCHEDULES
+
+
+def test_half_precision_models_run_every_sampler(tiny):
+    """The UNet runs in the model's dtype, the steps in float32: an fp16 model gives the fp32 image closely."""
+    folder, _ = tiny("sd1")
+    full, half = engine.load(folder), engine.load(folder, dtype=torch.float16)
+    for sampler in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"):
+        a, b = (p.generate("a red star", steps=5, seed=2, output="pt", progress=False, sampler=sampler)
+                for p in (full, half))
+        assert b.dtype == torch.float32 and (a - b.float()).abs().max() < 0.05, sampler
