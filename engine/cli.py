@@ -11,9 +11,6 @@ from .flags import cascade_args, flag, model_args, prompt_args, sampling_args
 from .templates import TEMPLATES
 
 MULTIPLE = "its sides must be multiples of the VAE factor"
-# engine.ksample's, written out so that --help imports no torch
-SAMPLER_NAMES = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-SCHEDULE_NAMES = ("default", "karras", "exponential")
 
 
 def _sampling(sub):
@@ -26,12 +23,6 @@ def _sampling(sub):
          "8 for SD, 4 for the embedded model", none="the model's size", type=int)
     flag(g, "--width", gen, "image width in pixels, a multiple of the VAE factor",
          none="the model's size", type=int)
-    flag(g, "--sampler", gen, "ddim, or a σ-space sampler with the same image as its diffusers "
-         "scheduler: euler (EulerDiscrete), euler_a (EulerAncestralDiscrete), heun "
-         "(HeunDiscrete), dpmpp_2m and "
-         "dpmpp_2m_sde (DPMSolverMultistep)", choices=list(SAMPLER_NAMES))
-    flag(g, "--schedule", gen, "the σ grid of a σ-space sampler: the scheduler's default, karras "
-         "or exponential", choices=list(SCHEDULE_NAMES))
     i = sub.add_parser("img2img", help="image + text → image (SDEdit)", description="Noise an "
                        "image to a level set by --strength, then denoise it under the prompt.")
     sampling_args(i, i2i, DEFAULT_MODEL)

@@ -52,6 +52,7 @@ def _tensors_out(path, what="") -> Path:
 def _sample(a, call, source=None) -> Path:
     out, _ = images.check_out(a.out)
     check_args(a.steps, a.guidance, a.eta)
+    ksample.pick(a.sampler, a.schedule, a.eta)
     rng.check_seed(a.seed)
     _words(a, a.prompt, a.negative)
     # a missing or unreadable input fails before the model loads
@@ -62,7 +63,8 @@ def _sample(a, call, source=None) -> Path:
         pipe = _load(a)
         t_load = time.perf_counter() - t0
         image = call(pipe, source, dict(negative=a.negative, steps=a.steps, guidance=a.guidance,
-                                        seed=a.seed, eta=a.eta, progress=not a.quiet))[0]
+                                        seed=a.seed, eta=a.eta, sampler=a.sampler,
+                                        schedule=a.schedule, progress=not a.quiet))[0]
     images.save(image, out)
     print(f"wrote {out} ({image.width}×{image.height}; load {t_load:.1f}s, "
           f"total {time.perf_counter() - t0:.1f}s)")
@@ -71,9 +73,7 @@ def _sample(a, call, source=None) -> Path:
 
 def generate(a) -> Path:
     images.check_size(a.height, a.width)
-    ksample.pick(a.sampler, a.schedule, a.eta)
-    return _sample(a, lambda p, _, kw: p.generate(a.prompt, height=a.height, width=a.width,
-                                                   sampler=a.sampler, schedule=a.schedule, **kw))
+    return _sample(a, lambda p, _, kw: p.generate(a.prompt, height=a.height, width=a.width, **kw))
 
 
 def img2img(a) -> Path:

@@ -99,8 +99,14 @@ def prompt_args(p):
          "input vector (the paper's code) or nothing", choices=["zero", "remove"])
 
 
+# engine.ksample's, written out so that --help imports no torch
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
+SCHEDULE_NAMES = ("default", "karras", "exponential")
+
+
 def sampling_args(p, api, model):
-    """generate / img2img / upscale: the model, the prompts and the DDIM flags of method `api`."""
+    """generate / img2img / inpaint / upscale: the model, the prompts and the sampling flags of
+    method `api`."""
     model_args(p, model)
     prompt_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
@@ -110,6 +116,13 @@ def sampling_args(p, api, model):
     flag(p, "--guidance", api, "classifier-free guidance scale; ≤ 1 turns CFG off")
     flag(p, "--seed", api, "seed of the CPU generator; same seed → same image")
     flag(p, "--eta", api, "DDIM eta: 0 deterministic, 1 DDPM-like")
+    flag(p, "--sampler", api, "ddim, or a σ-space sampler with the same image as its diffusers "
+         "scheduler: euler (EulerDiscrete), euler_a (EulerAncestralDiscrete), heun "
+         "(HeunDiscrete), dpmpp_2m and dpmpp_2m_sde (DPMSolverMultistep), unipc "
+         "(UniPCMultistep), lcm (LCM, for LCM-distilled models)",
+         choices=list(SAMPLER_NAMES))
+    flag(p, "--schedule", api, "the σ grid of a σ-space sampler: the scheduler's default, karras "
+         "or exponential", choices=list(SCHEDULE_NAMES))
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when "
                    "complete")
 

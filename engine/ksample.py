@@ -10,6 +10,8 @@ diffusers' schedulers walk, so that the same seed gives diffusers' image.
 | heun | Heun (Karras et al. 2022, Alg. 1 without churn) | HeunDiscreteScheduler |
 | dpmpp_2m | DPM-Solver++(2M) (Lu et al. 2022) | DPMSolverMultistepScheduler, dpmsolver++ |
 | dpmpp_2m_sde | DPM-Solver++(2M) SDE | DPMSolverMultistepScheduler, sde-dpmsolver++ |
+| unipc | UniPC, order 2, bh2 (Zhao et al. 2023) | UniPCMultistepScheduler |
+| lcm | latent consistency (Luo et al. 2023), for LCM-distilled models | LCMScheduler |
 """
 import math
 from collections.abc import Callable
@@ -118,6 +120,30 @@ def dpm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default") -
     return Grid(sig, torch.from_numpy(ts), (sig[0].item() ** 2 + 1) ** 0.5)
 
 
+def lcm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default",
+             original_steps: int = 50) -> Grid:  # kind: always "default" (engine.ksample.pick)
+    """LCMScheduler.set_timesteps: `steps` of the distillation's `original_steps` whole timesteps
+    (every T / original_steps − 1), evenly picked from the top; unit-variance starting noise."""
+    if steps > original_steps:
+        raise ValueError(f"steps={steps}: LCM takes at most {original_steps} steps (its "
+                         "distillation schedule)")
+    T = cfg.num_train_timesteps
+    origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
+    sig = torch.from_numpy(np.concatenate([train_sigmas(cfg)[ts], [0.0]]).astype(np.float32))
+    return Grid(sig, torch.from_numpy(ts.copy()), (sig[0].item() ** 2 + 1) ** 0.5)
+
+
+def from_strength(grid: Grid, steps: int, strength: float) -> Grid:
+    """The grid's tail that img2img runs: diffusers' get_timesteps drops the first
+    steps − ⌊steps · strength⌋ steps."""
+    start = steps - min(int(steps * strength), steps)
+    if start >= steps:
+        raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
+                         "raise either")
+    return Grid(grid.sigmas[start:], grid.timesteps[start:], grid.init_sigma)
+
+
 def denoised(denoiser: Denoiser, sched: schedule.SchedulerConfig, x: torch.Tensor, sigma: float,
              t, cond: Cond, dtype: torch.dtype) -> torch.Tensor:
     """The denoiser's x0 estimate at σ, in float32: the UNet (with CFG, in `dtype`) on
@@ -214,6 +240,76 @@ def _dpmpp_2m(denoiser, x, cond, sched, grid: Grid, generator, progress, desc, s
     return x
 
 
+def lcm(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
+        desc="denoise") -> torch.Tensor:
+    """Latent consistency models (Luo et al. 2023), multistep: the consistency function's x0 (the
+    model's x0 and the input mixed by the boundary scalings c_skip, c_out at t · 10) noised afresh to
+    the next step's σ; the last step returns it."""
+    dtype, x = x.dtype, x.float()
+    for _, (s, s_next, t) in _steps(grid, progress, desc):
+        x0 = denoised(denoiser, sched, x, s, t, cond, dtype)
+        if sched.clip_sample:
+            x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        scaled = t * 10.0  # diffusers' timestep_scaling
+        c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+        x = c_out * x0 + c_skip * x / (s ** 2 + 1) ** 0.5
+        if s_next > 0:
+            x = x + s_next * randn_tensor(x.shape, generator, x.device, torch.float32)
+    return x
+
+
+def _unipc_coefficients(h: float, rks: list[float], order: int) -> list[float]:
+    """UniPC's ρ for the B(h) = e^{-h} − 1 variant (bh2), predicting x0: the solution of
+    R ρ = b with R_ij = r_j^i and b_i = i! h φ_{i+1}(h) / B(h) (Zhao et al. 2023, eq. 8);
+    1/2 when order is 1."""
+    if order == 1:
+        return [0.5]
+    hh = -h
+    b_h, phi = math.expm1(hh), math.expm1(hh) / hh - 1
+    fact, b = 1, []
+    for i in range(1, order + 1):
+        b.append(phi * fact / b_h)
+        fact *= i + 1
+        phi = phi / hh - 1 / fact
+    R = torch.tensor([[r ** (i - 1) for r in rks] for i in range(1, order + 1)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def unipc(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
+          desc="denoise") -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), order 2, bh2, predicting x0, as diffusers' UniPCMultistepScheduler
+    defaults: at each σ the new x0 first corrects the step that led there (UniC), then a
+    multistep predictor (UniP) steps on; the first step and the last (to σ = 0) are order 1."""
+    dtype, x = x.dtype, x.float()
+    sig, n = grid.sigmas.tolist(), len(grid.timesteps)
+    x0s, last, order = [], None, 1
+    lam = lambda i: -math.log(sig[i])  # noqa: E731 - λ = log α − log σ_VP = −log σ
+    for i, (s, s_next, t) in _steps(grid, progress, desc):
+        m = denoised(denoiser, sched, x, s, t, cond, dtype)
+        if last is not None:  # UniC: redo the step from σ_{i−1} with the x0 at σ_i
+            h = lam(i) - lam(i - 1)
+            rks = ([(lam(i - 2) - lam(i - 1)) / h] if order == 2 else []) + [1.0]
+            rho = _unipc_coefficients(h, rks, order)
+            m0 = x0s[-1]
+            corr = sum(r * (x0s[-2] - m0) / rk for r, rk in zip(rho[:-1], rks[:-1]))
+            b_h = math.expm1(-h)
+            x = (s / sig[i - 1]) * last - b_h * m0 - b_h * (corr + rho[-1] * (m - m0))
+        x0s = (x0s + [m])[-2:]
+        order = min(2, n - i, len(x0s))
+        last = x
+        if s_next == 0:
+            x = m
+            continue
+        h = math.log(s / s_next)
+        b_h = math.expm1(-h)
+        x_next = (s_next / s) * x - b_h * m
+        if order == 2:  # UniP with ρ = 1/2
+            rk = (lam(i - 1) - lam(i)) / h
+            x_next = x_next - b_h * 0.5 * (x0s[-2] - m) / rk
+        x = x_next
+    return x
+
+
 def dpmpp_2m(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
              desc="denoise") -> torch.Tensor:
     return _dpmpp_2m(denoiser, x, cond, sched, grid, generator, progress, desc, sde=False)
@@ -228,12 +324,13 @@ def dpmpp_2m_sde(denoiser, x, cond, sched, grid: Grid, generator=None, progress=
 SAMPLERS: dict[str, tuple[Sampler, Callable[..., Grid]]] = {
     "euler": (euler, euler_grid), "euler_a": (euler_ancestral, euler_grid), "heun": (heun, euler_grid),
     "dpmpp_2m": (dpmpp_2m, dpm_grid), "dpmpp_2m_sde": (dpmpp_2m_sde, dpm_grid),
+    "unipc": (unipc, dpm_grid), "lcm": (lcm, lcm_grid),
 }
 
 
 def pick(sampler: str, schedule: str = "default", eta: float = 0.0):
-    """None for DDIM, else (sampler, grid function) of `SAMPLERS`; one-line errors for what does
-    not go together."""
+    """None for DDIM, else (sampler, grid(cfg, steps) on the `schedule` spacing) of `SAMPLERS`;
+    one-line errors for what does not go together."""
     check_schedule(schedule)
     if sampler == "ddim":
         if schedule != "default":
@@ -244,4 +341,8 @@ def pick(sampler: str, schedule: str = "default", eta: float = 0.0):
         raise ValueError(f"sampler={sampler!r}: use one of ddim, {', '.join(SAMPLERS)}")
     if eta:
         raise ValueError(f"eta={eta!r} is DDIM's; sampler {sampler!r} takes none (leave eta 0)")
-    return SAMPLERS[sampler]
+    if sampler == "lcm" and schedule != "default":
+        raise ValueError(f"schedule={schedule!r}: the LCM sampler walks its distillation "
+                         "timesteps; use schedule default")
+    fn, grid = SAMPLERS[sampler]
+    return fn, lambda cfg, steps: grid(cfg, steps, schedule)

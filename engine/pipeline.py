@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from . import direct, images, invert as inv, ksample, regions, schedule, tiles
+from . import direct, images, invert as inv, ksample, regions, tiles
+from . import schedule as schedules  # `schedule` is the σ-grid argument here
 from .checkpoints import Components
 from .model import Model
 from .rng import generator as make_generator, randn_tensor
@@ -97,24 +98,25 @@ class Pipeline:
             x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
                      desc="generate")
             return self._out(x, output)
-        fn, grid = run[0], run[1](m.scheduler, steps, schedule)
+        fn, grid = run[0], run[1](m.scheduler, steps)
         x = randn_tensor(shape, gen, m.device, torch.float32) * grid.init_sigma
         x = fn(den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc="generate")
         return self._out(x.to(m.dtype), output)
 
     @torch.no_grad()
     def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0,
-                eta=0.0, output="pil", progress=True):
-        """SDEdit: noise the encoded image to t(strength), then DDIM down under the prompt
-        (diffusers img2img)."""
+                eta=0.0, output="pil", progress=True, sampler="ddim", schedule="default"):
+        """SDEdit: noise the encoded image to t(strength), then denoise under the prompt (diffusers
+        img2img with the sampler's scheduler, as generate)."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         check_fraction("strength", strength, "; 1 ignores the image")
+        run = ksample.pick(sampler, schedule, eta)
         m = self.model
         x0 = m.pixels(image)
         if x0.shape[0] not in (1, len(prompts)):
             raise ValueError(f"{x0.shape[0]} images for {len(prompts)} prompts: give one image or "
                              "one per prompt")
-        timesteps = schedule.timesteps(m.scheduler, steps, strength)
+        timesteps = schedules.timesteps(m.scheduler, steps, strength)
         if len(timesteps) == 0:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                              "raise either")
@@ -125,13 +127,18 @@ class Pipeline:
         # one image is encoded once for every prompt, as diffusers does
         z0 = m.encode(x0, sample=True, generator=gen).repeat(len(prompts) // x0.shape[0], 1, 1, 1)
         noise = randn_tensor(z0.shape, gen, m.device, torch.float32).to(m.dtype)
-        x = schedule.q_sample(m.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
+        if run is not None:
+            grid = ksample.from_strength(run[1](m.scheduler, steps), steps, strength)
+            x = (z0.float() + noise.float() * grid.sigmas[0]).to(m.dtype)
+            x = run[0](den, x, cond, m.scheduler, grid, gen, progress, desc="img2img")
+            return self._out(x.to(m.dtype), output)
+        x = schedules.q_sample(m.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
         x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, desc="img2img")
         return self._out(x, output)
 
     @torch.no_grad()
     def inpaint(self, image, mask, prompt, negative=None, strength=1.0, steps=50, guidance=7.5,
-                seed=0, eta=0.0, output="pil", progress=True):
+                seed=0, eta=0.0, output="pil", progress=True, sampler="ddim", schedule="default"):
         """Repaint the white part of `mask` under the prompt, at the image's size (diffusers'
         StableDiffusionInpaintPipeline given that size). An inpainting model (9 input channels)
         sees the mask and the masked image's latent at every step; with an ordinary model the kept
@@ -141,6 +148,7 @@ class Pipeline:
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output,
                                         inpainting=True)
         check_fraction("strength", strength, "; 1 starts from pure noise")
+        run = ksample.pick(sampler, schedule, eta)
         m = self.model
         latent = m.vae.config.latent_channels
         ninth = m.is_inpainting
@@ -148,13 +156,17 @@ class Pipeline:
             raise ValueError(f"inpaint needs an inpainting UNet ({2 * latent + 1} input channels) "
                              f"or an ordinary one ({latent}); this one takes "
                              f"{m.unet.config.in_channels}")
+        if not ninth and run is not None:
+            raise ValueError(f"sampler={sampler!r}: inpainting with an ordinary model puts the "
+                             "kept part back after every DDIM step; use sampler ddim, or an "
+                             "inpainting model")
         x0 = m.pixels(image)
         if x0.shape[0] != 1:
             raise ValueError(f"inpaint: need one image, got {x0.shape[0]}")
         if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
             mask = images.load(mask)
         repaint = regions.prepare_mask(mask, tuple(x0.shape[2:])).to(x0)
-        pairs = schedule.step_pairs(m.scheduler, steps, strength)
+        pairs = schedules.step_pairs(m.scheduler, steps, strength)
         if not pairs:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                              "raise either")
@@ -167,8 +179,15 @@ class Pipeline:
         z0 = m.encode(x0, sample=True, generator=gen) if strength < 1 or not ninth else None
         shape = (b, latent, x0.shape[2] // m.downscale, x0.shape[3] // m.downscale)
         noise = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
+        if run is not None:
+            grid = ksample.from_strength(run[1](m.scheduler, steps), steps, strength)
+            x = noise.float() * grid.init_sigma if strength == 1 else \
+                z0.float() + noise.float() * grid.sigmas[0]
+            den = m.inpainting_denoiser(den, x0, repaint, b, gen)
+            x = run[0](den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc="inpaint")
+            return self._out(x.to(m.dtype), output)
         x = noise if strength == 1 else \
-            schedule.q_sample(m.scheduler, z0.repeat(b, 1, 1, 1), pairs[0][0], noise)
+            schedules.q_sample(m.scheduler, z0.repeat(b, 1, 1, 1), pairs[0][0], noise)
         den = m.inpainting_denoiser(den, x0, repaint, b, gen)
         after = None
         if not ninth:  # the legacy way: put the known latent back after every step
@@ -178,7 +197,7 @@ class Pipeline:
             last = pairs[-1][0]
 
             def after(x, t, t_next):
-                known = z0 if t == last else schedule.q_sample(m.scheduler, z0, t_next, noise)
+                known = z0 if t == last else schedules.q_sample(m.scheduler, z0, t_next, noise)
                 return (1 - small) * known + small * x
         x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, after=after,
                  desc="inpaint")
@@ -186,7 +205,8 @@ class Pipeline:
 
     @torch.no_grad()
     def upscale(self, image, prompt, negative=None, steps=75, guidance=9.0, noise_level=20, seed=0,
-                eta=0.0, output="pil", progress=True, tile=None, overlap=16, backproject=0):
+                eta=0.0, output="pil", progress=True, tile=None, overlap=16, backproject=0,
+                sampler="ddim", schedule="default"):
         """x4 super-resolution: latent DDIM conditioned on the noise-augmented low-res image (SD x4
         upscaler).
 
@@ -201,6 +221,7 @@ class Pipeline:
                                         upscaler=True)
         tiles.check(tile, overlap, 8)
         images.check_backproject(backproject)
+        run = ksample.pick(sampler, schedule, eta)
         m = self.model
         m.check_noise_level(noise_level)
         low = m.pixels(image, 1, len(prompts))
@@ -213,11 +234,17 @@ class Pipeline:
                        ", or run the UNet in tiles (tile=64, --tile 64)")
         cond = m.prompt_cond(prompts, negative, den.guided)
         shape = (low.shape[0], m.vae.config.latent_channels, *low.shape[2:])
-        x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
+        x = randn_tensor(shape, gen, m.device, torch.float32)
         if tile is not None and max(shape[2:]) > tile:
             den = tiles.Tiled(den, tile, overlap)
-        x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
-                 desc=f"upscale to {4 * low.shape[-1]}²")
+        desc = f"upscale to {4 * low.shape[-1]}²"
+        if run is None:
+            x = ddim(den, x.to(m.dtype), cond, m.scheduler, steps, eta=eta, generator=gen,
+                     progress=progress, desc=desc)
+        else:
+            grid = run[1](m.scheduler, steps)
+            x = run[0](den, (x * grid.init_sigma).to(m.dtype), cond, m.scheduler, grid, gen,
+                       progress, desc).to(m.dtype)
         if not backproject:
             return self._out(x, output)
         y = images.back_project(m.decode(x).float(), low.float(), backproject)

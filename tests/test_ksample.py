@@ -11,8 +11,10 @@ PIXEL_TOL = 2 / 255
 SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
               "heun": ("HeunDiscreteScheduler", {}),
               "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-              "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})}
-CASES = [(s, k) for s in SCHEDULERS for k in ("default", "karras", "exponential") if s != "euler_a" or k == "default"]
+              "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+              "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {})}
+CASES = [(s, k) for s in SCHEDULERS for k in ("default", "karras", "exponential")
+         if s not in ("euler_a", "lcm") or k == "default"]
 
 
 def _with(ref, scheduler):
@@ -70,24 +72,69 @@ def test_a_config_without_timestep_spacing_takes_each_schedulers_default(tiny, t
     (dict(schedule="beta"), "schedule='beta'"),
     (dict(sampler="euler", eta=0.5), "eta=0.5 is DDIM's"),
     (dict(schedule="karras"), "DDIM walks its own"),
+    (dict(sampler="lcm", schedule="karras"), "distillation timesteps"),
+    (dict(sampler="lcm", steps=60), "at most 50 steps"),
 ])
 def test_sampler_arguments_are_checked(kwargs, match):
     pipe = engine.load()
     with pytest.raises(ValueError, match=match):
-        pipe.generate("a red star", steps=2, progress=False, **kwargs)
+        pipe.generate("a red star", **{"steps": 2, "progress": False, **kwargs})
 
 
 def test_the_cli_lists_every_sampler_and_schedule():
-    from engine import cli, ksample
+    from engine import flags, ksample
 
-    assert cli.SAMPLER_NAMES == ("ddim", *ksample.SAMPLERS) and cli.SCHEDULE_NAMES == ksample.SCHEDULES
+    assert flags.SAMPLER_NAMES == ("ddim", *ksample.SAMPLERS) and flags.SCHEDULE_NAMES == ksample.SCHEDULES
 
 
 def test_half_precision_models_run_every_sampler(tiny):
     """The UNet runs in the model's dtype, the steps in float32: an fp16 model gives the fp32 image closely."""
     folder, _ = tiny("sd1")
     full, half = engine.load(folder), engine.load(folder, dtype=torch.float16)
-    for sampler in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"):
+    for sampler in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm"):
         a, b = (p.generate("a red star", steps=5, seed=2, output="pt", progress=False, sampler=sampler)
                 for p in (full, half))
         assert b.dtype == torch.float32 and (a - b.float()).abs().max() < 0.05, sampler
+
+
+@pytest.mark.parametrize("sampler,schedule", [("euler", "default"), ("euler_a", "default"), ("heun", "karras"),
+                                              ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "exponential"),
+                                              ("unipc", "default"), ("lcm", "default")])
+def test_img2img_inpaint_and_upscale_match_diffusers(tiny, sampler, schedule):
+    """img2img from strength 0.6, an inpainting model from strength 0.7 and the x4 upscaler, each against its
+    diffusers pipeline with the matching scheduler."""
+    import numpy as np
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    rs = np.random.RandomState(5)
+    image = Image.fromarray((rs.rand(64, 96, 3) * 255).astype(np.uint8))
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 30:80] = 255
+    mask = Image.fromarray(mask)
+    low = Image.fromarray((rs.rand(16, 24, 3) * 255).astype(np.uint8))
+    kw = dict(num_inference_steps=8, guidance_scale=5.0, output_type="pt")
+    ours = dict(steps=8, guidance=5.0, seed=4, output="pt", progress=False, sampler=sampler, schedule=schedule)
+    runs = []
+    folder, ref = tiny("sd1")
+    ref = _reference(StableDiffusionImg2ImgPipeline(**ref.components), folder, sampler, schedule)
+    runs.append((ref("a red star", image=image, strength=0.6, generator=torch.Generator().manual_seed(4), **kw),
+                 engine.load(folder).img2img(image, "a red star", strength=0.6, **ours)))
+    folder, ref = tiny("sd1_inpaint")
+    ref = _reference(StableDiffusionInpaintPipeline(**ref.components), folder, sampler, schedule)
+    runs.append((ref("a red star", image=image, mask_image=mask, strength=0.7, height=64, width=96,
+                     generator=torch.Generator().manual_seed(4), **kw),
+                 engine.load(folder).inpaint(image, mask, "a red star", strength=0.7, **ours)))
+    folder, ref = tiny("x4")
+    ref = _reference(ref, folder, sampler, schedule)
+    runs.append((ref("a red star", image=low, noise_level=20, generator=torch.Generator().manual_seed(4), **kw),
+                 engine.load(folder).upscale(low, "a red star", noise_level=20, **ours)))
+    for want, got in runs:
+        assert want.images.std() > 0.05
+        assert ((got / 2 + 0.5).clamp(0, 1) - want.images).abs().max().item() <= PIXEL_TOL
+
+
+def test_legacy_inpainting_keeps_ddim(tiny):
+    with pytest.raises(ValueError, match="use sampler ddim, or an inpainting model"):
+        engine.load(tiny("sd1")[0]).inpaint(torch.zeros(1, 3, 64, 64), torch.ones(64, 64), "a", steps=2,
+                                            sampler="euler", progress=False)
