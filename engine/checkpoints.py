@@ -1,6 +1,7 @@
 """Folder / single-file checkpoints → configs + state dicts → models (built on `meta`, filled with
 assign=True)."""
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -79,12 +80,17 @@ def read_header(f, path) -> tuple[dict, int]:
         if not 2 <= n <= min(size - 8, 100 << 20):
             raise ValueError(f"a header of {n} bytes in a {size}-byte file")
         header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
         for k, v in header.items():
-            start, end = v["data_offsets"]
-            if v["dtype"] not in _DTYPES or not 0 <= start <= end <= size - 8 - n:
-                raise ValueError(f"tensor {k!r} has dtype {v['dtype']!r}, bytes {start}..{end}")
-    except (ValueError, KeyError, TypeError) as e:
+            (start, end), shape, dtype = v["data_offsets"], v["shape"], v["dtype"]
+            ints = all(isinstance(i, int) and i >= 0 for i in (start, end, *shape))
+            if dtype not in _DTYPES or not ints or not start <= end <= size - 8 - n or \
+                    math.prod(shape) * _DTYPES[dtype].itemsize != end - start:
+                raise ValueError(f"tensor {k!r}: dtype {dtype!r}, shape {shape}, bytes "
+                                 f"{start}..{end} do not fit")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
     return header, 8 + n
 
@@ -201,7 +207,9 @@ def load_folder(path: Path, dtype=torch.float32, device="cpu", variant=None) -> 
     return Components(**{"text_encoder": None, "tokenizer": None, **models, **tokenizers},
                       scheduler=_scheduler(path / "scheduler"), low_res_scheduler=low_res,
                       max_noise_level=index.get("max_noise_level"),
-                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")))
+                      # diffusers' SDXL pipelines default to True; the refiner's index says False
+                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                                  "text_encoder_2" in texts)))
 
 
 def _tensor_names(path: Path) -> list[str]:

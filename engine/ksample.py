@@ -40,7 +40,9 @@ class Grid:
 def train_sigmas(cfg: schedule.SchedulerConfig) -> np.ndarray:
     """σ_t = √((1 − ᾱ_t) / ᾱ_t) for every training timestep t, in float32 as diffusers computes
     them (a timestep read back from a σ can then round to the same whole step)."""
-    abar = schedule.alphas_cumprod(cfg).float()
+    abar = schedule.alphas_cumprod(cfg).float().clone()
+    if cfg.rescale_betas_zero_snr:  # ᾱ = 0 at the top would make σ infinite: nearly 0, as diffusers
+        abar[-1] = 2 ** -24
     return (((1 - abar) / abar) ** 0.5).numpy()
 
 
@@ -77,9 +79,16 @@ def check_schedule(kind: str) -> str:
     return kind
 
 
+def _check_steps(cfg: schedule.SchedulerConfig, steps: int, most: int | None = None):
+    most = most or cfg.num_train_timesteps - 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        raise ValueError(f"steps={steps!r}: this sampler takes 1 to {most} steps")
+
+
 def euler_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default") -> Grid:
     """EulerDiscreteScheduler.set_timesteps: the spacing's (fractional) timesteps, σ interpolated
     linearly in t, or a karras / exponential grid over that span."""
+    _check_steps(cfg, steps)
     T, all_sigmas = cfg.num_train_timesteps, train_sigmas(cfg)
     spacing = cfg.timestep_spacing or "linspace"
     if spacing == "linspace":
@@ -101,6 +110,7 @@ def dpm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default") -
     """DPMSolverMultistepScheduler.set_timesteps: whole timesteps spaced over n + 1 points with
     the last dropped, σ at them, or a karras / exponential grid over the whole training span; the
     sampler starts from unit-variance noise in ᾱ's parameterisation (σ_T' = √(σ_max² + 1))."""
+    _check_steps(cfg, steps, cfg.num_train_timesteps // 2)  # closer grids repeat a timestep
     T, all_sigmas = cfg.num_train_timesteps, train_sigmas(cfg)
     spacing = cfg.timestep_spacing or "linspace"
     if spacing == "linspace":
@@ -124,9 +134,7 @@ def lcm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default",
              original_steps: int = 50) -> Grid:  # kind: always "default" (engine.ksample.pick)
     """LCMScheduler.set_timesteps: `steps` of the distillation's `original_steps` whole timesteps
     (every T / original_steps − 1), evenly picked from the top; unit-variance starting noise."""
-    if steps > original_steps:
-        raise ValueError(f"steps={steps}: LCM takes at most {original_steps} steps (its "
-                         "distillation schedule)")
+    _check_steps(cfg, steps, original_steps)
     T = cfg.num_train_timesteps
     origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
     ts = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]

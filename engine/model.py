@@ -9,7 +9,7 @@ from PIL import Image
 
 from . import images, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
 from .denoiser import Cond, Denoiser, constant, guided_texts, mapped, zero_uncond
-from .checkpoints import Components
+from .checkpoints import Components, LoadError
 from .profile import stage
 
 
@@ -24,6 +24,13 @@ class Model:
         self.text_encoder, self.tokenizer = c.text_encoder, c.tokenizer
         self.text_encoder_2, self.tokenizer_2 = c.text_encoder_2, c.tokenizer_2
         self.force_zeros = c.force_zeros_for_empty_prompt
+        widths = sum(te.config.hidden_size for te in (c.text_encoder, c.text_encoder_2)
+                     if te is not None)
+        if widths != c.unet.config.cross_attention_dim and \
+                isinstance(c.unet.config.cross_attention_dim, int):
+            raise LoadError(f"the text encoders give {widths}-wide states but the UNet attends to "
+                            f"{c.unet.config.cross_attention_dim}: a text encoder or tokenizer is "
+                            "missing from the model (model_index.json), or belongs to another model")
         self.text_time = None
         if c.unet.config.addition_embed_type == "text_time":
             if c.text_encoder_2 is None:

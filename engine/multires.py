@@ -84,12 +84,14 @@ def load_concepts(path) -> list[Concept]:
         widths = tuple(int(w) for w in meta.get("widths", "").split(",") if w)
         return [Concept(meta["token"], tensors["embeds"].float(), True,
                         meta.get("initializer", ""), widths)]
-    if {"clip_l", "clip_g"} == tensors.keys():  # SDXL (A1111): both encoders' vectors
-        vs = [tensors[k].float().reshape(-1, tensors[k].shape[-1]) for k in ("clip_l", "clip_g")]
-        if vs[0].shape[0] != vs[1].shape[0]:
+    if tensors.keys() and tensors.keys() <= {"clip_l", "clip_g"}:  # SDXL (A1111), named by its file
+        vs = [tensors[k].float().reshape(-1, tensors[k].shape[-1])
+              for k in ("clip_l", "clip_g") if k in tensors]
+        if len({v.shape[0] for v in vs}) > 1:
             raise LoadError(f"{path}: clip_l has {vs[0].shape[0]} vectors, clip_g "
                             f"{vs[1].shape[0]}; need as many of each")
-        return [Concept(path.stem, torch.cat(vs, 1), False, widths=tuple(v.shape[1] for v in vs))]
+        widths = tuple(v.shape[1] for v in vs) if len(vs) == 2 else ()
+        return [Concept(path.stem, torch.cat(vs, 1), False, widths=widths)]
     if len(tensors) != 1:
         raise LoadError(f"{path}: keys {sorted(tensors)[:5]} are not an embedding file: "
                         "need one tensor (diffusers' {token: vectors}, A1111's emb_params) "

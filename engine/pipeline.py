@@ -163,6 +163,8 @@ class Pipeline:
         x0 = m.pixels(image)
         if x0.shape[0] != 1:
             raise ValueError(f"inpaint: need one image, got {x0.shape[0]}")
+        if mask is None:
+            raise ValueError("mask: need a mask image (white = repaint) of the image's size")
         if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
             mask = images.load(mask)
         repaint = regions.prepare_mask(mask, tuple(x0.shape[2:])).to(x0)

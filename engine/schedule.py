@@ -33,6 +33,8 @@ IGNORED_KEYS = frozenset({
     "final_sigmas_type", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
     "euler_at_final", "use_lu_lambdas", "lambda_min_clipped", "flow_shift", "use_flow_sigmas",
     "use_dynamic_shifting", "time_shift_type",
+    # UniPC / LCM fields: engine.ksample runs diffusers' defaults for them
+    "predict_x0", "solver_p", "disable_corrector", "original_inference_steps", "timestep_scaling",
 })
 
 
@@ -51,7 +53,8 @@ class SchedulerConfig:
     timestep_spacing: str | None = None
     steps_offset: int = 0
     set_alpha_to_one: bool = True
-    clip_sample: bool = True
+    # None: absent from the file; DDIM then clips (its default), Heun and LCM do not (theirs)
+    clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
@@ -243,7 +246,7 @@ def ddim_step(cfg, model_output, t, t_prev, x, eta=0.0, noise=None):
     x0, eps = predict_x0_eps(cfg, model_output, t, x)
     if cfg.thresholding:
         x0 = _threshold(cfg, x0)
-    elif cfg.clip_sample:
+    elif cfg.clip_sample is not False:  # DDIMScheduler's default is to clip
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     # eps is not re-derived from the clipped x0 (diffusers use_clipped_model_output=False)
     share = eta**2 * (1 - a / a_prev) / (1 - a)  # sigma² / (1 − ᾱ_prev), exactly 1 at ᾱ_t = 0 and eta = 1

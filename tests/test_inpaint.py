@@ -105,3 +105,8 @@ def test_blend_gives_an_inpainting_model_its_mask_channels(tiny, monkeypatch):
         assert torch.equal(extra[:, :1], F.interpolate(repaint, size=extra.shape[2:]).expand(batch, 1, -1, -1))
         assert torch.allclose(extra[:1, 1:], model.encode(image * (repaint < 0.5)))
         assert 0 < repaint.mean() < 1
+
+
+def test_inpaint_without_a_mask_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="mask: need a mask image"):
+        engine.load(tiny("sd1_inpaint")[0]).inpaint(torch.zeros(1, 3, 64, 64), None, "a", steps=2, progress=False)

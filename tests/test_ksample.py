@@ -73,7 +73,8 @@ def test_a_config_without_timestep_spacing_takes_each_schedulers_default(tiny, t
     (dict(sampler="euler", eta=0.5), "eta=0.5 is DDIM's"),
     (dict(schedule="karras"), "DDIM walks its own"),
     (dict(sampler="lcm", schedule="karras"), "distillation timesteps"),
-    (dict(sampler="lcm", steps=60), "at most 50 steps"),
+    (dict(sampler="lcm", steps=60), "takes 1 to 50 steps"),
+    (dict(sampler="dpmpp_2m", steps=999), "takes 1 to 500 steps"),
 ])
 def test_sampler_arguments_are_checked(kwargs, match):
     pipe = engine.load()
@@ -138,3 +139,26 @@ def test_legacy_inpainting_keeps_ddim(tiny):
     with pytest.raises(ValueError, match="use sampler ddim, or an inpainting model"):
         engine.load(tiny("sd1")[0]).inpaint(torch.zeros(1, 3, 64, 64), torch.ones(64, 64), "a", steps=2,
                                             sampler="euler", progress=False)
+
+
+def test_zero_terminal_snr_models_sample_with_every_sampler():
+    """The embedded model has ᾱ = 0 at its top step (zero terminal SNR): σ there is taken nearly, not exactly,
+    infinite, as diffusers does, and its Euler and DPM++ images are diffusers'."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from engine.embedded import DEFAULT_MODEL
+
+    pipe = engine.load()
+    assert pipe.model.scheduler.rescale_betas_zero_snr
+    caption = "a large red star in the center, on a plain white background"
+    for sampler in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm"):
+        assert torch.isfinite(pipe.generate(caption, steps=6, guidance=5.0, output="pt", progress=False,
+                                            sampler=sampler)).all(), sampler
+    ref = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    for sampler, cls in (("euler", EulerDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)):
+        ref.scheduler = cls.from_pretrained(DEFAULT_MODEL, subfolder="scheduler")
+        want = ref(caption, num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images
+        got = pipe.generate(caption, steps=6, guidance=5.0, output="pt", progress=False, sampler=sampler)
+        assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL, sampler

@@ -70,10 +70,11 @@ def test_from_dict_defaults_match_ddim_and_ignores_other_scheduler_fields():
                                      "interpolation_type": "linear", "variance_type": "fixed_small"})
     r = ref({}).config
     for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-              "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range",
+              "steps_offset", "set_alpha_to_one", "clip_sample_range",
               "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "rescale_betas_zero_snr"):
         assert getattr(c, k) == r[k], k
     assert c.timestep_spacing is None  # absent: each scheduler's own default, DDIM's "leading"
+    assert c.clip_sample is None and r["clip_sample"]  # absent: DDIM clips, Heun and LCM do not
     d = ref({})
     d.set_timesteps(10)
     assert S.timesteps(c, 10).tolist() == d.timesteps.tolist()

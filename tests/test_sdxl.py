@@ -340,3 +340,26 @@ def test_papers_commands_run_on_sdxl(tiny, tmp_path, command):
     Image.fromarray(mask).save(tmp_path / "m.png")
     assert main([command, "--model", str(tiny("sdxl")[0]), *args, "--quiet"]) == 0
     assert any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_sdxl_refiner_takes_a_clip_g_embedding_and_a_missing_encoder_is_named(tiny, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import engine
+    from engine.checkpoints import LoadError
+
+    save_file({"clip_g": torch.randn(2, 32)}, str(tmp_path / "look.safetensors"))
+    refiner = engine.load(tiny("sdxl_refiner")[0])
+    assert refiner.load_embeddings(tmp_path / "look.safetensors") == ["look"]  # named by its file
+    assert refiner.model.encode_prompt(["a <look> st"]).shape == (1, 78, 32)
+    with pytest.raises(LoadError, match="32-d vectors but this model's text encoders are 32\\+32-d"):
+        engine.load(tiny("sdxl")[0]).load_embeddings(tmp_path / "look.safetensors")
+    broken = shutil.copytree(tiny("sdxl")[0], tmp_path / "broken")
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["tokenizer"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="text encoders give 32-wide states but the UNet attends to 64"):
+        engine.load(broken)

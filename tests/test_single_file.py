@@ -135,3 +135,16 @@ def test_sd2_single_file_says_which_prediction_type_it_assumed(tiny, tmp_path):
         warnings.simplefilter("error")
         p = engine.load(single, config=configs, prediction_type="v_prediction")
     assert p.model.scheduler.prediction_type == "v_prediction"
+
+
+def test_a_safetensors_header_that_does_not_fit_its_data_is_a_load_error(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"model.diffusion_model.x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(LoadError, match="do not fit"):
+        engine.load(tmp_path / "bad.safetensors")
+    (tmp_path / "list.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(LoadError, match="not a readable .safetensors file"):
+        engine.load(tmp_path / "list.safetensors")
