@@ -75,6 +75,23 @@ class Pipeline:
         x = self.model.decode(latents)
         return x if output == "pt" else images.to_pil(x)
 
+    def _denoise(self, run, den, cond, noise, steps, strength, eta, gen, progress, desc,
+                 start=None, after=None):
+        """Latents sampled from `noise` (float32), or from latent `start` noised to where
+        `strength` begins: with DDIM when `run` is None, else with the σ sampler `run`
+        (engine.ksample.pick). `after`: DDIM's per-step hook."""
+        m = self.model
+        if run is None:
+            x = noise.to(m.dtype)
+            if start is not None:
+                t = schedules.timesteps(m.scheduler, steps, strength)[:1]
+                x = schedules.q_sample(m.scheduler, start, t.repeat(start.shape[0]), x)
+            return ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress,
+                        after=after, desc=desc)
+        grid = ksample.from_strength(run[1](m.scheduler, steps), steps, strength)
+        x = noise * grid.init_sigma if start is None else start.float() + noise * grid.sigmas[0]
+        return run[0](den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc).to(m.dtype)
+
     @torch.no_grad()
     def generate(self, prompt, negative=None, steps=50, guidance=7.5, seed=0, height=None,
                  width=None, eta=0.0, output="pil", progress=True, sampler="ddim",
@@ -93,15 +110,9 @@ class Pipeline:
         gen = make_generator(seed)
         shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
                  width // m.downscale)
-        if run is None:
-            x = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
-            x = ddim(den, x, cond, m.scheduler, steps, eta=eta, generator=gen, progress=progress,
-                     desc="generate")
-            return self._out(x, output)
-        fn, grid = run[0], run[1](m.scheduler, steps)
-        x = randn_tensor(shape, gen, m.device, torch.float32) * grid.init_sigma
-        x = fn(den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc="generate")
-        return self._out(x.to(m.dtype), output)
+        noise = randn_tensor(shape, gen, m.device, torch.float32)
+        x = self._denoise(run, den, cond, noise, steps, 1.0, eta, gen, progress, "generate")
+        return self._out(x, output)
 
     @torch.no_grad()
     def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0,
@@ -116,8 +127,7 @@ class Pipeline:
         if x0.shape[0] not in (1, len(prompts)):
             raise ValueError(f"{x0.shape[0]} images for {len(prompts)} prompts: give one image or "
                              "one per prompt")
-        timesteps = schedules.timesteps(m.scheduler, steps, strength)
-        if len(timesteps) == 0:
+        if len(schedules.timesteps(m.scheduler, steps, strength)) == 0:
             raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                              "raise either")
         den = m.denoiser(guidance)
@@ -126,14 +136,9 @@ class Pipeline:
         gen = make_generator(seed)
         # one image is encoded once for every prompt, as diffusers does
         z0 = m.encode(x0, sample=True, generator=gen).repeat(len(prompts) // x0.shape[0], 1, 1, 1)
-        noise = randn_tensor(z0.shape, gen, m.device, torch.float32).to(m.dtype)
-        if run is not None:
-            grid = ksample.from_strength(run[1](m.scheduler, steps), steps, strength)
-            x = (z0.float() + noise.float() * grid.sigmas[0]).to(m.dtype)
-            x = run[0](den, x, cond, m.scheduler, grid, gen, progress, desc="img2img")
-            return self._out(x.to(m.dtype), output)
-        x = schedules.q_sample(m.scheduler, z0, timesteps[:1].repeat(z0.shape[0]), noise)
-        x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, desc="img2img")
+        noise = randn_tensor(z0.shape, gen, m.device, torch.float32)
+        x = self._denoise(run, den, cond, noise, steps, strength, eta, gen, progress, "img2img",
+                          start=z0)
         return self._out(x, output)
 
     @torch.no_grad()
@@ -180,29 +185,21 @@ class Pipeline:
         # diffusers' generator order: the image's latent (if needed), the noise, the masked image's
         z0 = m.encode(x0, sample=True, generator=gen) if strength < 1 or not ninth else None
         shape = (b, latent, x0.shape[2] // m.downscale, x0.shape[3] // m.downscale)
-        noise = randn_tensor(shape, gen, m.device, torch.float32).to(m.dtype)
-        if run is not None:
-            grid = ksample.from_strength(run[1](m.scheduler, steps), steps, strength)
-            x = noise.float() * grid.init_sigma if strength == 1 else \
-                z0.float() + noise.float() * grid.sigmas[0]
-            den = m.inpainting_denoiser(den, x0, repaint, b, gen)
-            x = run[0](den, x.to(m.dtype), cond, m.scheduler, grid, gen, progress, desc="inpaint")
-            return self._out(x.to(m.dtype), output)
-        x = noise if strength == 1 else \
-            schedules.q_sample(m.scheduler, z0.repeat(b, 1, 1, 1), pairs[0][0], noise)
+        noise = randn_tensor(shape, gen, m.device, torch.float32)
         den = m.inpainting_denoiser(den, x0, repaint, b, gen)
         after = None
         if not ninth:  # the legacy way: put the known latent back after every step
             small = F.interpolate(repaint, size=shape[2:]).to(m.dtype)
             # diffusers encodes the masked image here too: drawn to keep the generator in step
             m.encode(x0 * (repaint < 0.5), sample=True, generator=gen)
-            last = pairs[-1][0]
+            last, kept_noise = pairs[-1][0], noise.to(m.dtype)
 
             def after(x, t, t_next):
-                known = z0 if t == last else schedules.q_sample(m.scheduler, z0, t_next, noise)
+                known = z0 if t == last else schedules.q_sample(m.scheduler, z0, t_next, kept_noise)
                 return (1 - small) * known + small * x
-        x = ddim(den, x, cond, m.scheduler, steps, strength, eta, gen, progress, after=after,
-                 desc="inpaint")
+        start = None if strength == 1 else z0.repeat(b, 1, 1, 1)
+        x = self._denoise(run, den, cond, noise, steps, strength, eta, gen, progress, "inpaint",
+                          start, after)
         return self._out(x, output)
 
     @torch.no_grad()
@@ -239,14 +236,8 @@ class Pipeline:
         x = randn_tensor(shape, gen, m.device, torch.float32)
         if tile is not None and max(shape[2:]) > tile:
             den = tiles.Tiled(den, tile, overlap)
-        desc = f"upscale to {4 * low.shape[-1]}²"
-        if run is None:
-            x = ddim(den, x.to(m.dtype), cond, m.scheduler, steps, eta=eta, generator=gen,
-                     progress=progress, desc=desc)
-        else:
-            grid = run[1](m.scheduler, steps)
-            x = run[0](den, (x * grid.init_sigma).to(m.dtype), cond, m.scheduler, grid, gen,
-                       progress, desc).to(m.dtype)
+        x = self._denoise(run, den, cond, x, steps, 1.0, eta, gen, progress,
+                          f"upscale to {4 * low.shape[-1]}²")
         if not backproject:
             return self._out(x, output)
         y = images.back_project(m.decode(x).float(), low.float(), backproject)
