@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import images, schedule, sdxl, tiled_vae
+from . import images, schedule, tiled_vae
 from .checkpoints import PICKLED, LoadError
 from .prompt import NAME, Concept, Encoder
 from .rng import randn_tensor
@@ -169,7 +169,7 @@ def _digest(x: torch.Tensor) -> str:
 def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> Concept:
     """Learn cfg.bins time-indexed embeddings of cfg.token from `pixels` (N, 3, H, W) in [-1, 1]
-    with the model `c` (an engine.model.Model, or the loaded Components).
+    with the runtime model `c` (an engine.model.Model).
 
     Each example draws t ~ U{0..T−1}, a template and a flip, and trains only the row of t's bin.
     Only those rows are in the optimiser: every other weight, the embedding table included, stays
@@ -179,12 +179,9 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     mirror once; each step samples the latent from those means and variances (the reference encodes
     every step: same distribution, more work)."""
     cfg.check()
-    if hasattr(c, "check_memory"):  # a Model: refuse a run that cannot fit before it starts
-        c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, pixels.shape[0], grad=True,
-                       fix="pass a smaller resolution (--resolution) or batch (--batch)")
-    unet, vae, sched = c.unet, c.vae, c.scheduler
-    pairs = [(tok, te) for tok, te in ((c.tokenizer, c.text_encoder),
-                                       (c.tokenizer_2, c.text_encoder_2)) if te is not None]
+    c.check_memory("train-ti", *pixels.shape[2:], cfg.batch, pixels.shape[0], grad=True,
+                   fix="pass a smaller resolution (--resolution) or batch (--batch)")
+    unet, vae, sched, pairs, text_time = c.unet, c.vae, c.scheduler, c.text_pairs, c.text_time
     init = [tok.ids(cfg.init_token) for tok, _ in pairs]
     if any(len(i) != 1 for i in init):
         raise ValueError(f"init_token={cfg.init_token!r} is {max(map(len, init))} tokens for this "
@@ -199,8 +196,6 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     widths = tuple(te.config.hidden_size for _, te in pairs) if len(pairs) > 1 else ()
     concept = Concept(cfg.token, rows, True, cfg.init_token, widths)
     enc = Encoder(pairs, {cfg.token: concept})
-    text_time = None if unet.config.addition_embed_type != "text_time" else \
-        sdxl.TextTime.for_unet(unet.config, pairs[-1][1].config.projection_dim, vae.downscale)
     temps = templates_for(cfg.templates, pairs[0][0])
     resolved = {}  # prompt text → its token pieces, tokenized once
     opt = torch.optim.AdamW([rows], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
