@@ -2,8 +2,6 @@
 user-facing API, a thin façade over the runtime model (engine.model.Model) that the CLI and the
 papers' modules share."""
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 

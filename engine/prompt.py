@@ -228,15 +228,16 @@ class Encoder:
         return self.encode_resolved([self.resolve(s) for s in texts], t)
 
     def encode_resolved(self, resolved: list, t: int = 0) -> torch.Tensor:
-        embeds, counts = [], []
+        embeds = []
         for e, (tok, te) in enumerate(self.pairs):
             table = te.text_model.embeddings.token_embedding.weight
             vectors = [self._vectors(r, t, e) for r in resolved]
             embeds.append(torch.stack([tok.pad_embeds(v, table) for v in vectors]))
-            counts = [v.shape[0] for v in vectors]
         if not self.xl:
             return self.pairs[0][1](inputs_embeds=embeds[0])
-        ids = torch.stack([self.pairs[-1][0].pad_ids(n) for n in counts]).to(embeds[-1].device)
+        # the pooled output is read at the last encoder's eos, placed after its vectors
+        ids = torch.stack([self.pairs[-1][0].pad_ids(v.shape[0]) for v in vectors])
+        ids = ids.to(embeds[-1].device)
         return sdxl.encode([te for _, te in self.pairs], [ids] * len(self.pairs), embeds)
 
     def dynamic(self, texts: list[str]) -> Ref | None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine import clip_vocab, ldm
-from test_ldm import clip_to_openclip, hub_clip, unet_to_ldm, vae_to_ldm
+from test_ldm import clip_to_openclip, unet_to_ldm, vae_to_ldm
 
 pytestmark = pytest.mark.slow
 
