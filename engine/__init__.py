@@ -21,7 +21,8 @@ def __getattr__(name):
 
 
 def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
-         prediction_type=None, tokenizer=None, embeddings=(), semi="zero", max_memory=None):
+         prediction_type=None, tokenizer=None, embeddings=(), semi="zero", max_memory=None,
+         loras=(), lora_dir=None, lora_strict=True):
     """Load a diffusers folder or a single-file `.safetensors` checkpoint (SD 1.x / 2.x, SDXL,
     their inpainting models, the x4 upscaler; family and configs read from its tensors) into a
     Pipeline. No path: the embedded model, weights/tiny (its ×4 upscaler is weights/tiny-x4).
@@ -32,7 +33,10 @@ def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
     embeddings: files of pseudo-words for its prompts (Pipeline.load_embeddings); semi: how
     <C(i)> drops the concept ("zero" / "remove"). max_memory: bytes (or a size such as "8G") the
     process may use in all; a job whose estimated peak exceeds it, or the memory the machine has
-    free, is refused before it starts (engine.memory)."""
+    free, is refused before it starts (engine.memory). loras: LoRA files merged into the weights,
+    each a path or (path, scale) (Pipeline.load_lora); lora_dir: where a prompt's
+    <lora:NAME:SCALE> finds NAME.safetensors; lora_strict: False skips, with a warning, the keys of
+    a LoRA this model cannot take instead of refusing the file."""
     import torch
 
     from .embedded import DEFAULT_MODEL
@@ -53,4 +57,9 @@ def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
         embeddings = [embeddings]  # one path, not its characters
     pipe.load_embeddings(*(embeddings or ()))
     pipe.model.max_memory = max_memory
+    pipe.model.lora_dir, pipe.model.lora_strict = lora_dir, bool(lora_strict)
+    for item in loras or ():
+        path, scale = (item, 1.0) if isinstance(item, (str, bytes)) or \
+            hasattr(item, "__fspath__") else item
+        pipe.load_lora(path, scale)
     return pipe

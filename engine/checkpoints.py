@@ -95,6 +95,24 @@ def read_header(f, path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_tensors(path: Path, what: str) -> tuple[dict, dict]:
+    """A small .safetensors file's tensors and metadata (embeddings, LoRAs): pickles refused, a
+    missing or unreadable file named."""
+    from safetensors import safe_open
+
+    if path.suffix in PICKLED:
+        raise LoadError(f"{path}: pickled {what} ({path.suffix}) can run arbitrary code when "
+                        "loaded and are refused; convert it to .safetensors "
+                        "(safetensors.torch.save_file) and load that")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors' own error type for a corrupt or non-safetensors file
+        raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
 def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
     """Every tensor of the files, read one at a time into its own memory and put in its final form
     there: floating point to `dtype` (when given), 4-D (convolution) weights channels-last. Peak

@@ -9,7 +9,7 @@ from pathlib import Path
 import engine
 
 from . import (checkpoints, demo as demos, diffedit, direct, images, invert as inv, ksample,
-               multires, prompt, regions, reports, rng, tiles)
+               lora, multires, prompt, regions, reports, rng, tiles)
 from .blended import MultiStage, Options, check_scorer
 from .iterinv import Cascade, CascadeInversion, pyramid
 from .profile import profiled
@@ -17,19 +17,29 @@ from .sample import check_args, check_fraction
 
 
 def _load(a, path=None) -> engine.Pipeline:
-    """The command's model, or its ×4 stage `path` (same dtype, device, variant, pseudo-words)."""
+    """The command's model with its LoRAs, or its ×4 stage `path` (same dtype, device, variant,
+    pseudo-words; no LoRAs)."""
     words = {k: getattr(a, k) for k in ("embeddings", "semi", "max_memory") if hasattr(a, k)}
     if path is not None:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
+    loras = {k: getattr(a, k) for k in ("lora", "lora_dir") if hasattr(a, k)}
     return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,
-                       prediction_type=a.prediction_type, tokenizer=a.tokenizer, **words)
+                       prediction_type=a.prediction_type, tokenizer=a.tokenizer,
+                       loras=loras.pop("lora", ()), **loras, **words,
+                       lora_strict=getattr(a, "lora_strict", True))
 
 
 def _words(a, *texts):
-    """The prompts' syntax and pseudo-words, against the --embeddings files (read here too), so
-    that a bad prompt or file fails before the model loads."""
+    """The prompts' syntax, pseudo-words and <lora:…> tags, against the --embeddings files (read
+    here too) and --lora-dir, and the --lora files, so that a bad prompt or file fails before the
+    model loads."""
+    texts = [t for t in texts if t is not None]
     concepts = {c.name: c for path in a.embeddings for c in multires.load_concepts(path)}
-    prompt.check([t for t in texts if t is not None], concepts)
+    prompt.check(texts, concepts)
+    for name in prompt.lora_tags(texts):
+        lora.find(a.lora_dir, name)
+    for path, _ in a.lora:
+        checkpoints.read_tensors(Path(path), "LoRA")
 
 
 def _fields(cls, a, **renamed) -> dict:
@@ -183,12 +193,19 @@ def _check_models(a):
         checkpoints.check_path(path)
 
 
-def _models(a):
-    return _load(a).model, _load(a, a.upscaler).model
+def _models(a, *fields):
+    """The base model, with the LoRAs the prompts in `a`'s `fields` name, and its ×4 stage; the
+    prompts lose their <lora:…> tags, which the ×4 stage does not take."""
+    base = _load(a).model
+    base.use_prompt_loras([getattr(a, f) for f in fields])
+    for f in fields:
+        if getattr(a, f) is not None:
+            setattr(a, f, prompt.strip_loras(getattr(a, f)))
+    return base, _load(a, a.upscaler).model
 
 
-def _cascade(a) -> Cascade:
-    return Cascade(*_models(a), a.tile, a.overlap)
+def _cascade(a, *fields) -> Cascade:
+    return Cascade(*_models(a, "prompt", *fields), a.tile, a.overlap)
 
 
 def _invert_cascade(a, cas: Cascade, image):
@@ -247,7 +264,7 @@ def iterinv_edit(a) -> list[Path]:
     scorer = reports.load_scorer(a.clip, a.model)
     t0 = time.perf_counter()
     with profiled(a.profile):
-        cas = _cascade(a)
+        cas = _cascade(a, "edit")
         stages = stages or _invert_cascade(a, cas, image).stages
         edits, mask = cas.edit(image, a.prompt, a.edit, stages, a.noise_level, a.steps,
                                a.edit_guidance, a.strength, mask_strength=a.mask_strength,
@@ -298,7 +315,7 @@ def blend(a) -> list[Path]:
     check_scorer(scorer, opts)
     t0 = time.perf_counter()
     with profiled(a.profile):
-        base, sr = _models(a)
+        base, sr = _models(a, "prompt")
         res = MultiStage(base, sr, scorer).edit(images.to_tensor(image).to(base.device), mask,
                                                 a.prompt, opts, progress=not a.quiet)
     seconds = time.perf_counter() - t0

@@ -97,6 +97,31 @@ def prompt_args(p):
                    "\\<b> is the text <b>")
     flag(p, "--semi", "engine:load", "what <C(i)> puts in the concept's place below bin i: a zero "
          "input vector (the paper's code) or nothing", choices=["zero", "remove"])
+    p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="FILE[:SCALE]",
+                   help="a LoRA merged into the model's weights at SCALE (default 1): kohya / "
+                   "AUTOMATIC1111 (with LoCon) or diffusers / PEFT .safetensors; repeat for "
+                   "several. Only the base model of iterinv / blend takes LoRAs")
+    flag(p, "--lora-dir", "engine:load", "where <lora:NAME:SCALE> in a prompt finds "
+         "NAME.safetensors (searched below it too); such a LoRA is merged for that job",
+         none="none")
+    p.add_argument("--lora-strict", type=on_off, default=True, metavar="on|off", help="on: a LoRA "
+                   "key this model cannot take is an error naming it; off: such keys are listed "
+                   "in a warning and skipped (default on)")
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
+    return text == "on"
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE[:SCALE] → (FILE, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 # engine.ksample's, written out so that --help imports no torch

@@ -1,13 +1,16 @@
 """The runtime model under the four papers: loaded components plus image ↔ latent with the dtype
 rules, prompt → conditioning, and the denoisers samplers call. `Pipeline`, the papers' modules and
 the CLI use it through these public methods only."""
+import math
+import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import images, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
+from . import images, lora, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
 from .denoiser import Cond, Denoiser, constant, guided_texts, mapped, zero_uncond
 from .checkpoints import Components, LoadError
 from .profile import stage
@@ -48,6 +51,9 @@ class Model:
         self.tile_pixels: int | None = None
         self.tile_size: int | None = None
         self.max_memory: int | None = None  # bytes this process may use in all (memory.available)
+        self.loras = lora.Merger(self)
+        self.lora_dir = None  # where <lora:NAME:SCALE> in a prompt finds NAME.safetensors
+        self.lora_strict = True  # a LoRA key this model cannot take is an error, else skipped
 
     @property
     def is_upscaler(self) -> bool:
@@ -90,6 +96,55 @@ class Model:
                     c, [te for _, te in self.text_pairs], path)
                 names.append(c.name)
         return names
+
+    def load_lora(self, path, scale: float = 1.0) -> str:
+        """Merge a LoRA file (engine.lora) into the weights at `scale`; returns its name, the
+        file's stem. Keys this model cannot take raise lora.LoraError naming them, or are skipped
+        with a warning when lora_strict is False."""
+        return self._merge_lora(path, scale, Path(path).stem, False)
+
+    def _merge_lora(self, path, scale, name: str, from_prompt: bool) -> str:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or \
+                not math.isfinite(scale):
+            raise ValueError(f"LoRA scale {scale!r}: need a finite number, e.g. 0.8")
+        layers, skipped = lora.parse(path, self, self.lora_strict)
+        if skipped:
+            warnings.warn(f"{path}: skipped {len(skipped)} key(s) this model cannot take: "
+                          + "; ".join(skipped), stacklevel=3)
+        self.loras.add(lora.Lora(name, layers, float(scale), from_prompt))
+        return name
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Undo the LoRA called `name` (every LoRA when None): the weights it changed are restored
+        bit for bit. Returns the names undone."""
+        names = [x.name for x in self.loras.loaded]
+        if name is not None and name not in names:
+            raise ValueError(f"no LoRA called {name!r} is loaded; loaded: {names or 'none'}")
+        return self.loras.remove(lambda x: name is None or x.name == name)
+
+    def use_prompt_loras(self, texts) -> None:
+        """Merge the LoRAs that `texts` name with <lora:NAME:SCALE> (NAME.safetensors in
+        lora_dir), and undo those an earlier job's prompts named and these do not: a job's
+        prompts decide its prompt LoRAs, as in AUTOMATIC1111."""
+        want = pr.lora_tags([t for t in texts if t is not None])
+        if want == self._prompt_loras():
+            return
+        self.loras.remove(lambda x: x.from_prompt)
+        for name, scale in want.items():
+            self._merge_lora(lora.find(self.lora_dir, name), scale, name, True)
+
+    def _prompt_loras(self) -> dict[str, float]:
+        return {x.name: x.scale for x in self.loras.loaded if x.from_prompt}
+
+    def _strip_loras(self, texts: list[str]) -> list[str]:
+        """The texts without their <lora:…> tags, which must be merged (use_prompt_loras)."""
+        have = self._prompt_loras()
+        for name, scale in pr.lora_tags(texts).items():
+            if have.get(name) != scale:
+                raise pr.PromptError(f"<lora:{name}:{scale:g}> in a prompt, but this method "
+                                     "merges no prompt LoRAs; load the file with --lora "
+                                     "FILE:SCALE (Model.load_lora) instead")
+        return [pr.strip_loras(t) for t in texts]
 
     # ---- images ↔ latents ---------------------------------------------------------------------
 
@@ -197,7 +252,7 @@ class Model:
                       guided: bool = False) -> torch.Tensor:
         """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D) (SDXL: one more
         row, engine.sdxl); pseudo-words must not change with t here (prompt_cond takes those)."""
-        texts = guided_texts(prompts, negative) if guided else prompts
+        texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
         enc = self._encoder(texts)
         if enc is not None:
             ref = enc.dynamic(texts)
@@ -223,7 +278,7 @@ class Model:
                     guided: bool = False) -> Cond:
         """Conditioning as a function of t: constant for plain prompts; with multiresolution
         pseudo-words the text encoder runs once per time bin the sampler enters."""
-        texts = guided_texts(prompts, negative) if guided else prompts
+        texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
         enc = self._encoder(texts)
         if enc is not None and enc.dynamic(texts) is not None:
             cond = enc.cond(texts)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import images, schedule, tiled_vae
-from .checkpoints import PICKLED, LoadError
+from .checkpoints import LoadError, read_tensors
 from .prompt import NAME, Concept, Encoder
 from .rng import randn_tensor
 from .templates import templates_for
@@ -60,26 +59,12 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------- files
 
-def _meta(path: Path) -> tuple[dict, dict]:
-    if path.suffix in PICKLED:
-        raise LoadError(f"{path}: pickled embeddings ({path.suffix}) can run arbitrary code when "
-                        "loaded and are refused; convert it to .safetensors "
-                        "(safetensors.torch.save_file) and load that")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such embeddings file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # safetensors' own error type for a corrupt or non-safetensors file
-        raise LoadError(f"{path}: not a readable .safetensors file ({e})") from None
-
-
 def load_concepts(path) -> list[Concept]:
     """A multires file of ours, a diffusers learned_embeds.safetensors ({token: (n, D) or (D,)}),
     an A1111 .safetensors embedding ({"emb_params": (n, D)}, named by its file stem) or an SDXL one
     ({"clip_l", "clip_g"}, the two widths side by side, named by its file stem)."""
     path = Path(path)
-    tensors, meta = _meta(path)
+    tensors, meta = read_tensors(path, "embeddings")
     if meta.get("format") == FORMAT:
         widths = tuple(int(w) for w in meta.get("widths", "").split(",") if w)
         return [Concept(meta["token"], tensors["embeds"].float(), True,
@@ -214,7 +199,7 @@ def train(c, pixels: torch.Tensor, cfg: TrainConfig, out=None, checkpoint=None,
     start = 0
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint is not None and checkpoint.is_file():
-        tensors, meta = _meta(checkpoint)
+        tensors, meta = read_tensors(checkpoint, "checkpoint")
         if json.loads(meta.get("run", "{}")) != json.loads(json.dumps(run)):
             raise ValueError(f"{checkpoint} is from another run (other images or settings); "
                              "delete it to start over")

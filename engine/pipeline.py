@@ -48,10 +48,20 @@ class Pipeline:
         their names."""
         return self.model.load_embeddings(*paths)
 
+    def load_lora(self, path, scale: float = 1.0) -> str:
+        """Merge a LoRA file into the weights at `scale` (engine.lora: kohya / A1111, LoCon,
+        diffusers / PEFT); returns its name, the file's stem."""
+        return self.model.load_lora(path, scale)
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Undo the LoRA called `name` (every LoRA when None), restoring the weights bit for bit;
+        returns the names undone."""
+        return self.model.unload_lora(name)
+
     def _begin(self, prompt, negative, steps, guidance, eta, output, upscaler=False,
-               inpainting=False):
-        """Check the arguments shared by every method before any work; returns (prompts,
-        negatives)."""
+               inpainting=False, also=()):
+        """Check the arguments shared by every method before any work and merge the LoRAs its
+        prompts (and the texts `also`) name; returns (prompts, negatives)."""
         if upscaler != self.is_upscaler:
             raise ValueError("this is an x4 upscaler model: use upscale()" if self.is_upscaler else
                              "upscale() needs an x4 upscaler model "
@@ -67,6 +77,7 @@ class Pipeline:
                 raise ValueError(f"negative: {len(negative)} negative prompts for "
                                  f"{len(prompts)} prompts")
         _check(steps, guidance, eta, output)
+        self.model.use_prompt_loras(prompts + (negative or []) + list(also))
         return prompts, negative
 
     def _out(self, latents, output):
@@ -251,6 +262,10 @@ class Pipeline:
         prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, "pt")
         inv.check_null_text(null_text, guidance)
         x = self.model.pixels(image, batch=len(prompts))
+        return self._invert(x, prompts, steps, convention, null_text, guidance, strength, progress)
+
+    def _invert(self, x, prompts, steps, convention, null_text=None, guidance=7.5, strength=1.0,
+                progress=True) -> inv.Trajectory:
         self.model.check_memory("invert", *x.shape[2:], x.shape[0], x.shape[0],
                                 grad=null_text is not None)
         if len(prompts) == 1 < x.shape[0]:
@@ -279,14 +294,16 @@ class Pipeline:
         the injected steps. Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5,
         injection on every step. Returns (edited images, trajectory); one image and several prompts
         give one edit per prompt."""
-        prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output)
+        sources = _texts(source, "source")
+        prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output,
+                                        also=sources)
         direct.check_lambda(lam)
         direct.injected_steps(steps, inject_steps, every)
         m = self.model
         x = m.pixels(image)
         den = m.denoiser(guidance)
         m.check_memory("edit", *x.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
-        traj = self.invert(x, source, steps, convention, progress=progress)
+        traj = self._invert(x, sources, steps, convention, progress=progress)
         cond = m.prompt_cond(prompts, negative, den.guided)
         z = direct.edit(den, traj.expand(len(prompts)), cond, m.scheduler, lam, inject_steps, every,
                         progress)

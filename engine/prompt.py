@@ -15,6 +15,7 @@ step at timestep t of a T-step model. `S*` names the concept S, or the only load
 is called S.
 A backslash keeps the text as written: `\\<b>` is the text "<b>" and `S\\*(t)` the text "S*(t)".
 """
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,36 @@ def parse(text: str) -> list[str | Ref]:
     if pos < len(text):
         out.append(text[pos:])
     return out
+
+
+_LORA = re.compile(r"(?<!\\)<lora:(?P<args>[^<>]*)>")
+LORA_HELP = "write <lora:NAME> or <lora:NAME:SCALE>, e.g. <lora:style:0.8>"
+
+
+def lora_tags(texts: list[str]) -> dict[str, float]:
+    """{NAME: SCALE} of the AUTOMATIC1111 LoRA tags <lora:NAME:SCALE> (SCALE 1 when left out) in
+    the texts; a tag written twice must give one scale."""
+    out = {}
+    for text in texts:
+        for m in _LORA.finditer(text):
+            parts = [p.strip() for p in m["args"].split(":")]
+            if len(parts) > 2 or not parts[0]:
+                raise PromptError(f"{m[0]!r}: {LORA_HELP}")
+            try:
+                scale = float(parts[1]) if len(parts) == 2 else 1.0
+            except ValueError:
+                raise PromptError(f"{m[0]!r}: {parts[1]!r} is not a number; {LORA_HELP}") from None
+            if not math.isfinite(scale):
+                raise PromptError(f"{m[0]!r}: the scale must be finite; {LORA_HELP}")
+            if out.setdefault(parts[0], scale) != scale:
+                raise PromptError(f"<lora:{parts[0]}> is given scales {out[parts[0]]:g} and "
+                                  f"{scale:g}; write one")
+    return out
+
+
+def strip_loras(text: str) -> str:
+    """The text without its <lora:…> tags."""
+    return _LORA.sub("", text)
 
 
 def unescape(text: str) -> str:
