@@ -202,8 +202,10 @@ def euler_ancestral(denoiser, x, cond, sched, grid: Grid, generator=None, progre
 def heun(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
          desc="denoise") -> torch.Tensor:
     """Heun's method (Karras et al. 2022, Alg. 1 without churn): an Euler step, then the step again
-    with the mean of the slopes at both ends; the last step, to σ = 0, is Euler's. x0 is clipped
-    when the scheduler config asks (diffusers' HeunDiscreteScheduler does)."""
+    with the mean of the slopes at both ends; the last step, to σ = 0, is Euler's, and so is the
+    first of a zero-terminal-SNR schedule, whose σ_max ≈ 4096 stands for ∞ (there the mean of the
+    two slopes overshoots by about σ_max / σ_1; diffusers' Heun has no such schedules). x0 is
+    clipped when the scheduler config asks (diffusers' HeunDiscreteScheduler does)."""
     dtype, x, ts = x.dtype, x.float(), grid.timesteps.tolist()
 
     def slope(x, s, t):
@@ -214,7 +216,7 @@ def heun(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
 
     for i, (s, s_next, t) in _steps(grid, progress, desc):
         d = slope(x, s, t)
-        if s_next == 0:
+        if s_next == 0 or i == 0 and sched.rescale_betas_zero_snr:
             x = x + d * (s_next - s)
             continue
         d_next = slope(x + d * (s_next - s), s_next, ts[i + 1])

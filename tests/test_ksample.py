@@ -162,3 +162,17 @@ def test_zero_terminal_snr_models_sample_with_every_sampler():
                    output_type="pt").images
         got = pipe.generate(caption, steps=6, guidance=5.0, output="pt", progress=False, sampler=sampler)
         assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL, sampler
+
+
+def test_heun_on_a_zero_terminal_snr_model_starts_with_an_euler_step():
+    """The embedded model's schedule has ᾱ_T ≈ 0 (σ_max ≈ 4096): Heun's mean of two slopes across that first
+    step overshoots by about σ_max / σ_1 and gave noise at 10–25 steps; an Euler first step gives the image."""
+    import engine
+    from engine.metrics import psnr
+
+    pipe = engine.load()
+    assert pipe.model.scheduler.rescale_betas_zero_snr
+    run = dict(guidance=5.0, seed=0, output="pt", progress=False)
+    prompt = "a large red star in the center, on a plain white background"
+    ref = pipe.generate(prompt, steps=50, **run)
+    assert psnr(pipe.generate(prompt, steps=10, sampler="heun", **run), ref).item() > 28
