@@ -130,10 +130,12 @@ def dpm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default") -
     return Grid(sig, torch.from_numpy(ts), (sig[0].item() ** 2 + 1) ** 0.5)
 
 
-def lcm_grid(cfg: schedule.SchedulerConfig, steps: int, kind: str = "default",
-             original_steps: int = 50) -> Grid:  # kind: always "default" (engine.ksample.pick)
-    """LCMScheduler.set_timesteps: `steps` of the distillation's `original_steps` whole timesteps
-    (every T / original_steps − 1), evenly picked from the top; unit-variance starting noise."""
+def lcm_grid(cfg: schedule.SchedulerConfig, steps: int,
+             kind: str = "default") -> Grid:  # kind: always "default" (engine.ksample.pick)
+    """LCMScheduler.set_timesteps: `steps` of the distillation's original_inference_steps whole
+    timesteps (every T / original_steps − 1), evenly picked from the top; unit-variance starting
+    noise."""
+    original_steps = cfg.original_inference_steps
     _check_steps(cfg, steps, original_steps)
     T = cfg.num_train_timesteps
     origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
@@ -253,14 +255,14 @@ def _dpmpp_2m(denoiser, x, cond, sched, grid: Grid, generator, progress, desc, s
 def lcm(denoiser, x, cond, sched, grid: Grid, generator=None, progress=True,
         desc="denoise") -> torch.Tensor:
     """Latent consistency models (Luo et al. 2023), multistep: the consistency function's x0 (the
-    model's x0 and the input mixed by the boundary scalings c_skip, c_out at t · 10) noised afresh to
-    the next step's σ; the last step returns it."""
+    model's x0 and the input mixed by the boundary scalings c_skip, c_out at t · timestep_scaling)
+    noised afresh to the next step's σ; the last step returns it."""
     dtype, x = x.dtype, x.float()
     for _, (s, s_next, t) in _steps(grid, progress, desc):
         x0 = denoised(denoiser, sched, x, s, t, cond, dtype)
         if sched.clip_sample:
             x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-        scaled = t * 10.0  # diffusers' timestep_scaling
+        scaled = t * sched.timestep_scaling
         c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
         x = c_out * x0 + c_skip * x / (s ** 2 + 1) ** 0.5
         if s_next > 0:

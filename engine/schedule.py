@@ -33,8 +33,8 @@ IGNORED_KEYS = frozenset({
     "final_sigmas_type", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
     "euler_at_final", "use_lu_lambdas", "lambda_min_clipped", "flow_shift", "use_flow_sigmas",
     "use_dynamic_shifting", "time_shift_type",
-    # UniPC / LCM fields: engine.ksample runs diffusers' defaults for them
-    "predict_x0", "solver_p", "disable_corrector", "original_inference_steps", "timestep_scaling",
+    # UniPC fields: engine.ksample runs diffusers' defaults for them
+    "predict_x0", "solver_p", "disable_corrector",
 })
 
 
@@ -60,6 +60,9 @@ class SchedulerConfig:
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     rescale_betas_zero_snr: bool = False
+    # LCM (engine.ksample.lcm): the distillation's step count, and the boundary scalings' t factor
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self):
         for name, allowed in (("beta_schedule", BETA_SCHEDULES),

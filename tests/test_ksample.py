@@ -176,3 +176,25 @@ def test_heun_on_a_zero_terminal_snr_model_starts_with_an_euler_step():
     prompt = "a large red star in the center, on a plain white background"
     ref = pipe.generate(prompt, steps=50, **run)
     assert psnr(pipe.generate(prompt, steps=10, sampler="heun", **run), ref).item() > 28
+
+
+def test_lcm_reads_its_distillation_fields_from_the_scheduler_config(tiny, tmp_path):
+    """An LCM-distilled model's scheduler_config.json: original_inference_steps and timestep_scaling."""
+    from diffusers import LCMScheduler
+
+    folder, ref = tiny("sd1")
+    lcm = shutil.copytree(folder, tmp_path / "lcm")
+    path = lcm / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "original_inference_steps": 8,
+                                "timestep_scaling": 0.5}))
+    pipe = _with(ref, LCMScheduler.from_pretrained(lcm, subfolder="scheduler"))
+    assert pipe.scheduler.config.original_inference_steps == 8
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
+    want = pipe("a red star", generator=torch.Generator().manual_seed(1), output_type="pt", **kw).images
+    got = engine.load(lcm).generate("a red star", steps=4, guidance=1.0, seed=1, output="pt", progress=False,
+                                    sampler="lcm")
+    assert ((got / 2 + 0.5).clamp(0, 1) - want).abs().max().item() <= PIXEL_TOL
+    from engine import ksample  # the fields change the grid (the tiny model's image hardly): the test can fail
+
+    grids = [ksample.lcm_grid(engine.load(f).model.scheduler, 4).timesteps.tolist() for f in (lcm, folder)]
+    assert grids[0] == pipe.scheduler.timesteps.tolist() != grids[1]
