@@ -237,7 +237,7 @@ def invert_image(model, x: torch.Tensor, prompts: list[str], steps: int,
         raise FloatingPointError("the inversion produced NaN/inf values; "
                                  "try float32 (--dtype float32)")
     if null_text_method is not None:
-        uncond = model.encode_prompt([""] * len(prompts))
+        uncond = model.encode_prompt([""] * len(prompts), like=cond)
         traj = null_text(model.denoiser(guidance), traj, cond, uncond, model.scheduler,
                          null_text_method, progress=progress)
     return traj

@@ -241,33 +241,30 @@ class Model:
 
     # ---- prompts → conditioning ---------------------------------------------------------------
 
-    def _encoder(self, texts) -> pr.Encoder | None:
-        """The pseudo-word encoder when a text has a reference (syntax errors surface here)."""
-        if not any(isinstance(seg, pr.Ref) for s in texts for seg in pr.parse(s)):
-            return None
+    def _encoder(self) -> pr.Encoder:
         return pr.Encoder(self.text_pairs, self.concepts, self.semi,
                           self.scheduler.num_train_timesteps)
 
+    def _chunks(self, like: torch.Tensor | None) -> int:
+        return 1 if like is None else like.shape[1] // self.text_pairs[0][0].max_length
+
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None,
-                      guided: bool = False) -> torch.Tensor:
-        """(2B, 77, D) [negative; prompt] embeddings when guided, else (B, 77, D) (SDXL: one more
-        row, engine.sdxl); pseudo-words must not change with t here (prompt_cond takes those)."""
+                      guided: bool = False, like: torch.Tensor | None = None) -> torch.Tensor:
+        """(2B, 77·k, D) [negative; prompt] embeddings when guided, else (B, 77·k, D), for the k
+        75-token chunks of the longest prompt, and at least as many as the embedding `like` has
+        (SDXL: one more row, engine.sdxl). Prompts are read as AUTOMATIC1111 reads them: emphasis,
+        BREAK, chunks (prompt.Encoder); pseudo-words must not change with t here (prompt_cond
+        takes those)."""
         texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
-        enc = self._encoder(texts)
-        if enc is not None:
-            ref = enc.dynamic(texts)
-            if ref is not None:
-                raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs "
-                                     f"one fixed prompt; write <{ref.name}|i|>")
-            with stage("text encode"):
-                emb = enc.encode(texts)
-        else:
-            texts = [pr.unescape(t) for t in texts]
-            with stage("tokenize"):
-                ids = [tok(texts).to(self.device) for tok, _ in self.text_pairs]
-            with stage("text encode"):
-                emb = (sdxl.encode([te for _, te in self.text_pairs], ids)
-                       if self.text_encoder_2 is not None else self.text_encoder(ids[0]))
+        enc = self._encoder()
+        ref = enc.dynamic(texts)
+        if ref is not None:
+            raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs "
+                                 f"one fixed prompt; write <{ref.name}|i|>")
+        with stage("tokenize"):
+            resolved = [enc.resolve(t) for t in texts]
+        with stage("text encode"):
+            emb = enc.encode_resolved(resolved, 0, self._chunks(like))
         return zero_uncond(emb) if self._zeros(negative, guided) else emb
 
     def _zeros(self, negative, guided) -> bool:
@@ -279,8 +276,8 @@ class Model:
         """Conditioning as a function of t: constant for plain prompts; with multiresolution
         pseudo-words the text encoder runs once per time bin the sampler enters."""
         texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
-        enc = self._encoder(texts)
-        if enc is not None and enc.dynamic(texts) is not None:
+        enc = self._encoder()
+        if enc.dynamic(texts) is not None:
             cond = enc.cond(texts)
             return mapped(cond, zero_uncond) if self._zeros(negative, guided) else cond
         return constant(self.encode_prompt(prompts, negative, guided))

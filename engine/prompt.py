@@ -13,7 +13,10 @@ A prompt is text with pseudo-word references:
 i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a
 step at timestep t of a T-step model. `S*` names the concept S, or the only loaded concept when none
 is called S.
-A backslash keeps the text as written: `\\<b>` is the text "<b>" and `S\\*(t)` the text "S*(t)".
+A backslash keeps the text as written: `\\<b>` is the text "<b>" and `S\\*\\(t\\)` the text "S*(t)".
+
+Around the references, AUTOMATIC1111's syntax: emphasis `(word)`, `(word:1.3)`, `[word]`, BREAK,
+`<lora:NAME:SCALE>` (engine.lora), and prompts of any length in 75-token chunks (`Encoder`).
 """
 import math
 import re
@@ -130,9 +133,67 @@ def strip_loras(text: str) -> str:
     return _LORA.sub("", text)
 
 
-def unescape(text: str) -> str:
-    """The text a prompt's plain part stands for: `\\<` is "<" and `\\*` is "*"."""
-    return text.replace("\\<", "<").replace("\\*", "*")
+# AUTOMATIC1111's emphasis (modules/prompt_parser.py): (x) ×1.1, [x] ÷1.1, (x:w) ×w, nested; \( \) \[ \]
+# \\ are the characters, a lone backslash is dropped; BREAK ends a 75-token chunk
+_EMPHASIS = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK = -1.0  # the weight that marks a BREAK
+UP = 1.1
+
+
+def emphasis(text: str) -> list[tuple[str, float]]:
+    """AUTOMATIC1111's parse_prompt_attention: the text's pieces with their weights, neighbours of
+    equal weight joined; BREAK is ("BREAK", -1)."""
+    res, round_, square = [], [], []
+
+    def scale(start, w):
+        for p in range(start, len(res)):
+            res[p][1] *= w
+
+    for m in _EMPHASIS.finditer(text):
+        piece, weight = m[0], m[1]
+        if piece.startswith("\\"):
+            res.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_.append(len(res))
+        elif piece == "[":
+            square.append(len(res))
+        elif weight is not None and round_:
+            try:
+                scale(round_.pop(), float(weight))
+            except ValueError:
+                raise PromptError(f"{piece!r}: {weight!r} is not a weight; write (text:1.3)") from None
+        elif piece == ")" and round_:
+            scale(round_.pop(), UP)
+        elif piece == "]" and square:
+            scale(square.pop(), 1 / UP)
+        else:
+            for i, part in enumerate(_BREAK_WORD.split(piece)):
+                if i:
+                    res.append(["BREAK", BREAK])
+                res.append([part, 1.0])
+    for start in round_:
+        scale(start, UP)
+    for start in square:
+        scale(start, 1 / UP)
+    out = []
+    for piece, w in res or [["", 1.0]]:
+        if out and out[-1][1] == w:
+            out[-1][0] += piece
+        else:
+            out.append([piece, w])
+    return [(p, w) for p, w in out]
+
+
+def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's emphasis on text-encoder outputs z (N, L, D): each token's row times its
+    weight (N, L), then each sequence scaled back to its mean."""
+    if bool((weights == 1).all()):
+        return z
+    mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights.to(z)[..., None]
+    new = z.mean(dim=(1, 2), keepdim=True)
+    return z * torch.where(new == 0, 1.0, mean / new)
 
 
 def format(segments: list[str | Ref]) -> str:  # noqa: A001 - the inverse of parse
@@ -204,17 +265,28 @@ def concept(ref: Ref, concepts: dict[str, Concept]) -> Concept:
 def check(texts, concepts: dict[str, Concept]) -> None:
     """The syntax and pseudo-words of prompts, against `concepts`, without a model: a bad prompt
     fails before one loads."""
+    lora_tags(texts)
     for text in texts:
-        for seg in parse(text):
+        segs = parse(text)
+        for seg in segs:
             if isinstance(seg, Ref):
                 concept(seg, concepts)
+        emphasis(strip_loras("".join(chr(_MARK) if isinstance(g, Ref) else g for g in segs)))
+
+
+Piece = tuple[float, "list[list[int]] | tuple[Ref, Concept]"]
+_MARK = 0xE000  # private-use characters stand for pseudo-words while emphasis is parsed
 
 
 class Encoder:
-    """Prompts with pseudo-words → text-encoder embeddings, re-encoded only when a selection
-    changes. `pairs`: (tokenizer, text encoder) of each encoder in order; a concept's vectors are
-    the encoders' widths side by side (SDXL: CLIP ViT-L's, then bigG's), and with several encoders
-    (or a projected one) the embedding is SDXL's packed one (engine.sdxl)."""
+    """Prompts → text-encoder embeddings, as AUTOMATIC1111 encodes them: emphasis, then the tokens
+    in chunks of 75 (BREAK ends one early), each chunk encoded with its own start / end / padding
+    and the chunks concatenated along the sequence; prompts of one batch padded to one chunk count
+    with empty chunks. Pseudo-words are vectors in place of tokens, re-encoded only when a
+    selection changes. `pairs`: (tokenizer, text encoder) of each encoder in order; a concept's
+    vectors are the encoders' widths side by side (SDXL: CLIP ViT-L's, then bigG's), and with
+    several encoders (or a projected one) the embedding is SDXL's packed one (engine.sdxl), whose
+    pooled output is the first chunk's."""
 
     def __init__(self, pairs: list, concepts: dict[str, Concept], semi: str = "zero",
                  T: int = 1000):
@@ -224,67 +296,110 @@ class Encoder:
         self.columns = [slice(sum(widths[:i]), sum(widths[:i + 1])) for i in range(len(widths))]
         self.xl = len(self.pairs) > 1 or hasattr(self.pairs[-1][1], "text_projection")
 
-    def resolve(self, text: str) -> list[list[list[int]] | tuple[Ref, Concept]]:
-        """Each text piece's token ids for every tokenizer, and the concept of each reference;
-        unknown names are an error here."""
-        out = []
+    def resolve(self, text: str) -> list[Piece | None]:
+        """The prompt's pieces in order, each (weight, its token ids for every tokenizer) or
+        (weight, (reference, concept)), and None for a BREAK; unknown names are an error here."""
+        refs, joined = {}, []
         for seg in parse(text):
-            if isinstance(seg, str):
-                out.append([tok.ids(unescape(seg)) for tok, _ in self.pairs])
+            if isinstance(seg, Ref):
+                mark = chr(_MARK + len(refs))
+                refs[mark] = (seg, concept(seg, self.concepts))
+                seg = mark
+            joined.append(seg)
+        split = re.compile(f"([{''.join(refs)}])") if refs else None
+        out = []
+        for piece, w in emphasis("".join(joined)):
+            if w == BREAK:
+                out.append(None)
                 continue
-            out.append((seg, concept(seg, self.concepts)))
+            for part in split.split(piece) if split else [piece]:
+                if part in refs:
+                    out.append((w, refs[part]))
+                elif part:
+                    out.append((w, [tok.ids(part) for tok, _ in self.pairs]))
         return out
 
-    def _vectors(self, resolved, t: int, e: int) -> torch.Tensor:
-        """(n, D) input vectors of encoder e at timestep t, before bos / eos / padding."""
+    def _chunks(self, resolved, t: int, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encoder e's input vectors at timestep t, before bos / eos / padding, in chunks of at most
+        75: each (n, D) with its (n,) weights."""
         table = self.pairs[e][1].text_model.embeddings.token_embedding.weight
-        pieces = []
-        for seg in resolved:
-            if isinstance(seg, list):
-                pieces.append(table[torch.tensor(seg[e], dtype=torch.long, device=table.device)])
+        room = self.pairs[e][0].max_length - 2
+        groups, vectors, weights = [], [], []
+        for item in [*resolved, None]:  # None: a BREAK, and the end
+            if item is None:
+                v = torch.cat(vectors) if vectors else table[:0]
+                groups.append((v, torch.cat(weights) if weights else table.new_ones(0)))
+                vectors, weights = [], []
                 continue
-            s = selection(*seg, t, self.T, self.semi)
-            vectors = seg[1].embeds[:, self.columns[e]]
-            pieces.append(vectors.to(table) if s == ALL
-                          else table.new_zeros(1, table.shape[1]) if s == ZERO
-                          else table[:0] if s == DROP else vectors[s:s + 1].to(table))
-        return torch.cat(pieces) if pieces else table[:0]
+            w, seg = item
+            if isinstance(seg, list):
+                v = table[torch.tensor(seg[e], dtype=torch.long, device=table.device)]
+            else:
+                s = selection(*seg, t, self.T, self.semi)
+                rows = seg[1].embeds[:, self.columns[e]]
+                v = (rows.to(table) if s == ALL else table.new_zeros(1, table.shape[1]) if s == ZERO
+                     else table[:0] if s == DROP else rows[s:s + 1].to(table))
+            vectors.append(v)
+            weights.append(torch.full((v.shape[0],), w, dtype=torch.float32))
+        if len(groups) > 1 and groups[-1][0].shape[0] == 0:  # a BREAK at the end adds no chunk
+            groups.pop()
+        return [(v[i:i + room], w[i:i + room]) for v, w in groups
+                for i in range(0, max(len(v), 1), room)]
 
     def _key(self, resolved, t: int) -> tuple:
-        return tuple(selection(*seg, t, self.T, self.semi)
-                     for seg in resolved if isinstance(seg, tuple))
+        return tuple(selection(*seg[1], t, self.T, self.semi)
+                     for seg in resolved if seg is not None and isinstance(seg[1], tuple))
 
-    def encode(self, texts: list[str], t: int = 0) -> torch.Tensor:
-        """(B, 77, D) at timestep t (SDXL: (B, 78, D), engine.sdxl)."""
-        return self.encode_resolved([self.resolve(s) for s in texts], t)
+    def encode(self, texts: list[str], t: int = 0, chunks: int = 1) -> torch.Tensor:
+        """(B, 77·k, D) at timestep t for k chunks, at least `chunks` (SDXL: one more row,
+        engine.sdxl)."""
+        return self.encode_resolved([self.resolve(s) for s in texts], t, chunks)
 
-    def encode_resolved(self, resolved: list, t: int = 0) -> torch.Tensor:
-        embeds = []
+    def encode_resolved(self, resolved: list, t: int = 0, chunks: int = 1) -> torch.Tensor:
+        per = [[self._chunks(r, t, e) for r in resolved] for e in range(len(self.pairs))]
+        k = max([chunks] + [len(c) for enc in per for c in enc])
+        hidden, pooled = [], None
         for e, (tok, te) in enumerate(self.pairs):
             table = te.text_model.embeddings.token_embedding.weight
-            vectors = [self._vectors(r, t, e) for r in resolved]
-            embeds.append(torch.stack([tok.pad_embeds(v, table) for v in vectors]))
-        if not self.xl:
-            return self.pairs[0][1](inputs_embeds=embeds[0])
-        # the pooled output is read at the last encoder's eos, placed after its vectors
-        ids = torch.stack([self.pairs[-1][0].pad_ids(v.shape[0]) for v in vectors])
-        ids = ids.to(embeds[-1].device)
-        return sdxl.encode([te for _, te in self.pairs], [ids] * len(self.pairs), embeds)
+            rows, weights, first = [], [], []
+            for cs in per[e]:
+                cs = cs + [(table[:0], table.new_ones(0))] * (k - len(cs))
+                first.append(len(cs[0][0]))
+                for v, w in cs:
+                    rows.append(tok.pad_embeds(v, table))
+                    weights.append(torch.cat([w.new_ones(1), w, w.new_ones(tok.max_length - 1
+                                                                          - len(w))]))
+            embeds = torch.stack(rows)
+            if self.xl:
+                states = te.hidden_states(None, embeds)
+                z = states[-2]
+                if e == len(self.pairs) - 1:
+                    # the pooled output, at the eos of each prompt's first chunk
+                    ids = torch.stack([tok.pad_ids(n) for n in first]).to(embeds.device)
+                    pooled = te.text_embeds(te.text_model.final_layer_norm(states[-1][::k]), ids)
+            else:
+                z = te(inputs_embeds=embeds)
+            z = emphasize(z, torch.stack(weights))
+            hidden.append(z.reshape(len(resolved), k * tok.max_length, -1))
+        z = torch.cat(hidden, -1)
+        return sdxl.pack(z, pooled) if self.xl else z
 
     def dynamic(self, texts: list[str]) -> Ref | None:
         """The first reference that changes with t (native / semi / fully, to a multires concept),
         if any."""
-        return next((ref for s in texts for seg in self.resolve(s) if isinstance(seg, tuple)
-                     for ref, c in [seg] if c.multires and ref.mode != "fixed"), None)
+        return next((ref for s in texts for seg in self.resolve(s)
+                     if seg is not None and isinstance(seg[1], tuple)
+                     for ref, c in [seg[1]] if c.multires and ref.mode != "fixed"), None)
 
-    def cond(self, texts: list[str]) -> Callable[[int], torch.Tensor]:
-        """t → (B, 77, D) embeddings; the text encoder runs once per distinct selection of rows."""
+    def cond(self, texts: list[str], chunks: int = 1) -> Callable[[int], torch.Tensor]:
+        """t → (B, 77·k, D) embeddings; the text encoder runs once per distinct selection of
+        rows."""
         resolved = [self.resolve(s) for s in texts]
         cache = {}
 
         def cond(t):
             key = tuple(self._key(r, int(t)) for r in resolved)
             if key not in cache:
-                cache[key] = self.encode_resolved(resolved, int(t))
+                cache[key] = self.encode_resolved(resolved, int(t), chunks)
             return cache[key]
         return cond

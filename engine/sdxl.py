@@ -25,19 +25,6 @@ def pack(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden, row], 1)
 
 
-def encode(encoders: list, ids: list[torch.Tensor], embeds: list | None = None) -> torch.Tensor:
-    """The packed embedding of token ids (and optionally the input embeddings) for each encoder in
-    order: penultimate hidden states concatenated along features, the last encoder's pooled
-    output projected."""
-    embeds = embeds or [None] * len(encoders)
-    hidden = []
-    for enc, i, e in zip(encoders, ids, embeds):
-        states = enc.hidden_states(i, e)
-        hidden.append(states[-2])
-    last = encoders[-1].text_model.final_layer_norm(states[-1])
-    return pack(torch.cat(hidden, -1), encoders[-1].text_embeds(last, ids[-1]))
-
-
 @dataclass
 class TextTime:
     """How an SDXL UNet takes its added conditioning: the pooled width, whether its ids carry the

@@ -158,8 +158,8 @@ def test_several_concepts_and_resolutions_in_one_prompt(pipe):
 
 
 def test_a_backslash_writes_the_text_of_a_pseudo_word():
-    assert pr.parse(r"a \<b> star and S\*(0.3)") == [r"a \<b> star and S\*(0.3)"]
-    assert pr.unescape(r"a \<b> star and S\*(0.3)") == "a <b> star and S*(0.3)"
+    assert pr.parse(r"a \<b> star and S\*\(0.3\)") == [r"a \<b> star and S\*\(0.3\)"]
+    assert pr.emphasis(r"a \<b> star and S\*\(0.3\)") == [("a <b> star and S*(0.3)", 1.0)]
     p = engine.load()
     with pytest.raises(pr.PromptError, match=r"write \\<b> for the text itself"):
         p.model.encode_prompt(["a <b> star"])
