@@ -59,10 +59,24 @@ def fewest(rows, base):
     return None
 
 
+def summarize(result: dict) -> dict:
+    """The fewest steps at which each sampler matches DDIM-50, and the fast default: the deterministic
+    sampler and step count that match it with the fewest UNet calls."""
+    table = result["table"]
+    matches = {s: fewest(table[s], table["ddim"]["50"]) for s in SAMPLERS}
+    calls = {s: table[s][str(n)]["unet_calls"] for s, n in matches.items() if n is not None and s not in STOCHASTIC}
+    best = min(calls, key=lambda s: (calls[s], s))
+    return {**result, "matches_ddim_50_at": matches, "fast_default": {"sampler": best, "steps": matches[best]}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--captions", type=int, default=100)
+    ap.add_argument("--summarize", action="store_true", help="recompute the summary of the existing JSON")
     args = ap.parse_args()
+    if args.summarize:
+        OUT.write_text(json.dumps(summarize(json.loads(OUT.read_text())), indent=2) + "\n")
+        return
     torch.set_num_threads(2)
     pipe = engine.load(DEFAULT_MODEL)
     scenes = world.scenes(SCENE_SEED, args.captions)
@@ -79,14 +93,13 @@ def main():
             print(f"{sampler:13s} {steps:3d} steps: PSNR {rows[str(steps)]['psnr']:6.2f} dB, colour "
                   f"{rows[str(steps)]['colour']:.3f}, shape {rows[str(steps)]['shape']:.3f}", flush=True)
         table[sampler] = rows
-    base = table["ddim"]["50"]
-    matches = {s: fewest(table[s], base) for s in SAMPLERS}
     result = {"captions": len(captions), "scene_seed": SCENE_SEED, "guidance": GUIDANCE, "tolerance": TOLERANCE, "psnr_floor": PSNR_FLOOR,
-              "schedule": "default", "table": table, "matches_ddim_50_at": matches,
+              "schedule": "default", "table": table,
               "seconds": round(time.perf_counter() - t0, 1), "device": "cpu (2 cores)", "commit": source_commit(),
               "model_version": versions(), "command": " ".join(["python bench/bench_samplers.py", *sys.argv[1:]])}
+    result = summarize(result)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"matches DDIM-50 at: {matches}\nwrote {OUT}")
+    print(f"matches DDIM-50 at: {result['matches_ddim_50_at']}; fast default {result['fast_default']}\nwrote {OUT}")
 
 
 if __name__ == "__main__":

@@ -354,6 +354,23 @@ def recipe_times(j):
     return md(["stage", "wall time", "runs (resumed)", "machine"], rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
 
 
+@table("samplers", "samplers.json", "{command}")
+def samplers(j):
+    steps = [k for k in next(v for k, v in j["table"].items() if k != "reference")]
+    ref = j["table"]["reference"]
+    cell = lambda r: f"{f(r['psnr'], 1)} dB · {pct(r['colour'])} / {pct(r['shape'])}"  # noqa: E731
+    rows = [[f"`{s}`" + (" (fresh noise)" if t[steps[0]]["stochastic"] else ""), *map(cell, t.values()),
+             "none" if j["matches_ddim_50_at"][s] is None else
+             f"{j['matches_ddim_50_at'][s]} steps ({t[str(j['matches_ddim_50_at'][s])]['unet_calls']} UNet calls)"]
+            for s, t in j["table"].items() if s != "reference"]
+    rows.append([f"DDIM {ref['steps']}, the reference: {pct(ref['colour'])} / {pct(ref['shape'])}"]
+                + [""] * (len(steps) + 1))
+    fast = j["fast_default"]
+    return (md(["sampler", *(f"{n} steps" for n in steps), "matches DDIM-50 at"], rows)
+            + f"\n\nCells: PSNR to the reference · colour / shape of the named objects. `--fast` is "
+            f"`--sampler {fast['sampler']} --steps {fast['steps']}`.")
+
+
 def stamp(j) -> str:
     """" (commit …, model …)" from a result file's stamps, or from its parts' when each part has its own."""
     parts = [j] if "commit" in j or "model_version" in j else [v for v in j.values() if isinstance(v, dict)]

@@ -127,6 +127,17 @@ def lora_arg(text: str) -> tuple[str, float]:
 # engine.ksample's, written out so that --help imports no torch
 SAMPLER_NAMES = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
 SCHEDULE_NAMES = ("default", "karras", "exponential")
+# --fast: the deterministic sampler and step count that match DDIM-50 with the fewest UNet calls on
+# the embedded model (bench/bench_samplers.py → bench/results/samplers.json, "fast_default")
+FAST = {"sampler": "dpmpp_2m", "steps": 15}
+
+
+class Fast(argparse.Action):
+    """--fast: set --sampler and --steps to FAST (flags after it still win)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for k, v in FAST.items():
+            setattr(namespace, k, v)
 
 
 def sampling_args(p, api, model):
@@ -148,6 +159,9 @@ def sampling_args(p, api, model):
          choices=list(SAMPLER_NAMES))
     flag(p, "--schedule", api, "the σ grid of a σ-space sampler: the scheduler's default, karras "
          "or exponential", choices=list(SCHEDULE_NAMES))
+    p.add_argument("--fast", action=Fast, nargs=0, help=f"--sampler {FAST['sampler']} --steps "
+                   f"{FAST['steps']}: as good as 50 DDIM steps on the embedded model with the fewest "
+                   "UNet calls (bench/README.md); flags after it still win")
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when "
                    "complete")
 

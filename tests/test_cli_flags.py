@@ -112,3 +112,18 @@ def test_help_imports_no_torch():
     code = ("import sys, engine.cli as c; c.parser(); import engine; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fast_is_the_measured_fast_default():
+    import json
+    from pathlib import Path
+
+    from engine import flags
+
+    measured = json.loads((Path(__file__).resolve().parent.parent / "bench/results/samplers.json").read_text())
+    assert flags.FAST == measured["fast_default"]
+    base = ["generate", "--prompt", "x", "--out", "o.png"]
+    a = parser().parse_args(base + ["--fast"])
+    assert {"sampler": a.sampler, "steps": a.steps} == flags.FAST
+    a = parser().parse_args(base + ["--fast", "--steps", "30"])
+    assert (a.sampler, a.steps) == (flags.FAST["sampler"], 30)
