@@ -13,6 +13,7 @@ from torch import nn
 
 from .checkpoints import build, fill, load_component, read_json, read_state_dict, weight_files
 from .models.clip import CLIPVisionConfig, CLIPVisionModel
+from .prompt import plain
 from .tokenizer import Tokenizer
 
 
@@ -176,7 +177,8 @@ class Scorer(nn.Module):
         return F.normalize(self.visual(x), dim=-1)
 
     def texts(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts)
+        """Texts → unit embeddings; prompts are read for their words (prompt.plain)."""
+        ids = self.tokenizer([plain(t) for t in texts])
         return self.encode_text(ids[:, : int((ids != self.tokenizer.pad_id).sum(1).max()) + 1])
 
     @torch.no_grad()

@@ -185,6 +185,16 @@ def emphasis(text: str) -> list[tuple[str, float]]:
     return [(p, w) for p, w in out]
 
 
+def plain(text: str) -> str:
+    """A prompt's words: without emphasis brackets, weights, BREAK or <lora:…> tags (pseudo-words
+    stay as written), for a CLIP score of the text."""
+    segs = parse(strip_loras(text))
+    refs = [str(g) for g in segs if isinstance(g, Ref)]
+    marked = "".join(chr(_MARK + refs.index(str(g))) if isinstance(g, Ref) else g for g in segs)
+    words = "".join(" " if w == BREAK else p for p, w in emphasis(marked))
+    return " ".join(re.sub("[\ue000-\uf8ff]", lambda m: refs[ord(m[0]) - _MARK], words).split())
+
+
 def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """AUTOMATIC1111's emphasis on text-encoder outputs z (N, L, D): each token's row times its
     weight (N, L), then each sequence scaled back to its mean."""

@@ -158,3 +158,8 @@ def test_cli_bad_emphasis_fails_before_loading(tiny, tmp_path, cli_error):
     folder, _ = tiny("sd1")
     cli_error(["generate", "--model", str(folder), "--prompt", "a (red:1.2.3) star", "--out", str(tmp_path / "o.png")],
               "is not a weight")
+
+
+def test_clip_scores_read_a_prompts_words():
+    assert pr.plain("a large (blue:1.2) star BREAK on [white] <lora:x:0.5>") == "a large blue star on white"
+    assert pr.plain(r"<C(3)> and S*(0.5) ((big))dog \(x\)") == "<C(3)> and S*(0.5) bigdog (x)"
