@@ -22,11 +22,10 @@ def _load(a, path=None) -> engine.Pipeline:
     words = {k: getattr(a, k) for k in ("embeddings", "semi", "max_memory") if hasattr(a, k)}
     if path is not None:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
-    loras = {k: getattr(a, k) for k in ("lora", "lora_dir") if hasattr(a, k)}
+    loras = dict(loras=getattr(a, "lora", ()), lora_dir=getattr(a, "lora_dir", None),
+                 lora_strict=getattr(a, "lora_strict", True))
     return engine.load(a.model, dtype=a.dtype, device=a.device, variant=a.variant, config=a.config,
-                       prediction_type=a.prediction_type, tokenizer=a.tokenizer,
-                       loras=loras.pop("lora", ()), **loras, **words,
-                       lora_strict=getattr(a, "lora_strict", True))
+                       prediction_type=a.prediction_type, tokenizer=a.tokenizer, **loras, **words)
 
 
 def _words(a, *texts):
