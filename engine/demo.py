@@ -17,7 +17,7 @@ SOURCE = world.Scene((world.Obj("triangle", "green", "large", "in the center"),)
 EDIT = SOURCE.replace(0, colour="purple")
 
 
-def run(out="out", steps=50, sr_steps=20, model=DEFAULT_MODEL, upscaler=DEFAULT_UPSCALER, seed=0,
+def run(out="out", steps=50, sr_steps=10, model=DEFAULT_MODEL, upscaler=DEFAULT_UPSCALER, seed=0,
         progress=True) -> list[Path]:
     """Text→image, img2img, ×4 upscale to 256² and a tiled ×4 upscale to 1024²; returns the files
     written."""
