@@ -371,6 +371,16 @@ def samplers(j):
             f"`--sampler {fast['sampler']} --steps {fast['steps']}`.")
 
 
+@table("demo", "demo.json", "{command}")
+def demo_table(j):
+    rows = [[f"{s} steps", f(j["median_s"][s], 1), ", ".join(f(t, 1) for t in j["runs"][s]),
+             f"{f(q['psnr_256'])} dB, {pct(q['sharpness_256'])}", f"{f(q['psnr_1024'])} dB, {pct(q['sharpness_1024'])}"]
+            for s, q in j["quality"].items()]
+    return (md(["×4 stages", "demo, median s", "runs (alternating)", "64² → 256²: PSNR, sharpness",
+                "256² → 1024² tiled: PSNR, sharpness"], rows)
+            + f"\n\n{j['cpu']}, {j['threads']} threads; 10 steps take {f(j['ratio_10_over_20'])}× the time of 20.")
+
+
 def stamp(j) -> str:
     """" (commit …, model …)" from a result file's stamps, or from its parts' when each part has its own."""
     parts = [j] if "commit" in j or "model_version" in j else [v for v in j.values() if isinstance(v, dict)]
