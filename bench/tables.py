@@ -378,7 +378,7 @@ def demo_table(j):
             for s, q in j["quality"].items()]
     return (md(["×4 stages", "demo, median s", "runs (alternating)", "64² → 256²: PSNR, sharpness",
                 "256² → 1024² tiled: PSNR, sharpness"], rows)
-            + f"\n\n{j['cpu']}, {j['threads']} threads; 10 steps take {f(j['ratio_10_over_20'])}× the time of 20.")
+            + f"\n\nCPU, {j['threads']} threads; 10 steps take {f(j['ratio_10_over_20'])}× the time of 20.")
 
 
 def stamp(j) -> str:
