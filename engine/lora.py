@@ -113,7 +113,11 @@ def _peft_alpha(meta: dict, comp: str, module: str) -> float | None:
     """α of a module from diffusers' lora_adapter_metadata (PEFT's LoraConfig per component)."""
     cfg = {k[len(comp) + 1:]: v for k, v in meta.items() if k.startswith(comp + ".")}
     for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", module)
+        except re.error:  # not a regular expression: a module name as written
+            hit = module.endswith(pattern)
+        if hit:
             return float(alpha)
     return None if cfg.get("lora_alpha") is None else float(cfg["lora_alpha"])
 
