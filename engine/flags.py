@@ -160,8 +160,8 @@ def sampling_args(p, api, model):
     flag(p, "--schedule", api, "the σ grid of a σ-space sampler: the scheduler's default, karras "
          "or exponential", choices=list(SCHEDULE_NAMES))
     p.add_argument("--fast", action=Fast, nargs=0, help=f"--sampler {FAST['sampler']} --steps "
-                   f"{FAST['steps']}: as good as 50 DDIM steps on the embedded model with the fewest "
-                   "UNet calls (bench/README.md); flags after it still win")
+                   f"{FAST['steps']}: as good as 50 DDIM steps on the embedded model with the "
+                   "fewest UNet calls (bench/README.md); flags after it still win")
     p.add_argument("--out", required=True, help="output image file (.png/.jpg); written only when "
                    "complete")
 

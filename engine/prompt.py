@@ -133,9 +133,10 @@ def strip_loras(text: str) -> str:
     return _LORA.sub("", text)
 
 
-# AUTOMATIC1111's emphasis (modules/prompt_parser.py): (x) ×1.1, [x] ÷1.1, (x:w) ×w, nested; \( \) \[ \]
-# \\ are the characters, a lone backslash is dropped; BREAK ends a 75-token chunk
-_EMPHASIS = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+# AUTOMATIC1111's emphasis (modules/prompt_parser.py): (x) ×1.1, [x] ÷1.1, (x:w) ×w, nested;
+# \( \) \[ \] \\ are the characters, a lone backslash is dropped; BREAK ends a 75-token chunk
+_EMPHASIS = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]"
+                       r"|[^\\()\[\]:]+|:")
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 BREAK = -1.0  # the weight that marks a BREAK
 UP = 1.1
@@ -162,7 +163,8 @@ def emphasis(text: str) -> list[tuple[str, float]]:
             try:
                 scale(round_.pop(), float(weight))
             except ValueError:
-                raise PromptError(f"{piece!r}: {weight!r} is not a weight; write (text:1.3)") from None
+                raise PromptError(f"{piece!r}: {weight!r} is not a weight; write (text:1.3)") \
+                    from None
         elif piece == ")" and round_:
             scale(round_.pop(), UP)
         elif piece == "]" and square:

@@ -25,9 +25,13 @@ import torch
 
 from . import kernels
 from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
+from .models.vae import DownEncoderBlock2D, UpDecoderBlock2D
 
 TILE_PIXELS = 1024 * 1024  # default budget: larger images are tiled (ENGINE_VAE_TILE_PIXELS)
 TILE_IMAGE_PX = 512  # default tile side in image px: 512 // downscale latent px (ENGINE_VAE_TILE)
+# the largest whole activation the tiled path keeps between stretches (an SD VAE decode to 1024²
+# keeps the 512-wide ones, not the 256-wide at full size)
+BUFFER_BYTES = 512 << 20
 
 
 def _read(name, raw, env, default, least):
@@ -108,18 +112,49 @@ def _mid(block):
     return [block.resnets[0], *block.attentions, block.resnets[1]]
 
 
+def _layers(ops):
+    """The ops with each up / down block as the layers it runs one after another."""
+    out = []
+    for op in ops:
+        if isinstance(op, (UpDecoderBlock2D, DownEncoderBlock2D)):
+            out += [*op.resnets, *getattr(op, "upsamplers", ()), *getattr(op, "downsamplers", ())]
+        else:
+            out.append(op)
+    return out
+
+
+def _shapes(ops, x, fi, p=4):
+    """(channels, px per latent px, whether a whole number of px per latent px) of each op's
+    output, from a run on p × p latent px plus x's own px beyond whole latent px (an encoder input
+    whose sides are not multiples of the factor)."""
+    h = x.new_zeros(1, x.shape[1], p * fi + x.shape[2] % fi, p * fi + x.shape[3] % fi)
+    out = []
+    for op in ops:
+        h = op(h)
+        s = h.shape[-1] // p
+        out.append((h.shape[1], s, h.shape[-2] == h.shape[-1] == p * s))
+    return out
+
+
 def _run(ops, x, fi, tile):
-    """Local ops run tile by tile in stretches; global attention between them. fi: input px per
-    latent px."""
+    """Local ops run tile by tile in stretches, global attention between them; a stretch also ends
+    after a layer whose whole output fits in BUFFER_BYTES, so that each GroupNorm's statistics
+    pass recomputes little. fi: input px per latent px."""
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"VAE tiling: tile={tile!r}; need an integer >= 1 (latent pixels)")
+    ops = _layers(ops)
+    latent_px = x.shape[0] * (x.shape[2] // fi) * (x.shape[3] // fi)
     stretch = []
-    for op in [*ops, None]:
+    for op, (c, s, whole) in zip([*ops, None], [*_shapes(ops, x, fi), (0, 1, True)]):
         if op is not None and not isinstance(op, SpatialSelfAttention):
             stretch.append(op)
-            continue
-        x, fi, stretch = _tiled(lambda h, fs=tuple(stretch): _chain(fs, h), x, fi, tile), 1, []
-        if op is not None:
+            size = c * s * s * latent_px * x.element_size()
+            if op is ops[-1] or not whole or size > BUFFER_BYTES:
+                continue
+        if stretch:
+            x, stretch = _tiled(lambda h, fs=tuple(stretch): _chain(fs, h), x, fi, tile), []
+        fi = s
+        if op is not None and isinstance(op, SpatialSelfAttention):
             x = _attention(op, x, tile)
     return x
 

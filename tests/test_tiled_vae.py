@@ -209,3 +209,19 @@ def test_papers_take_models_not_pipelines():
     Cascade(base.model, sr.model)
     with pytest.raises(AttributeError):
         base.semi = "remove"  # the façade has no settings of its own: pipe.model.semi
+
+
+@torch.no_grad()
+def test_stretches_end_where_the_activation_fits_the_buffer(monkeypatch):
+    """With room for whole activations the decode runs in many short stretches (few statistics passes each),
+    without it in one; both exact."""
+    vae = _vae(CONFIGS["f8_attn"])
+    z = torch.randn(1, 4, 9, 10, generator=_gen(4))
+    ref = vae.decode(z)
+    tiled = tiled_vae._tiled
+    for budget, few in ((1 << 30, False), (0, True)):
+        calls = []
+        monkeypatch.setattr(tiled_vae, "BUFFER_BYTES", budget)
+        monkeypatch.setattr(tiled_vae, "_tiled", lambda *a, **k: calls.append(1) or tiled(*a, **k))
+        _close(tiled_vae.decode(vae, z, tile=4), ref)
+        assert (len(calls) <= 2) == few, len(calls)
