@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine import tiled_vae  # noqa: E402
-from engine.embedded import DEFAULT_MODEL  # noqa: E402
+from engine.embedded import DEFAULT_MODEL, source_commit  # noqa: E402
 from engine.checkpoints import load_component  # noqa: E402
 from engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -151,8 +151,9 @@ def save(part, value):
     results = load()
     results.update(device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
                    torch=torch.__version__, dtype="float32",
-                   note="the CPU is shared with another engineer's test runs: timings are noisy")
-    results[part] = value
+                   note="parts without a commit stamp were measured on a CPU shared with other "
+                        "test runs: their timings are noisy")
+    results[part] = {**value, "commit": source_commit()}
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 
