@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine import tiled_vae  # noqa: E402
-from engine.embedded import DEFAULT_MODEL, source_commit  # noqa: E402
+from engine.embedded import DEFAULT_MODEL, source_commit, versions  # noqa: E402
 from engine.checkpoints import load_component  # noqa: E402
 from engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -149,11 +149,15 @@ def load():
 
 def save(part, value):
     results = load()
+    older = results.pop("model_version", None)  # files that stamped the model once, for every part
+    for v in results.values():
+        if isinstance(v, dict) and older is not None:
+            v.setdefault("model_version", older)
     results.update(device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
                    torch=torch.__version__, dtype="float32",
                    note="parts without a commit stamp were measured on a CPU shared with other "
                         "test runs: their timings are noisy")
-    results[part] = {**value, "commit": source_commit()}
+    results[part] = {**value, "commit": source_commit(), "model_version": versions()}
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -12,10 +12,12 @@ wider than the receptive radius (real image borders keep their true zero padding
 its core. GroupNorm is the one non-local op: a stretch of the network with K norms runs K + 1
 passes over the tiles. Pass k normalises norms 0..k-1 with whole-image statistics already gathered,
 sums norm k's input over the tile cores (float64) and stops there; the last pass writes the output.
-The mid block's attention is global: it runs at latent resolution, queries in chunks against the
-keys and values of the whole latent. Peak memory is a few latent-resolution tensors of the
-mid-block width plus one tile's activations, whatever the image size; the price is recomputation
-(about K/2 forward passes' worth). Inference only: the tiled path runs under torch.no_grad.
+A stretch ends at the mid block's attention and after any layer (a resnet, an up / down sampler)
+whose whole output fits BUFFER_BYTES, which is kept as the next stretch's input: a resnet then
+costs 3 passes, and only layers of very large images, whose outputs do not fit, are recomputed
+more. The attention is global: it runs at latent resolution, queries in chunks against the keys
+and values of the whole latent. Peak memory is two such kept outputs, a few latent-resolution
+tensors and one tile's activations. Inference only: the tiled path runs under torch.no_grad.
 """
 import itertools
 import math
