@@ -95,7 +95,7 @@ def tiny_vae():
 
 def part_tiny(args):
     vae, g = tiny_vae(), torch.Generator().manual_seed(1)
-    z = torch.randn(1, 4, 256, 256, generator=g)
+    z = torch.randn(1, vae.config.latent_channels, 256, 256, generator=g)
     x = torch.rand(1, 3, 1024, 1024, generator=g) * 2 - 1
     decode = compare(vae, lambda v: v.decode_latents(z.to(dtype(v))),
                      lambda v, t: tiled_vae.decode_latents(v, z.to(dtype(v)), pixels=0, tile=t),
