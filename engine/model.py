@@ -255,16 +255,24 @@ class Model:
         (SDXL: one more row, engine.sdxl). Prompts are read as AUTOMATIC1111 reads them: emphasis,
         BREAK, chunks (prompt.Encoder); pseudo-words must not change with t here (prompt_cond
         takes those)."""
-        texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
-        enc = self._encoder()
-        ref = enc.dynamic(texts)
+        enc, resolved = self._resolve(prompts, negative, guided)
+        ref = enc.dynamic(resolved)
         if ref is not None:
             raise pr.PromptError(f"{ref} changes with t, but this method (an inversion) needs "
                                  f"one fixed prompt; write <{ref.name}|i|>")
+        return self._encoded(enc, resolved, negative, guided, self._chunks(like))
+
+    def _resolve(self, prompts, negative, guided) -> tuple[pr.Encoder, list]:
+        """The encoder and the texts' pieces (prompt.Encoder.resolve), <lora:…> tags checked and
+        removed."""
+        texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
+        enc = self._encoder()
         with stage("tokenize"):
-            resolved = [enc.resolve(t) for t in texts]
+            return enc, [enc.resolve(t) for t in texts]
+
+    def _encoded(self, enc, resolved, negative, guided, chunks: int = 1) -> torch.Tensor:
         with stage("text encode"):
-            emb = enc.encode_resolved(resolved, 0, self._chunks(like))
+            emb = enc.encode_resolved(resolved, 0, chunks)
         return zero_uncond(emb) if self._zeros(negative, guided) else emb
 
     def _zeros(self, negative, guided) -> bool:
@@ -275,12 +283,11 @@ class Model:
                     guided: bool = False) -> Cond:
         """Conditioning as a function of t: constant for plain prompts; with multiresolution
         pseudo-words the text encoder runs once per time bin the sampler enters."""
-        texts = self._strip_loras(guided_texts(prompts, negative) if guided else prompts)
-        enc = self._encoder()
-        if enc.dynamic(texts) is not None:
-            cond = enc.cond(texts)
+        enc, resolved = self._resolve(prompts, negative, guided)
+        if enc.dynamic(resolved) is not None:
+            cond = enc.cond(resolved)
             return mapped(cond, zero_uncond) if self._zeros(negative, guided) else cond
-        return constant(self.encode_prompt(prompts, negative, guided))
+        return constant(self._encoded(enc, resolved, negative, guided))
 
     # ---- denoisers -----------------------------------------------------------------------------
 

@@ -187,14 +187,27 @@ def emphasis(text: str) -> list[tuple[str, float]]:
     return [(p, w) for p, w in out]
 
 
+_MARK = 0xE000  # private-use characters stand for pseudo-words while emphasis is parsed
+
+
+def marked(segments: list[str | Ref]) -> tuple[str, dict[str, Ref]]:
+    """The text with each reference replaced by a private-use character, so that emphasis is
+    parsed around the references, and {character: reference}."""
+    refs, out = {}, []
+    for seg in segments:
+        if isinstance(seg, Ref):
+            refs[chr(_MARK + len(refs))] = seg
+            seg = chr(_MARK + len(refs) - 1)
+        out.append(seg)
+    return "".join(out), refs
+
+
 def plain(text: str) -> str:
     """A prompt's words: without emphasis brackets, weights, BREAK or <lora:…> tags (pseudo-words
     stay as written), for a CLIP score of the text."""
-    segs = parse(strip_loras(text))
-    refs = [str(g) for g in segs if isinstance(g, Ref)]
-    marked = "".join(chr(_MARK + refs.index(str(g))) if isinstance(g, Ref) else g for g in segs)
-    words = "".join(" " if w == BREAK else p for p, w in emphasis(marked))
-    return " ".join(re.sub("[\ue000-\uf8ff]", lambda m: refs[ord(m[0]) - _MARK], words).split())
+    text, refs = marked(parse(strip_loras(text)))
+    words = "".join(" " if w == BREAK else p for p, w in emphasis(text))
+    return " ".join("".join(str(refs[c]) if c in refs else c for c in words).split())
 
 
 def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -279,15 +292,13 @@ def check(texts, concepts: dict[str, Concept]) -> None:
     fails before one loads."""
     lora_tags(texts)
     for text in texts:
-        segs = parse(text)
-        for seg in segs:
-            if isinstance(seg, Ref):
-                concept(seg, concepts)
-        emphasis(strip_loras("".join(chr(_MARK) if isinstance(g, Ref) else g for g in segs)))
+        text, refs = marked(parse(strip_loras(text)))
+        for ref in refs.values():
+            concept(ref, concepts)
+        emphasis(text)
 
 
 Piece = tuple[float, "list[list[int]] | tuple[Ref, Concept]"]
-_MARK = 0xE000  # private-use characters stand for pseudo-words while emphasis is parsed
 
 
 class Encoder:
@@ -311,16 +322,11 @@ class Encoder:
     def resolve(self, text: str) -> list[Piece | None]:
         """The prompt's pieces in order, each (weight, its token ids for every tokenizer) or
         (weight, (reference, concept)), and None for a BREAK; unknown names are an error here."""
-        refs, joined = {}, []
-        for seg in parse(text):
-            if isinstance(seg, Ref):
-                mark = chr(_MARK + len(refs))
-                refs[mark] = (seg, concept(seg, self.concepts))
-                seg = mark
-            joined.append(seg)
+        text, refs = marked(parse(text))
+        refs = {c: (ref, concept(ref, self.concepts)) for c, ref in refs.items()}
         split = re.compile(f"([{''.join(refs)}])") if refs else None
         out = []
-        for piece, w in emphasis("".join(joined)):
+        for piece, w in emphasis(text):
             if w == BREAK:
                 out.append(None)
                 continue
@@ -362,12 +368,13 @@ class Encoder:
         return tuple(selection(*seg[1], t, self.T, self.semi)
                      for seg in resolved if seg is not None and isinstance(seg[1], tuple))
 
-    def encode(self, texts: list[str], t: int = 0, chunks: int = 1) -> torch.Tensor:
-        """(B, 77·k, D) at timestep t for k chunks, at least `chunks` (SDXL: one more row,
+    def encode(self, texts: list[str], t: int = 0) -> torch.Tensor:
+        """(B, 77·k, D) at timestep t for the k chunks of the longest text (SDXL: one more row,
         engine.sdxl)."""
-        return self.encode_resolved([self.resolve(s) for s in texts], t, chunks)
+        return self.encode_resolved([self.resolve(s) for s in texts], t)
 
     def encode_resolved(self, resolved: list, t: int = 0, chunks: int = 1) -> torch.Tensor:
+        """encode's result for resolved texts, with at least `chunks` chunks."""
         per = [[self._chunks(r, t, e) for r in resolved] for e in range(len(self.pairs))]
         k = max([chunks] + [len(c) for enc in per for c in enc])
         hidden, pooled = [], None
@@ -396,22 +403,22 @@ class Encoder:
         z = torch.cat(hidden, -1)
         return sdxl.pack(z, pooled) if self.xl else z
 
-    def dynamic(self, texts: list[str]) -> Ref | None:
-        """The first reference that changes with t (native / semi / fully, to a multires concept),
-        if any."""
-        return next((ref for s in texts for seg in self.resolve(s)
+    @staticmethod
+    def dynamic(resolved: list) -> Ref | None:
+        """The first reference of resolved texts that changes with t (native / semi / fully, to a
+        multires concept), if any."""
+        return next((ref for r in resolved for seg in r
                      if seg is not None and isinstance(seg[1], tuple)
                      for ref, c in [seg[1]] if c.multires and ref.mode != "fixed"), None)
 
-    def cond(self, texts: list[str], chunks: int = 1) -> Callable[[int], torch.Tensor]:
-        """t → (B, 77·k, D) embeddings; the text encoder runs once per distinct selection of
-        rows."""
-        resolved = [self.resolve(s) for s in texts]
+    def cond(self, resolved: list) -> Callable[[int], torch.Tensor]:
+        """t → (B, 77·k, D) embeddings of resolved texts; the text encoder runs once per distinct
+        selection of rows."""
         cache = {}
 
         def cond(t):
             key = tuple(self._key(r, int(t)) for r in resolved)
             if key not in cache:
-                cache[key] = self.encode_resolved(resolved, int(t), chunks)
+                cache[key] = self.encode_resolved(resolved, int(t))
             return cache[key]
         return cond
