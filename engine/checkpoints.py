@@ -95,17 +95,26 @@ def read_header(f, path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_tensors(path: Path, what: str) -> tuple[dict, dict]:
-    """A small .safetensors file's tensors and metadata (embeddings, LoRAs): pickles refused, a
-    missing or unreadable file named."""
-    from safetensors import safe_open
-
+def check_tensors(path: Path, what: str) -> Path:
+    """A .safetensors file of `what` (embeddings, LoRA) checked from its header alone: pickles
+    refused, a missing or unreadable file named."""
     if path.suffix in PICKLED:
         raise LoadError(f"{path}: pickled {what} ({path.suffix}) can run arbitrary code when "
                         "loaded and are refused; convert it to .safetensors "
                         "(safetensors.torch.save_file) and load that")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file")
+    with open(path, "rb") as f:
+        read_header(f, path)
+    return path
+
+
+def read_tensors(path: Path, what: str) -> tuple[dict, dict]:
+    """A small .safetensors file's tensors and metadata (embeddings, LoRAs), checked as
+    `check_tensors` checks it."""
+    from safetensors import safe_open
+
+    check_tensors(path, what)
     try:
         with safe_open(str(path), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

@@ -38,7 +38,7 @@ def _words(a, *texts):
     for name in prompt.lora_tags(texts):
         lora.find(a.lora_dir, name)
     for path, _ in a.lora:
-        checkpoints.read_tensors(Path(path), "LoRA")
+        checkpoints.check_tensors(Path(path), "LoRA")
 
 
 def _fields(cls, a, **renamed) -> dict:
