@@ -219,12 +219,6 @@ def vae_part(torch, pipe, side, tiled_side, device, dtype, sync, peak):
     return out
 
 
-def commit() -> str:
-    from engine.embedded import source_commit
-
-    return source_commit()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, the Triton kernels interpreted")
@@ -236,6 +230,7 @@ def main():
     import torch
 
     from engine import kernels, ldm
+    from engine.embedded import source_commit
 
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -261,7 +256,7 @@ def main():
     except ImportError:
         triton_version = None
     result = {"device": name, "dry_run": args.dry_run, "torch": torch.__version__, "triton": triton_version,
-              "diffusers": diffusers_version, "commit": commit(), "command": " ".join(["python bench/gpu.py",
+              "diffusers": diffusers_version, "commit": source_commit(), "command": " ".join(["python bench/gpu.py",
                                                                                       *sys.argv[1:]]),
               "parts": {}, "errors": {}}
     repeats = 1 if args.dry_run else args.repeats

@@ -185,14 +185,14 @@ class Merger:
     @torch.no_grad()
     def _merge(self, lora: Lora):
         for layer in lora.layers:
-            for suffix, update in (("weight", None), ("bias", layer.bias)):
-                if suffix == "bias" and update is None:
-                    continue
+            updates = {"weight": layer.delta}
+            if layer.bias is not None:
+                updates["bias"] = lambda shape, b=layer.bias: b.float().reshape(shape)
+            for suffix, delta in updates.items():
                 key = (layer.component, f"{layer.module}.{suffix}")
                 w = self._param(*key)
                 self.originals.setdefault(key, w.detach().clone())
-                d = layer.delta(w.shape) if update is None else update.float().reshape(w.shape)
-                w.copy_(w.float().add_(d.to(w.device), alpha=lora.scale))
+                w.copy_(w.float().add_(delta(w.shape).to(w.device), alpha=lora.scale))
 
     def add(self, lora: Lora):
         self.loaded.append(lora)

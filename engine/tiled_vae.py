@@ -156,7 +156,7 @@ def _run(ops, x, fi, tile):
         if stretch:
             x, stretch = _tiled(lambda h, fs=tuple(stretch): _chain(fs, h), x, fi, tile), []
         fi = s
-        if op is not None and isinstance(op, SpatialSelfAttention):
+        if isinstance(op, SpatialSelfAttention):
             x = _attention(op, x, tile)
     return x
 
