@@ -9,7 +9,7 @@ from . import direct, images, invert as inv, ksample, regions, tiles
 from . import schedule as schedules  # `schedule` is the σ-grid argument here
 from .checkpoints import Components
 from .model import Model
-from .rng import generator as make_generator, randn_tensor
+from .rng import generator as make_generator, generators, randn_tensor
 from .sample import check_args, check_fraction, ddim
 
 
@@ -107,7 +107,8 @@ class Pipeline:
                  schedule="default"):
         """Text → image. Same seed → same image as diffusers' StableDiffusionPipeline with the
         sampler's scheduler (DDIMScheduler for "ddim"; engine.ksample for the others, on the σ
-        grid `schedule`: default, karras or exponential)."""
+        grid `schedule`: default, karras or exponential). A list of seeds, one per prompt, draws
+        each image's noise from its own seed, as generate(prompt[i], seed=seed[i]) draws it."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         run = ksample.pick(sampler, schedule, eta)
         m = self.model
@@ -115,8 +116,8 @@ class Pipeline:
         den = m.denoiser(guidance)
         m.check_memory("generate", height, width, len(prompts) * (1 + den.guided), len(prompts),
                        fix="pass a smaller height / width (--height, --width)")
+        gen = generators(seed, len(prompts))
         cond = m.prompt_cond(prompts, negative, den.guided)
-        gen = make_generator(seed)
         shape = (len(prompts), m.unet.config.in_channels, height // m.downscale,
                  width // m.downscale)
         noise = randn_tensor(shape, gen, m.device, torch.float32)
@@ -127,12 +128,14 @@ class Pipeline:
     def img2img(self, image, prompt, negative=None, strength=0.8, steps=50, guidance=7.5, seed=0,
                 eta=0.0, output="pil", progress=True, sampler="ddim", schedule="default"):
         """SDEdit: noise the encoded image to t(strength), then denoise under the prompt (diffusers
-        img2img with the sampler's scheduler, as generate)."""
+        img2img with the sampler's scheduler, as generate; a list of seeds as generate's)."""
         prompts, negative = self._begin(prompt, negative, steps, guidance, eta, output)
         check_fraction("strength", strength, "; 1 ignores the image")
         run = ksample.pick(sampler, schedule, eta)
         m = self.model
-        x0 = m.pixels(image)
+        gen = generators(seed, len(prompts))
+        # one seed per prompt: each image drawn from its own seed, as it is alone
+        x0 = m.pixels(image, batch=len(prompts) if isinstance(gen, list) else 1)
         if x0.shape[0] not in (1, len(prompts)):
             raise ValueError(f"{x0.shape[0]} images for {len(prompts)} prompts: give one image or "
                              "one per prompt")
@@ -142,7 +145,6 @@ class Pipeline:
         den = m.denoiser(guidance)
         m.check_memory("img2img", *x0.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
         cond = m.prompt_cond(prompts, negative, den.guided)
-        gen = make_generator(seed)
         # one image is encoded once for every prompt, as diffusers does
         z0 = m.encode(x0, sample=True, generator=gen).repeat(len(prompts) // x0.shape[0], 1, 1, 1)
         noise = randn_tensor(z0.shape, gen, m.device, torch.float32)

@@ -20,6 +20,17 @@ def generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator("cpu").manual_seed(seed)
 
 
+def generators(seed, n: int):
+    """The generator of one seed, or for a list of n seeds one generator per batch item, so that
+    item i draws exactly what it draws alone with seed[i]."""
+    if not isinstance(seed, (list, tuple)):
+        return generator(seed)
+    if len(seed) != n:
+        raise ValueError(f"seed: {len(seed)} seeds for {n} prompts; give one seed or one per "
+                         "prompt")
+    return [generator(s) for s in seed]
+
+
 def randn_tensor(shape, generator=None, device=None, dtype=None):
     """diffusers' `randn_tensor`: drawn on the generator's device (a CPU generator draws on the CPU,
     then moves), one draw per batch item when given a list of generators."""

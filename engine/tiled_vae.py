@@ -68,7 +68,12 @@ def applies(vae, area: int, pixels: int | None = None, tile: int | None = None) 
 
 def encode_moments(vae, x: torch.Tensor, pixels: int | None = None,
                    tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vae.encode(x) → (mean, logvar), tiled when `applies`."""
+    """vae.encode(x) → (mean, logvar), tiled when `applies`; one image at a time, so that an
+    image's latent does not depend on the batch it is in (a convolution's arithmetic can change
+    with the batch size)."""
+    if x.shape[0] > 1:
+        mean, logvar = zip(*(encode_moments(vae, one, pixels, tile) for one in x.split(1)))
+        return torch.cat(mean), torch.cat(logvar)
     if applies(vae, x.shape[-2] * x.shape[-1], pixels, tile):
         return vae.moments(encode(vae, x, _side(vae, tile)))
     return vae.encode(x)
@@ -82,7 +87,10 @@ def encode_latents(vae, x: torch.Tensor, sample: bool = False, generator=None,
 
 def decode_latents(vae, latents: torch.Tensor, pixels: int | None = None,
                    tile: int | None = None) -> torch.Tensor:
-    """vae.decode_latents(latents), tiled when `applies`."""
+    """vae.decode_latents(latents), tiled when `applies`; one image at a time, as
+    `encode_moments`."""
+    if latents.shape[0] > 1:
+        return torch.cat([decode_latents(vae, one, pixels, tile) for one in latents.split(1)])
     z = vae.unscale(latents)
     if applies(vae, z.shape[-2] * z.shape[-1] * vae.downscale ** 2, pixels, tile):
         return decode(vae, z, _side(vae, tile))

@@ -80,4 +80,6 @@ def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,
                               m == "triton")
     if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
+    if m == "auto" and not differentiated and conv.pointwise_applies(x, weight, stride, padding):
+        return conv.epilogue(conv.pointwise_conv(x, weight, bias), residual, act)
     return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)

@@ -30,16 +30,17 @@ try:
 except ImportError:  # triton is Linux-only; the CPU paths below need none of it
     HAS_TRITON = False
 
-# (output pixels = batch × H' × W' at most, input channels at least) where im2col beat oneDNN
-# on 2 cores
-IM2COL_WINS = ((32, 320), (128, 640), (512, 1280))
+# (output pixels per image H' × W' at most, input channels at least) where im2col beat oneDNN on
+# 2 cores, at batch 2 (a CFG pair). Per image, not per batch, so that an image is computed the same
+# way whatever else shares its batch.
+IM2COL_WINS = ((16, 320), (64, 640), (256, 1280))
 
 
 def im2col_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
     if (x.shape[1] < IM2COL_WINS[0][1] or padding != 1 or stride not in (1, 2)
             or x.device.type != "cpu"):
         return False
-    pixels = x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
+    pixels = ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
     return (weight.shape[2:] == (3, 3)
             and any(pixels <= p and x.shape[1] >= c for p, c in IM2COL_WINS))
 
@@ -57,6 +58,22 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     # (O, kh, kw, C): matches the patch order
     wm = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
     out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def pointwise_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    return (x.device.type == "cpu" and weight.shape[2:] == (1, 1) and stride == 1 and padding == 0
+            and x.dtype == weight.dtype)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """1×1 convolution as (B·H·W, C) @ (C, O); returns a channels-last tensor. oneDNN's own 1×1
+    convolution computes an image differently with another batch size (at 16 images on one
+    thread, at 1 on two); the matmul's rows do not depend on how many there are."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+    wm = weight.reshape(weight.shape[0], c)
+    out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 

@@ -42,6 +42,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def by_row(f, x: torch.Tensor) -> torch.Tensor:
+    """f(x) one row at a time. A matmul's row can come out differently with another number of
+    rows beside it; an image's result must not depend on what else shares its batch."""
+    return f(x) if x.shape[0] == 1 else torch.cat([f(row) for row in x.split(1)])
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim, dim):
         super().__init__()
@@ -66,7 +72,7 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x, temb=None):
         h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = h + by_row(self.time_emb_proj, F.silu(temb))[:, :, None, None]
         x = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = self.conv2(self.norm2(h, act="silu"), residual=x)
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
-                     Transformer2DModel, Upsample2D, timestep_embedding)
+                     Transformer2DModel, Upsample2D, by_row, timestep_embedding)
 
 # config.json fields that must hold exactly this value (diffusers' default) for this engine to be
 # correct
@@ -167,20 +167,7 @@ class UNet2DConditionModel(nn.Module):
                 time_ids=None) -> torch.Tensor:
         """ε / v prediction for latents x (B, C, H, W) at timesteps t, text context (B, L, D); SDXL also
         takes the pooled text embedding (B, P) and the micro-conditioning time_ids (B, n)."""
-        cfg = self.config
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0],
-                                                     cfg.flip_sin_to_cos, cfg.freq_shift)
-                                  .to(x.dtype))
-        if cfg.num_class_embeds is not None:
-            if class_labels is None:
-                raise ValueError("this UNet has a class embedding (x4 upscaler): "
-                                 "pass class_labels (noise level)")
-            emb = emb + self.class_embedding(torch.as_tensor(class_labels, device=x.device)
-                                             .reshape(-1).expand(x.shape[0])).to(x.dtype)
-        if cfg.addition_embed_type == "text_time":
-            emb = emb + self.add_embedding(self.added_input(x, text_embeds, time_ids))
-
+        emb = self.embedding(x, t, class_labels, text_embeds, time_ids)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -206,6 +193,28 @@ class UNet2DConditionModel(nn.Module):
                 h = block.upsamplers[0](h, skips[-1].shape[2:])
 
         return self.conv_out(self.conv_norm_out(h, act="silu")).contiguous()
+
+    def embedding(self, x, t, class_labels=None, text_embeds=None, time_ids=None) -> torch.Tensor:
+        """The embedding every resnet adds: of the timestep, plus the class (x4 upscaler) or the
+        added conditioning (SDXL). One row (1, D) when the batch shares it, as a sampler's batch
+        does; else (B, D) computed row by row (blocks.by_row)."""
+        cfg, b = self.config, x.shape[0]
+        rows = [torch.as_tensor(t, device=x.device).reshape(-1).expand(b)]
+        if cfg.num_class_embeds is not None:
+            if class_labels is None:
+                raise ValueError("this UNet has a class embedding (x4 upscaler): "
+                                 "pass class_labels (noise level)")
+            rows.append(torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(b))
+        if cfg.addition_embed_type == "text_time":
+            rows.append(self.added_input(x, text_embeds, time_ids))
+        n = 1 if all(bool((r == r[:1]).all()) for r in rows) else b
+        emb = by_row(self.time_embedding, timestep_embedding(
+            rows[0][:n], cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
+        if cfg.num_class_embeds is not None:
+            emb = emb + self.class_embedding(rows[1][:n]).to(x.dtype)
+        if cfg.addition_embed_type == "text_time":
+            emb = emb + by_row(self.add_embedding, rows[-1][:n])
+        return emb
 
     def added_input(self, x, text_embeds, time_ids) -> torch.Tensor:
         """SDXL's added conditioning: the pooled text embedding, then each micro-conditioning id
