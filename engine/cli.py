@@ -253,6 +253,30 @@ def _ti(sub):
                    "learned_embeds.safetensors)")
 
 
+def _serve(sub):
+    s = sub.add_parser("serve", help="an HTTP server: OpenAI Images API, AUTOMATIC1111 sdapi, the "
+                       "engine's edits", description="Serve the model over HTTP: OpenAI's "
+                       "/v1/images/generations and /v1/images/edits, AUTOMATIC1111's "
+                       "/sdapi/v1/txt2img and /sdapi/v1/img2img, /engine/v1/edit, blend and "
+                       "iterinv-edit with the commands' options, /health and /metrics. "
+                       "Concurrent requests that can share a denoising loop run as one batch, "
+                       "each image the same as alone. Needs the extra engine[serve].")
+    model_args(s, DEFAULT_MODEL, job=False)
+    prompt_args(s)
+    s.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 model of blended "
+                   "edits (default: the embedded weights/tiny-x4)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                   "0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w, lim = "engine.jobs:Worker", "engine.api:Limits"
+    flag(s, "--max-batch", w, "images run in one denoising loop at most")
+    flag(s, "--max-wait", w, "seconds a batch waits for more requests to join it")
+    flag(s, "--max-queue", w, "images waiting at most; more are answered 503 with Retry-After")
+    flag(s, "--max-images", lim, "images one request may ask for")
+    flag(s, "--max-pixels", lim, "pixels of one image at most")
+    flag(s, "--max-steps", lim, "sampling steps one request may ask for")
+
+
 def _demo(sub):
     d = sub.add_parser("demo", help="text→image, img2img and ×4 upscales on the embedded model, "
                        "into out/", description="Text→image, img2img, a ×4 upscale to 256² and a "
@@ -272,8 +296,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
+class RaisingParser(argparse.ArgumentParser):
+    """Its errors raise ValueError (a server's requests)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def parser(cls=Parser) -> argparse.ArgumentParser:
+    ap = cls(prog="python -m engine", description="A small Stable-Diffusion-family engine.")
     sub = ap.add_subparsers(dest="command", required=True)
     _sampling(sub)
     _invert(sub)
@@ -282,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     _iterinv(sub, edit=True)
     _blend(sub)
     _ti(sub)
+    _serve(sub)
     _demo(sub)
     return ap
 

@@ -18,7 +18,9 @@ from .sample import check_args, check_fraction
 
 def _load(a, path=None) -> engine.Pipeline:
     """The command's model with its LoRAs, or its ×4 stage `path` (same dtype, device, variant,
-    pseudo-words; no LoRAs)."""
+    pseudo-words; no LoRAs); a server's loaded ones when `a` has its `loader` (engine.serve)."""
+    if getattr(a, "loader", None) is not None:
+        return a.loader(path)
     words = {k: getattr(a, k) for k in ("embeddings", "semi", "max_memory") if hasattr(a, k)}
     if path is not None:
         return engine.load(path, dtype=a.dtype, device=a.device, variant=a.variant, **words)
@@ -371,10 +373,22 @@ def export_ti(a) -> list[Path]:
     return [out]
 
 
+def serve(a):
+    try:
+        from . import serve as server
+    except ImportError as e:
+        raise ImportError(f"serve needs the extra engine[serve] ({e.name} is missing): "
+                          "pip install -e \".[serve]\"") from None
+    checkpoints.check_path(a.model)
+    checkpoints.check_path(a.upscaler)
+    server.main(a)
+
+
 def demo(a) -> list[Path]:
     return demos.run(a.out, a.steps, a.sr_steps, seed=a.seed, progress=not a.quiet)
 
 
 HANDLERS = {"generate": generate, "img2img": img2img, "inpaint": inpaint, "upscale": upscale,
             "invert": invert, "edit": edit, "iterinv": iterinv, "iterinv-edit": iterinv_edit,
-            "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "demo": demo}
+            "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "serve": serve,
+            "demo": demo}

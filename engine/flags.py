@@ -59,8 +59,9 @@ def flag(p, name: str, src, help: str, *, param: str | None = None, note: str = 
     return p.add_argument(name, default=default, help=help, **kw)
 
 
-def model_args(p, model):
-    """The model to load and how: every command but demo and export-ti."""
+def model_args(p, model, job: bool = True):
+    """The model to load and how: every command but demo and export-ti; job: also --profile and
+    --quiet, which a server has not."""
     where = model.relative_to(model.parent.parent)
     p.add_argument("--model", default=str(model), help="a diffusers model folder (with "
                    "model_index.json) or a single-file checkpoint (.safetensors only: SD 1.x/2.x, "
@@ -82,6 +83,8 @@ def model_args(p, model):
     flag(p, "--max-memory", "engine:load", "memory this process may use in all, e.g. 8G: a job "
          "whose estimated peak does not fit is refused before it starts, naming a size that fits",
          none="what the device has free")
+    if not job:
+        return
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace to DIR "
                    "and print a per-stage timing table (tokenize, text encode, each UNet step, "
                    "VAE decode)")

@@ -262,6 +262,11 @@ class Model:
                                  f"one fixed prompt; write <{ref.name}|i|>")
         return self._encoded(enc, resolved, negative, guided, self._chunks(like))
 
+    def prompt_chunks(self, text: str) -> int:
+        """How many 75-token chunks a prompt encodes to (prompts of a batch are padded to the
+        most)."""
+        return self._encoder().count(pr.strip_loras(text))
+
     def _resolve(self, prompts, negative, guided) -> tuple[pr.Encoder, list]:
         """The encoder and the texts' pieces (prompt.Encoder.resolve), <lora:…> tags checked and
         removed."""

@@ -364,6 +364,11 @@ class Encoder:
         return [(v[i:i + room], w[i:i + room]) for v, w in groups
                 for i in range(0, max(len(v), 1), room)]
 
+    def count(self, text: str) -> int:
+        """How many 75-token chunks the text encodes to."""
+        resolved = self.resolve(text)
+        return max(len(self._chunks(resolved, 0, e)) for e in range(len(self.pairs)))
+
     def _key(self, resolved, t: int) -> tuple:
         return tuple(selection(*seg[1], t, self.T, self.semi)
                      for seg in resolved if seg is not None and isinstance(seg[1], tuple))

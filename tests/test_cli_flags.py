@@ -11,10 +11,12 @@ import torch
 
 import engine
 from engine import demo, multires
+from engine.api import Limits
 from engine.blended import Options
 from engine.cli import parser
 from engine.flags import flag
 from engine.iterinv import Cascade
+from engine.jobs import Worker
 from engine.multires import TrainConfig
 from engine.pipeline import Pipeline
 
@@ -33,6 +35,7 @@ APIS = {
     "blend": ([Options, engine.load], {"upscaler": None, "upscale_with": (Options, "upscaler")}),
     "train-ti": ([TrainConfig, multires.load_images, engine.load], {}),
     "export-ti": ([multires.export_row], {}),
+    "serve": ([Worker, Limits, engine.load], {"upscaler": None}),
     "demo": ([demo.run], {}),
 }
 
