@@ -382,6 +382,24 @@ def demo_table(j):
             + f"\n\nCPU, {j['threads']} threads; 10 steps take {f(j['ratio_10_over_20'])}× the time of 20.")
 
 
+@table("serve-load", "serve_load.json", "{command}")
+def serve_load(j):
+    labels = {"one_at_a_time": "one image at a time (`--max-batch 1`)", "batched": "batched (`--max-batch 8`)"}
+    rows = [[labels[k], f(r["throughput_per_s"]), f(r["p50_s"]), f(r["p95_s"]),
+             ", ".join(f"{n}×{size}" for size, n in r["batches"].items()), f(r["mean_batch"]),
+             ", ".join(f"{n} × {c}" for c, n in r["status"].items()), f"{r['left_early']} / {r['answered_499']}",
+             f"{r['rss_mib']['first']:.0f} → {r['rss_mib']['max']:.0f} → {r['rss_mib']['last']:.0f}"]
+            for k in labels for r in j["runs"][k]]
+    yes = lambda b: "yes" if b else "**no**"  # noqa: E731
+    return (md(["server", "requests / s", "p50 s", "p95 s", "batches run (count×images)", "mean batch", "answers",
+                "left early / 499", "RSS MiB first → max → last"], rows)
+            + f"\n\n{j['requests']} requests from {j['clients']} clients, {j['steps']} steps each, 64², "
+            f"{j['threads']} torch threads; every request answered 200: {yes(j['every_request_answered'])}; "
+            f"the batched server's images the same bytes as one-at-a-time: "
+            f"{yes(j['batched_equals_one_at_a_time'])}; throughput gain from batching: "
+            f"{f(j['batching_gain'])}×.")
+
+
 def stamp(j) -> str:
     """" (commit …, model …)" from a result file's stamps, or from its parts' when each part has its own."""
     parts = [j] if "commit" in j or "model_version" in j else [v for v in j.values() if isinstance(v, dict)]
