@@ -6,8 +6,10 @@ and answers 503 once their queues are full.
     python -m engine.ray_serve --replicas 2 --port 8000     # a local Ray, until Ctrl-C
     serve run engine.ray_serve:build replicas=2             # the same through Ray's own CLI
 
-On a cluster, each replica asks Ray for `ray_actor_options` (e.g. {"num_gpus": 1}), so N GPUs
-hold N replicas, placed by Ray across the nodes.
+On a multi-GPU cluster (`ray start` on each node, then the same command against it), give each
+replica a GPU: `--device cuda --gpus 1 --replicas N` asks Ray for one GPU per replica, so N GPUs
+hold N replicas, placed by Ray across the nodes, each with its own copy of the model and its own
+batches; Ray's proxy on every node spreads the requests over them.
 """
 import argparse
 import asyncio
@@ -102,13 +104,18 @@ def application(settings: Settings = Settings(), replicas: int = 1, max_queued: 
                             ray_actor_options=options).bind(settings)
 
 
+def _gpus(settings: Settings, gpus: float) -> dict | None:
+    """Each replica's share of Ray's resources: its CPU threads, and `gpus` GPUs when non-zero."""
+    return {"num_cpus": settings.threads, **({"num_gpus": gpus} if gpus else {})}
+
+
 def build(args: dict):
-    """`serve run engine.ray_serve:build replicas=2 model=PATH max_batch=8 …`: an application
-    from Ray's key=value arguments."""
+    """`serve run engine.ray_serve:build replicas=2 model=PATH max_batch=8 gpus=1 device=cuda`: an
+    application from Ray's key=value arguments."""
     fields = Settings.__dataclass_fields__
-    settings = Settings(**{k: fields[k].type(v) if isinstance(fields[k].type, type) else v
-                           for k, v in args.items() if k in fields})
-    return application(settings, int(args.get("replicas", 1)), int(args.get("max_queued", 64)))
+    settings = Settings(**{k: type(fields[k].default)(v) for k, v in args.items() if k in fields})
+    return application(settings, int(args.get("replicas", 1)), int(args.get("max_queued", 64)),
+                       _gpus(settings, float(args.get("gpus", 0))))
 
 
 def main(argv=None):
@@ -117,12 +124,14 @@ def main(argv=None):
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--gpus", type=float, default=0, help="GPUs per replica (with --device cuda)")
     for name, f in Settings.__dataclass_fields__.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     settings = Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__})
     serve.start(http_options={"host": a.host, "port": a.port})
-    serve.run(application(settings, a.replicas), blocking=True)
+    serve.run(application(settings, a.replicas, actor_options=_gpus(settings, a.gpus)),
+              blocking=True)
 
 
 if __name__ == "__main__":
