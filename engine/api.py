@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import images, ksample, lora, prompt as pr, rng
+from . import ksample, lora, prompt as pr, rng
 from .jobs import Job
 from .sample import check_args, check_fraction
 

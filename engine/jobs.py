@@ -4,7 +4,6 @@ prompt length and LoRAs) up to a batch limit and a short wait. Every image of a 
 job gives alone: each image draws its noise from its own seed, and the engine computes an image the
 same way whatever else shares its batch (engine.models.blocks.by_row, engine.tiled_vae)."""
 import math
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -30,7 +29,6 @@ class Job:
     mask: object = None  # inpaint: the mask PIL image
     call: object = None  # kind call: a function of the pipeline
     future: Future = field(default_factory=Future)
-    queued: float = field(default_factory=time.perf_counter)
 
     def key(self, chunks) -> tuple | None:
         """What jobs must share to run in one batch, or None for a job that runs alone. chunks:
@@ -83,9 +81,7 @@ def run_recorded(pipe, batch: list[Job], stats: "Stats") -> list:
 
 
 class Stats:
-    """Counters a /metrics page shows: batches by size, images, queue wait and run seconds."""
-
-    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    """Counters a /metrics page shows: batches by size, images made and failed, run seconds."""
 
     def __init__(self):
         self.lock = threading.Lock()

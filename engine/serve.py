@@ -105,10 +105,15 @@ class LocalExecutor:
         self.worker.stop()
 
 
-async def _body(request: Request, limits: Limits) -> bytes:
+def _check_length(request: Request, limits: Limits, required: bool = False):
     size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > limits.max_body):
-        raise BadRequest(f"the body is over this server's limit of {limits.max_body} bytes", 413)
+    if size is None and required or size is not None and (not size.isdigit()
+                                                          or int(size) > limits.max_body):
+        raise BadRequest(f"need a Content-Length of at most {limits.max_body} bytes", 413)
+
+
+async def _body(request: Request, limits: Limits) -> bytes:
+    _check_length(request, limits)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -133,7 +138,7 @@ async def _json(request: Request, limits: Limits) -> dict:
 
 async def _form(request: Request, limits: Limits) -> tuple[dict, dict]:
     """(fields, files) of a multipart body, files as bytes."""
-    await _body_size(request, limits)
+    _check_length(request, limits, required=True)
     try:
         form = await request.form(max_files=4, max_fields=64, max_part_size=limits.max_body)
     except (AssertionError, ValueError, KeyError) as e:
@@ -148,12 +153,6 @@ async def _form(request: Request, limits: Limits) -> tuple[dict, dict]:
         else:
             fields[k] = v
     return fields, files
-
-
-async def _body_size(request: Request, limits: Limits):
-    size = request.headers.get("content-length")
-    if size is None or not size.isdigit() or int(size) > limits.max_body:
-        raise BadRequest(f"need a Content-Length of at most {limits.max_body} bytes", 413)
 
 
 def create_app(models: Models, executor, limits: Limits = Limits()) -> Starlette:
