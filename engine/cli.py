@@ -260,7 +260,9 @@ def _serve(sub):
                        "/sdapi/v1/txt2img and /sdapi/v1/img2img, /engine/v1/edit, blend and "
                        "iterinv-edit with the commands' options, /health and /metrics. "
                        "Concurrent requests that can share a denoising loop run as one batch, "
-                       "each image the same as alone. Needs the extra engine[serve].")
+                       "each image the same as alone. With ENGINE_API_KEY set in the "
+                       "environment, every route but /health asks for Authorization: Bearer "
+                       "KEY. Needs the extra engine[serve].")
     model_args(s, DEFAULT_MODEL, job=False)
     prompt_args(s)
     s.add_argument("--upscaler", default=str(DEFAULT_UPSCALER), help="the ×4 model of blended "

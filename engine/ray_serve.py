@@ -13,6 +13,7 @@ batches; Ray's proxy on every node spreads the requests over them.
 """
 import argparse
 import asyncio
+import os
 from dataclasses import dataclass
 
 from ray import serve
@@ -88,7 +89,8 @@ class EngineDeployment:
         pipe = engine.load(settings.model, dtype=settings.dtype, device=settings.device)
         models = Models(pipe, settings.model, settings.upscaler, settings.model.rstrip("/")
                         .rsplit("/", 1)[-1])
-        self.asgi = create_app(models, RayExecutor(pipe, settings.max_batch, settings.max_wait))
+        self.asgi = create_app(models, RayExecutor(pipe, settings.max_batch, settings.max_wait),
+                               api_key=os.environ.get("ENGINE_API_KEY") or None)
 
     def __serve_build_asgi_app__(self):
         return self.asgi

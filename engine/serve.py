@@ -4,7 +4,9 @@
 runs on Ray Serve (engine.ray_serve) with Ray's batching in place of the worker."""
 import asyncio
 import contextlib
+import hmac
 import json
+import os
 import time
 from pathlib import Path
 
@@ -155,9 +157,23 @@ async def _form(request: Request, limits: Limits) -> tuple[dict, dict]:
     return fields, files
 
 
-def create_app(models: Models, executor, limits: Limits = Limits()) -> Starlette:
+def _guarded(app, api_key: str):
+    """`app` behind an API key: every route but /health asks for `Authorization: Bearer KEY` (what
+    OpenAI's clients send)."""
+    want = f"Bearer {api_key}".encode()
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health" and not hmac.compare_digest(
+                dict(scope["headers"]).get(b"authorization", b""), want):
+            reply = error(401, "a missing or wrong API key: send Authorization: Bearer KEY")
+            return await reply(scope, receive, send)
+        await app(scope, receive, send)
+    return guarded
+
+
+def create_app(models: Models, executor, limits: Limits = Limits(), api_key: str | None = None):
     """The ASGI app of a server over `models` whose jobs `executor` runs (LocalExecutor, or
-    engine.ray_serve's)."""
+    engine.ray_serve's); with `api_key`, every route but /health asks for it."""
     api = Api(models, limits)
     metrics = Metrics()
     started = time.time()
@@ -237,8 +253,9 @@ def create_app(models: Models, executor, limits: Limits = Limits()) -> Starlette
         yield
         executor.close()
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found},
-                     lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+                    lifespan=lifespan)
+    return _guarded(app, api_key) if api_key else app
 
 
 def load_models(a) -> Models:
@@ -260,7 +277,8 @@ def main(a):
     jobs_.check_batching(a.max_batch, a.max_wait, a.max_queue)
     models = load_models(a)
     executor = LocalExecutor(models.pipe, a.max_batch, a.max_wait, a.max_queue)
+    api_key = os.environ.get("ENGINE_API_KEY") or None
     print(f"serving {a.model} on http://{a.host}:{a.port} (batches of up to {a.max_batch}, "
-          f"queue of {a.max_queue})", flush=True)
-    uvicorn.run(create_app(models, executor, limits), host=a.host, port=a.port,
+          f"queue of {a.max_queue}{'; API key required' if api_key else ''})", flush=True)
+    uvicorn.run(create_app(models, executor, limits, api_key), host=a.host, port=a.port,
                 log_level="warning")

@@ -25,12 +25,13 @@ from engine.serve import LocalExecutor, create_app
 class Server:
     """create_app served by uvicorn in a thread on a free port."""
 
-    def __init__(self, pipe, limits=Limits(), **batching):
+    def __init__(self, pipe, limits=Limits(), api_key=None, **batching):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.executor = LocalExecutor(pipe, **batching)
-        app = create_app(Models(pipe, str(DEFAULT_MODEL), str(DEFAULT_UPSCALER), "tiny"), self.executor, limits)
+        app = create_app(Models(pipe, str(DEFAULT_MODEL), str(DEFAULT_UPSCALER), "tiny"), self.executor, limits,
+                         api_key)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -268,3 +269,19 @@ def test_a_failing_job_is_answered_and_the_server_goes_on(server, pipe):
 def test_serve_flags_fail_before_loading(cli_error):
     cli_error(["serve", "--max-batch", "0"], "max_batch")
     cli_error(["serve", "--model", "/nonexistent/model"], "/nonexistent/model")
+
+
+def test_api_key(pipe):
+    s = Server(pipe, api_key="s3cret", max_batch=1, max_wait=0.0)
+    try:
+        r = s.http.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 2})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        bad = s.http.get("/metrics", headers={"Authorization": "Bearer wrong"})
+        assert bad.status_code == 401
+        assert s.http.get("/health").status_code == 200
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret")
+        assert len(client.images.generate(prompt="a red circle", extra_body={"steps": 2}).data) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope").images.generate(prompt="x")
+    finally:
+        s.stop()
