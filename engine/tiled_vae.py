@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import kernels
-from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
+from .models.blocks import GROUP_NORM_HOOK, ResnetBlock2D, SpatialSelfAttention
 from .models.vae import DownEncoderBlock2D, UpDecoderBlock2D
 
 TILE_PIXELS = 1024 * 1024  # default budget: larger images are tiled (ENGINE_VAE_TILE_PIXELS)
@@ -156,9 +156,15 @@ def _run(ops, x, fi, tile):
     latent_px = x.shape[0] * (x.shape[2] // fi) * (x.shape[3] // fi)
     stretch = []
     for op, (c, s, whole) in zip([*ops, None], [*_shapes(ops, x, fi), (0, 1, True)]):
+        size = c * s * s * latent_px * x.element_size()
+        if not stretch and isinstance(op, ResnetBlock2D) and whole and size <= BUFFER_BYTES:
+            # its input is kept whole and its halves' outputs fit: each conv runs once
+            h = _tiled(op.first, x, fi, tile)
+            x = _tiled(op.second, (h, x), fi, tile)
+            del h
+            continue
         if op is not None and not isinstance(op, SpatialSelfAttention):
             stretch.append(op)
-            size = c * s * s * latent_px * x.element_size()
             if op is ops[-1] or not whole or size > BUFFER_BYTES:
                 continue
         if stretch:
@@ -220,8 +226,8 @@ class _Sync:
         raise _Stop
 
 
-def _probe(fn, x, fi, p=4):
-    """Run fn on a p × p latent-px input; per GroupNorm call: its resolution (px per latent px) and
+def _probe(fn, xs, fi, p=4):
+    """Run fn on p × p latent-px inputs; per GroupNorm call: its resolution (px per latent px) and
     the receptive radius (latent px) of the convolutions before it; then the total radius and the
     output px per latent px."""
     rhos, radius, r = [], [], [0.0]
@@ -239,7 +245,7 @@ def _probe(fn, x, fi, p=4):
     handle = torch.nn.modules.module.register_module_forward_pre_hook(conv)
     token = GROUP_NORM_HOOK.set(gn)
     try:
-        out = fn(x.new_zeros(1, x.shape[1], p * fi, p * fi))
+        out = fn(*(x.new_zeros(1, x.shape[1], p * fi, p * fi) for x in xs))
     finally:
         handle.remove()
         GROUP_NORM_HOOK.reset(token)
@@ -258,22 +264,25 @@ def _crop(a, b, n, halo, fi, size):
     return slice(lo * fi, size if hi == n else hi * fi), (a - lo, b - lo, b == n)
 
 
-def _tiled(fn, x, fi, tile):
-    """fn(x) for fn made of local ops, tile by tile, its GroupNorms synchronised across tiles."""
+def _tiled(fn, xs, fi, tile):
+    """fn(*xs) for fn made of local ops, tile by tile, its GroupNorms synchronised across tiles. xs:
+    a tensor, or a tuple of tensors of one size (cropped alike)."""
+    xs = xs if isinstance(xs, tuple) else (xs,)
+    x = xs[0]
     n = (x.shape[2] // fi, x.shape[3] // fi)
     tiles = list(itertools.product(_cuts(n[0], tile), _cuts(n[1], tile)))
     if len(tiles) == 1:
-        return fn(x)
-    rhos, radius, fo = _probe(fn, x, fi)
+        return fn(*xs)
+    rhos, radius, fo = _probe(fn, xs, fi)
     stats, out = [], None
     for k in range(len(rhos) + 1):
         halo, acc = math.ceil(radius[k]) + 1, []
         for (ya, yb), (xa, xb) in tiles:
             ys, yc = _crop(ya, yb, n[0], halo, fi, x.shape[2])
-            xs, xc = _crop(xa, xb, n[1], halo, fi, x.shape[3])
+            xcrop, xc = _crop(xa, xb, n[1], halo, fi, x.shape[3])
             token = GROUP_NORM_HOOK.set(_Sync(stats, k, acc, (yc, xc), rhos))
             try:
-                y = fn(x[:, :, ys, xs])
+                y = fn(*(t[:, :, ys, xcrop] for t in xs))
             except _Stop:
                 continue
             finally:

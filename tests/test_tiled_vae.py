@@ -14,6 +14,7 @@ import torch
 
 from engine import kernels
 from engine import tiled_vae
+from engine.models.blocks import ResnetBlock2D
 from engine.models.vae import AutoencoderKL, VAEConfig
 
 TOL = 1e-4
@@ -230,3 +231,24 @@ def test_stretches_end_where_the_activation_fits_the_buffer(monkeypatch):
         monkeypatch.setattr(tiled_vae, "_tiled", lambda *a, **k: calls.append(1) or tiled(*a, **k))
         _close(tiled_vae.decode(vae, z, tile=4), ref)
         assert (len(calls) <= 2) == few, len(calls)
+
+
+@torch.no_grad()
+def test_with_room_each_resnet_convolution_runs_once_per_tile(monkeypatch):
+    """A resnet whose halves' outputs fit the buffer runs as two stretches (conv1's output kept whole), so no
+    statistics pass recomputes a convolution; without room, passes recompute them."""
+    vae = _vae(CONFIGS["f8_attn"])
+    z = torch.randn(1, 4, 8, 8, generator=_gen(4))
+    ref = vae.decode(z)
+    convs = [m for r in vae.decoder.modules() if isinstance(r, ResnetBlock2D) for m in (r.conv1, r.conv2)]
+    for budget in (1 << 30, 0):
+        calls = dict.fromkeys(map(id, convs), 0)
+        hooks = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls[id(m)] + 1)) for m in convs]
+        monkeypatch.setattr(tiled_vae, "BUFFER_BYTES", budget)
+        try:
+            _close(tiled_vae.decode(vae, z, tile=4), ref)
+        finally:
+            for h in hooks:
+                h.remove()
+        # 2 × 2 tiles, and two shape probes on 4 × 4 latent px of zeros (_shapes, _probe)
+        assert (max(calls.values()) == 4 + 2) == bool(budget), calls
