@@ -1,7 +1,7 @@
 """Tiled vs untiled VAE (engine.tiled_vae), fp32 on the CPU, 2 threads; writes
 bench/results/tiled_vae.json.
 
-    python bench/bench_tiled_vae.py                  # sd, tiny, attention, rss (2048² and 4096²)
+    python bench/bench_tiled_vae.py                  # sd, tiny, attention, rss (2048² and 4096²), sd_rss
     python bench/bench_tiled_vae.py --only rss --sizes 4096
 
 sd:        SD-VAE-architecture decoder (128/256/512/512, 2 layers, 32 groups, f=8), random weights,
@@ -11,6 +11,8 @@ attention: the tiny VAE's mid-block attention at 65k tokens, to extrapolate the 
            decode.
 rss:       peak RSS of one tiny-VAE decode, tiled and untiled, each in a fresh subprocess (its own
            ru_maxrss).
+sd_rss:    the same for the SD-architecture VAE, tiled only (python bench/bench_tiled_vae.py --only sd_rss
+           --sizes 2048).
 Untiled runs are the plain VAE module; tiled runs go through the strategy (tiled_vae.decode /
 encode, or decode_latents with pixels=0). Each part replaces its own entry in the JSON file, so
 parts can run separately (the 4096² runs take an hour).
@@ -20,6 +22,7 @@ import copy
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -45,22 +48,29 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def compare(vae, plain, tiled, tile):
-    """plain(vae) in fp32 and fp64, tiled(vae, tile) in fp32: max abs diffs, output scale, seconds.
-    tile: latent px; None: ENGINE_VAE_TILE or the default."""
+def compare(vae, plain, tiled, tile, runs=3):
+    """plain(vae) in fp32 and fp64, tiled(vae, tile) in fp32: max abs diffs, output scale, and the
+    seconds of `runs` alternating fp32 runs of each with their medians. tile: latent px; None:
+    ENGINE_VAE_TILE or the default."""
     def run(fn):
         out, t = timed(fn)
         return [o.double() for o in (out if isinstance(out, tuple) else (out,))], round(t, 2)
 
-    (ref, t_ref), (out, t_tiled) = run(lambda: plain(vae)), run(lambda: tiled(vae, tile))
+    times = {"untiled": [], "tiled": []}
+    for _ in range(runs):
+        (ref, t_ref), (out, t_tiled) = run(lambda: plain(vae)), run(lambda: tiled(vae, tile))
+        times["untiled"].append(t_ref)
+        times["tiled"].append(t_tiled)
     exact, _ = run(lambda: plain(copy.deepcopy(vae).double()))
 
     def diff(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
+    med = {k: statistics.median(v) for k, v in times.items()}
     return dict(tile_latent_px=tiled_vae.settings(vae, tile=tile)[1], max_abs_diff=diff(out, ref),
                 output_std=ref[0].std().item(), output_abs_max=ref[0].abs().max().item(),
-                untiled_vs_fp64=diff(ref, exact), tiled_vs_fp64=diff(out, exact), untiled_s=t_ref,
-                tiled_s=t_tiled)
+                untiled_vs_fp64=diff(ref, exact), tiled_vs_fp64=diff(out, exact),
+                untiled_s=med["untiled"], tiled_s=med["tiled"], runs=times,
+                tiled_over_untiled=round(med["tiled"] / med["untiled"], 3))
 
 
 def dtype(vae):
@@ -86,7 +96,7 @@ def part_sd(args):
                        "mid attention",
                 output_px=512, decode=compare(vae, lambda v: v.decode(z.to(dtype(v))),
                                               lambda v, t: tiled_vae.decode(v, z.to(dtype(v)), t),
-                                              args.sd_tile))
+                                              args.sd_tile, args.runs))
 
 
 def tiny_vae():
@@ -99,9 +109,10 @@ def part_tiny(args):
     x = torch.rand(1, 3, 1024, 1024, generator=g) * 2 - 1
     decode = compare(vae, lambda v: v.decode_latents(z.to(dtype(v))),
                      lambda v, t: tiled_vae.decode_latents(v, z.to(dtype(v)), pixels=0, tile=t),
-                     args.tiny_tile)
+                     args.tiny_tile, args.runs)
     encode = compare(vae, lambda v: v.encode(x.to(dtype(v))),
-                     lambda v, t: v.moments(tiled_vae.encode(v, x.to(dtype(v)), t)), args.tiny_tile)
+                     lambda v, t: v.moments(tiled_vae.encode(v, x.to(dtype(v)), t)), args.tiny_tile,
+                     args.runs)
     return dict(output_px=1024, decode=decode, encode=encode)
 
 
@@ -114,9 +125,9 @@ def part_attention(args):
                 note="quadratic in tokens: a 4096² tiny-VAE decode has 1024² tokens, tiled or not")
 
 
-def child(mode, size):
+def child(mode, size, which="tiny"):
     """One decode in this process; prints a JSON line with its time and this process's peak RSS."""
-    vae, pixels = tiny_vae(), 0 if mode == "tiled" else UNTILED
+    vae, pixels = (tiny_vae() if which == "tiny" else sd_vae()), 0 if mode == "tiled" else UNTILED
     n = size // vae.downscale
     z = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(1))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -129,18 +140,23 @@ def child(mode, size):
                           tile_latent_px=tiled_vae.settings(vae)[1] if mode == "tiled" else None)))
 
 
-def part_rss(args):
-    rows = {}
+def part_rss(args, which="tiny", modes=("tiled", "untiled")):
+    rows, part = {}, "rss" if which == "tiny" else f"{which}_rss"
     for size in args.sizes:
-        for mode in ("tiled", "untiled"):
-            p = subprocess.run([sys.executable, __file__, "--child", mode, str(size)],
+        for mode in modes:
+            p = subprocess.run([sys.executable, __file__, "--child", mode, str(size), which],
                                capture_output=True, text=True)
             row = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else dict(
                 mode=mode, output_px=size, error=p.stderr.strip().splitlines()[-1:])
             print(row, flush=True)
             rows[f"{mode}_{size}"] = row
-            save("rss", {**load().get("rss", {}), **rows})
-    return {**load().get("rss", {}), **rows}
+            save(part, {**load().get(part, {}), **rows})
+    return {**load().get(part, {}), **rows}
+
+
+def part_sd_rss(args):
+    """The SD VAE's decode, tiled only (untiled, a 2048² decode keeps 2 GiB activations)."""
+    return part_rss(args, "sd", ("tiled",))
 
 
 def load():
@@ -161,7 +177,8 @@ def save(part, value):
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 
-PARTS = {"sd": part_sd, "tiny": part_tiny, "attention": part_attention, "rss": part_rss}
+PARTS = {"sd": part_sd, "tiny": part_tiny, "attention": part_attention, "rss": part_rss,
+         "sd_rss": part_sd_rss}
 
 
 def main():
@@ -172,11 +189,12 @@ def main():
     ap.add_argument("--sd-tile", type=int, default=32, help="latent px (2 × 2 tiles at 512²)")
     ap.add_argument("--tiny-tile", type=int, default=None,
                     help="latent px; default 512 // 4 = 128 (2 × 2 tiles)")
-    ap.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=3, help="alternating timed runs of each (sd, tiny)")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "VAE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.child:
-        return child(args.child[0], int(args.child[1]))
+        return child(args.child[0], int(args.child[1]), args.child[2])
     for name in args.only:
         value = PARTS[name](args)
         print(name, json.dumps(value, indent=2), flush=True)
