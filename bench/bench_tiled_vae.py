@@ -90,13 +90,22 @@ def sd_vae():
 
 
 def part_sd(args):
+    """At the default buffer (every layer fits: it runs whole) and at 1/16 of it, which at 512² keeps
+    what the default keeps at 2048² (the 512-wide activations, not the 256- and 128-wide)."""
     vae = sd_vae()
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
-    return dict(config="block_out_channels 128/256/512/512, layers_per_block 2, 32 groups, f=8, "
-                       "mid attention",
-                output_px=512, decode=compare(vae, lambda v: v.decode(z.to(dtype(v))),
-                                              lambda v, t: tiled_vae.decode(v, z.to(dtype(v)), t),
-                                              args.sd_tile, args.runs))
+    out = dict(config="block_out_channels 128/256/512/512, layers_per_block 2, 32 groups, f=8, "
+                      "mid attention", output_px=512)
+    default = tiled_vae.BUFFER_BYTES
+    for name, buffer in (("decode", default), ("decode_buffer_1_16", default // 16)):
+        tiled_vae.BUFFER_BYTES = buffer
+        try:
+            out[name] = dict(buffer_mib=buffer >> 20, **compare(
+                vae, lambda v: v.decode(z.to(dtype(v))),
+                lambda v, t: tiled_vae.decode(v, z.to(dtype(v)), t), args.sd_tile, args.runs))
+        finally:
+            tiled_vae.BUFFER_BYTES = default
+    return out
 
 
 def tiny_vae():

@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import kernels
-from .models.blocks import GROUP_NORM_HOOK, ResnetBlock2D, SpatialSelfAttention
+from .models.blocks import GROUP_NORM_HOOK, SpatialSelfAttention
 from .models.vae import DownEncoderBlock2D, UpDecoderBlock2D
 
 TILE_PIXELS = 1024 * 1024  # default budget: larger images are tiled (ENGINE_VAE_TILE_PIXELS)
@@ -34,6 +34,9 @@ TILE_IMAGE_PX = 512  # default tile side in image px: 512 // downscale latent px
 # the largest whole activation the tiled path keeps between stretches (an SD VAE decode to 1024²
 # keeps the 512-wide ones, not the 256-wide at full size)
 BUFFER_BYTES = 512 << 20
+# a layer's working set, in whole outputs (input, normalised input, conv1's output, output): a
+# layer whose input is kept and whose working set fits BUFFER_BYTES runs whole, untiled
+WORKING = 4
 
 
 def _read(name, raw, env, default, least):
@@ -157,11 +160,9 @@ def _run(ops, x, fi, tile):
     stretch = []
     for op, (c, s, whole) in zip([*ops, None], [*_shapes(ops, x, fi), (0, 1, True)]):
         size = c * s * s * latent_px * x.element_size()
-        if not stretch and isinstance(op, ResnetBlock2D) and whole and size <= BUFFER_BYTES:
-            # its input is kept whole and its halves' outputs fit: each conv runs once
-            h = _tiled(op.first, x, fi, tile)
-            x = _tiled(op.second, (h, x), fi, tile)
-            del h
+        if not stretch and op is not None and not isinstance(op, SpatialSelfAttention) and \
+                whole and WORKING * size <= BUFFER_BYTES:
+            x, fi = op(x), s  # its input is whole and its working set fits: no tiles needed
             continue
         if op is not None and not isinstance(op, SpatialSelfAttention):
             stretch.append(op)
@@ -186,24 +187,34 @@ class _Stop(Exception):
 
 
 def _moments(x, groups):
-    """[sum, sum of squares, count] per (batch, group), in float64."""
-    r = x.reshape(x.shape[0], groups, -1).double()
-    return torch.stack([r.sum(-1), (r * r).sum(-1), torch.full_like(r[..., 0], r.shape[-1])])
+    """[count, mean, M2] per (batch, group) in float64: each tile's own, from torch's var_mean;
+    _finish combines tiles exactly (Chan et al.), so no sum of squares cancels."""
+    r = x.unflatten(1, (groups, -1))
+    var, mean = torch.var_mean(r, dim=(2, 3, 4), correction=0)
+    n = r[0, 0].numel()
+    return torch.stack([torch.full_like(mean, n, dtype=torch.float64), mean.double(),
+                        var.double() * n])
 
 
-def _finish(m):
-    mean = m[0] / m[2]
-    return mean, (m[1] / m[2] - mean * mean).clamp_min(0)
+def _finish(parts):
+    """(mean, variance) per (batch, group) of the moments of several tiles."""
+    n, mean, m2 = parts[0]
+    for nb, mb, m2b in parts[1:]:
+        total, d = n + nb, mb - mean
+        mean, m2, n = mean + d * nb / total, m2 + m2b + d * d * n * nb / total, total
+    return mean, m2 / n
 
 
 def _norm(gn, x, mean, var, act):
-    """GroupNorm of x with given per-(batch, group) mean and variance."""
+    """GroupNorm of x with given per-(batch, group) mean and variance: one fused pass per image
+    (a batch norm with the group's statistics for each of its channels)."""
     rep = x.shape[1] // gn.num_groups
-    scale = (var + gn.eps).rsqrt().repeat_interleave(rep, 1) * gn.weight.double()
-    mean = mean.repeat_interleave(rep, 1)
-    y = torch.addcmul(gn.bias.to(x.dtype)[:, None, None], x - mean.to(x.dtype)[..., None, None],
-                      scale.to(x.dtype)[..., None, None])
-    return torch.nn.functional.silu(y) if act == "silu" else y
+    mean, var = (m.repeat_interleave(rep, 1).to(x.dtype) for m in (mean, var))
+    y = torch.cat([torch.nn.functional.batch_norm(x[i:i + 1], mean[i], var[i], gn.weight, gn.bias,
+                                                  False, 0.0, gn.eps)
+                   for i in range(x.shape[0])]) if x.shape[0] > 1 else \
+        torch.nn.functional.batch_norm(x, mean[0], var[0], gn.weight, gn.bias, False, 0.0, gn.eps)
+    return torch.nn.functional.silu(y, inplace=True) if act == "silu" else y
 
 
 class _Sync:
@@ -226,8 +237,8 @@ class _Sync:
         raise _Stop
 
 
-def _probe(fn, xs, fi, p=4):
-    """Run fn on p × p latent-px inputs; per GroupNorm call: its resolution (px per latent px) and
+def _probe(fn, x, fi, p=4):
+    """Run fn on a p × p latent-px input; per GroupNorm call: its resolution (px per latent px) and
     the receptive radius (latent px) of the convolutions before it; then the total radius and the
     output px per latent px."""
     rhos, radius, r = [], [], [0.0]
@@ -245,7 +256,7 @@ def _probe(fn, xs, fi, p=4):
     handle = torch.nn.modules.module.register_module_forward_pre_hook(conv)
     token = GROUP_NORM_HOOK.set(gn)
     try:
-        out = fn(*(x.new_zeros(1, x.shape[1], p * fi, p * fi) for x in xs))
+        out = fn(x.new_zeros(1, x.shape[1], p * fi, p * fi))
     finally:
         handle.remove()
         GROUP_NORM_HOOK.reset(token)
@@ -264,16 +275,13 @@ def _crop(a, b, n, halo, fi, size):
     return slice(lo * fi, size if hi == n else hi * fi), (a - lo, b - lo, b == n)
 
 
-def _tiled(fn, xs, fi, tile):
-    """fn(*xs) for fn made of local ops, tile by tile, its GroupNorms synchronised across tiles. xs:
-    a tensor, or a tuple of tensors of one size (cropped alike)."""
-    xs = xs if isinstance(xs, tuple) else (xs,)
-    x = xs[0]
+def _tiled(fn, x, fi, tile):
+    """fn(x) for fn made of local ops, tile by tile, its GroupNorms synchronised across tiles."""
     n = (x.shape[2] // fi, x.shape[3] // fi)
     tiles = list(itertools.product(_cuts(n[0], tile), _cuts(n[1], tile)))
     if len(tiles) == 1:
-        return fn(*xs)
-    rhos, radius, fo = _probe(fn, xs, fi)
+        return fn(x)
+    rhos, radius, fo = _probe(fn, x, fi)
     stats, out = [], None
     for k in range(len(rhos) + 1):
         halo, acc = math.ceil(radius[k]) + 1, []
@@ -282,7 +290,7 @@ def _tiled(fn, xs, fi, tile):
             xcrop, xc = _crop(xa, xb, n[1], halo, fi, x.shape[3])
             token = GROUP_NORM_HOOK.set(_Sync(stats, k, acc, (yc, xc), rhos))
             try:
-                y = fn(*(t[:, :, ys, xcrop] for t in xs))
+                y = fn(x[:, :, ys, xcrop])
             except _Stop:
                 continue
             finally:
@@ -292,7 +300,7 @@ def _tiled(fn, xs, fi, tile):
             core = y[:, :, yc[0] * fo:yc[1] * fo, xc[0] * fo:xc[1] * fo]
             out[:, :, ya * fo:yb * fo, xa * fo:xb * fo] = core
         if k < len(rhos):
-            stats.append(_finish(sum(acc)))
+            stats.append(_finish(acc))
     return out
 
 
@@ -302,7 +310,7 @@ def _attention(attn, x, tile):
     b, c, h, w = x.shape
     step = max(1, 4 * tile * tile // w)
     rows = [slice(i, min(i + step, h)) for i in range(0, h, step)]
-    mean, var = _finish(sum(_moments(x[:, :, r], attn.group_norm.num_groups) for r in rows))
+    mean, var = _finish([_moments(x[:, :, r], attn.group_norm.num_groups) for r in rows])
 
     def tokens(r):
         t = _norm(attn.group_norm, x[:, :, r], mean, var, None)

@@ -63,7 +63,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float,
         if gn.supported(x, num_groups):
             return gn.group_norm_op(x, weight, bias, num_groups, eps, act == "silu")[0]
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if act == "silu" else y
+    return F.silu(y, inplace=not y.requires_grad) if act == "silu" else y
 
 
 def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,

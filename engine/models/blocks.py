@@ -70,17 +70,9 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x, temb=None):
-        return self.second(self.first(x, temb), x)
-
-    def first(self, x, temb=None):
-        """The first half, up to conv1 (and the time embedding)."""
         h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None:
             h = h + by_row(self.time_emb_proj, F.silu(temb))[:, :, None, None]
-        return h
-
-    def second(self, h, x):
-        """The second half, from the first half's output h and the block's input x (the skip)."""
         x = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = self.conv2(self.norm2(h, act="silu"), residual=x)
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
