@@ -38,6 +38,7 @@ from engine.checkpoints import load_component  # noqa: E402
 from engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "tiled_vae.json"
+COMMIT = source_commit()  # before this run writes its own results file, which would read as -dirty
 UNTILED = 10 ** 12  # a pixel budget no image reaches
 
 
@@ -182,7 +183,7 @@ def save(part, value):
                    torch=torch.__version__, dtype="float32",
                    note="parts without a commit stamp were measured on a CPU shared with other "
                         "test runs: their timings are noisy")
-    results[part] = {**value, "commit": source_commit(), "model_version": versions()}
+    results[part] = {**value, "commit": COMMIT, "model_version": versions()}
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -306,21 +306,25 @@ def multires_speed(j):
 
 
 @table("tiled-vae", "tiled_vae.json", "python bench/bench_tiled_vae.py",
-       "python bench/bench_tiled_vae.py --only rss --sizes 2048 4096")
+       "python bench/bench_tiled_vae.py --only rss --sizes 2048 4096",
+       "python bench/bench_tiled_vae.py --only sd_rss --sizes 2048")
 def tiled_vae(j):
     cases = (("SD-VAE-architecture decode, random weights", j["sd"], "decode"),
+             ("the same, buffer 1/16 (the layers 2048² keeps)", j["sd"], "decode_buffer_1_16"),
              ("tiny VAE decode", j["tiny"], "decode"), ("tiny VAE encode", j["tiny"], "encode"))
     exact = [[f"{label}, {c['output_px']}²", c[p]["tile_latent_px"],
               *(f"{c[p][k]:.1e}" for k in ("max_abs_diff", "untiled_vs_fp64", "tiled_vs_fp64")),
               f(c[p]["untiled_s"], 1), f(c[p]["tiled_s"], 1), f(c[p]["tiled_s"] / c[p]["untiled_s"])]
              for label, c, p in cases]
     r, run = j["rss"], lambda v: f"{v['peak_rss_mib']} MiB ({f(v['seconds'], 0)} s)"
+    sd = [[f"SD-VAE-architecture decode, {v['output_px']}²", run(v), "not run", f"{v['rss_before_decode_mib']} MiB"]
+          for k, v in sorted(j.get("sd_rss", {}).items()) if isinstance(v, dict) and "peak_rss_mib" in v]
     return md(["max abs difference", "tile (latent px)", "tiled vs untiled", "untiled vs float64",
                "tiled vs float64", "untiled s", "tiled s", "tiled / untiled"], exact) + "\n\n" + md(
-        ["tiny VAE decode", "tiled: peak RSS (s)", "untiled: peak RSS (s)", "RSS before decoding"],
-        [[f"{px}²", run(r[f"tiled_{px}"]), run(r[f"untiled_{px}"]),
+        ["decode", "tiled: peak RSS (s)", "untiled: peak RSS (s)", "RSS before decoding"],
+        [[f"tiny VAE, {px}²", run(r[f"tiled_{px}"]), run(r[f"untiled_{px}"]),
           f"{r[f'tiled_{px}']['rss_before_decode_mib']} MiB"]
-         for px in sorted({v["output_px"] for v in r.values() if isinstance(v, dict) and "output_px" in v})])
+         for px in sorted({v["output_px"] for v in r.values() if isinstance(v, dict) and "output_px" in v})] + sd)
 
 
 @table("memory", "memory.json", "{command}")
