@@ -7,11 +7,14 @@ tile when the image has more pixels than the budget and no gradient is recorded,
 as is. Budget and tile side come from explicit arguments, else ENGINE_VAE_TILE_PIXELS /
 ENGINE_VAE_TILE, else the defaults below (`settings`). `encode` / `decode` always tile.
 
-The latent grid is cut into tiles; each tile runs the unmodified blocks on a crop that adds a halo
+A layer whose input is kept whole and whose working set (WORKING whole outputs) fits BUFFER_BYTES
+runs whole, as the plain VAE runs it; only the layers too large for that are tiled. Then the
+latent grid is cut into tiles; each tile runs the unmodified blocks on a crop that adds a halo
 wider than the receptive radius (real image borders keep their true zero padding), and keeps only
 its core. GroupNorm is the one non-local op: a stretch of the network with K norms runs K + 1
 passes over the tiles. Pass k normalises norms 0..k-1 with whole-image statistics already gathered,
-sums norm k's input over the tile cores (float64) and stops there; the last pass writes the output.
+gathers norm k's input statistics over the tile cores (combined in float64) and stops there; the
+last pass writes the output.
 A stretch ends at the mid block's attention and after any layer (a resnet, an up / down sampler)
 whose whole output fits BUFFER_BYTES, which is kept as the next stretch's input: a resnet then
 costs 3 passes, and only layers of very large images, whose outputs do not fit, are recomputed
@@ -150,9 +153,10 @@ def _shapes(ops, x, fi, p=4):
 
 
 def _run(ops, x, fi, tile):
-    """Local ops run tile by tile in stretches, global attention between them; a stretch also ends
-    after a layer whose whole output fits in BUFFER_BYTES, so that each GroupNorm's statistics
-    pass recomputes little. fi: input px per latent px."""
+    """Layers whose working set fits BUFFER_BYTES run whole; the other local ops run tile by tile
+    in stretches, global attention between them; a stretch also ends after a layer whose whole
+    output fits in BUFFER_BYTES, so that each GroupNorm's statistics pass recomputes little. fi:
+    input px per latent px."""
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"VAE tiling: tile={tile!r}; need an integer >= 1 (latent pixels)")
     ops = _layers(ops)
