@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import ksample, lora, prompt as pr, rng
+from . import images, ksample, lora, prompt as pr, rng
 from .jobs import Job
 from .sample import check_args, check_fraction
 
@@ -57,6 +57,11 @@ class Limits:
     max_prompt: int = 4000  # characters
     max_body: int = 33554432  # bytes (32 MiB)
 
+    def __post_init__(self):
+        for k, v in vars(self).items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k}={v!r}: need a whole number >= 1")
+
 
 def _field(body: dict, name: str, kind, default=None, required=False):
     """body[name] checked to be of `kind` (int accepts whole floats from JSON clients)."""
@@ -89,12 +94,10 @@ def decode_image(data, name: str, limits: Limits, keep_alpha=False) -> Image.Ima
     if not isinstance(data, (bytes, bytearray)):
         raise BadRequest(f"{name}: need an image as a base64 string")
     try:
-        im = Image.open(io.BytesIO(data))
-        if im.width * im.height > 4 * limits.max_pixels:
-            raise BadRequest(f"{name}: the image is {im.width}×{im.height}, over this server's "
-                             f"limit; send at most {4 * limits.max_pixels} pixels", 413)
-        im.load()
-    except (OSError, Image.DecompressionBombError, SyntaxError):
+        im = images.decode(io.BytesIO(data), name, 4 * limits.max_pixels)
+    except images.TooLarge as e:
+        raise BadRequest(str(e), 413) from None
+    except ValueError:
         raise BadRequest(f"{name}: not a readable image; send a PNG or JPEG") from None
     return im.convert("RGBA" if keep_alpha and "A" in im.getbands() else "RGB")
 

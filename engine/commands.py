@@ -376,9 +376,9 @@ def export_ti(a) -> list[Path]:
 def serve(a):
     try:
         from . import serve as server
-    except ImportError as e:
-        raise ImportError(f"serve needs the extra engine[serve] ({e.name} is missing): "
-                          "pip install -e \".[serve]\"") from None
+    except ImportError as e:  # one line, as every setup error
+        raise ValueError(f"serve needs the extra engine[serve] ({e.name} is missing): "
+                         "pip install -e \".[serve]\"") from None
     checkpoints.check_path(a.model)
     checkpoints.check_path(a.upscaler)
     server.main(a)

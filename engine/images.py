@@ -20,6 +20,10 @@ MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
 LOSSY = (".jpg", ".jpeg", ".webp")
 
 
+class TooLarge(ValueError):
+    """An image over the pixel limit, refused before it is decoded."""
+
+
 def load(path) -> Image.Image:
     """An image file as RGB; refused before decoding above MAX_PIXELS."""
     path = Path(path)
@@ -27,18 +31,25 @@ def load(path) -> Image.Image:
         raise IsADirectoryError(f"{path}: is a folder; pass an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
+    return decode(path, path).convert("RGB")
+
+
+def decode(source, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image of a file or file object, decoded; TooLarge above max_pixels (before decoding),
+    ValueError when it is not a readable image."""
+    too_large = (f"{name}: the image is over the limit of {max_pixels // 10**6} megapixels; "
+                 "downscale it first")
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(f"{path}: the image is {w}×{h}, over the limit of "
-                                 f"{MAX_PIXELS // 10**6} megapixels; downscale it first")
-            return im.convert("RGB")
+            if w * h > max_pixels:
+                raise TooLarge(too_large.replace("the image is", f"the image is {w}×{h},"))
+            im.load()
+            return im.copy()
     except Image.DecompressionBombError:  # Pillow refuses far larger images itself
-        raise ValueError(f"{path}: the image is over the limit of {MAX_PIXELS // 10**6} "
-                         "megapixels; downscale it first") from None
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise TooLarge(too_large) from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
 
 
 def check_size(height, width, names=("height", "width")):

@@ -266,8 +266,15 @@ def test_a_failing_job_is_answered_and_the_server_goes_on(server, pipe):
     assert server.http.post("/v1/images/generations", json={"prompt": "x", "steps": 2}).status_code == 200
 
 
+def test_an_image_over_the_limit_is_refused_before_decoding(server):
+    huge = encode_png(Image.new("RGB", (2100, 2100)))  # over 4 × max_pixels
+    r = server.http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [huge]})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+
+
 def test_serve_flags_fail_before_loading(cli_error):
     cli_error(["serve", "--max-batch", "0"], "max_batch")
+    cli_error(["serve", "--max-images", "0"], "max_images")
     cli_error(["serve", "--model", "/nonexistent/model"], "/nonexistent/model")
 
 

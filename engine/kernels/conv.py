@@ -56,9 +56,14 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                for i in range(3) for j in range(3)]
     cols = torch.cat(patches, dim=-1).reshape(-1, 9 * c)
     # (O, kh, kw, C): matches the patch order
-    wm = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
-    out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return _rows_conv(cols, weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c), bias,
+                      (b, h, w))
+
+
+def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
+    """(B·H·W, K) rows @ (O, K)ᵀ + bias as a channels-last (B, O, H, W) tensor."""
+    out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
+    return out.view(*bhw, -1).permute(0, 3, 1, 2)
 
 
 def pointwise_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
@@ -71,10 +76,8 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     convolution computes an image differently with another batch size (at 16 images on one
     thread, at 1 on two); the matmul's rows do not depend on how many there are."""
     b, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-    wm = weight.reshape(weight.shape[0], c)
-    out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return _rows_conv(x.permute(0, 2, 3, 1).reshape(-1, c), weight.reshape(weight.shape[0], c),
+                      bias, (b, h, w))
 
 
 def epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None) -> torch.Tensor:
