@@ -3,8 +3,8 @@
     python weights/recipe.py                 # every stage, resuming from weights/build/ where it stopped
     python weights/recipe.py --stage vae     # one stage (its inputs must exist)
 
-Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → sr → clip_image
-(the scorer's image tower) → ship.
+Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → refine (the base
+model's second cycle) → sr → clip_image (the scorer's image tower) → decoder → ship.
 Each training stage checkpoints to weights/build/<stage>.pt every few hundred steps and resumes from it.
 Training runs the engine's own models (engine.models); only `ship` writes the diffusers folders.
 """
@@ -33,12 +33,13 @@ from engine.models.unet import UNet2DConditionModel, UNetConfig
 from engine.models.vae import AutoencoderKL, VAEConfig
 from engine.tokenizer import Tokenizer
 
-VERSION = "v6"                       # written into each folder's model_index.json as _engine_version
+VERSION = "v7"                       # written into each folder's model_index.json as _engine_version
 TARGET_SECONDS = 4 * 3600             # the whole recipe, from scratch, on 2 CPU cores
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
 SR_SEED, SR_N = 2, 6_000
+REFINE_STEPS = 9_000                 # the base model's second cycle (stage_refine)
 SR_LATENTS = 6_000                   # of those, the scenes the SR stage trains on
 # (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
 # so the attention and group norms see at training the extents they see at inference
@@ -507,15 +508,13 @@ def min_snr_weights(sched, gamma=5.0, floor=0.1) -> torch.Tensor:
     return (snr.clamp(max=gamma) / (snr + 1)).clamp(min=floor)
 
 
-def stage_base(steps=9000, batch=64, drop=0.1):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
-    ema = EMA(unet, 0.995)
+def base_steps(unet: UNet2DConditionModel, ema: EMA, opt, batch: int, drop: float):
+    """The base model's training step: v-prediction on the cached latents under one of each scene's captions
+    (or none, at rate `drop`), weighted by min_snr_weights."""
     data = torch.load(BUILD / "data_base.pt")
     lat, emb, null = data["latents"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
     weight = min_snr_weights(sched)
-    opt = adamw(unet.parameters(), 8e-4)
 
     def step(i, _):
         idx = torch.randint(len(lat), (batch,))
@@ -526,7 +525,26 @@ def stage_base(steps=9000, batch=64, drop=0.1):
         err = unet(schedule.q_sample(sched, x0, t, noise), t, c) - schedule.training_target(sched, x0, t, noise)
         return update((err.square().mean((1, 2, 3)) * weight[t]).mean(), opt, unet, ema)
 
-    checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
+    return step
+
+
+def stage_base(steps=9000, batch=64, drop=0.1):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
+    ema = EMA(unet, 0.995)
+    opt = adamw(unet.parameters(), 8e-4)
+    checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
+
+
+def stage_refine(steps=REFINE_STEPS, batch=64, drop=0.1):
+    """A second cosine cycle for the base model, from its EMA weights, at half the learning rate and with a
+    slower EMA: the base model is undertrained (9000 steps draw small stars as blobs), and a restart from the
+    averaged weights keeps what the first cycle learned."""
+    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
+    unet.load_state_dict(torch.load(BUILD / "base.pt", weights_only=False)["ema"])
+    ema = EMA(unet, 0.998)
+    opt = adamw(unet.parameters(), 4e-4)
+    checkpointed("refine", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
 def stage_sr(steps=13000, drop=0.1):
@@ -594,7 +612,7 @@ def stage_ship():
                     "trained_betas": None, "clip_sample_range": 1.0, "thresholding": False,
                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
     for name, unet_cfg, stage, sched, extra in (
-            ("tiny", BASE, "base", BASE_SCHED, {}),
+            ("tiny", BASE, "refine", BASE_SCHED, {}),
             ("tiny-x4", SR, "sr", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
         out = ROOT / name
         tmp = ROOT / f".{name}.partial"
@@ -645,15 +663,16 @@ def write_times():
     times = json.loads((BUILD / "times.json").read_text())
     _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu_name(),
            "model_version": {"tiny": VERSION, "tiny-x4": VERSION},
-           "stages": {k: times[k] for k in STAGES if k in times}, "target_seconds": TARGET_SECONDS,
+           "stages": {k: times[k] for k in ORDER if k in times}, "target_seconds": TARGET_SECONDS,
            "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
 
 
-# (the order is the run order, and each stage's index seeds its steps: append new stages, do not reorder)
+# (each stage's index seeds its steps: append new stages, do not reorder; ORDER is the run order)
 STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
           "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
-          "ship": stage_ship}
+          "ship": stage_ship, "refine": stage_refine}
+ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "sr", "clip_image", "decoder", "ship"]
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
@@ -710,7 +729,7 @@ def main():
     signal.signal(signal.SIGTERM, _stop)
     name = None
     try:
-        for name in [args.stage] if args.stage else list(STAGES):
+        for name in [args.stage] if args.stage else ORDER:
             if not args.stage and name in DONE and (BUILD / DONE[name]).exists():
                 continue
             log(f"stage {name}")
