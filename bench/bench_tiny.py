@@ -314,6 +314,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    stamped = stamp(sys.argv[1:])  # before the run writes its pictures, which would make the checkout dirty
     for name in args.only or list(GATES):
         fn, checks = GATES[name]
         t0 = time.perf_counter()
@@ -321,7 +322,7 @@ def main():
         r["gates"] = {m: {"value": r[m], "bound": f"{op} {th:.4g}", "pass": r[m] >= th if op == GE else r[m] <= th}
                       for m, op, th in checks}
         r["seconds"] = round(time.perf_counter() - t0, 1)
-        r.update(stamp(sys.argv[1:]))
+        r.update(stamped)
         results[name] = r
         for m, g in r["gates"].items():
             print(f"{name:5s} {m:18s} {g['value']:8.4f}  (gate {g['bound']})  {'PASS' if g['pass'] else 'FAIL'}")
