@@ -351,12 +351,12 @@ def recipe_times(j):
             return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
         return f"{int(s // 3600)} h" + (f" {int(s % 3600 // 60):02d} min" if s % 3600 >= 60 else "")
 
-    rows = [[f"`{name}`", hm(t["seconds"]), t["runs"], t['machine']]
+    rows = [[f"`{name}`", hm(t["seconds"]), t["runs"], t["machine"].rsplit(", ", 1)[-1]]  # the CPU is in the JSON
             for name, t in j["stages"].items()]
     total, target = j["total_seconds"], j["target_seconds"]
     verdict = (f"within the recipe's {hm(target)} target" if total <= target else
                f"{hm(total - target)} over the recipe's {hm(target)} target")
-    return md(["stage", "wall time", "runs (resumed)", "machine"], rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
+    return md(["stage", "wall time", "runs (resumed)", "threads"], rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
 
 
 @table("samplers", "samplers.json", "{command}")

@@ -180,7 +180,7 @@ def test_null_text_beats_plain_guided_reconstruction(tiny, method):
         (t, t_prev), x_t = traj.sampling_pairs[k], traj.latents[-1 - k]
         loss = lambda u: (S.ddim_step(c.scheduler, Denoiser(c.unet, 7.5)(x_t, t, constant(torch.cat([u, emb[2:]]))),  # noqa: E731
                                       t, t_prev, x_t)[0] - traj.latents[-2 - k]).square().mean().item()
-        assert loss(traj.uncond[k]) < 0.5 * loss(emb[:2])
+        assert loss(traj.uncond[k]) < 0.75 * loss(emb[:2])
     assert (metrics.psnr(nti, x) > metrics.psnr(plain, x) + 5).all()
     assert (metrics.psnr(nti, x) > 25).all()
 
