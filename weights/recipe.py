@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
 TRAIN_SEED, TRAIN_N = 1, 40_000      # the training pool of scenes; held-out scenes use other seeds
 SR_SEED, SR_N = 2, 6_000
-REFINE_STEPS = 9_000                 # the base model's second cycle (stage_refine)
 SR_LATENTS = 6_000                   # of those, the scenes the SR stage trains on
 # (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
 # so the attention and group norms see at training the extents they see at inference
@@ -536,7 +535,7 @@ def stage_base(steps=9000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
-def stage_refine(steps=REFINE_STEPS, batch=64, drop=0.1):
+def stage_refine(steps=9000, batch=64, drop=0.1):
     """A second cosine cycle for the base model, from its EMA weights, at half the learning rate and with a
     slower EMA: the base model is undertrained (9000 steps draw small stars as blobs), and a restart from the
     averaged weights keeps what the first cycle learned."""
