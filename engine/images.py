@@ -37,17 +37,18 @@ def load(path) -> Image.Image:
 def decode(source, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The image of a file or file object, decoded; TooLarge above max_pixels (before decoding),
     ValueError when it is not a readable image."""
-    too_large = (f"{name}: the image is over the limit of {max_pixels // 10**6} megapixels; "
-                 "downscale it first")
+    def too_large(size=""):
+        return TooLarge(f"{name}: the image is {size}over the limit of {max_pixels // 10**6} megapixels; "
+                        "downscale it first")
     try:
         with Image.open(source) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise TooLarge(too_large.replace("the image is", f"the image is {w}×{h},"))
+                raise too_large(f"{w}×{h}, ")
             im.load()
             return im.copy()
     except Image.DecompressionBombError:  # Pillow refuses far larger images itself
-        raise TooLarge(too_large) from None
+        raise too_large() from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{name}: not a readable image ({e})") from None
 

@@ -13,7 +13,6 @@ batches; Ray's proxy on every node spreads the requests over them.
 """
 import argparse
 import asyncio
-import os
 from dataclasses import dataclass
 
 from ray import serve
@@ -83,14 +82,14 @@ class EngineDeployment:
         import torch
 
         import engine
-        from .serve import create_app
+        from .serve import create_app, env_api_key
 
         torch.set_num_threads(settings.threads)
         pipe = engine.load(settings.model, dtype=settings.dtype, device=settings.device)
         models = Models(pipe, settings.model, settings.upscaler, settings.model.rstrip("/")
                         .rsplit("/", 1)[-1])
         self.asgi = create_app(models, RayExecutor(pipe, settings.max_batch, settings.max_wait),
-                               api_key=os.environ.get("ENGINE_API_KEY") or None)
+                               api_key=env_api_key())
 
     def __serve_build_asgi_app__(self):
         return self.asgi

@@ -171,6 +171,11 @@ def _guarded(app, api_key: str):
     return guarded
 
 
+def env_api_key() -> str | None:
+    """The API key the server asks for: ENGINE_API_KEY, or None (no key) when unset or empty."""
+    return os.environ.get("ENGINE_API_KEY") or None
+
+
 def create_app(models: Models, executor, limits: Limits = Limits(), api_key: str | None = None):
     """The ASGI app of a server over `models` whose jobs `executor` runs (LocalExecutor, or
     engine.ray_serve's); with `api_key`, every route but /health asks for it."""
@@ -277,7 +282,7 @@ def main(a):
     jobs_.check_batching(a.max_batch, a.max_wait, a.max_queue)
     models = load_models(a)
     executor = LocalExecutor(models.pipe, a.max_batch, a.max_wait, a.max_queue)
-    api_key = os.environ.get("ENGINE_API_KEY") or None
+    api_key = env_api_key()
     print(f"serving {a.model} on http://{a.host}:{a.port} (batches of up to {a.max_batch}, "
           f"queue of {a.max_queue}{'; API key required' if api_key else ''})", flush=True)
     uvicorn.run(create_app(models, executor, limits, api_key), host=a.host, port=a.port,

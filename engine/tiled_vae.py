@@ -214,10 +214,9 @@ def _norm(gn, x, mean, var, act):
     (a batch norm with the group's statistics for each of its channels)."""
     rep = x.shape[1] // gn.num_groups
     mean, var = (m.repeat_interleave(rep, 1).to(x.dtype) for m in (mean, var))
-    y = torch.cat([torch.nn.functional.batch_norm(x[i:i + 1], mean[i], var[i], gn.weight, gn.bias,
-                                                  False, 0.0, gn.eps)
-                   for i in range(x.shape[0])]) if x.shape[0] > 1 else \
-        torch.nn.functional.batch_norm(x, mean[0], var[0], gn.weight, gn.bias, False, 0.0, gn.eps)
+    ys = [torch.nn.functional.batch_norm(x[i:i + 1], mean[i], var[i], gn.weight, gn.bias, False, 0.0, gn.eps)
+          for i in range(x.shape[0])]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
     return torch.nn.functional.silu(y, inplace=True) if act == "silu" else y
 
 
