@@ -3,8 +3,8 @@
     python weights/recipe.py                 # every stage, resuming from weights/build/ where it stopped
     python weights/recipe.py --stage vae     # one stage (its inputs must exist)
 
-Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → refine (the base
-model's second cycle) → sr → clip_image (the scorer's image tower) → decoder → ship.
+Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → refine, refine2 (the
+base model's second and third cycles) → sr → clip_image (the scorer's image tower) → decoder → ship.
 Each training stage checkpoints to weights/build/<stage>.pt every few hundred steps and resumes from it.
 Training runs the engine's own models (engine.models); only `ship` writes the diffusers folders.
 """
@@ -12,11 +12,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,10 @@ from engine.metrics import ImageEncoder, Scorer
 from engine.models.clip import CLIPTextConfig, CLIPTextModel
 from engine.models.unet import UNet2DConditionModel, UNetConfig
 from engine.models.vae import AutoencoderKL, VAEConfig
+from engine.profile import cpu_name
 from engine.tokenizer import Tokenizer
 
-VERSION = "v7"                       # written into each folder's model_index.json as _engine_version
+VERSION = "v8"                       # written into each folder's model_index.json as _engine_version
 TARGET_SECONDS = 4 * 3600             # the whole recipe, from scratch, on 2 CPU cores
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
@@ -535,15 +536,15 @@ def stage_base(steps=9000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
-def stage_refine(steps=9000, batch=64, drop=0.1):
-    """A second cosine cycle for the base model, from its EMA weights, at half the learning rate and with a
-    slower EMA: the base model is undertrained (9000 steps draw small stars as blobs), and a restart from the
-    averaged weights keeps what the first cycle learned."""
+def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1):
+    """A further cosine cycle for the base model, from `source`'s EMA weights, at half the learning rate and with
+    a slower EMA: the base model is undertrained (9000 steps draw small stars as blobs), and a restart from the
+    averaged weights keeps what the earlier cycles learned."""
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
-    unet.load_state_dict(torch.load(BUILD / "base.pt", weights_only=False)["ema"])
+    unet.load_state_dict(torch.load(BUILD / f"{source}.pt", weights_only=False)["ema"])
     ema = EMA(unet, 0.998)
     opt = adamw(unet.parameters(), 4e-4)
-    checkpointed("refine", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
+    checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
 def stage_sr(steps=13000, drop=0.1):
@@ -611,7 +612,7 @@ def stage_ship():
                     "trained_betas": None, "clip_sample_range": 1.0, "thresholding": False,
                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
     for name, unet_cfg, stage, sched, extra in (
-            ("tiny", BASE, "refine", BASE_SCHED, {}),
+            ("tiny", BASE, "refine2", BASE_SCHED, {}),
             ("tiny-x4", SR, "sr", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
         out = ROOT / name
         tmp = ROOT / f".{name}.partial"
@@ -651,12 +652,6 @@ def stage_ship():
         log(f"ship: {out} ({size / 1e6:.1f} MB)")
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    return next((line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
-                 if line.startswith("model name")), platform.processor() or platform.machine())
-
-
 def write_times():
     """bench/results/recipe_times.json: each stage's wall time (build/times.json) in run order, stamped."""
     times = json.loads((BUILD / "times.json").read_text())
@@ -670,8 +665,8 @@ def write_times():
 # (each stage's index seeds its steps: append new stages, do not reorder; ORDER is the run order)
 STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
           "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
-          "ship": stage_ship, "refine": stage_refine}
-ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "sr", "clip_image", "decoder", "ship"]
+          "ship": stage_ship, "refine": stage_refine, "refine2": partial(stage_refine, "refine2", "refine")}
+ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "refine2", "sr", "clip_image", "decoder", "ship"]
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
