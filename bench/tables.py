@@ -165,6 +165,25 @@ def vs_diffusers(u, t):
          f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255"]])
 
 
+@table("cpu-peers", "cpu_peers.json", "python bench/bench_cpu_peers.py")
+def cpu_peers(j):
+    ov = j["openvino_inference_precision"]
+    label = {"ours": "ours, fp32", "ours_bf16": "ours, bf16", "diffusers": "diffusers, fp32",
+             "onnxruntime": "ONNX Runtime, fp32", "openvino_f32": "OpenVINO, f32 hint",
+             "openvino_default": f"OpenVINO, default hint ({ov.get('openvino_default', '')})"}
+    setup = {"ours": "ours_load_s", "ours_bf16": "ours_bf16_load_s", "diffusers": "diffusers_load_s",
+             "onnxruntime": "onnxruntime_session_s", "openvino_f32": "openvino_f32_compile_s",
+             "openvino_default": "openvino_default_compile_s"}
+    med, bf16 = j["median_s"], j["median_s"].get("ours_bf16")
+    rows = [[label[k], f(v), f(j["gflop_per_step"] / v, 1), f(med["ours"] / v), f(bf16 / v) if bf16 else "",
+             f"{j['max_rel_diff_vs_ours_fp32'][k]:.1e}", f(j["one_time_s"][setup[k]], 1)] for k, v in med.items()]
+    return (md(["runner", "median s", "GFLOP/s", "ours fp32 / runner", "ours bf16 / runner",
+                "max difference (relative)", "load or compile s"], rows)
+            + f"\n\n{j['cpu']}, {j['threads']} threads; {len(j['seconds']['ours'])} alternating runs each; "
+            f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (once, cached) took "
+            f"{f(j['one_time_s'].get('onnx_export_s'), 0)} s; peak RSS {f(j['peak_rss_gib'], 1)} GiB.")
+
+
 @table("direct-recon", "direct_inversion.json", "python bench/bench_direct.py --only recon")
 def direct_recon(j):
     g, s = j["recon"]["grid"], (10, 20, 50, 100, 200)
