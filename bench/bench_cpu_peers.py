@@ -9,7 +9,7 @@ at its default for this CPU. Runs alternate in a rotating order, median of --rep
 the same inputs and thread count. Each output is compared with our fp32 output: the f32 runners must agree to
 1e-3 of the output's largest value (else the bench fails); the reduced-precision ones are reported. One-time
 costs (ONNX export, load, compile) are reported apart from the step time. Writes bench/results/cpu_peers.json
-(or --out). OpenVINO and ONNX Runtime are bench-only: pip install openvino onnxruntime onnx.
+(or --out). OpenVINO, ONNX Runtime and onnx are bench-only: pip install -e ".[peers]".
 """
 import argparse
 import gc
