@@ -4,7 +4,7 @@
 
 One set of random weights (bench/cache/sd15_unet, written once) runs as: our UNet in fp32 and, where the CPU
 has native bf16 (AVX-512-bf16 or AMX), in bf16; diffusers' UNet; and our UNet exported once to ONNX
-(bench/cache/sd15_unet_onnx) under ONNX Runtime and under OpenVINO, with OpenVINO's precision hint at f32 and
+(bench/cache/sd15_unet_onnx_<latent>) under ONNX Runtime and under OpenVINO, with OpenVINO's precision hint at f32 and
 at its default for this CPU. Runs alternate in a rotating order, median of --repeats each, every runner on
 the same inputs and thread count. Each output is compared with our fp32 output: the f32 runners must agree to
 1e-3 of the output's largest value (else the bench fails); the reduced-precision ones are reported. One-time
@@ -105,7 +105,7 @@ def main():
     ours = load_component(folder, "unet")
     one_time["ours_load_s"] = time.perf_counter() - t0
     runners["ours"] = lambda: ours(x, t, ctx)
-    onnx_path = Path(args.cache) / "sd15_unet_onnx" / "unet.onnx"
+    onnx_path = Path(args.cache) / f"sd15_unet_onnx_{args.latent}" / "unet.onnx"  # input shapes are fixed
     if {"onnxruntime", "openvino_f32", "openvino_default"} & set(chosen):
         one_time["onnx_export_s"] = export_onnx(ours, (x, t, ctx), onnx_path)
         gc.collect()
