@@ -179,7 +179,8 @@ def cpu_peers(j):
              f"{j['max_rel_diff_vs_ours_fp32'][k]:.1e}", f(j["one_time_s"][setup[k]], 1)] for k, v in med.items()]
     return (md(["runner", "median s", "GFLOP/s", "ours fp32 / runner", "ours bf16 / runner",
                 "max difference (relative)", "load or compile s"], rows)
-            + f"\n\nCPU {'with' if j['native_bf16'] else 'without'} native bf16, {j['threads']} threads; {len(j['seconds']['ours'])} alternating runs each; "
+            + f"\n\nCPU {'with' if j['native_bf16'] else 'without'} native bf16, {j['threads']} threads; "
+            f"{len(j['seconds']['ours'])} alternating runs each; "
             f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (once, cached) took "
             f"{f(j['one_time_s'].get('onnx_export_s'), 0)} s; peak RSS of the process, memory-mapped weight files "
             f"included: {f(j['peak_rss_gib'], 1)} GiB.")
