@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -37,16 +38,14 @@ F32_TOLERANCE = 1e-3
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
-
 def native_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX), from its Linux flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def export_onnx(model: torch.nn.Module, inputs: tuple, path: Path) -> float:
@@ -65,12 +64,6 @@ def export_onnx(model: torch.nn.Module, inputs: tuple, path: Path) -> float:
                   all_tensors_to_one_file=True, location=path.name + ".data")
         partial.rename(path)
     return time.perf_counter() - t0
-
-
-def peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main():
@@ -132,12 +125,12 @@ def main():
         one_time["onnxruntime_session_s"] = time.perf_counter() - t0
         runners["onnxruntime"] = lambda: torch.from_numpy(sess.run(None, feed)[0])
     ov_precision = {}
-    for name, hint in (("openvino_f32", "f32"), ("openvino_default", None)):
-        if name not in chosen:
-            continue
+    openvino_runs = [(n, hint) for n, hint in (("openvino_f32", "f32"), ("openvino_default", None)) if n in chosen]
+    if openvino_runs:
         import openvino as ov
 
         core = ov.Core()
+    for name, hint in openvino_runs:
         config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
         if hint:
             config["INFERENCE_PRECISION_HINT"] = hint
@@ -170,8 +163,7 @@ def main():
                 times[name].append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    reduced = {"ours_bf16"} | ({"openvino_default"} if ov_precision.get("openvino_default", "f32") != "f32"
-                               else set())
+    reduced = {"ours_bf16"} | {n for n, p in ov_precision.items() if p != "f32"}
     disagree = [n for n in names if n not in reduced and rel_diff[n] > F32_TOLERANCE]
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("diffusers", "onnxruntime", "openvino", "onnx"):
@@ -186,7 +178,7 @@ def main():
         "openvino_inference_precision": ov_precision, "one_time_s": one_time, "first_call_s": first_s,
         "max_rel_diff_vs_ours_fp32": rel_diff, "f32_tolerance": F32_TOLERANCE, "seconds": times, "median_s": med,
         "ratio_ours_over": {k: med["ours"] / v for k, v in med.items() if k != "ours"},
-        "peak_rss_gib": peak_rss_gib(), **stamp,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **stamp,
     }
     if "ours_bf16" in med:
         result["ratio_ours_bf16_over"] = {k: med["ours_bf16"] / v for k, v in med.items() if k != "ours_bf16"}
