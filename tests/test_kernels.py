@@ -1,4 +1,4 @@
-"""The dispatch point and the CPU im2col convolution against torch's reference op."""
+"""The dispatch point, the CPU im2col convolution, and linear layer against torch's reference ops."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,3 +47,26 @@ def test_attention_matches_reference():
     mask = torch.ones(77, 77, dtype=torch.bool).tril()
     ref = torch.softmax((q @ k.transpose(-1, -2) / 40**0.5).masked_fill(~mask, float("-inf")), -1) @ v
     assert (kernels.attention(q, k, v, is_causal=True) - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
+def test_linear_matches_reference(bias, residual):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 96, generator=g)
+    w = torch.randn(160, 96, generator=g) / 96**0.5
+    b = torch.randn(160, generator=g) if bias else None
+    r = torch.randn(2, 300, 160, generator=g) if residual else None
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    want = want if r is None else want + r.double()
+    got = kernels.linear(x, w, b, r)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    assert (kernels.linear(x.transpose(0, 1), w, b) - F.linear(x.transpose(0, 1), w, b)).abs().max() <= 1e-5
+
+
+def test_linear_differentiates():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    kernels.linear(x, w, None, torch.ones(4, 3)).sum().backward()
+    assert torch.allclose(x.grad, w.detach().sum(0).expand(4, 8))
+    assert torch.allclose(w.grad, x.detach().sum(0).expand(3, 8))

@@ -2,10 +2,11 @@
 
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
-the torch ops, except 3×3 convolutions with few output pixels and many channels (im2col + GEMM,
-engine/kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton kernels
-wherever their guards allow (dtype, shape; anything else falls back to torch); on the CPU that needs
-`TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
+the torch ops, except fp32 linear layers (oneDNN's, engine/kernels/cpu.py) and 3×3 convolutions
+with few output pixels and many channels (im2col + GEMM, engine/kernels/conv.py). `torch` forces
+the torch ops everywhere. `triton` forces the Triton kernels wherever their guards allow (dtype,
+shape; anything else falls back to torch); on the CPU that needs `TRITON_INTERPRET=1` (slow and
+exact: how the kernels are tested).
 The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and
 autograd formulas, so torch.compile traces through them and training differentiates through them.
 """
@@ -14,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import conv
+from . import conv, cpu
 from .conv import HAS_TRITON
 
 _MODES = ("auto", "torch", "triton")
@@ -54,6 +55,15 @@ def attention(
             return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale,
                                       is_causal)[0]
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
+
+
+def linear(x: torch.Tensor, weight, bias=None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias [+ residual]; on the CPU in fp32, oneDNN's (engine/kernels/cpu.py)."""
+    if mode() == "auto" and cpu.linear_applies(x, weight, residual):
+        return cpu.linear(x, weight, bias, residual)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float,

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cpu
+
 try:
     import triton
     import triton.language as tl
@@ -62,7 +64,10 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
     """(B·H·W, K) rows @ (O, K)ᵀ + bias as a channels-last (B, O, H, W) tensor."""
-    out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
+    if cpu.linear_applies(rows, wm, None):
+        out = cpu.linear(rows, wm, bias)
+    else:
+        out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
     return out.view(*bhw, -1).permute(0, 3, 1, 2)
 
 

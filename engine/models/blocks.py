@@ -30,6 +30,11 @@ class Conv2d(nn.Conv2d):
         return kernels.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], residual)
 
 
+class Linear(nn.Linear):
+    def forward(self, x, residual=None):
+        return kernels.linear(x, self.weight, self.bias, residual)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0,
                        max_period=10000):
     """Sinusoidal embedding of (fractional) timesteps, DDPM style."""
@@ -54,8 +59,8 @@ def by_row(f, x: torch.Tensor) -> torch.Tensor:
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim, dim):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -66,7 +71,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_ch, eps)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
+        self.time_emb_proj = Linear(temb_ch, out_ch) if temb_ch else None
         self.norm2 = GroupNorm(groups, out_ch, eps)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -112,12 +117,12 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.upcast = heads, upcast
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(0.0)])
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, residual=None):
         context = x if context is None else context
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in
                    (self.to_q(x), self.to_k(context), self.to_v(context)))
@@ -125,13 +130,13 @@ class Attention(nn.Module):
             out = kernels.attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             out = kernels.attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        return self.to_out[0](out.transpose(1, 2).flatten(2), residual)
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim, inner):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -142,10 +147,10 @@ class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0),
-                                  nn.Linear(dim * mult, dim)])
+                                  Linear(dim * mult, dim)])
 
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
+    def forward(self, x, residual=None):
+        return self.net[2](self.net[0](x), residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -161,9 +166,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -175,11 +180,11 @@ class Transformer2DModel(nn.Module):
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, in_ch, 1e-6)
-        self.proj_in = nn.Linear(in_ch, inner) if use_linear_projection else Conv2d(in_ch, inner, 1)
+        self.proj_in = Linear(in_ch, inner) if use_linear_projection else Conv2d(in_ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, only_cross_attention, upcast)
             for _ in range(num_layers))
-        self.proj_out = (nn.Linear(inner, in_ch) if use_linear_projection
+        self.proj_out = (Linear(inner, in_ch) if use_linear_projection
                          else Conv2d(inner, in_ch, 1))
 
     def forward(self, x, context):
@@ -208,10 +213,10 @@ class SpatialSelfAttention(nn.Module):
     def __init__(self, ch, groups=32, eps=1e-6):
         super().__init__()
         self.group_norm = GroupNorm(groups, ch, eps)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])
+        self.to_q = Linear(ch, ch)
+        self.to_k = Linear(ch, ch)
+        self.to_v = Linear(ch, ch)
+        self.to_out = nn.ModuleList([Linear(ch, ch), nn.Dropout(0.0)])
 
     def forward(self, x):
         b, c, h, w = x.shape

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import attention
+from .blocks import Linear
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP (SD 1.x)
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.heads, self.causal = cfg.num_attention_heads, causal
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -85,8 +86,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -175,7 +176,7 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__(cfg)
-        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+        self.text_projection = Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     def text_embeds(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, projection_dim): transformers' `text_embeds`, from the final-normed last hidden state."""
