@@ -49,8 +49,9 @@ def test_attention_matches_reference():
     assert (kernels.attention(q, k, v, is_causal=True) - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
-def test_linear_matches_reference(bias, residual):
+@pytest.mark.parametrize("bias,residual,act", [(True, False, None), (False, False, None), (True, True, None),
+                                             (False, True, None), (True, False, "gelu")])
+def test_linear_matches_reference(bias, residual, act):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 300, 96, generator=g)
     w = torch.randn(160, 96, generator=g) / 96**0.5
@@ -58,7 +59,8 @@ def test_linear_matches_reference(bias, residual):
     r = torch.randn(2, 300, 160, generator=g) if residual else None
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     want = want if r is None else want + r.double()
-    got = kernels.linear(x, w, b, r)
+    want = F.gelu(want) if act else want
+    got = kernels.linear(x, w, b, r, act)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert (got.double() - want).abs().max().item() <= 1e-5
     assert (kernels.linear(x.transpose(0, 1), w, b) - F.linear(x.transpose(0, 1), w, b)).abs().max() <= 1e-5

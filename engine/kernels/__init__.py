@@ -57,13 +57,15 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 
-def linear(x: torch.Tensor, weight, bias=None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias [+ residual]; on the CPU in fp32, oneDNN's (engine/kernels/cpu.py)."""
-    if mode() == "auto" and cpu.linear_applies(x, weight, residual):
-        return cpu.linear(x, weight, bias, residual)
+def linear(x: torch.Tensor, weight, bias=None, residual: torch.Tensor | None = None,
+           act: str | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias [+ residual] [then GELU (act='gelu')]; on the CPU in fp32, oneDNN's
+    (engine/kernels/cpu.py)."""
+    if mode() == "auto" and cpu.linear_applies(x, weight, residual, act):
+        return cpu.linear(x, weight, bias, residual, act)
     y = F.linear(x, weight, bias)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    return F.gelu(y) if act == "gelu" else y
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float,

@@ -2,7 +2,7 @@
 
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
-adds a residual in its epilogue. bf16 matmuls already go to oneDNN. A row comes out the same
+adds a residual or applies GELU in its epilogue. bf16 matmuls already go to oneDNN. A row comes out the same
 whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
@@ -14,16 +14,17 @@ _LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
            if torch.backends.mkldnn.is_available() else None)
 
 
-def linear_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+def linear_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                   act: str | None = None) -> bool:
     return (_LINEAR is not None and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32
-            and (residual is None or residual.dtype == torch.float32)
+            and (residual is None or (residual.dtype == torch.float32 and act is None))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias [+ residual, of the output's shape]."""
-    if residual is None:
-        return _LINEAR(x, weight, bias, "none", [], "")
-    return _LINEAR.binary(x, residual, weight, bias, "add")
+           residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias, then + residual (of the output's shape) or GELU (act='gelu', erf)."""
+    if residual is not None:
+        return _LINEAR.binary(x, residual, weight, bias, "add")
+    return _LINEAR(x, weight, bias, act or "none", [], "none" if act == "gelu" else "")

@@ -139,8 +139,11 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return F.gelu(gate).mul_(h)
+        """h · GELU(gate), the proj's two halves as two matmuls: GELU goes into the second's
+        epilogue."""
+        w, b, inner = self.proj.weight, self.proj.bias, self.proj.out_features // 2
+        h = kernels.linear(x, w[:inner], b[:inner])
+        return kernels.linear(x, w[inner:], b[inner:], act="gelu").mul_(h)
 
 
 class FeedForward(nn.Module):
