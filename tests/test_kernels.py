@@ -72,3 +72,13 @@ def test_linear_differentiates():
     kernels.linear(x, w, None, torch.ones(4, 3)).sum().backward()
     assert torch.allclose(x.grad, w.detach().sum(0).expand(4, 8))
     assert torch.allclose(w.grad, x.detach().sum(0).expand(3, 8))
+
+
+def test_flop_counter_counts_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, r = torch.randn(2, 30, 96), torch.randn(160, 96), torch.randn(2, 30, 160)
+    for kw in ({}, {"residual": r}, {"act": "gelu"}):
+        with FlopCounterMode(display=False) as fc:
+            kernels.linear(x, w, None, **kw)
+        assert fc.get_total_flops() == 2 * 60 * 96 * 160, kw

@@ -7,11 +7,20 @@ whether 2 or 2000 rows share the call, so an image's rows do not depend on its b
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
 """
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 # absent from builds without oneDNN
 _LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
            if torch.backends.mkldnn.is_available() else None)
+
+if _LINEAR is not None:
+    @register_flop_formula(_LINEAR)
+    def _flops(x_shape, *_, out_shape=None, **__) -> int:
+        """For torch's FlopCounterMode, which knows only aten's matmuls."""
+        return 2 * math.prod(out_shape) * x_shape[-1]
 
 
 def linear_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
