@@ -64,10 +64,7 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
     """(B·H·W, K) rows @ (O, K)ᵀ + bias as a channels-last (B, O, H, W) tensor."""
-    if cpu.linear_applies(rows, wm, None):
-        out = cpu.linear(rows, wm, bias)
-    else:
-        out = rows @ wm.t() if bias is None else torch.addmm(bias, rows, wm.t())
+    out = cpu.linear(rows, wm, bias) if cpu.linear_applies(rows, wm) else F.linear(rows, wm, bias)
     return out.view(*bhw, -1).permute(0, 3, 1, 2)
 
 

@@ -2,8 +2,8 @@
 
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
-adds a residual or applies GELU in its epilogue. bf16 matmuls already go to oneDNN. A row comes out the same
-whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
+adds a residual or applies GELU in its epilogue. bf16 matmuls already go to oneDNN. A row comes out
+the same whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
 """
