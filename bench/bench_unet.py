@@ -8,7 +8,6 @@ bench/results/unet_step_<device>_<dtype>.json and prints the top ops of our step
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -64,6 +63,8 @@ def main():
 
     from diffusers import UNet2DConditionModel as Reference
     from engine.checkpoints import load_component
+    from engine.embedded import source_commit
+    from engine.profile import cpu_name
 
     folder = weights(Path(args.cache))
     ours = load_component(folder, "unet", dtype, device)
@@ -102,12 +103,14 @@ def main():
     result = {
         "benchmark": "SD1.5 UNet, one CFG step (batch 2), random weights from one safetensors file",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
+        f"CPU {cpu_name()} x{torch.get_num_threads()} threads",
         "dtype": args.dtype, "latent": [args.latent, args.latent], "batch": 2, "repeats": args.repeats,
         "torch": torch.__version__, "max_abs_diff_vs_diffusers": diff, "gflop_per_step": gflop,
         "seconds": times, "median_s": med, "ratio_ours_over_diffusers": med["ours"] / med["diffusers"],
         "median_of_paired_ratios": pair_ratio,
         "gflops_achieved": {k: gflop / v for k, v in med.items()}, "top_ops_ours": top_ops,
+        "commit": source_commit(), "model_version": "SD1.5 UNet architecture, random weights",
+        "command": " ".join(["python bench/bench_unet.py", *sys.argv[1:]]),
     }
     out = Path(args.out or ROOT / "bench" / "results" / f"unet_step_{device.type}_{args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
