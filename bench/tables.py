@@ -61,7 +61,8 @@ def headline(g, t, u, d, it, b, m):
     bp, cl = b["size_1024"]["summary"]["multistage-backproject"], m["fig3"]["baselines"]
     star = cl["caption of the concept's colour"]["mean"]
     def on(j):  # the embedded model version a result was measured on
-        return f"tiny {j['model_version']['tiny']}" if "model_version" in j else "—"
+        v = j.get("model_version")
+        return f"tiny {v['tiny']}" if isinstance(v, dict) else "—"
 
     return md(["what", "measure", "result", "model"], [
         ["embedded base model", "named-object colour / shape, read from the pixels (template; free phrasing)",
