@@ -72,6 +72,9 @@ def test_linear_differentiates():
     kernels.linear(x, w, None, torch.ones(4, 3)).sum().backward()
     assert torch.allclose(x.grad, w.detach().sum(0).expand(4, 8))
     assert torch.allclose(w.grad, x.detach().sum(0).expand(3, 8))
+    b, r = torch.zeros(3, requires_grad=True), torch.zeros(4, 3, requires_grad=True)  # only these trained
+    kernels.linear(x.detach(), w.detach(), b, r).sum().backward()
+    assert torch.equal(b.grad, torch.full((3,), 4.0)) and torch.equal(r.grad, torch.ones(4, 3))
 
 
 def test_flop_counter_counts_linear():

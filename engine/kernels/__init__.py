@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight, bias=None, residual: torch.Tensor | None = N
            act: str | None = None) -> torch.Tensor:
     """x @ weightᵀ + bias [+ residual] [then GELU (act='gelu')]; on the CPU in fp32, oneDNN's
     (engine/kernels/cpu.py)."""
-    if mode() == "auto" and cpu.linear_applies(x, weight, residual, act):
+    if mode() == "auto" and cpu.linear_applies(x, weight, bias, residual, act):
         return cpu.linear(x, weight, bias, residual, act)
     y = F.linear(x, weight, bias)
     y = y if residual is None else y + residual

@@ -64,7 +64,7 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
     """(B·H·W, K) rows @ (O, K)ᵀ + bias as a channels-last (B, O, H, W) tensor."""
-    out = cpu.linear(rows, wm, bias) if cpu.linear_applies(rows, wm) else F.linear(rows, wm, bias)
+    out = cpu.linear(rows, wm, bias) if cpu.linear_applies(rows, wm, bias) else F.linear(rows, wm, bias)
     return out.view(*bhw, -1).permute(0, 3, 1, 2)
 
 

@@ -23,12 +23,13 @@ if _LINEAR is not None:
         return 2 * math.prod(out_shape) * x_shape[-1]
 
 
-def linear_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-                   act: str | None = None) -> bool:
+def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None, act: str | None = None) -> bool:
     return (_LINEAR is not None and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32
             and (residual is None or (residual.dtype == torch.float32 and act is None))
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled()
+                     and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
