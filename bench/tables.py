@@ -182,8 +182,9 @@ def cpu_peers(j):
                 "max difference (relative)", "load or compile s"], rows)
             + f"\n\nCPU {'with' if j['native_bf16'] else 'without'} native bf16, {j['threads']} threads; "
             f"{len(j['seconds']['ours'])} alternating runs each; "
-            f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (once, cached) took "
-            f"{f(j['one_time_s'].get('onnx_export_s'), 0)} s; peak RSS of the process, memory-mapped weight files "
+            f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (done once, then cached) "
+            + (f"took {f(export, 0)} s" if (export := j["one_time_s"].get("onnx_export_s")) else "was a cached one")
+            + f"; peak RSS of the process, memory-mapped weight files "
             f"included: {f(j['peak_rss_gib'], 1)} GiB.")
 
 

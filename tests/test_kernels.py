@@ -1,4 +1,4 @@
-"""The dispatch point, the CPU im2col convolution, and linear layer against torch's reference ops."""
+"""The dispatch point, the CPU im2col convolution and the linear layer against torch's reference ops."""
 import pytest
 import torch
 import torch.nn.functional as F
