@@ -67,9 +67,11 @@ def _random(cls, cfg):
 
 def _models(model: str):
     import engine
+    from engine.kernels import cpu
     from engine.models.unet import UNet2DConditionModel, UNetConfig
     from engine.models.vae import AutoencoderKL, VAEConfig
 
+    cpu.retain_freed_memory()  # as loading a model from its files does
     if model == "tiny":
         pipe = engine.load()
         return pipe.model.unet, pipe.model.vae, pipe

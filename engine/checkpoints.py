@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels import cpu
 from .models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, canonical_keys
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -126,7 +127,10 @@ def read_state_dict(files: list[Path], device="cpu", dtype=None) -> dict:
     """Every tensor of the files, read one at a time into its own memory and put in its final form
     there: floating point to `dtype` (when given), 4-D (convolution) weights channels-last. Peak
     memory is the loaded weights plus one tensor: no mapping of the file stays resident beside
-    them and nothing is converted twice."""
+    them and nothing is converted twice. Models read onto the CPU run there: the allocator is
+    tuned for that first (kernels.cpu.retain_freed_memory)."""
+    if torch.device(device).type == "cpu":
+        cpu.retain_freed_memory()
     sd = {}
     for path in files:
         with open(path, "rb") as f:

@@ -1,10 +1,16 @@
-"""The dispatch point, the CPU im2col convolution and the linear layer against torch's reference ops."""
+"""The dispatch point, the CPU im2col and Winograd convolutions and the linear layer against torch's
+reference ops."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.kernels.conv import im2col_applies, im2col_conv3x3
+from engine.kernels import conv
+from engine.kernels.conv import im2col_applies, im2col_conv3x3, winograd_applies, winograd_conv3x3
 
 
 @pytest.mark.parametrize("cin,cout,h,w,stride", [
@@ -37,6 +43,69 @@ def test_dispatch_rule_and_kill_switch(monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", "fast")
     with pytest.raises(ValueError, match="ENGINE_KERNELS"):
         kernels.conv2d(small, wt, b, 1, 1)
+
+
+@pytest.mark.parametrize("cin,cout,h,w", [(320, 256, 32, 32), (7, 5, 9, 13), (16, 24, 2, 3), (3, 4, 1, 1)])
+def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    b = torch.randn(cout, generator=g)
+    want = F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+    direct = (F.conv2d(x, wt, b, 1, 1) - want).abs().max().item()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = winograd_conv3x3(x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt), b)
+        assert got.shape == want.shape
+        # F(2×2, 3×3)'s transforms add a few roundings: within 4× the direct convolution's error
+        assert (got - want).abs().max().item() <= 4 * max(direct, 1e-7 * want.abs().max().item())
+    if h * w > 4:  # an image of one tile is one GEMM row, which oneDNN computes another way alone
+        assert torch.equal(winograd_conv3x3(x[1:2], wt, b), got[1:2])
+        with monkeypatch.context() as m:  # one band per row of tiles
+            m.setattr(conv, "WINOGRAD_BAND", 1)
+            assert torch.equal(winograd_conv3x3(x, wt, b), got)
+    assert (winograd_conv3x3(x, wt, None) - F.conv2d(x, wt, None, 1, 1)).abs().max().item() <= 1e-4
+
+
+def test_winograd_rule():
+    def w(o, i, k=3):
+        return torch.empty(o, i, k, k, device="meta")
+    for c, s in ((320, 64), (640, 32), (1280, 16), (512, 128), (256, 256)):  # SD UNet and VAE levels
+        assert winograd_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
+    assert not winograd_applies(torch.empty(2, 1280, 8, 8), w(1280, 1280), 1, 1)  # too few pixels
+    assert not winograd_applies(torch.empty(2, 320, 16, 16), w(320, 320), 1, 1)
+    assert not winograd_applies(torch.empty(1, 128, 256, 256), w(128, 128), 1, 1)  # too few channels
+    assert not winograd_applies(torch.empty(1, 320, 64, 64), w(320, 320), 2, 1)
+    assert not winograd_applies(torch.empty(1, 320, 64, 64), w(320, 320, 1), 1, 0)
+    assert not winograd_applies(torch.empty(1, 320, 64, 64, dtype=torch.bfloat16),
+                                w(320, 320).bfloat16(), 1, 1)
+
+
+def test_retain_freed_memory_stops_page_faults():
+    """A chain of ops on 20 MB tensors faults their pages in again on every pass, unless the
+    allocator keeps freed blocks (kernels.cpu.retain_freed_memory); ENGINE_MALLOC=system opts out."""
+    code = (
+        "import resource, torch\n"
+        "from engine.kernels import cpu\n"
+        "kept = cpu.retain_freed_memory()\n"
+        "x = torch.ones(5_000_000)\n"
+        "def chain():\n"
+        "    y = x\n"
+        "    for _ in range(6):\n"
+        "        y = torch.cat([y[:2_500_000] * 2, y[2_500_000:] + 1])\n"
+        "chain()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    chain()\n"
+        "print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {}
+    for env in ("", "system"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "ENGINE_MALLOC": env}).stdout.split()
+        faults[env] = (out[0], int(out[1]))
+    if faults[""][0] != "True":
+        pytest.skip("not glibc: the allocator is left as it is")
+    assert faults["system"][0] == "False"
+    assert faults[""][1] * 5 < faults["system"][1], faults  # about 5k against 130k
 
 
 def test_attention_matches_reference():

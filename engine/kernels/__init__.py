@@ -3,7 +3,8 @@
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except fp32 linear layers (oneDNN's, engine/kernels/cpu.py) and 3×3 convolutions
-with few output pixels and many channels (im2col + GEMM, engine/kernels/conv.py). `torch` forces
+with many channels (Winograd where there are many pixels, im2col + GEMM where there are few,
+engine/kernels/conv.py). `torch` forces
 the torch ops everywhere. `triton` forces the Triton kernels wherever their guards allow (dtype,
 shape; anything else falls back to torch); on the CPU that needs `TRITON_INTERPRET=1` (slow and
 exact: how the kernels are tested).
@@ -90,6 +91,8 @@ def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,
     if not differentiated and _triton(x, m) and conv.triton_supported(x, weight, stride, padding):
         return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu",
                               m == "triton")
+    if m == "auto" and not differentiated and conv.winograd_applies(x, weight, stride, padding):
+        return conv.epilogue(conv.winograd_conv3x3(x, weight, bias), residual, act)
     if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
     if m == "auto" and not differentiated and conv.pointwise_applies(x, weight, stride, padding):

@@ -7,7 +7,11 @@ the same whether 2 or 2000 rows share the call, so an image's rows do not depend
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
 """
+import ctypes
+import functools
 import math
+import os
+import platform
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -38,3 +42,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if residual is not None:
         return _LINEAR.binary(x, residual, weight, bias, "add")
     return _LINEAR(x, weight, bias, act or "none", [], "none" if act == "gelu" else "")
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the
+    OS. By default it returns the top of its heap whenever 64 MiB there are free, so every UNet call
+    faults its activations in again: 250k–700k page faults, 5–10% of an SD step on 2 cores. Blocks
+    above 32 MiB are mapped and unmapped as before (kept, they would fragment the heap: a 1 GiB
+    limit added 40% to a 1024² generation's peak). Once per process, on glibc only;
+    ENGINE_MALLOC=system leaves the allocator as it is."""
+    if os.environ.get("ENGINE_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**31 - 1))
