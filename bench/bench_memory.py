@@ -88,7 +88,7 @@ def measure(model: str, call: str, side: int, batch: int) -> dict:
     torch.manual_seed(0)
     unet, vae, pipe = _models(model)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    x = torch.randn(batch, 4, side, side) if call != "blend" else None
+    x = torch.randn(batch, vae.config.latent_channels, side, side) if call != "blend" else None
     f, tile = vae.downscale, TILE if call == "vae_tiled" else None
     if call == "unet_grad":
         ctx.requires_grad_(True)
