@@ -8,7 +8,6 @@ the same whether 2 or 2000 rows share the call, so an image's rows do not depend
 go through engine.models.blocks.by_row.
 """
 import ctypes
-import functools
 import math
 import os
 import platform
@@ -44,7 +43,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _LINEAR(x, weight, bias, act or "none", [], "none" if act == "gelu" else "")
 
 
-@functools.cache
 def retain_freed_memory() -> bool:
     """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the
     OS. By default it returns the top of its heap whenever 64 MiB there are free, so every UNet call
@@ -52,8 +50,21 @@ def retain_freed_memory() -> bool:
     above 32 MiB are mapped and unmapped as before (kept, they would fragment the heap: a 1 GiB
     limit added 40% to a 1024² generation's peak). Once per process, on glibc only;
     ENGINE_MALLOC=system leaves the allocator as it is."""
-    if os.environ.get("ENGINE_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    global _retained
+    if (not _retained and _LIBC is not None
+            and os.environ.get("ENGINE_MALLOC", "").lower() != "system"):
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        _retained = bool(_LIBC.mallopt(m_mmap_threshold, 32 * 2**20)
+                         and _LIBC.mallopt(m_trim_threshold, 2**31 - 1))
+    return _retained
+
+
+def release_freed_memory():
+    """Hand the blocks kept since retain_freed_memory back to the OS: between a job's phases (the
+    UNet's loop, the VAE), so that one phase's kept blocks do not add to the next one's peak."""
+    if _retained:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+_retained = False
