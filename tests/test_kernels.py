@@ -69,9 +69,10 @@ def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch)
 def test_winograd_rule():
     def w(o, i, k=3):
         return torch.empty(o, i, k, k, device="meta")
-    for c, s in ((320, 64), (640, 32), (1280, 16), (512, 128), (256, 256)):  # SD UNet and VAE levels
+    for c, s in ((320, 64), (640, 32), (640, 16), (512, 128), (256, 256)):  # SD UNet and VAE levels
         assert winograd_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
     assert not winograd_applies(torch.empty(2, 1280, 8, 8), w(1280, 1280), 1, 1)  # too few pixels
+    assert not winograd_applies(torch.empty(2, 1280, 16, 16), w(1280, 1280), 1, 1)  # im2col's
     assert not winograd_applies(torch.empty(2, 320, 16, 16), w(320, 320), 1, 1)
     assert not winograd_applies(torch.empty(1, 128, 256, 256), w(128, 128), 1, 1)  # too few channels
     assert not winograd_applies(torch.empty(1, 320, 64, 64), w(320, 320), 2, 1)

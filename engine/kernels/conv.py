@@ -5,7 +5,7 @@ the fast layout), GEMM M = output pixels, N = output channels, K = taps × input
 residual add and SiLU fused into the epilogue. Whether it or cuDNN runs a given shape is measured
 once per device and cached on disk (`choose`).
 
-CPU, fp32: where there are many pixels and channels (the SD UNet's 64², 32² and 16² levels, the SD
+CPU, fp32: where there are many pixels and channels (the SD UNet's 64² and 32² levels, the SD
 VAE's 512- and 256-channel levels), Winograd F(2×2, 3×3) does 2.25× fewer multiply-adds than
 oneDNN's direct convolution, at twice its rounding error (still under 1e-6 relative). oneDNN's
 direct 3×3 convolution is slow when there are few output pixels and many input channels (the SD
@@ -78,6 +78,8 @@ WINOGRAD_G = torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
 # (output pixels per image at least, input and output channels at least) where it beat oneDNN's
 # direct convolution on 2 cores (bench/results/conv_cpu.json); below, the transforms and the filter
 # transform (done per call, so that no second copy of the weights is kept) cost more than it saves.
+# Where im2col applies it is faster still: the filter transform of 1280 × 1280 channels-last
+# weights costs more than Winograd saves at 16².
 WINOGRAD_WINS = ((256, 640), (1024, 256))
 WINOGRAD_BAND = 2**22
 
@@ -86,7 +88,8 @@ def winograd_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
             and any(x.shape[2] * x.shape[3] >= p and min(weight.shape[:2]) >= c
-                    for p, c in WINOGRAD_WINS))
+                    for p, c in WINOGRAD_WINS)
+            and not im2col_applies(x, weight, stride, padding))  # the 16² level's 1280 channels
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
