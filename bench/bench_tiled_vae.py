@@ -79,6 +79,9 @@ def dtype(vae):
 
 
 def sd_vae():
+    from engine.kernels import cpu
+
+    cpu.retain_freed_memory()  # as reading a model's files onto the CPU does
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                                   norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
