@@ -77,10 +77,10 @@ def encode_moments(vae, x: torch.Tensor, pixels: int | None = None,
     """vae.encode(x) → (mean, logvar), tiled when `applies`; one image at a time, so that an
     image's latent does not depend on the batch it is in (a convolution's arithmetic can change
     with the batch size)."""
-    kernels.cpu.release_freed_memory()
     if x.shape[0] > 1:
         mean, logvar = zip(*(encode_moments(vae, one, pixels, tile) for one in x.split(1)))
         return torch.cat(mean), torch.cat(logvar)
+    kernels.cpu.release_freed_memory()
     if applies(vae, x.shape[-2] * x.shape[-1], pixels, tile):
         return vae.moments(encode(vae, x, _side(vae, tile)))
     return vae.encode(x)
@@ -96,9 +96,9 @@ def decode_latents(vae, latents: torch.Tensor, pixels: int | None = None,
                    tile: int | None = None) -> torch.Tensor:
     """vae.decode_latents(latents), tiled when `applies`; one image at a time, as
     `encode_moments`."""
-    kernels.cpu.release_freed_memory()
     if latents.shape[0] > 1:
         return torch.cat([decode_latents(vae, one, pixels, tile) for one in latents.split(1)])
+    kernels.cpu.release_freed_memory()
     z = vae.unscale(latents)
     if applies(vae, z.shape[-2] * z.shape[-1] * vae.downscale ** 2, pixels, tile):
         return decode(vae, z, _side(vae, tile))

@@ -74,7 +74,8 @@ def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
 # Winograd F(2×2, 3×3) (Lavin & Gray, 2016): each 2×2 output tile from a 4×4 input tile with 16
 # GEMMs in place of 36 multiply-adds per channel pair, 2.25× fewer FLOPs than the direct convolution.
 # BT, G and AT are its input, filter and output transforms; the transforms below are these rows.
-WINOGRAD_G = torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+# G ⊗ G maps a flattened 3×3 filter to its 16 transformed taps.
+WINOGRAD_GG = torch.kron(*[torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])] * 2)
 # (output pixels per image at least, input and output channels at least) where it beat oneDNN's
 # direct convolution on 2 cores (bench/results/conv_cpu.json); below, the transforms and the filter
 # transform (done per call, so that no second copy of the weights is kept) cost more than it saves.
@@ -99,8 +100,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     b, c, h, w = x.shape
     o = weight.shape[0]
     th, tw = (h + 1) // 2, (w + 1) // 2
-    kg = torch.kron(WINOGRAD_G, WINOGRAD_G).to(weight)
-    u = (kg @ weight.permute(2, 3, 0, 1).reshape(9, o * c)).view(16, o, c)   # G g Gᵀ
+    u = (WINOGRAD_GG.to(weight) @ weight.permute(2, 3, 0, 1).reshape(9, o * c)).view(16, o, c)
     # 4×4 tiles with stride 2 over the padded NHWC input (odd sizes get one more row or column)
     xp = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1).contiguous()
     y = x.new_empty(b, th, 2, tw, 2, o)
