@@ -31,6 +31,7 @@ CASES = [
     ("tiny unet grad", "tiny", "unet_grad", 64, 2), ("tiny unet grad", "tiny", "unet_grad", 128, 2),
     ("tiny vae decode", "tiny", "vae", 64, 1), ("tiny vae decode", "tiny", "vae", 256, 1),
     ("tiny vae decode, tiled", "tiny", "vae_tiled", 256, 1),
+    ("tiny vae decode, tiled", "tiny", "vae_tiled", 512, 1),
     ("tiny generate", "tiny", "generate", 256, 1),
     ("tiny blend (side in px)", "tiny", "blend", 1024, 1),
     ("tiny blend (side in px)", "tiny", "blend", 2048, 1),

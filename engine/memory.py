@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from . import tiled_vae
+
 OVERHEAD = 128 * 2**20  # allocator slack and kernel workspaces, beyond the activations
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -58,14 +60,19 @@ def unet_bytes(cfg, height: int, width: int, batch: int, itemsize: int,
 def vae_bytes(cfg, height: int, width: int, batch: int, itemsize: int,
               tile: int | None = None) -> int:
     """Peak bytes of a VAE decode (or encode) of `batch` images of height × width pixels; `tile`:
-    the tile side in pixels when it runs tiled (engine.tiled_vae): 6 tiles' area for a tile's crop
-    and the allocator's slack over the passes (measured), plus the latent-resolution tensors of the
-    mid block's attention and the output."""
-    area = height * width if tile is None else min(height * width, 6 * tile * tile)
+    the tile side in pixels when it runs tiled (engine.tiled_vae). Tiled, the full-resolution
+    layers still run whole, as untiled, when their working set fits tiled_vae.BUFFER_BYTES; else
+    2 tiles' area for a tile's crop and the allocator's slack over the passes (measured), plus the
+    input and output a stretch of tiles keeps whole (each at most BUFFER_BYTES). Then the
+    latent-resolution tensors of the mid block's attention and the output."""
+    area, kept = height * width, 0
+    full = cfg.block_out_channels[0] * area * itemsize
+    if tile is not None and tiled_vae.WORKING * full > tiled_vae.BUFFER_BYTES:
+        area, kept = min(area, 2 * tile * tile), 2 * min(full, tiled_vae.BUFFER_BYTES)
     downscale = 2 ** (len(cfg.block_out_channels) - 1)
     latent = 3 * cfg.block_out_channels[-1] * height * width / downscale ** 2
     return int(batch * (itemsize * (8 * cfg.block_out_channels[0] * area + latent)
-                        + 64 * height * width))
+                        + 64 * height * width + kept))
 
 
 def _meminfo(key: str) -> int | None:
