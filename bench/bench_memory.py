@@ -167,7 +167,8 @@ def main():
         rows.append(r)
     OUT.write_text(json.dumps({
         "command": "python bench/bench_memory.py" + (" --quick" if a.quick else ""),
-        "commit": embedded.source_commit(), "model_version": embedded.versions(), "device": f"CPU {platform.machine()}", "torch": torch.__version__,
+        "commit": embedded.source_commit(), "model_version": embedded.versions(),
+        "device": f"CPU {platform.machine()}", "torch": torch.__version__,
         "dtype": "float32", "overhead_bytes": OVERHEAD, "tile_latent_px": TILE,
         "min_check_ratio": min(r["check_ratio"] for r in rows),
         "max_check_ratio": max(r["check_ratio"] for r in rows), "cases": rows}, indent=1) + "\n")

@@ -48,12 +48,16 @@ def test_generate_refused_under_max_memory_before_any_work():
         pipe.generate("a red star", height=4096, width=4096, steps=1, progress=False)
 
 
-_PEAK = """
-import json, re, sys
-import engine
-from engine.memory import OVERHEAD
+_RSS = """
+import json, re
 def rss(k):
     return int(re.search(k + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+"""
+
+_PEAK = _RSS + """
+import sys
+import engine
+from engine.memory import OVERHEAD
 pipe, side = engine.load(), int(sys.argv[1])
 pipe.generate("a red star", steps=1, height=32, width=32, progress=False)
 open("/proc/self/clear_refs", "w").write("5")
@@ -73,13 +77,11 @@ def test_estimate_covers_the_measured_peak_and_is_not_far_above():
     assert measured <= estimate < 2 * measured, (measured, estimate)
 
 
-_TILED_PEAK = """
-import json, re, torch
+_TILED_PEAK = _RSS + """
+import torch
 import engine
 from engine import tiled_vae
 from engine.memory import OVERHEAD
-def rss(k):
-    return int(re.search(k + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 m = engine.load().model
 z = torch.randn(1, m.vae.config.latent_channels, 512, 512)
 with torch.no_grad():
