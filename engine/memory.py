@@ -61,13 +61,13 @@ def vae_bytes(cfg, height: int, width: int, batch: int, itemsize: int,
               tile: int | None = None) -> int:
     """Peak bytes of a VAE decode (or encode) of `batch` images of height × width pixels; `tile`:
     the tile side in pixels when it runs tiled (engine.tiled_vae). Tiled, the full-resolution
-    layers still run whole, as untiled, when their working set fits tiled_vae.BUFFER_BYTES; else
-    2 tiles' area for a tile's crop and the allocator's slack over the passes (measured), plus the
-    input and output a stretch of tiles keeps whole (each at most BUFFER_BYTES). Then the
-    latent-resolution tensors of the mid block's attention and the output."""
+    layers still run whole, as untiled, where tiled_vae.runs_whole; else 2 tiles' area for a
+    tile's crop and the allocator's slack over the passes (measured), plus the input and output a
+    stretch of tiles keeps whole (each at most BUFFER_BYTES). Then the latent-resolution tensors of
+    the mid block's attention and the output."""
     area, kept = height * width, 0
     full = cfg.block_out_channels[0] * area * itemsize
-    if tile is not None and tiled_vae.WORKING * full > tiled_vae.BUFFER_BYTES:
+    if tile is not None and not tiled_vae.runs_whole(full):
         area, kept = min(area, 2 * tile * tile), 2 * min(full, tiled_vae.BUFFER_BYTES)
     downscale = 2 ** (len(cfg.block_out_channels) - 1)
     latent = 3 * cfg.block_out_channels[-1] * height * width / downscale ** 2

@@ -126,6 +126,12 @@ def encode(vae, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     return _run(ops, x, vae.downscale, _side(vae) if tile is None else tile)
 
 
+def runs_whole(size: int) -> bool:
+    """Whether a layer whose whole output takes `size` bytes runs whole, as untiled, when its input
+    is whole: its working set (WORKING whole outputs) fits BUFFER_BYTES."""
+    return WORKING * size <= BUFFER_BYTES
+
+
 def _mid(block):
     return [block.resnets[0], *block.attentions, block.resnets[1]]
 
@@ -167,7 +173,7 @@ def _run(ops, x, fi, tile):
     for op, (c, s, whole) in zip([*ops, None], [*_shapes(ops, x, fi), (0, 1, True)]):
         size = c * s * s * latent_px * x.element_size()
         if not stretch and op is not None and not isinstance(op, SpatialSelfAttention) and \
-                whole and WORKING * size <= BUFFER_BYTES:
+                whole and runs_whole(size):
             x, fi = op(x), s  # its input is whole and its working set fits: no tiles needed
             continue
         if op is not None and not isinstance(op, SpatialSelfAttention):

@@ -48,6 +48,15 @@ def test_generate_refused_under_max_memory_before_any_work():
         pipe.generate("a red star", height=4096, width=4096, steps=1, progress=False)
 
 
+def _covers(script: str, *args: str):
+    """Run a script printing [measured peak, estimate]: the estimate is at least the peak and
+    under twice it."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         check=True)
+    measured, estimate = json.loads(out.stdout.strip().splitlines()[-1])
+    assert measured <= estimate < 2 * measured, (measured, estimate)
+
+
 _RSS = """
 import json, re
 def rss(k):
@@ -71,10 +80,7 @@ print(json.dumps([rss("VmHWM") - base, OVERHEAD + max(pipe.model.peak_memory(sid
 def test_estimate_covers_the_measured_peak_and_is_not_far_above():
     """generate at 1024² on the embedded model (latent 256², CFG batch 2): the estimate the check
     uses is at least the measured peak, and under twice it."""
-    out = subprocess.run([sys.executable, "-c", _PEAK, "1024"], capture_output=True, text=True,
-                         check=True)
-    measured, estimate = json.loads(out.stdout.strip().splitlines()[-1])
-    assert measured <= estimate < 2 * measured, (measured, estimate)
+    _covers(_PEAK, "1024")
 
 
 _TILED_PEAK = _RSS + """
@@ -97,7 +103,4 @@ print(json.dumps([rss("VmHWM") - base, OVERHEAD + m.peak_memory(2048, 2048, 1, 1
 def test_tiled_decode_estimate_covers_the_measured_peak():
     """The embedded VAE decoding to 2048², tiled by default: the whole activations kept between
     stretches of tiles are in the estimate, which stays under twice the measured peak."""
-    out = subprocess.run([sys.executable, "-c", _TILED_PEAK], capture_output=True, text=True,
-                         check=True)
-    measured, estimate = json.loads(out.stdout.strip().splitlines()[-1])
-    assert measured <= estimate < 2 * measured, (measured, estimate)
+    _covers(_TILED_PEAK)
