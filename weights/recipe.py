@@ -4,7 +4,8 @@
     python weights/recipe.py --stage vae     # one stage (its inputs must exist)
 
 Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → refine, refine2 (the
-base model's second and third cycles) → sr → clip_image (the scorer's image tower) → decoder → ship.
+base model's second and third cycles) → sr → sr_zoom (the x4 model fine-tuned for the tiled 1024² stage too) →
+clip_image (the scorer's image tower) → decoder → ship.
 Each training stage checkpoints to weights/build/<stage>.pt every few hundred steps and resumes from it.
 Training runs the engine's own models (engine.models); only `ship` writes the diffusers folders.
 """
@@ -34,7 +35,7 @@ from engine.models.vae import AutoencoderKL, VAEConfig
 from engine.profile import cpu_name
 from engine.tokenizer import Tokenizer
 
-VERSION = "v8"                       # written into each folder's model_index.json as _engine_version
+VERSION = "v9"                       # written into each folder's model_index.json as _engine_version
 TARGET_SECONDS = 4 * 3600             # the whole recipe, from scratch, on 2 CPU cores
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
@@ -44,6 +45,8 @@ SR_LATENTS = 6_000                   # of those, the scenes the SR stage trains 
 # (low-res crop side, batch) of the SR stage: the same pixels per step at every size, up to the whole 64² image,
 # so the attention and group norms see at training the extents they see at inference
 SR_CROPS = ((16, 32), (32, 8), (64, 2))
+ZOOM_N = 1_500                       # SR scenes whose 1024² windows the sr_zoom stage trains on
+ZOOM_HALO = 64                       # 1024² pixels encoded around each window, then cut from its latent
 CAPTIONS = 3                         # per scene: the template and 2 free phrasings (world.phrasings)
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry")  # held out: chelsea, hubble
 
@@ -580,6 +583,72 @@ def stage_sr(steps=13000, drop=0.1):
     checkpointed("sr", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
+@torch.no_grad()
+def zoom_data() -> dict:
+    """Training pairs of both ×4 stages from the first ZOOM_N SR scenes: the whole 64² render with the latent of
+    the 256² render (the first stage, as `sr` trains it), and a random 64² window of the 256² render with the
+    latent of the same window of the 1024² render (the tiled second stage). Each 1024² window is encoded with a
+    ZOOM_HALO border that is then cut from its latent, so the target is what the whole image's latent holds there.
+    Cached in build/data_zoom.pt."""
+    path = BUILD / "data_zoom.pt"
+    if path.exists():
+        return torch.load(path)
+    vae, scorer = load_vae("data_base.pt"), load_scorer()
+    ss, big = pool(SR_SEED, ZOOM_N, 256)
+    _, small = pool(SR_SEED, ZOOM_N, 64)
+    rng, side, halo = np.random.default_rng(7), 64, ZOOM_HALO // 4
+    low_win, win = [], []
+    log(f"sr_zoom: rendering {ZOOM_N} windows of the 1024² renders")
+    for s, b in zip(ss, big):
+        x, y = (int(v) for v in rng.integers(halo, 256 - side - halo + 1, 2))
+        low_win.append(b[:, y:y + side, x:x + side])
+        win.append(as_uint8(world.render(s, 1024, window=(4 * x - ZOOM_HALO, 4 * y - ZOOM_HALO,
+                                                           4 * side + 2 * ZOOM_HALO))))
+    cut = slice(ZOOM_HALO // 4, ZOOM_HALO // 4 + side)
+    data = {"latents": latent_means(vae, big, 20).mul(SCALING_FACTOR).half(),
+            "low": torch.from_numpy(np.array(small)),
+            "latents_1024": latent_means(vae, np.stack(win), 10)[..., cut, cut].mul(SCALING_FACTOR).half(),
+            "low_1024": torch.from_numpy(np.stack(low_win)),
+            "emb": embed_pool(scorer, world.phrasings(ss, SR_SEED, CAPTIONS)),
+            "null": embed_captions(scorer, [""])[0]}
+    save(data, path)
+    return data
+
+
+def stage_sr_zoom(steps=1500, lr=1e-4, share_1024=0.5, drop=0.1):
+    """The x4 model fine-tuned from `sr`'s EMA weights on both of its stages, half the batches each: `sr` sees
+    only 64² → 256² scenes, and the tiled 256² → 1024² stage, whose inputs are zoomed-in objects and background
+    patterns at 4× their scale, was then barely better than back-projected bicubic."""
+    data = zoom_data()
+    unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
+    unet.load_state_dict(torch.load(BUILD / "sr.pt", weights_only=False)["ema"])
+    ema = EMA(unet, 0.995)
+    emb, null = data["emb"], data["null"].float()
+    sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
+    low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
+    opt = adamw(unet.parameters(), lr)
+
+    def step(i, rng):
+        tiled = rng.random() < share_1024
+        lat, low_all = (data["latents_1024"], data["low_1024"]) if tiled else (data["latents"], data["low"])
+        side, batch = SR_CROPS[int(rng.integers(len(SR_CROPS)))]
+        idx = rng.integers(len(lat), size=batch)
+        ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
+        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side] for j, y, x in zip(idx, ys, xs)])  # noqa: E731
+        x0, low = crop(lat).float(), crop(low_all).float() / 127.5 - 1
+        c = emb[idx, rng.integers(CAPTIONS, size=batch)].float()
+        c[torch.rand(batch) < drop] = null
+        level = torch.where(torch.rand(batch) < 0.5, torch.randint(0, 51, (batch,)),
+                            torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,)))
+        low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(x0)
+        out = unet(torch.cat([schedule.q_sample(sched, x0, t, noise), low], 1), t, c, level)
+        return update(F.mse_loss(out, schedule.training_target(sched, x0, t, noise)), opt, unet, ema)
+
+    checkpointed("sr_zoom", {"unet": unet, "ema": ema}, opt, steps, step)
+
+
 # ---------------------------------------------------------------------------------------------- ship
 
 def _save(sd: dict, path: Path):
@@ -613,7 +682,7 @@ def stage_ship():
                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
     for name, unet_cfg, stage, sched, extra in (
             ("tiny", BASE, "refine2", BASE_SCHED, {}),
-            ("tiny-x4", SR, "sr", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
+            ("tiny-x4", SR, "sr_zoom", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
         out = ROOT / name
         tmp = ROOT / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -665,8 +734,10 @@ def write_times():
 # (each stage's index seeds its steps: append new stages, do not reorder; ORDER is the run order)
 STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
           "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
-          "ship": stage_ship, "refine": stage_refine, "refine2": partial(stage_refine, "refine2", "refine")}
-ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "refine2", "sr", "clip_image", "decoder", "ship"]
+          "ship": stage_ship, "refine": stage_refine, "refine2": partial(stage_refine, "refine2", "refine"),
+          "sr_zoom": stage_sr_zoom}
+ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "refine2", "sr", "sr_zoom", "clip_image", "decoder",
+         "ship"]
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
