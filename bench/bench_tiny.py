@@ -262,10 +262,10 @@ def renders(ss: list, res: int) -> list[Image.Image]:
     return [Image.fromarray((world.render(s, res) * 255).round().astype(np.uint8)) for s in ss]
 
 
-def gate_sr(n=50, steps=50, noise_level=20, n_tiled=8, tile=64):
-    """The ×4 stage as the cascade runs it (the sample back-projected onto its input) against bicubic
-    back-projected the same way; the plain sample, diffusers' StableDiffusionUpscalePipeline output, is
-    reported beside it."""
+def gate_sr(n=50, steps=50, noise_level=20, eta=1.0, n_tiled=8, tile=64):
+    """The ×4 stage as the cascade runs it (ancestral DDIM, eta 1, as the multi-stage blend and the
+    demo run it, the sample back-projected onto its input) against bicubic back-projected the same
+    way; the plain sample, diffusers' StableDiffusionUpscalePipeline output, is reported beside it."""
     pipe = engine.load(DEFAULT_UPSCALER)
     ss = world.scenes(103, n)
     low = renders(ss, 64)
@@ -273,8 +273,9 @@ def gate_sr(n=50, steps=50, noise_level=20, n_tiled=8, tile=64):
 
     def upscale(backproject):
         return torch.cat([pipe.upscale(low[i:i + 10], [s.caption() for s in ss[i:i + 10]], steps=steps,
-                                       guidance=1.0, noise_level=noise_level, seed=i, output="pt", progress=False,
-                                       backproject=backproject) for i in range(0, n, 10)]).float().clamp(-1, 1)
+                                       guidance=1.0, noise_level=noise_level, eta=eta, seed=i, output="pt",
+                                       progress=False, backproject=backproject)
+                          for i in range(0, n, 10)]).float().clamp(-1, 1)
 
     out = sr_scores(upscale(images.BACKPROJECT), low, truth)
     plain = upscale(0)
@@ -283,8 +284,8 @@ def gate_sr(n=50, steps=50, noise_level=20, n_tiled=8, tile=64):
 
     # the second stage: 256² renders → 1024², tile by tile, against the true 1024² render
     mid = renders(ss[:n_tiled], 256)
-    big = torch.cat([pipe.upscale(im, s.caption(), steps=steps, guidance=1.0, noise_level=noise_level, seed=k,
-                                  tile=tile, output="pt", progress=False, backproject=images.BACKPROJECT)
+    big = torch.cat([pipe.upscale(im, s.caption(), steps=steps, guidance=1.0, noise_level=noise_level, eta=eta,
+                                  seed=k, tile=tile, output="pt", progress=False, backproject=images.BACKPROJECT)
                      for k, (im, s) in enumerate(zip(mid, ss))]).float().clamp(-1, 1)
     tiled = sr_scores(big, mid, torch.from_numpy(world.render_batch(ss[:n_tiled], 1024)))
     return {**out, **{f"{k}_1024": v for k, v in tiled.items()}}
