@@ -615,7 +615,7 @@ def zoom_data() -> dict:
     return data
 
 
-def stage_sr_zoom(steps=1500, lr=1e-4, share_1024=0.5, drop=0.1):
+def stage_sr_zoom(steps=3000, lr=1e-4, share_1024=0.5, drop=0.1):
     """The x4 model fine-tuned from `sr`'s EMA weights on both of its stages, half the batches each: `sr` sees
     only 64² → 256² scenes, and the tiled 256² → 1024² stage, whose inputs are zoomed-in objects and background
     patterns at 4× their scale, was then barely better than back-projected bicubic."""
