@@ -550,18 +550,18 @@ def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1):
     checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
-def stage_sr(steps=13000, drop=0.1):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
-    torch.nn.init.zeros_(unet.class_embedding.weight)  # N(0, 1) rows would add a random offset per noise level
-    ema = EMA(unet, 0.995)
-    data = torch.load(BUILD / "data_sr.pt")
-    lat, low_all, emb, null = data["latents"], data["low"], data["emb"], data["null"].float()
+def sr_steps(unet: UNet2DConditionModel, ema: EMA, opt, data: dict, drop: float, share_1024: float = 0.0):
+    """The x4 model's training step: v-prediction of a crop of a scene's latent from the same crop of its
+    noise-augmented low-res render, under one of the scene's captions (or none, at rate `drop`). The pair is
+    data's latents / low, or with probability share_1024 its latents_1024 / low_1024; the crop side, with its
+    batch, one of SR_CROPS."""
+    emb, null = data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
     low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
-    opt = adamw(unet.parameters(), 5e-4)
 
     def step(i, rng):
+        tiled = share_1024 > 0 and rng.random() < share_1024
+        lat, low_all = (data["latents_1024"], data["low_1024"]) if tiled else (data["latents"], data["low"])
         side, batch = SR_CROPS[int(rng.integers(len(SR_CROPS)))]
         idx = rng.integers(len(lat), size=batch)
         ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
@@ -575,11 +575,19 @@ def stage_sr(steps=13000, drop=0.1):
         low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(x0)
-        xt = schedule.q_sample(sched, x0, t, noise)
-        out = unet(torch.cat([xt, low], 1), t, c, level)
-        loss = F.mse_loss(out, schedule.training_target(sched, x0, t, noise))
-        return update(loss, opt, unet, ema)
+        out = unet(torch.cat([schedule.q_sample(sched, x0, t, noise), low], 1), t, c, level)
+        return update(F.mse_loss(out, schedule.training_target(sched, x0, t, noise)), opt, unet, ema)
 
+    return step
+
+
+def stage_sr(steps=13000, drop=0.1):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
+    torch.nn.init.zeros_(unet.class_embedding.weight)  # N(0, 1) rows would add a random offset per noise level
+    ema = EMA(unet, 0.995)
+    opt = adamw(unet.parameters(), 5e-4)
+    step = sr_steps(unet, ema, opt, torch.load(BUILD / "data_sr.pt"), drop)
     checkpointed("sr", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
@@ -623,29 +631,8 @@ def stage_sr_zoom(steps=3000, lr=1e-4, share_1024=0.5, drop=0.1):
     unet = UNet2DConditionModel(UNetConfig.from_dict(SR))
     unet.load_state_dict(torch.load(BUILD / "sr.pt", weights_only=False)["ema"])
     ema = EMA(unet, 0.995)
-    emb, null = data["emb"], data["null"].float()
-    sched = schedule.SchedulerConfig.from_dict(SR_SCHED)
-    low_sched = schedule.SchedulerConfig.from_dict(LOW_RES_SCHED)
     opt = adamw(unet.parameters(), lr)
-
-    def step(i, rng):
-        tiled = rng.random() < share_1024
-        lat, low_all = (data["latents_1024"], data["low_1024"]) if tiled else (data["latents"], data["low"])
-        side, batch = SR_CROPS[int(rng.integers(len(SR_CROPS)))]
-        idx = rng.integers(len(lat), size=batch)
-        ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
-        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side] for j, y, x in zip(idx, ys, xs)])  # noqa: E731
-        x0, low = crop(lat).float(), crop(low_all).float() / 127.5 - 1
-        c = emb[idx, rng.integers(CAPTIONS, size=batch)].float()
-        c[torch.rand(batch) < drop] = null
-        level = torch.where(torch.rand(batch) < 0.5, torch.randint(0, 51, (batch,)),
-                            torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,)))
-        low = schedule.q_sample(low_sched, low, level, torch.randn_like(low))
-        t = torch.randint(0, 1000, (batch,))
-        noise = torch.randn_like(x0)
-        out = unet(torch.cat([schedule.q_sample(sched, x0, t, noise), low], 1), t, c, level)
-        return update(F.mse_loss(out, schedule.training_target(sched, x0, t, noise)), opt, unet, ema)
-
+    step = sr_steps(unet, ema, opt, data, drop, share_1024)
     checkpointed("sr_zoom", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
