@@ -18,6 +18,7 @@ import torch
 
 import engine
 from engine import images, world
+from engine.demo import SR_ETA
 from engine.embedded import DEFAULT_UPSCALER, source_commit, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,11 +40,11 @@ def quality(sr_steps: int, n: int = 30, n_tiled: int = 4) -> dict:
     ss = world.scenes(103, n)  # the gates' held-out SR scenes
     low, truth = renders(ss, 64), torch.from_numpy(world.render_batch(ss, 256))
     x = torch.cat([pipe.upscale(low[i:i + 10], [s.caption() for s in ss[i:i + 10]], steps=sr_steps, guidance=1.0,
-                                eta=1.0, seed=i, output="pt", progress=False, backproject=images.BACKPROJECT)
+                                eta=SR_ETA, seed=i, output="pt", progress=False, backproject=images.BACKPROJECT)
                    for i in range(0, n, 10)]).float().clamp(-1, 1)
     mid, big_truth = renders(ss[:n_tiled], 256), torch.from_numpy(world.render_batch(ss[:n_tiled], 1024))
-    big = torch.cat([pipe.upscale(im, s.caption(), steps=sr_steps, guidance=1.0, eta=1.0, seed=k, tile=64, overlap=16,
-                                  output="pt", progress=False, backproject=images.BACKPROJECT)
+    big = torch.cat([pipe.upscale(im, s.caption(), steps=sr_steps, guidance=1.0, eta=SR_ETA, seed=k, tile=64,
+                                  overlap=16, output="pt", progress=False, backproject=images.BACKPROJECT)
                      for k, (im, s) in enumerate(zip(mid, ss))]).float().clamp(-1, 1)
     a, b = sr_scores(x, low, truth), sr_scores(big, mid, big_truth)
     return {"scenes_256": n, "psnr_256": a["psnr_sr"], "sharpness_256": a["sharpness_sr"],

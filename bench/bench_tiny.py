@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import engine
-from engine import images, judge, world
+from engine import demo, images, judge, world
 from engine.checkpoints import load_component
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER, source_commit, versions
 from engine.metrics import Scorer, psnr
@@ -262,10 +262,10 @@ def renders(ss: list, res: int) -> list[Image.Image]:
     return [Image.fromarray((world.render(s, res) * 255).round().astype(np.uint8)) for s in ss]
 
 
-def gate_sr(n=50, steps=50, noise_level=20, eta=1.0, n_tiled=8, tile=64):
-    """The ×4 stage as the cascade runs it (ancestral DDIM, eta 1, as the multi-stage blend and the
-    demo run it, the sample back-projected onto its input) against bicubic back-projected the same
-    way; the plain sample, diffusers' StableDiffusionUpscalePipeline output, is reported beside it."""
+def gate_sr(n=50, steps=50, noise_level=20, eta=demo.SR_ETA, n_tiled=8, tile=64):
+    """The ×4 stage as the cascade runs it (the demo's eta, which the multi-stage blend also uses;
+    the sample back-projected onto its input) against bicubic back-projected the same way; the plain
+    sample, diffusers' StableDiffusionUpscalePipeline output, is reported beside it."""
     pipe = engine.load(DEFAULT_UPSCALER)
     ss = world.scenes(103, n)
     low = renders(ss, 64)

@@ -612,7 +612,7 @@ def zoom_data() -> dict:
         low_win.append(b[:, y:y + side, x:x + side])
         win.append(as_uint8(world.render(s, 1024, window=(4 * x - ZOOM_HALO, 4 * y - ZOOM_HALO,
                                                            4 * side + 2 * ZOOM_HALO))))
-    cut = slice(ZOOM_HALO // 4, ZOOM_HALO // 4 + side)
+    cut = slice(halo, halo + side)
     data = {"latents": latent_means(vae, big, 20).mul(SCALING_FACTOR).half(),
             "low": torch.from_numpy(np.array(small)),
             "latents_1024": latent_means(vae, np.stack(win), 10)[..., cut, cut].mul(SCALING_FACTOR).half(),
