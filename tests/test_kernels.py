@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kernels import conv
-from engine.kernels.conv import im2col_applies, im2col_conv3x3, winograd_applies, winograd_conv3x3
+from engine.kernels.conv import (im2col_applies, im2col_conv3x3, winograd4_applies, winograd4_conv3x3,
+                                 winograd_applies, winograd_conv3x3)
 
 
 @pytest.mark.parametrize("cin,cout,h,w,stride", [
@@ -66,11 +67,39 @@ def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch)
     assert (winograd_conv3x3(x, wt, None) - F.conv2d(x, wt, None, 1, 1)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("cin,cout,h,w", [(256, 260, 64, 64), (7, 5, 9, 13), (16, 24, 2, 3), (3, 4, 1, 1)])
+def test_winograd4_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    b = torch.randn(cout, generator=g)
+    want = F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = winograd4_conv3x3(x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt), b)
+        assert got.shape == want.shape
+        # F(4×4, 3×3)'s transforms have entries up to 8 (and 1/24): about 1e-5 relative in fp32
+        assert (got - want).abs().max().item() <= 3e-5 * want.abs().max().item()
+    assert torch.equal(winograd4_conv3x3(x[1:2], wt, b), got[1:2])
+    with monkeypatch.context() as m:  # one band per row of tiles: other GEMM shapes, same image
+        m.setattr(conv, "WINOGRAD4_BAND", 1)
+        assert (winograd4_conv3x3(x, wt, b) - want).abs().max().item() <= 3e-5 * want.abs().max().item()
+        assert torch.equal(winograd4_conv3x3(x[2:], wt, b), winograd4_conv3x3(x, wt, b)[2:])
+
+
 def test_winograd_rule():
     def w(o, i, k=3):
         return torch.empty(o, i, k, k, device="meta")
-    for c, s in ((320, 64), (640, 32), (640, 16), (512, 128), (256, 256)):  # SD UNet and VAE levels
+    for c, s in ((640, 32), (640, 16), (320, 32)):  # SD UNet levels
         assert winograd_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
+        assert not winograd4_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
+    for c, s in ((320, 64), (512, 128), (256, 256), (512, 64)):  # SD UNet and VAE levels
+        assert winograd4_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
+        assert not winograd_applies(torch.empty(1, c, s, s), w(c, c), 1, 1), (c, s)
+    assert winograd4_applies(torch.empty(2, 640, 64, 64), w(320, 640), 1, 1)
+    assert not winograd4_applies(torch.empty(1, 128, 512, 512), w(128, 128), 1, 1)  # too few channels
+    assert not winograd4_applies(torch.empty(1, 320, 64, 64), w(4, 320), 1, 1)
+    assert not winograd4_applies(torch.empty(1, 320, 64, 64), w(320, 320), 2, 1)
+    assert not winograd4_applies(torch.empty(1, 320, 64, 64, dtype=torch.bfloat16), w(320, 320).bfloat16(), 1, 1)
     assert not winograd_applies(torch.empty(2, 1280, 8, 8), w(1280, 1280), 1, 1)  # too few pixels
     assert not winograd_applies(torch.empty(2, 1280, 16, 16), w(1280, 1280), 1, 1)  # im2col's
     assert not winograd_applies(torch.empty(2, 320, 16, 16), w(320, 320), 1, 1)

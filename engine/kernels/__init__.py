@@ -90,6 +90,8 @@ def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,
     if not differentiated and _triton(x, m) and conv.triton_supported(x, weight, stride, padding):
         return conv.conv2d_op(x, weight, bias, stride, padding, residual, act == "silu",
                               m == "triton")
+    if m == "auto" and not differentiated and conv.winograd4_applies(x, weight, stride, padding):
+        return conv.epilogue(conv.winograd4_conv3x3(x, weight, bias), residual, act)
     if m == "auto" and not differentiated and conv.winograd_applies(x, weight, stride, padding):
         return conv.epilogue(conv.winograd_conv3x3(x, weight, bias), residual, act)
     if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):

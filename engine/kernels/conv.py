@@ -5,9 +5,11 @@ the fast layout), GEMM M = output pixels, N = output channels, K = taps × input
 residual add and SiLU fused into the epilogue. Whether it or cuDNN runs a given shape is measured
 once per device and cached on disk (`choose`).
 
-CPU, fp32: where there are many pixels and channels (the SD UNet's 64² and 32² levels, the SD
-VAE's 512- and 256-channel levels), Winograd F(2×2, 3×3) does 2.25× fewer multiply-adds than
-oneDNN's direct convolution, at twice its rounding error (still under 1e-6 relative). oneDNN's
+CPU, fp32: where there are many pixels and channels, Winograd does fewer multiply-adds than
+oneDNN's direct convolution: F(4×4, 3×3) 4× fewer where an image has 64² pixels or more and 256
+channels or more (the SD UNet's 64² level, the SD VAE's 512- and 256-channel levels), at about 1e-5
+relative error; F(2×2, 3×3) 2.25× fewer at the SD UNet's 32² level, at twice the direct
+convolution's rounding error (under 1e-6 relative). oneDNN's
 direct 3×3 convolution is slow when there are few output pixels and many input channels (the SD
 UNet's 8×8 level, the tiny UNet's 4×4 level); there, gathering NHWC patches and doing one GEMM is
 faster. With few channels the nine-slice gather costs more than it saves
@@ -90,7 +92,8 @@ def winograd_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding
             and weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
             and any(x.shape[2] * x.shape[3] >= p and min(weight.shape[:2]) >= c
                     for p, c in WINOGRAD_WINS)
-            and not im2col_applies(x, weight, stride, padding))  # the 16² level's 1280 channels
+            and not im2col_applies(x, weight, stride, padding)  # the 16² level's 1280 channels
+            and not winograd4_applies(x, weight, stride, padding))
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -137,6 +140,55 @@ def _winograd_band(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     for p, s in enumerate((top, bottom)):
         torch.add(s[0] + s[1], s[2], out=y[:, :, p, :, 0])
         torch.sub(s[1] - s[2], s[3], out=y[:, :, p, :, 1])
+
+
+# Winograd F(4×4, 3×3): each 4×4 output tile from a 6×6 input tile with 36 GEMMs in place of 144
+# multiply-adds per channel pair. Input, filter and output transforms (interpolation points 0, ±1,
+# ±2, ∞) as Kronecker products acting on a row-major flattened tile: vec(Bᵀ d B) = (Bᵀ ⊗ Bᵀ) vec(d).
+_BT4 = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_G4 = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_AT4 = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                     [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
+WINOGRAD4_BB, WINOGRAD4_GG, WINOGRAD4_AA = (torch.kron(m, m).float() for m in (_BT4, _G4, _AT4))
+# (output pixels per image, input and output channels) at least, where it beat F(2×2, 3×3) and
+# oneDNN on 2 cores (bench/results/conv_cpu.json); below, its 4× larger filter transform costs more
+# than it saves.
+WINOGRAD4_MIN = (4096, 256)
+WINOGRAD4_BAND = 2**22
+
+
+def winograd4_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
+            and x.shape[2] * x.shape[3] >= WINOGRAD4_MIN[0] and min(weight.shape[:2]) >= WINOGRAD4_MIN[1])
+
+
+def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """3×3, stride 1, padding 1 convolution by Winograd F(4×4, 3×3); returns a channels-last tensor.
+    Each image goes in bands of tile rows (transformed tiles under WINOGRAD4_BAND values) whose
+    shapes depend only on the image's size and the channels: an image is computed the same way
+    whatever else shares its batch."""
+    b, c, h, w = x.shape
+    o = weight.shape[0]
+    th, tw = (h + 3) // 4, (w + 3) // 4
+    bb, aa = WINOGRAD4_BB.to(x), WINOGRAD4_AA.to(x)
+    u = (WINOGRAD4_GG.to(weight) @ weight.reshape(o * c, 9).t()).view(36, o, c).transpose(1, 2)
+    xp = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h)).permute(0, 2, 3, 1)
+    tiles = xp.unfold(1, 6, 4).unfold(2, 6, 4).permute(0, 1, 2, 4, 5, 3)  # (B, th, tw, 6, 6, C)
+    y = x.new_empty(b, th, 4, tw, 4, o)
+    band = max(1, WINOGRAD4_BAND // (36 * tw * max(c, o)))
+    for i in range(b):
+        for r0 in range(0, th, band):
+            n = min(band, th - r0)
+            v = bb @ tiles[i, r0:r0 + n].reshape(n * tw, 36, c)        # (tiles, 36, C)
+            m = torch.bmm(v.transpose(0, 1), u)                          # (36, tiles, O)
+            yb = (aa @ m.view(36, -1)).view(4, 4, n, tw, o)
+            y[i, r0:r0 + n].copy_(yb.permute(2, 0, 3, 1, 4))
+    if bias is not None:
+        y += bias
+    return y.view(b, 4 * th, 4 * tw, o)[:, :h, :w].permute(0, 3, 1, 2)
 
 
 def pointwise_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
