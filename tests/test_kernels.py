@@ -148,21 +148,27 @@ def test_attention_matches_reference():
     assert (kernels.attention(q, k, v, is_causal=True) - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("bias,residual,act", [(True, False, None), (False, False, None), (True, True, None),
-                                             (False, True, None), (True, False, "gelu")])
-def test_linear_matches_reference(bias, residual, act):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias,residual,act,mul", [(True, False, None, False), (False, False, None, False),
+                                                 (True, True, None, False), (False, True, None, False),
+                                                 (True, False, "gelu", False), (True, False, None, True)])
+def test_linear_matches_reference(bias, residual, act, mul, dtype, tol):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 300, 96, generator=g)
     w = torch.randn(160, 96, generator=g) / 96**0.5
     b = torch.randn(160, generator=g) if bias else None
     r = torch.randn(2, 300, 160, generator=g) if residual else None
+    m = torch.randn(2, 300, 160, generator=g) if mul else None
+    x, w, b, r, m = (t if t is None else t.to(dtype) for t in (x, w, b, r, m))
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     want = want if r is None else want + r.double()
+    want = want if m is None else want * m.double()
     want = F.gelu(want) if act else want
-    got = kernels.linear(x, w, b, r, act)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    assert (got.double() - want).abs().max().item() <= 1e-5
-    assert (kernels.linear(x.transpose(0, 1), w, b) - F.linear(x.transpose(0, 1), w, b)).abs().max() <= 1e-5
+    got = kernels.linear(x, w, b, r, act, m)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert ((kernels.linear(x.transpose(0, 1), w, b) - F.linear(x.transpose(0, 1), w, b)).abs().max()
+            <= tol * max(1.0, want.abs().max().item()))
 
 
 def test_linear_differentiates():
@@ -180,7 +186,7 @@ def test_flop_counter_counts_linear():
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w, r = torch.randn(2, 30, 96), torch.randn(160, 96), torch.randn(2, 30, 160)
-    for kw in ({}, {"residual": r}, {"act": "gelu"}):
+    for kw in ({}, {"residual": r}, {"act": "gelu"}, {"mul": r}):
         with FlopCounterMode(display=False) as fc:
             kernels.linear(x, w, None, **kw)
         assert fc.get_total_flops() == 2 * 60 * 96 * 160, kw

@@ -58,13 +58,14 @@ def attention(
 
 
 def linear(x: torch.Tensor, weight, bias=None, residual: torch.Tensor | None = None,
-           act: str | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias [+ residual] [then GELU (act='gelu')]; on the CPU in fp32, oneDNN's
-    (engine/kernels/cpu.py)."""
-    if mode() == "auto" and cpu.linear_applies(x, weight, bias, residual, act):
-        return cpu.linear(x, weight, bias, residual, act)
+           act: str | None = None, mul: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias [+ residual | · mul] [then GELU (act='gelu')]; on the CPU in fp32 and
+    bf16, oneDNN's (engine/kernels/cpu.py)."""
+    if mode() == "auto" and cpu.linear_applies(x, weight, bias, residual, act, mul):
+        return cpu.linear(x, weight, bias, residual, act, mul)
     y = F.linear(x, weight, bias)
     y = y if residual is None else y + residual
+    y = y if mul is None else y * mul
     return F.gelu(y) if act == "gelu" else y
 
 

@@ -1,8 +1,9 @@
-"""fp32 linear layers on the CPU through oneDNN.
+"""fp32 and bf16 linear layers on the CPU through oneDNN.
 
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
-adds a residual or applies GELU in its epilogue. bf16 matmuls already go to oneDNN. A row comes out
+adds the bias, then a residual, a product or GELU, in its epilogue: in bf16 (whose matmuls go to
+oneDNN anyway) that saves a pass over the output for each. In fp32 a row comes out
 the same whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
@@ -27,19 +28,27 @@ if _LINEAR is not None:
 
 
 def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None, act: str | None = None) -> bool:
+                   residual: torch.Tensor | None = None, act: str | None = None,
+                   mul: torch.Tensor | None = None) -> bool:
+    other = residual if residual is not None else mul
     return (_LINEAR is not None and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32
-            and (residual is None or (residual.dtype == torch.float32 and act is None))
+            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and (bias is None or bias.dtype == x.dtype)
+            and (residual is None or mul is None)
+            and (other is None or (other.dtype == x.dtype and act is None))
             and not (torch.is_grad_enabled()
-                     and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))))
+                     and any(t is not None and t.requires_grad for t in (x, weight, bias, other))))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias, then + residual (of the output's shape) or GELU (act='gelu', erf)."""
+           residual: torch.Tensor | None = None, act: str | None = None,
+           mul: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias, then + residual or · mul (of the output's shape), or GELU (act='gelu',
+    erf)."""
     if residual is not None:
         return _LINEAR.binary(x, residual, weight, bias, "add")
+    if mul is not None:
+        return _LINEAR.binary(x, mul, weight, bias, "mul")
     return _LINEAR(x, weight, bias, act or "none", [], "none" if act == "gelu" else "")
 
 

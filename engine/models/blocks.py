@@ -139,11 +139,11 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
-        """h · GELU(gate), the proj's two halves as two matmuls: GELU goes into the second's
-        epilogue."""
+        """h · GELU(gate), the proj's two halves as two matmuls: GELU goes into the gate's
+        epilogue, the product into h's."""
         w, b, inner = self.proj.weight, self.proj.bias, self.proj.out_features // 2
-        h = kernels.linear(x, w[:inner], b[:inner])
-        return kernels.linear(x, w[inner:], b[inner:], act="gelu").mul_(h)
+        gate = kernels.linear(x, w[inner:], b[inner:], act="gelu")
+        return kernels.linear(x, w[:inner], b[:inner], mul=gate)
 
 
 class FeedForward(nn.Module):
