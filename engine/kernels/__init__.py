@@ -2,9 +2,9 @@
 
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
-the torch ops, except fp32 linear layers (oneDNN's, engine/kernels/cpu.py) and 3×3 convolutions
-with many channels (Winograd where there are many pixels, im2col + GEMM where there are few,
-engine/kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton
+the torch ops, except fp32 and bf16 linear layers (oneDNN's, engine/kernels/cpu.py) and 3×3
+convolutions with many channels (in fp32 Winograd where there are many pixels; im2col + GEMM where
+there are few; engine/kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton
 kernels wherever their guards allow (dtype, shape; anything else falls back to torch); on the CPU
 that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
 The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and
