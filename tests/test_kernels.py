@@ -46,13 +46,18 @@ def test_dispatch_rule_and_kill_switch(monkeypatch):
         kernels.conv2d(small, wt, b, 1, 1)
 
 
-@pytest.mark.parametrize("cin,cout,h,w", [(320, 256, 32, 32), (7, 5, 9, 13), (16, 24, 2, 3), (3, 4, 1, 1)])
-def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch):
+def conv_case(cin, cout, h, w):
+    """Three images, a 3×3 filter and bias, and their convolution in float64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, cin, h, w, generator=g)
     wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
     b = torch.randn(cout, generator=g)
-    want = F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+    return x, wt, b, F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+
+
+@pytest.mark.parametrize("cin,cout,h,w", [(320, 256, 32, 32), (7, 5, 9, 13), (16, 24, 2, 3), (3, 4, 1, 1)])
+def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch):
+    x, wt, b, want = conv_case(cin, cout, h, w)
     direct = (F.conv2d(x, wt, b, 1, 1) - want).abs().max().item()
     for fmt in (torch.contiguous_format, torch.channels_last):
         got = winograd_conv3x3(x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt), b)
@@ -69,11 +74,7 @@ def test_winograd_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch)
 
 @pytest.mark.parametrize("cin,cout,h,w", [(256, 260, 64, 64), (7, 5, 9, 13), (16, 24, 2, 3), (3, 4, 1, 1)])
 def test_winograd4_matches_conv2d_and_not_the_batch(cin, cout, h, w, monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, cin, h, w, generator=g)
-    wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
-    b = torch.randn(cout, generator=g)
-    want = F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+    x, wt, b, want = conv_case(cin, cout, h, w)
     for fmt in (torch.contiguous_format, torch.channels_last):
         got = winograd4_conv3x3(x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt), b)
         assert got.shape == want.shape
