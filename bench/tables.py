@@ -160,10 +160,14 @@ def vs_diffusers(u, t):
          f(u["median_s"]["ours"]), f(u["median_s"]["diffusers"]),
          f"{f(u['ratio_ours_over_diffusers'], 3)} (paired {f(u['median_of_paired_ratios'], 3)})",
          "", f"{u['max_abs_diff_vs_diffusers']:.1e}"],
-        [f"embedded model, `generate`, 50 steps ({len(t['seconds']['ours'])} runs)",
+        [f"embedded model, `generate`, 50 steps, compiled graphs ({len(t['seconds']['ours'])} runs; "
+         f"compiled once in {f(t['compile_s'], 0)} s)",
          f(t["median_s"]["ours"], 3), f(t["median_s"]["diffusers"], 3),
          f(t["ratio_ours_over_diffusers"]), f"≤ {f(t['goal_ratio'])}",
-         f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255"]])
+         f"{f(t['max_abs_pixel_diff'] * 255, 3)}/255"],
+        ["the same, eager (`ENGINE_COMPILE=off`)", f(t["median_s"]["ours_eager"], 3),
+         f(t["median_s"]["diffusers"], 3), f(t["ratio_eager_over_diffusers"]), "",
+         f"{f(t['max_abs_pixel_diff_eager'] * 255, 3)}/255"]])
 
 
 @table("cpu-peers", "cpu_peers.json", "python bench/bench_cpu_peers.py")

@@ -39,6 +39,7 @@ def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
     a LoRA this model cannot take instead of refusing the file."""
     import torch
 
+    from . import graphs
     from .embedded import DEFAULT_MODEL
     from .memory import parse_size
     from .checkpoints import load as load_model
@@ -51,6 +52,7 @@ def load(path=None, dtype="float32", device="cpu", variant=None, config=None,
             raise ValueError(f"dtype={dtype!r}: use float32, float16 or bfloat16")
         dtype = getattr(torch, _DTYPES[dtype])
     check_semi(semi)
+    graphs.policy()  # a bad ENGINE_COMPILE is refused before any loading
     max_memory = None if max_memory is None else parse_size(max_memory)
     pipe = Pipeline(load_model(path, dtype, device, variant, config, prediction_type, tokenizer), semi)
     if isinstance(embeddings, (str, bytes)) or hasattr(embeddings, "__fspath__"):

@@ -100,5 +100,5 @@ class Denoiser:
         if self.text_time is not None:
             emb, added = self.text_time.inputs(emb, xin, self.guided)
         with stage("unet step"):
-            out = self.unet(xin, t, emb, labels, **added)
+            out = self.unet(xin, t, emb, labels, copies=n, **added)
         return cfg(*out.chunk(2), self.guidance) if self.guided else out

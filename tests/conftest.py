@@ -154,6 +154,15 @@ def make_pipeline(kind: str, folder):
     return pipe
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Caches of this run only: no graph or measured choice a user made earlier changes what is
+    tested."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("engine-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """kind -> (folder, diffusers pipeline), built once per test session."""

@@ -23,7 +23,7 @@ class Toy:
     def __init__(self, sched, eps, depends_on_t=True):
         self.sched, self.eps, self.depends_on_t = sched, eps, depends_on_t
 
-    def __call__(self, x, t, emb, labels=None):
+    def __call__(self, x, t, emb, labels=None, copies=1):
         e = self.eps * (1 + t / 1000 if self.depends_on_t else 1.0) * (1 + emb.mean((1, 2)).view(-1, 1, 1, 1))
         return S.eps_to_output(self.sched, e.to(x), t, x)
 
@@ -83,7 +83,7 @@ class ToyV:
     def __init__(self, v):
         self.v = v
 
-    def __call__(self, x, t, emb, labels=None):
+    def __call__(self, x, t, emb, labels=None, copies=1):
         return (self.v * (1 + t / 1000) * (1 + emb.mean((1, 2)).view(-1, 1, 1, 1))).to(x)
 
 

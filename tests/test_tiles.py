@@ -9,7 +9,7 @@ from engine.tiles import Tiled, ramp, starts
 class Pointwise(torch.nn.Module):
     """A 'UNet' whose output at a pixel depends only on that pixel, t, the text and the class label."""
 
-    def forward(self, x, t, context, class_labels=None):
+    def forward(self, x, t, context, class_labels=None, copies=1):
         text = context.mean((1, 2))[:, None, None, None]
         label = 0 if class_labels is None else class_labels.float()[:, None, None, None]
         return torch.sin(x[:, :4] * 3) + x[:, 4:].sum(1, keepdim=True) * 0.1 + text + 0.01 * label + 1e-3 * t

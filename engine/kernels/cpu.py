@@ -32,6 +32,7 @@ def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    mul: torch.Tensor | None = None) -> bool:
     other = residual if residual is not None else mul
     return (_LINEAR is not None and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # a compiler lowers the matmul itself
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or bias.dtype == x.dtype)
             and (residual is None or mul is None)

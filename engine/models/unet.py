@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .. import graphs
 from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
                      Transformer2DModel, Upsample2D, by_row, timestep_embedding)
 
@@ -164,10 +165,16 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None, text_embeds=None,
-                time_ids=None) -> torch.Tensor:
+                time_ids=None, copies: int = 1) -> torch.Tensor:
         """ε / v prediction for latents x (B, C, H, W) at timesteps t, text context (B, L, D); SDXL also
-        takes the pooled text embedding (B, P) and the micro-conditioning time_ids (B, n)."""
+        takes the pooled text embedding (B, P) and the micro-conditioning time_ids (B, n). copies: the
+        batch is that many blocks of the same images (CFG's 2), see engine.graphs.run."""
         emb = self.embedding(x, t, class_labels, text_embeds, time_ids)
+        return graphs.run(self, "body", x, emb, context, copies=copies)
+
+    def body(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The network after the embedding (emb: one row, or one per image); a compiled graph on
+        the CPU where engine.graphs has one."""
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
