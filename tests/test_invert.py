@@ -52,7 +52,7 @@ def test_source_convention_evaluates_at_the_current_timestep():
     sched, den, z0 = _toy(EPS, True)
     seen = []
     unet = den.unet
-    den.unet = lambda x, t, emb, labels=None: (seen.append(t), unet(x, t, emb))[1]
+    den.unet = lambda x, t, emb, labels=None, copies=1: (seen.append(t), unet(x, t, emb))[1]
     cond = constant(torch.zeros(2, 3, 5, dtype=torch.float64))
     invert(den, z0, cond, sched, 10, convention="source", progress=False)
     assert seen == [0] + list(range(1, 901, 100))  # the clean latent is evaluated at t = 0
