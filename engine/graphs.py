@@ -8,7 +8,8 @@ CFG pair), so it is computed the same way whatever else shares its batch.
 
 ENGINE_COMPILE: `cached` (default) runs the graphs already compiled and the eager model elsewhere;
 `on` also compiles the missing ones on first use (a one-time cost, printed with its time); `off`
-never uses them. ENGINE_CACHE_DIR moves the cache (default ~/.cache/engine). Graphs run only in
+never uses them. A graph runs only where it measured faster than the eager model on this machine
+(timed once, kept beside it). ENGINE_CACHE_DIR moves the cache (default ~/.cache/engine). Graphs run only in
 ENGINE_KERNELS=auto, on the CPU, in fp32 or bf16, without autograd.
 """
 import functools
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .kernels.conv import forget_choices, measured_choice
 from .profile import cpu_name
 
 POLICIES = ("cached", "on", "off")
-_SOURCES = ("models", "kernels")  # the code a graph is traced from
+_SOURCES = ("models/*.py", "kernels/*.py", "graphs.py")  # the code a graph is traced from
 _LOADED: dict[str, object] = {}  # key → runner, or None where compiling failed in this process
 _LOCK = threading.Lock()
 
@@ -42,9 +44,10 @@ def policy() -> str:
 
 
 def forget():
-    """Drop the graphs this process has loaded (the files stay): as in a new process."""
+    """Drop the graphs and choices this process has read (the files stay): as in a new process."""
     with _LOCK:
         _LOADED.clear()
+    forget_choices()
 
 
 def cache_dir() -> Path:
@@ -114,14 +117,14 @@ def _spec(t: torch.Tensor) -> str:
 def _build() -> dict:
     """The engine's model and kernel code, torch and the CPU."""
     root, code = Path(__file__).parent, hashlib.sha256()
-    for sub in _SOURCES:
-        for f in sorted((root / sub).glob("*.py")):
+    for pattern in _SOURCES:
+        for f in sorted(root.glob(pattern)):
             code.update(f.read_bytes())
     return {"code": code.hexdigest(), "torch": torch.__version__, "cpu": cpu_name(),
             "isa": torch.backends.cpu.get_cpu_capability()}
 
 
-def key(module, method: str, weights_digest: str, inputs) -> str:
+def _key(module, method: str, weights_digest: str, inputs) -> str:
     """What a compiled graph depends on: the engine's model and kernel code, torch, the CPU and the
     thread count, the module's weights (names, shapes, dtypes) and the inputs' shapes and dtypes."""
     desc = {**_build(), "class": type(module).__qualname__, "method": method,
@@ -131,19 +134,30 @@ def key(module, method: str, weights_digest: str, inputs) -> str:
 
 
 def _graph(module, method, names, weights, digest, inputs):
-    k = key(module, method, digest, inputs)
+    k = _key(module, method, digest, inputs)
     with _LOCK:
         if k not in _LOADED:
             path = cache_dir() / f"{type(module).__name__}-{method}-{k}.pt2"
             if not path.exists() and policy() == "on":
                 _compile(module, method, names, weights, inputs, path)
             if path.exists():
-                _LOADED[k] = _load(path)
+                graph = _load(path)
+                _LOADED[k] = graph if graph is not None and choose(
+                    k, lambda: graph(list(weights), *inputs),
+                    lambda: getattr(module, method)(*inputs)) == "graph" else None
             elif policy() == "on":
                 _LOADED[k] = None  # compiling failed: eager from now on, warned once
             else:
                 return None  # a later ENGINE_COMPILE=on may compile it
         return _LOADED[k]
+
+
+def choose(key: str, graph, eager) -> str:
+    """'graph' or 'eager' for this graph on this machine: the faster, timed on first use and kept.
+    A graph wins where Python's per-op overhead is a large share (small models); at SD's sizes the
+    eager path's prepacked, fused oneDNN kernels can win."""
+    return measured_choice(key, {"graph": graph, "eager": eager}, cache_dir() / "choices.json",
+                           repeats=3)
 
 
 def _why(e: Exception) -> str:
@@ -194,6 +208,7 @@ def _compile(module, method, names, weights, inputs, path: Path):
                 warnings.simplefilter("ignore", kind)
             program = torch.export.export(_Call(module, method, names), (list(weights), *inputs))
             torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's file is its owner's only
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - any failure leaves the eager model, which always works
         print(f"engine: compiling failed ({_why(e)}); "

@@ -1,6 +1,9 @@
 """Compiled graphs (engine.graphs): the eager model's numbers within rounding, an image the same bytes
 whatever else shares its batch, kept on disk for the next process, the weights read at every call,
 and the eager model wherever a graph cannot or must not run."""
+import json
+import time
+
 import pytest
 import torch
 
@@ -8,6 +11,7 @@ import engine
 from engine import graphs
 from engine.models.unet import UNet2DConditionModel, UNetConfig
 
+CHOOSE = graphs.choose  # the `cache` fixture replaces it
 CONFIG = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
@@ -30,6 +34,7 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("engine-cache")))
         mp.setenv("ENGINE_COMPILE", "cached")
+        mp.setattr(graphs, "choose", lambda *a: "graph")  # the timing is tested on its own below
         graphs.forget()
         yield graphs.cache_dir()
     graphs.forget()
@@ -134,6 +139,25 @@ def test_a_failed_compile_runs_eagerly_and_leaves_no_file(unet, cache, monkeypat
     with pytest.raises(KeyboardInterrupt):
         step(unet, x, context, 2)
     assert sorted(cache.iterdir()) == files
+
+
+def test_a_graph_slower_than_the_eager_model_is_not_used(unet, cache, monkeypatch):
+    monkeypatch.setattr(graphs, "choose", lambda *a: "eager")
+    graphs.forget()
+    x, context = inputs(1, 2, seed=5)
+    y = step(unet, x, context, 2)
+    monkeypatch.setenv("ENGINE_COMPILE", "off")
+    assert torch.equal(y, step(unet, x, context, 2))
+    graphs.forget()
+
+
+def test_the_faster_is_chosen_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    assert CHOOSE("a graph", lambda: time.sleep(0.01), lambda: None) == "eager"
+    assert CHOOSE("another", lambda: None, lambda: time.sleep(0.01)) == "graph"
+    kept = json.loads((tmp_path / "graphs" / "choices.json").read_text())
+    assert kept == {"a graph": "eager", "another": "graph"}
+    graphs.forget()
 
 
 def test_a_bad_setting_is_named(monkeypatch):
