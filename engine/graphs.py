@@ -87,12 +87,14 @@ def run(module: torch.nn.Module, method: str, *inputs: torch.Tensor, copies: int
     if not applies(*inputs) or b % copies:
         return getattr(module, method)(*inputs)
     k = b // copies
-    images = [tuple(t[j::k].contiguous() if t.shape[0] > 1 else t for t in inputs) for j in range(k)]
+
+    def image(j):
+        return tuple(t[j::k].contiguous() if t.shape[0] > 1 else t for t in inputs)
     names, weights, digest = _weights(module)
-    graph = _graph(module, method, names, weights, digest, images[0])
+    graph = _graph(module, method, names, weights, digest, image(0))
     if graph is None:
         return getattr(module, method)(*inputs)
-    out = torch.stack([graph(list(weights), *image) for image in images], dim=1)
+    out = torch.stack([graph(list(weights), *image(j)) for j in range(k)], dim=1)
     return out.reshape(b, *out.shape[2:])
 
 
