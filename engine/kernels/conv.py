@@ -159,7 +159,9 @@ WINOGRAD4_BB, WINOGRAD4_GG, WINOGRAD4_AA = (torch.kron(m, m).float() for m in (_
 # oneDNN on 2 cores (bench/results/conv_cpu.json); below, its 4× larger filter transform costs more
 # than it saves.
 WINOGRAD4_MIN = (4096, 256)
-WINOGRAD4_BAND = 2**22
+# Under 32 MiB a block comes from the heap, which keeps it (engine.kernels.cpu.retain_freed_memory):
+# 2**22-value bands left a tiled 2048² SD-VAE decode 3.1 GiB at its peak; 2**21 is as fast.
+WINOGRAD4_BAND = 2**21
 
 
 def winograd4_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
