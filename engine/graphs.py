@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
-from .kernels.conv import forget_choices, measured_choice
+from .kernels.conv import cache_root, forget_choices, measured_choice
 from .profile import cpu_name
 
 POLICIES = ("cached", "on", "off")
@@ -51,8 +51,7 @@ def forget():
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "engine"))
-    return root / "graphs"
+    return cache_root() / "graphs"
 
 
 def applies(*inputs: torch.Tensor) -> bool:

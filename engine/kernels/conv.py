@@ -43,7 +43,7 @@ except ImportError:  # triton is Linux-only; the CPU paths below need none of it
 IM2COL_WINS = ((16, 320), (64, 640), (256, 1280))
 # Output pixels per image at most where, in a compiled graph (engine.graphs), im2col beat oneDNN
 # at any channel count: the gather is one fused loop there, and oneDNN reorders the weights at
-# every call (the tiny UNet, all three levels: 8.9 against 11.5 ms a CFG step).
+# every call (measured on the tiny UNet's three levels).
 IM2COL_COMPILED = 256
 
 
@@ -283,10 +283,14 @@ def triton_conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0, resid
 
 # ------------------------------------------------------------------------ measured per-shape choice
 
+def cache_root() -> Path:
+    """Where measured choices and compiled graphs are kept: ENGINE_CACHE_DIR, or ~/.cache/engine."""
+    return Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "engine"))
+
+
 def cache_path(device: torch.device) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    root = Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "engine"))
-    return root / f"conv-choice-{''.join(ch if ch.isalnum() else '-' for ch in name)}.json"
+    return cache_root() / f"conv-choice-{''.join(ch if ch.isalnum() else '-' for ch in name)}.json"
 
 
 _CHOICES: dict[Path, dict] = {}
