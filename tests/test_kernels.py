@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.kernels import conv
+from engine.kernels import conv, cpu
 from engine.kernels.conv import (im2col_applies, im2col_conv3x3, winograd4_applies, winograd4_conv3x3,
                                  winograd_applies, winograd_conv3x3)
 
@@ -170,6 +170,65 @@ def test_linear_matches_reference(bias, residual, act, mul, dtype, tol):
     assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
     assert ((kernels.linear(x.transpose(0, 1), w, b) - F.linear(x.transpose(0, 1), w, b)).abs().max()
             <= tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("cin,cout,h,w,stride,padding", [
+    (64, 96, 16, 16, 1, 1), (64, 96, 16, 16, 2, 1), (32, 48, 9, 13, 1, 0), (24, 16, 7, 5, 2, 1)])
+def test_bf16_conv_matches_reference(cin, cout, h, w, stride, padding):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    b = torch.randn(cout, generator=g)
+    want = F.conv2d(x.double(), wt.double(), b.double(), stride, padding)
+    r = torch.randn(want.shape, generator=g)
+    x, wt, b, r = (t.bfloat16() for t in (x, wt, b, r))
+    assert cpu.conv2d_applies(x, wt, b, r)
+    tol = 2e-2 * max(1.0, want.abs().max().item())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf, wf = x.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt)
+        for bias, res in ((b, None), (None, None), (b, r)):
+            got = kernels.conv2d(xf, wf, bias, stride, padding, res)
+            ref = want - (0 if bias is not None else b.double()[:, None, None]) + (0 if res is None else r.double())
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            assert (got.double() - ref).abs().max().item() <= tol, (fmt, bias is None, res is None)
+
+
+def test_bf16_conv_sees_weight_changes():
+    """The weight is reordered once and kept; an in-place change (a LoRA merged into the model)
+    and a new weight must be seen."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, 8, 8, generator=g).bfloat16()
+    wt = (torch.randn(16, 32, 3, 3, generator=g) / 17).bfloat16()
+    first = kernels.conv2d(x, wt, None, 1, 1)
+    assert torch.equal(kernels.conv2d(x, wt, None, 1, 1), first)
+    wt.mul_(-1)
+    assert torch.equal(kernels.conv2d(x, wt, None, 1, 1), -first)
+    del wt
+    for _ in range(3):  # new weights, some likely at the freed one's address
+        other = (torch.randn(16, 32, 3, 3, generator=g) / 17).bfloat16()
+        assert torch.equal(kernels.conv2d(x, other, None, 1, 1), F.conv2d(x, other, None, 1, 1))
+    with torch.inference_mode():  # an inference tensor's changes leave no trace: not kept
+        frozen = other.clone()
+    assert not cpu.conv2d_applies(x, frozen, None)
+
+
+def test_pointwise_conv_fuses_the_residual():
+    g = torch.Generator().manual_seed(0)
+    x, wt = torch.randn(2, 24, 5, 7, generator=g), torch.randn(16, 24, 1, 1, generator=g)
+    b, r = torch.randn(16, generator=g), torch.randn(2, 16, 5, 7, generator=g)
+    assert torch.allclose(kernels.conv2d(x, wt, b, 1, 0, r), F.conv2d(x, wt, b) + r, rtol=0, atol=1e-5)
+    assert torch.allclose(kernels.conv2d(x.bfloat16(), wt.bfloat16(), b.bfloat16(), 1, 0, r.bfloat16()).float(),
+                          F.conv2d(x, wt, b) + r, rtol=0, atol=0.1)
+
+
+def test_flop_counter_counts_bf16_conv():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, wt = torch.randn(2, 32, 8, 8).bfloat16(), torch.randn(16, 32, 3, 3).bfloat16()
+    for kw in ({}, {"residual": torch.randn(2, 16, 8, 8).bfloat16()}):
+        with FlopCounterMode(display=False) as fc:
+            kernels.conv2d(x, wt, None, 1, 1, **kw)
+        assert fc.get_total_flops() == 2 * (2 * 16 * 8 * 8) * 32 * 9, kw
 
 
 def test_linear_differentiates():

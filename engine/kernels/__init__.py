@@ -2,9 +2,10 @@
 
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
-the torch ops, except fp32 and bf16 linear layers (oneDNN's, engine/kernels/cpu.py) and 3×3
-convolutions with many channels (in fp32 Winograd where there are many pixels; im2col + GEMM where
-there are few; engine/kernels/conv.py). `torch` forces the torch ops everywhere. `triton` forces the Triton
+the torch ops, except fp32 and bf16 linear layers and bf16 convolutions (oneDNN's, the weights
+reordered once; engine/kernels/cpu.py) and fp32 3×3 convolutions with many channels (Winograd where
+there are many pixels; im2col + GEMM where there are few; engine/kernels/conv.py). 1×1
+convolutions are matmuls. `torch` forces the torch ops everywhere. `triton` forces the Triton
 kernels wherever their guards allow (dtype, shape; anything else falls back to torch); on the CPU
 that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are tested).
 The Triton kernels are registered as torch ops (`torch.ops.engine.*`) with fake implementations and
@@ -95,8 +96,10 @@ def conv2d(x: torch.Tensor, weight, bias, stride: int = 1, padding: int = 0,
         return conv.epilogue(conv.winograd4_conv3x3(x, weight, bias), residual, act)
     if m == "auto" and not differentiated and conv.winograd_applies(x, weight, stride, padding):
         return conv.epilogue(conv.winograd_conv3x3(x, weight, bias), residual, act)
+    if m == "auto" and not differentiated and conv.pointwise_applies(x, weight, stride, padding):
+        return conv.epilogue(conv.pointwise_conv(x, weight, bias, residual), None, act)
+    if m == "auto" and cpu.conv2d_applies(x, weight, bias, residual):
+        return conv.epilogue(cpu.conv2d(x, weight, bias, stride, padding, residual), None, act)
     if m == "auto" and not differentiated and conv.im2col_applies(x, weight, stride, padding):
         return conv.epilogue(conv.im2col_conv3x3(x, weight, bias, stride), residual, act)
-    if m == "auto" and not differentiated and conv.pointwise_applies(x, weight, stride, padding):
-        return conv.epilogue(conv.pointwise_conv(x, weight, bias), residual, act)
     return conv.epilogue(F.conv2d(x, weight, bias, stride, padding), residual, act)

@@ -38,7 +38,8 @@ except ImportError:  # triton is Linux-only; the CPU paths below need none of it
     HAS_TRITON = False
 
 # (output pixels per image H' × W' at most, input channels at least) where im2col beat oneDNN on
-# 2 cores, at batch 2 (a CFG pair). Per image, not per batch, so that an image is computed the same
+# 2 cores, at batch 2 (a CFG pair), in fp32 (in bf16 oneDNN's convolution with its weights
+# reordered once wins, engine.kernels.cpu). Per image, not per batch, so that an image is computed the same
 # way whatever else shares its batch.
 IM2COL_WINS = ((16, 320), (64, 640), (256, 1280))
 # Output pixels per image at most where, in a compiled graph (engine.graphs), im2col beat oneDNN
@@ -70,9 +71,14 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                       (b, h, w))
 
 
-def _rows_conv(rows, wm, bias, bhw) -> torch.Tensor:
-    """(B·H·W, K) rows @ (O, K)ᵀ + bias as a channels-last (B, O, H, W) tensor."""
-    out = cpu.linear(rows, wm, bias) if cpu.linear_applies(rows, wm, bias) else F.linear(rows, wm, bias)
+def _rows_conv(rows, wm, bias, bhw, residual=None) -> torch.Tensor:
+    """(B·H·W, K) rows @ (O, K)ᵀ + bias [+ residual] as a channels-last (B, O, H, W) tensor."""
+    res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+    if cpu.linear_applies(rows, wm, bias, res):
+        out = cpu.linear(rows, wm, bias, res)
+    else:
+        out = F.linear(rows, wm, bias)
+        out = out if res is None else out + res
     return out.view(*bhw, -1).permute(0, 3, 1, 2)
 
 
@@ -201,13 +207,14 @@ def pointwise_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, paddin
             and x.dtype == weight.dtype)
 
 
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """1×1 convolution as (B·H·W, C) @ (C, O); returns a channels-last tensor. oneDNN's own 1×1
-    convolution computes an image differently with another batch size (at 16 images on one
-    thread, at 1 on two); the matmul's rows do not depend on how many there are."""
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """1×1 convolution [+ residual] as (B·H·W, C) @ (C, O); returns a channels-last tensor.
+    oneDNN's own 1×1 convolution computes an image differently with another batch size (at 16
+    images on one thread, at 1 on two); the matmul's rows do not depend on how many there are."""
     b, c, h, w = x.shape
     return _rows_conv(x.permute(0, 2, 3, 1).reshape(-1, c), weight.reshape(weight.shape[0], c),
-                      bias, (b, h, w))
+                      bias, (b, h, w), residual)
 
 
 def epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""fp32 and bf16 linear layers on the CPU through oneDNN.
+"""fp32 and bf16 linear layers, and bf16 convolutions, on the CPU through oneDNN.
 
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
@@ -7,11 +7,15 @@ oneDNN anyway) that saves a pass over the output for each. In fp32 a row comes o
 the same whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
+A bf16 convolution on AMX wants its weight in a blocked layout; torch's conv2d reorders the weight
+into it at every call, which at the SD UNet's shapes costs 5–25% of the convolution. conv2d below
+reorders each weight once and keeps that copy while the weight is unchanged.
 """
 import ctypes
 import math
 import os
 import platform
+import weakref
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -19,12 +23,21 @@ from torch.utils.flop_counter import register_flop_formula
 # absent from builds without oneDNN
 _LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
            if torch.backends.mkldnn.is_available() else None)
+_CONV = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+         if torch.backends.mkldnn.is_available() else None)
 
 if _LINEAR is not None:
     @register_flop_formula(_LINEAR)
     def _flops(x_shape, *_, out_shape=None, **__) -> int:
         """For torch's FlopCounterMode, which knows only aten's matmuls."""
         return 2 * math.prod(out_shape) * x_shape[-1]
+
+if _CONV is not None:
+    @register_flop_formula(_CONV)
+    def _conv_flops(x_shape, w_shape, *rest, out_shape=None, **__) -> int:
+        """Direct-convolution FLOPs; the binary overload passes the residual before the weight."""
+        w_shape = rest[0] if tuple(w_shape) == tuple(out_shape) else w_shape
+        return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
 def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -51,6 +64,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if mul is not None:
         return _LINEAR.binary(x, mul, weight, bias, "mul")
     return _LINEAR(x, weight, bias, act or "none", [], "none" if act == "gelu" else "")
+
+
+def conv2d_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   residual: torch.Tensor | None = None) -> bool:
+    return (_CONV is not None and x.device.type == "cpu" and x.dim() == 4
+            and not torch.compiler.is_compiling()
+            and x.dtype == weight.dtype == torch.bfloat16 and weight.shape[1] == x.shape[1]
+            and not weight.is_inference()  # whose changes leave no trace in _version
+            and all(t is None or t.dtype == x.dtype for t in (bias, residual))
+            and not (torch.is_grad_enabled()
+                     and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))))
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+           padding: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d(x, weight, bias) [+ residual] with the weight in oneDNN's layout, reordered once."""
+    w = _reordered(weight, stride, padding, x.shape)
+    pad, step, one = [padding] * 2, [stride] * 2, [1, 1]
+    if residual is not None:
+        return _CONV.binary(x, residual, w, bias, pad, step, one, 1, "add", None, None, [], None)
+    return _CONV(x, w, bias, pad, step, one, 1, "none", [], "")
+
+
+def _reordered(weight: torch.Tensor, stride: int, padding: int, shape) -> torch.Tensor:
+    """The layout is chosen for the first input's shape; it computes the same for any other."""
+    key = (weight._version, weight.data_ptr(), stride, padding)
+    kept = _REORDERED.get(id(weight))
+    if kept is None or kept[0]() is not weight or kept[1] != key:
+        w = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, [padding] * 2, [stride] * 2, [1, 1], 1, list(shape))
+        gone = weakref.ref(weight, lambda _, i=id(weight): _REORDERED.pop(i, None))
+        kept = _REORDERED[id(weight)] = (gone, key, w)
+    return kept[2]
+
+
+# id(weight) → (weakref to it, what it was reordered from, the reordered copy); a tensor's == is
+# elementwise, so it cannot key a WeakKeyDictionary
+_REORDERED: dict[int, tuple] = {}
 
 
 def retain_freed_memory() -> bool:
