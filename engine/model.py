@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import images, lora, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
+from . import images, kernels, lora, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
 from .denoiser import Cond, Denoiser, constant, guided_texts, mapped, zero_uncond
 from .checkpoints import Components, LoadError
 from .profile import stage
@@ -165,7 +165,8 @@ class Model:
         """Estimated peak bytes of a job's UNet calls and of its VAE calls (engine.memory): UNet
         calls on `unet_batch` latents of the image's size, with a gradient when `grad` (in tiles of
         at most unet_side² latent px, engine.tiles, when given); the VAE on `decodes` images of
-        height × width. The job's peak is memory.OVERHEAD + the larger."""
+        height × width. Both count the reordered weight copies that the first bf16 calls on the
+        CPU add (engine.kernels.cpu). The job's peak is memory.OVERHEAD + the larger."""
         f = self.downscale
         budget_px, tile = tiled_vae.settings(self.vae, self.tile_pixels, self.tile_size)
         item, vae_item = (torch.finfo(t).bits // 8 for t in (self.dtype, self.vae_dtype))
@@ -174,8 +175,11 @@ class Model:
             unet_batch *= min(tiles.BATCH, -(-lh // unet_side) * -(-lw // unet_side))
             lh, lw = min(lh, unet_side), min(lw, unet_side)
         tiled = tile * f if height * width > budget_px else None
-        return (memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
-                memory.vae_bytes(self.vae.config, height, width, decodes, vae_item, tiled))
+        reordered = kernels.cpu.pending_bytes(self.unet, self.vae, self.text_encoder,
+                                              self.text_encoder_2)
+        return (reordered + memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
+                reordered + memory.vae_bytes(self.vae.config, height, width, decodes, vae_item,
+                                             tiled))
 
     def check_memory(self, job: str, height: int, width: int, unet_batch: int, decodes: int = 1,
                      grad: bool = False, unet_side: int | None = None, scale: int = 1,

@@ -212,6 +212,27 @@ def test_bf16_conv_sees_weight_changes():
     assert not cpu.conv2d_applies(x, frozen, None)
 
 
+def test_bf16_linear_sees_weight_changes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 32, generator=g).bfloat16()
+    w = (torch.randn(2 * 24, 32, generator=g) / 6).bfloat16()
+    halves = [kernels.linear(x, w[:24]), kernels.linear(x, w[24:])]  # views, as GEGLU takes them
+    for h, ref in zip(halves, (w[:24], w[24:])):
+        assert torch.allclose(h.float(), F.linear(x, ref).float(), rtol=0, atol=1e-2)
+    w[24:].mul_(-1)  # in place, through a view of the same weight
+    assert torch.equal(kernels.linear(x, w[:24]), halves[0])
+    assert torch.equal(kernels.linear(x, w[24:]), -halves[1])
+
+
+def test_pending_bytes_counts_weights_until_first_used():
+    lin = torch.nn.Linear(32, 24).bfloat16().requires_grad_(False)
+    assert cpu.pending_bytes(lin) == 24 * 32 * 2  # the bias is not reordered
+    assert cpu.pending_bytes(lin.float()) == 0
+    lin.bfloat16()
+    kernels.linear(torch.randn(5, 32).bfloat16(), lin.weight, lin.bias)
+    assert cpu.pending_bytes(lin, None) == 0
+
+
 def test_pointwise_conv_fuses_the_residual():
     g = torch.Generator().manual_seed(0)
     x, wt = torch.randn(2, 24, 5, 7, generator=g), torch.randn(16, 24, 1, 1, generator=g)
