@@ -1,8 +1,10 @@
 """The dispatch point, the CPU im2col and Winograd convolutions and the linear layer against torch's
 reference ops."""
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -217,11 +219,15 @@ def test_bf16_linear_sees_weight_changes():
     x = torch.randn(3, 40, 32, generator=g).bfloat16()
     w = (torch.randn(2 * 24, 32, generator=g) / 6).bfloat16()
     halves = [kernels.linear(x, w[:24]), kernels.linear(x, w[24:])]  # views, as GEGLU takes them
-    for h, ref in zip(halves, (w[:24], w[24:])):
-        assert torch.allclose(h.float(), F.linear(x, ref).float(), rtol=0, atol=1e-2)
+    for h, rows in zip(halves, (slice(0, 24), slice(24, 48))):
+        assert torch.allclose(h.float(), F.linear(x, w[rows]).float(), rtol=0, atol=1e-2)
     w[24:].mul_(-1)  # in place, through a view of the same weight
     assert torch.equal(kernels.linear(x, w[:24]), halves[0])
     assert torch.equal(kernels.linear(x, w[24:]), -halves[1])
+    gone = weakref.ref(w)
+    del w
+    gc.collect()
+    assert gone() is None  # the kept copies do not keep the weight alive
 
 
 def test_pending_bytes_counts_weights_until_first_used():
