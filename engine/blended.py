@@ -179,14 +179,17 @@ class MultiStage:
         """Estimated peak bytes of an edit of a side² square in an image of `area` pixels
         (engine.memory): the largest of stage 1's candidates at the base side, a stage's tile of
         at most max_side and its ×4 upscale, plus the float32 images kept (about 10 copies when
-        the square is the whole image, measured; 3 of them are of the whole image)."""
+        the square is the whole image, measured; 3 of them are of the whole image), plus the
+        models' weight copies still to be reordered (Model.reordered_bytes)."""
         b, t = self.base, min(side, o.max_side)
         parts = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
+        copies = b.reordered_bytes()
         if "sr" in (o.stage_model, o.upscaler):
             parts += self.sr.peak_memory(t, t, 1 + (o.sr_guidance > 1))
+            copies += self.sr.reordered_bytes()
         if o.stage_model == "base":
             parts += b.peak_memory(t, t, 1 + (o.guidance > 1))
-        return max(parts) + 12 * (7 * side * side + 3 * area)
+        return copies + max(parts) + 12 * (7 * side * side + 3 * area)
 
     def _inputs(self, image: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked image, float32 on the base model's device, and its binary mask."""

@@ -165,8 +165,7 @@ class Model:
         """Estimated peak bytes of a job's UNet calls and of its VAE calls (engine.memory): UNet
         calls on `unet_batch` latents of the image's size, with a gradient when `grad` (in tiles of
         at most unet_side² latent px, engine.tiles, when given); the VAE on `decodes` images of
-        height × width. Both count the reordered weight copies that the first bf16 calls on the
-        CPU add (engine.kernels.cpu). The job's peak is memory.OVERHEAD + the larger."""
+        height × width. The job's peak is memory.OVERHEAD + reordered_bytes() + the larger."""
         f = self.downscale
         budget_px, tile = tiled_vae.settings(self.vae, self.tile_pixels, self.tile_size)
         item, vae_item = (torch.finfo(t).bits // 8 for t in (self.dtype, self.vae_dtype))
@@ -175,11 +174,14 @@ class Model:
             unet_batch *= min(tiles.BATCH, -(-lh // unet_side) * -(-lw // unet_side))
             lh, lw = min(lh, unet_side), min(lw, unet_side)
         tiled = tile * f if height * width > budget_px else None
-        reordered = kernels.cpu.pending_bytes(self.unet, self.vae, self.text_encoder,
-                                              self.text_encoder_2)
-        return (reordered + memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
-                reordered + memory.vae_bytes(self.vae.config, height, width, decodes, vae_item,
-                                             tiled))
+        return (memory.unet_bytes(self.unet.config, lh, lw, unet_batch, item, grad),
+                memory.vae_bytes(self.vae.config, height, width, decodes, vae_item, tiled))
+
+    def reordered_bytes(self) -> int:
+        """Bytes the copies of the weights reordered at their first bf16 use on the CPU will add
+        (engine.kernels.cpu); 0 once they are made, or in fp32."""
+        return kernels.cpu.pending_bytes(self.unet, self.vae, self.text_encoder,
+                                         self.text_encoder_2)
 
     def check_memory(self, job: str, height: int, width: int, unet_batch: int, decodes: int = 1,
                      grad: bool = False, unet_side: int | None = None, scale: int = 1,
@@ -191,7 +193,8 @@ class Model:
             return self.peak_memory(scale * h, scale * w, unet_batch, decodes, grad, unet_side)
 
         unet, vae = parts(height, width)
-        memory.check(job, lambda h, w: memory.OVERHEAD + max(parts(h, w)), height, width,
+        copies = self.reordered_bytes()
+        memory.check(job, lambda h, w: memory.OVERHEAD + copies + max(parts(h, w)), height, width,
                      memory.available(self.device, self.max_memory),
                      max(1, self.downscale // scale), fix + (unet_fix if unet > vae else ""))
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import engine
 from engine import memory
@@ -104,3 +105,17 @@ def test_tiled_decode_estimate_covers_the_measured_peak():
     """The embedded VAE decoding to 2048², tiled by default: the whole activations kept between
     stretches of tiles are in the estimate, which stays under twice the measured peak."""
     _covers(_TILED_PEAK)
+
+
+
+def test_bf16_weight_copies_are_counted_until_made():
+    """In bf16 on the CPU each weight gets a reordered copy at its first use (engine.kernels.cpu):
+    the guard counts the copies still to be made, and no longer those made."""
+    pipe = engine.load(dtype="bfloat16")
+    m = pipe.model
+    weights = sum(p.nbytes for c in (m.unet, m.vae, m.text_encoder) for p in c.parameters()
+                  if p.dim() >= 2 and p.dtype == torch.bfloat16)
+    assert m.reordered_bytes() == weights > 0
+    pipe.generate("a red star", steps=1, progress=False)
+    assert m.reordered_bytes() < weights / 2, (m.reordered_bytes(), weights)
+    assert engine.load().model.reordered_bytes() == 0  # fp32: used as they are
