@@ -7,7 +7,7 @@ A prompt is text with pseudo-word references:
 |---|---|---|
 | `<C>` | native | S[r] (an imported pseudo-word: its vectors, always) |
 | `<C\\|i\\|>` or `C*\\|t\\|` | fixed | S[i] |
-| `<C(i)>` or `C*(t)` | semi | none (a zero input vector, or no token) while r ≤ i, else S[r] |
+| `<C(i)>` or `C*(t)` | semi | a zero input vector while r ≤ i, else S[r]; or (semi='remove') no token while r < i, else S[r] |
 | `<C[i]>` or `C*[t]` | fully | S[i] while r ≤ i, else S[r] |
 
 i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a
@@ -257,9 +257,12 @@ def selection(ref: Ref, c: Concept, t: int, T: int, semi: str = "zero") -> int:
     i = ref.bin(k)
     if ref.mode == "fixed":
         return i
+    if ref.mode == "semi" and semi == "remove":
+        # the reference's DreamBooth pipeline: <S|r|> once i/K ≤ t/T, that is once r ≥ i
+        return r if r >= i else DROP
     if r > i:
         return r
-    return i if ref.mode == "fully" else ZERO if semi == "zero" else DROP
+    return i if ref.mode == "fully" else ZERO
 
 
 def check_semi(semi: str) -> str:

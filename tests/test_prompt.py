@@ -80,8 +80,16 @@ def test_modes_select_the_rows_of_the_reference(mode, i, want):
     c = Concept("C", torch.zeros(10, 4))
     got = [pr.selection(Ref("C", mode, i), c, t, 1000) for t in range(50, 1000, 100)]
     assert got == want
-    if mode == "semi":
-        assert pr.selection(Ref("C", mode, i), c, 0, 1000, semi="remove") == pr.DROP
+
+
+@pytest.mark.parametrize("n", [0, 3, 9])
+def test_semi_remove_follows_the_reference_dreambooth_pipeline(n):
+    """DreamBoothMultiResPipeline: <S(n)> becomes <S|r|>, r = int(t/1000·10), if n/10 ≤ t/1000, else it is
+    deleted."""
+    c = Concept("C", torch.zeros(10, 4))
+    for t in range(0, 1000, 7):
+        want = int(t / 1000 * 10) if n / 10 <= t / 1000 else pr.DROP
+        assert pr.selection(Ref("C", "semi", n), c, t, 1000, semi="remove") == want, t
 
 
 @pytest.fixture(scope="module")
