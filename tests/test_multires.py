@@ -10,7 +10,7 @@ from engine import multires, world
 from engine.cli import main
 from engine.embedded import DEFAULT_MODEL
 from engine.checkpoints import LoadError
-from engine.prompt import Concept
+from engine.prompt import Concept, Encoder
 
 STARS = [world.Scene((world.Obj("star", "red", "large", "in the center", 0, 0, a, "yellow"),), "plain", c)
          for a, c in ((0.1, "white"), (-0.2, "gray"), (0.3, "black"))]
@@ -42,6 +42,19 @@ def test_training_moves_only_the_concept_rows(pipe, pixels):
     init = pipe.model.text_encoder.text_model.embeddings.token_embedding.weight[pipe.model.tokenizer.ids("star")]
     assert c.embeds.shape == (10, 128) and c.initializer == "star" and c.multires
     assert (c.embeds - init).abs().amax(1).min() > 0  # AdamW moves every row (decay, momentum), as the reference
+
+
+def test_each_bin_row_learns_only_from_its_own_bin(pipe, pixels):
+    """An example's gradient reaches only the row of its time bin, so without weight decay a one-example
+    step moves exactly one row (the test above passes on decay alone)."""
+    rows = torch.nn.Parameter(torch.randn(10, 128, generator=torch.Generator().manual_seed(0)) * 0.3)
+    enc = Encoder(pipe.model.text_pairs, {"stripy": Concept("stripy", rows, True)})
+    enc.encode(["a <stripy|3|> star", "<stripy|7|> on white"]).square().sum().backward()
+    assert rows.grad[[3, 7]].abs().amax(1).min() > 0
+    assert not rows.grad[[0, 1, 2, 4, 5, 6, 8, 9]].any()
+    c = multires.train(pipe.model, pixels, cfg(steps=1, batch=1, weight_decay=0.0), progress=False)
+    init = pipe.model.text_encoder.text_model.embeddings.token_embedding.weight[pipe.model.tokenizer.ids("star")]
+    assert (c.embeds != init).any(1).sum() == 1
 
 
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(pipe, pixels, tmp_path):
