@@ -151,16 +151,18 @@ def edit(a) -> list[Path]:
                                             for i in range(len(prompts))]
     check_args(a.steps, a.guidance)
     direct.check_lambda(a.lam)
+    direct.check_pairing(a.pairing)
     direct.injected_steps(a.steps, a.inject_steps, a.every)
     _words(a, *prompts, a.source, a.negative)
     scorer = reports.load_scorer(a.clip, a.model)
     with profiled(a.profile):
         edited, _ = _load(a).edit(image, prompts, a.source, a.steps, a.guidance, a.lam,
                                   a.inject_steps, a.every, a.negative, a.convention, output="pt",
-                                  progress=not a.quiet)
+                                  progress=not a.quiet, pairing=a.pairing)
     report = {"image": str(a.image), **reports.edit_report(
         image, edited, prompts, source=a.source, steps=a.steps, guidance=a.guidance, lam=a.lam,
-        inject_steps=a.inject_steps, every=a.every, convention=a.convention, scorer=scorer,
+        inject_steps=a.inject_steps, every=a.every, convention=a.convention, pairing=a.pairing,
+        scorer=scorer,
         scorer_name=a.clip or a.model, files=outs)}
     pils = images.to_pil(edited)
     sheet = reports.edit_sheet(image, pils, prompts, a.source, a.lam)

@@ -4,9 +4,15 @@ prediction:
 
     ε ← (1 − λ)·ε_cfg + λ·ε_inv[N−1−i]        for the injected sampling steps i
 
-ε_inv[N−1−i] is the eps of the inverse step that sampling step i mirrors (`Trajectory.noise_into`),
-so λ = 1 on every step walks the inversion back exactly and λ = 0 is plain CFG sampling from the
-inverted noise. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
+Which inverted ε a sampling step takes (`pairing`):
+- "mirror" (default): the ε of the inverse step that the sampling step mirrors
+  (`Trajectory.noise_into`), so λ = 1 on every step walks the inversion back exactly;
+- "authors": the ε the inversion evaluated at the sampling step's own timestep, as the authors' code
+  pairs them (noises[N−1−i]). With their ("source") convention that is the ε of the inverse step
+  leaving t, one grid step above the mirror's, and at x̃_T the ε of their last, identity inversion
+  step (`top_noise`); λ = 1 then does not give the inversion back. With the "destination"
+  convention the two pairings are the same.
+λ = 0 is plain CFG sampling from the inverted noise either way. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
 into the model's output. At a timestep where ᾱ_t = 0 (zero terminal SNR) every prediction's ε is x_t
 itself, so there the merge is done on x0 instead, with the x0 whose step lands on the inversion's
 latent.
@@ -33,10 +39,32 @@ def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> l
     return list(range(0, k, every))
 
 
+PAIRINGS = ("mirror", "authors")
+
+
 def check_lambda(lam):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
         raise ValueError(f"lambda={lam!r}: need a number in [0, 1] "
                          "(0 = plain CFG, 1 = reconstruct the inversion)")
+
+
+def check_pairing(pairing):
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing={pairing!r}: use 'mirror' (λ = 1 gives the inversion back) or "
+                         "'authors' (the inverted ε at the step's own timestep, as the authors' code)")
+
+
+def needs_top_noise(traj: Trajectory, pairing: str) -> bool:
+    """Whether `pairing` on traj needs the inversion's ε at x̃_T, which its steps did not evaluate."""
+    return pairing == "authors" and traj.convention == "source"
+
+
+def top_noise(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig
+              ) -> torch.Tensor:
+    """The ε at x̃_T under the inversion's (unguided) denoiser and prompt: what the authors' last,
+    identity inversion step evaluates."""
+    t, x = traj.timesteps[-1], traj.latents[-1]
+    return schedule.predict_x0_eps(sched, denoiser(x, t, cond), t, x)[1]
 
 
 @dataclass
@@ -48,6 +76,8 @@ class Injected:
     sched: schedule.SchedulerConfig
     lam: float
     timesteps: frozenset
+    pairing: str = "mirror"
+    top: torch.Tensor | None = None  # the ε at x̃_T, for the authors' pairing (top_noise)
 
     @property
     def guided(self) -> bool:
@@ -61,8 +91,15 @@ class Injected:
         if schedule.abar(self.sched, t) == 0:  # zero terminal SNR: ε is x itself, so merge x0 instead
             merged = (1 - self.lam) * x0 + self.lam * landing_x0(self.sched, self.traj, t, x).to(x0)
             return schedule.x0_to_output(self.sched, merged, t, x)
-        merged = (1 - self.lam) * eps + self.lam * self.traj.noise_into(t).to(eps)
+        merged = (1 - self.lam) * eps + self.lam * self.inverted_noise(t).to(eps)
         return schedule.eps_to_output(self.sched, merged, t, x)
+
+    def inverted_noise(self, t: int) -> torch.Tensor:
+        """The inverted ε merged into the step leaving t."""
+        if not needs_top_noise(self.traj, self.pairing):
+            return self.traj.noise_into(t)
+        k = self.traj.timesteps.index(int(t), 1)  # source convention: noises[k] was evaluated at t
+        return self.traj.noises[k] if k < len(self.traj.noises) else self.top
 
 
 def landing_x0(sched: schedule.SchedulerConfig, traj: Trajectory, t: int, x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +112,18 @@ def landing_x0(sched: schedule.SchedulerConfig, traj: Trajectory, t: int, x: tor
 
 def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.SchedulerConfig,
          lam: float = 0.5, inject_steps: int | None = None, every: int = 1,
-         progress: bool = True) -> torch.Tensor:
+         progress: bool = True, pairing: str = "mirror", top: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """Direct Inversion sampling (paper §3.2, Fig. 4 [2]): DDIM from x̃_T = traj.latents[-1] on the
-    inversion's grid, merging λ of the inverted noise on the injected steps. Returns the edited
-    clean latent."""
+    inversion's grid, merging λ of the inverted noise on the injected steps. The authors' pairing
+    on a source-convention trajectory needs `top` (top_noise). Returns the edited clean latent."""
     check_lambda(lam)
+    check_pairing(pairing)
+    if needs_top_noise(traj, pairing) and top is None:
+        raise ValueError("pairing='authors' on a source-convention inversion needs top=top_noise(...), "
+                         "the ε at x̃_T")
     pairs = traj.sampling_pairs
     steps = frozenset(pairs[i][0] for i in injected_steps(len(pairs), inject_steps, every))
-    den = Injected(denoiser, traj, sched, float(lam), steps)
+    den = Injected(denoiser, traj, sched, float(lam), steps, pairing, top)
     return ddim(den, traj.latents[-1], cond, sched, traj.num_steps, traj.strength,
                 progress=progress, desc="edit (Direct Inversion)")

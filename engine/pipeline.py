@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import direct, images, invert as inv, ksample, regions, tiles
 from . import schedule as schedules  # `schedule` is the σ-grid argument here
 from .checkpoints import Components
+from .denoiser import constant
 from .model import Model
 from .rng import generator as make_generator, generators, randn_tensor
 from .sample import check_args, check_fraction, ddim
@@ -290,23 +291,31 @@ class Pipeline:
 
     @torch.no_grad()
     def edit(self, image, prompt, source="", steps=100, guidance=3.0, lam=0.5, inject_steps=None,
-             every=1, negative=None, convention="source", output="pil", progress=True):
+             every=1, negative=None, convention="source", output="pil", progress=True,
+             pairing="mirror"):
         """Direct Inversion (engine.direct): invert the image under `source` (default ""), then
         sample each edit prompt with CFG from the inverted noise, merging λ of the inverted noise on
         the injected steps. Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5,
-        injection on every step. Returns (edited images, trajectory); one image and several prompts
-        give one edit per prompt."""
+        injection on every step. `pairing` picks the inverted ε each step merges (engine.direct):
+        "mirror" (λ = 1 gives the input back) or "authors" (as their code). Returns (edited images,
+        trajectory); one image and several prompts give one edit per prompt."""
         sources = _texts(source, "source")
         prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output,
                                         also=sources)
         direct.check_lambda(lam)
+        direct.check_pairing(pairing)
         direct.injected_steps(steps, inject_steps, every)
         m = self.model
         x = m.pixels(image)
         den = m.denoiser(guidance)
         m.check_memory("edit", *x.shape[2:], len(prompts) * (1 + den.guided), len(prompts))
         traj = self._invert(x, sources, steps, convention, progress=progress)
+        top = None
+        if direct.needs_top_noise(traj, pairing):
+            top = direct.top_noise(m.denoiser(), traj, constant(m.encode_prompt(sources)),
+                                   m.scheduler)
+            top = top.expand(len(prompts), *top.shape[1:]) if top.shape[0] == 1 else top
         cond = m.prompt_cond(prompts, negative, den.guided)
         z = direct.edit(den, traj.expand(len(prompts)), cond, m.scheduler, lam, inject_steps, every,
-                        progress)
+                        progress, pairing, top)
         return self._out(z, output), traj

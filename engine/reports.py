@@ -41,7 +41,7 @@ def reconstruction(rec: torch.Tensor, image) -> dict:
 
 def edit_report(image, edited: torch.Tensor, prompts: list[str], *, source="", steps=None,
                 guidance=None, lam=None, inject_steps=None, every=None, convention=None,
-                scorer=None, scorer_name=None, files=None) -> dict:
+                pairing=None, scorer=None, scorer_name=None, files=None) -> dict:
     """Direct Inversion (Pipeline.edit): the run's settings and, per edit prompt, PSNR / SSIM of the
     edit `edited` (B, 3, H, W) to the source `image` (PIL) and CLIP scores of both against the
     prompt."""
@@ -58,7 +58,7 @@ def edit_report(image, edited: torch.Tensor, prompts: list[str], *, source="", s
                        clip_score_edit=round(after.item(), 2))
     return {"source": source, "steps": steps, "guidance": guidance, "lambda": lam,
             "inject_steps": inject_steps, "every": every, "convention": convention,
-            "clip_scorer": scorer_name if scorer is not None else None, "edits": rows}
+            "pairing": pairing, "clip_scorer": scorer_name if scorer is not None else None, "edits": rows}
 
 
 def edit_lines(report: dict) -> list[str]:

@@ -73,6 +73,38 @@ def test_direct_inversion_lambda_one_walks_the_inversion_back(d):
     assert (x - z0).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("d", [EPS, V], ids=["eps", "v"])
+def test_direct_inversion_authors_pairing_follows_their_code(d):
+    """Their sampling step i merges noises[N−1−i]: the ε their inversion evaluated at the step's own
+    timestep (at x̃_T: their last, identity step's). Transcribed on our grid, with their ε recomputed
+    from the inverted latents."""
+    sched, den, z0 = _toy(d, True)
+    inv_cond = constant(torch.zeros(2, 3, 5, dtype=torch.float64))
+    traj = invert(den, z0, inv_cond, sched, 20, convention="source", progress=False)
+    guided_den, lam = Denoiser(den.unet, 3.0), 0.7
+    guided = constant(torch.cat([torch.full((2, 3, 5), 0.5, dtype=torch.float64), torch.zeros(2, 3, 5).double()]))
+    ts, n = traj.timesteps, len(traj.timesteps) - 1
+    x = traj.latents[-1]
+    for i in range(n):
+        t, t_prev, x_inv = ts[n - i], ts[n - i - 1], traj.latents[n - i]
+        e = S.predict_x0_eps(sched, guided_den(x, t, guided), t, x)[1]
+        e_inv = S.predict_x0_eps(sched, den(x_inv, t, inv_cond), t, x_inv)[1]
+        x = S.ddim_eps_step(sched, (1 - lam) * e + lam * e_inv, t, t_prev, x)
+    top = direct.top_noise(den, traj, inv_cond, sched)
+    got = direct.edit(guided_den, traj, guided, sched, lam, pairing="authors", top=top, progress=False)
+    assert (got - x).abs().max() <= 1e-8
+    mirror = direct.edit(guided_den, traj, guided, sched, lam, progress=False)
+    assert (mirror - x).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs top"):
+        direct.edit(guided_den, traj, guided, sched, lam, pairing="authors", progress=False)
+    with pytest.raises(ValueError, match="pairing='next'"):
+        direct.edit(guided_den, traj, guided, sched, lam, pairing="next", progress=False)
+    # the destination convention evaluates the inverse step arriving at t at t: both pairings agree
+    dest = invert(den, z0, inv_cond, sched, 20, convention="destination", progress=False)
+    assert torch.equal(direct.edit(guided_den, dest, guided, sched, lam, pairing="authors", progress=False),
+                       direct.edit(guided_den, dest, guided, sched, lam, progress=False))
+
+
 ZERO_SNR = {**V, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
@@ -204,6 +236,20 @@ def test_edit_changes_the_named_attribute_and_is_deterministic(tiny):
     assert metrics.psnr(a[1:], x[:1]) > metrics.psnr(a[:1], x[:1])  # the unedited prompt stays closer
 
 
+def test_edit_pairings_at_lambda_one(tiny):
+    """λ = 1: the mirror pairing gives back the inversion's start, the authors' pairing does not; both
+    batch one image under several prompts."""
+    pipe, scenes, x = tiny
+    back = pipe.model.decode(pipe.model.encode(x[:1]))
+    kw = dict(steps=8, lam=1.0, output="pt", progress=False)
+    mirror, _ = pipe.edit(x[:1], ["a blue ring", "a red star"], **kw)
+    authors, _ = pipe.edit(x[:1], ["a blue ring", "a red star"], pairing="authors", **kw)
+    assert (mirror - back).abs().max() <= 1e-3 and (authors - back).abs().max() > 1e-2
+    assert torch.equal(authors[0], authors[1])  # λ = 1: the prompt is not used
+    with pytest.raises(ValueError, match="pairing='next'"):
+        pipe.edit(x[:1], "a blue ring", pairing="next", **kw)
+
+
 def test_ssim_matches_scikit_image():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 3, 40, 33, generator=g) * 2 - 1
@@ -272,9 +318,10 @@ def test_cli_invert_and_edit_write_their_files(tmp_path, capsys, cli_error):
     assert traj.steps == 5 and traj.uncond is not None and (tmp_path / "t.png").is_file()
     (tmp_path / "p.txt").write_text("a small red star in the center, on a plain white background\n\na blue ring\n")
     assert main(["edit", "--image", str(src), "--prompt-file", str(tmp_path / "p.txt"), "--steps", "5",
-                 "--out", str(tmp_path / "e.png"), "--quiet"]) == 0
+                 "--pairing", "authors", "--out", str(tmp_path / "e.png"), "--quiet"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["e.json", "e_0.png", "e_1.png", "e_sheet.png", "p.txt", "src.png", "t.png", "t.safetensors"]
     import json
     report = json.loads((tmp_path / "e.json").read_text())
+    assert report["pairing"] == "authors"
     assert len(report["edits"]) == 2 and {"psnr_to_source", "ssim_to_source", "clip_score_edit"} <= set(report["edits"][0])
