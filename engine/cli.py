@@ -106,8 +106,9 @@ def _edit(sub):
     flag(e, "--convention", ed, "inversion convention", note=", as Direct Inversion's code",
          choices=["destination", "source"])
     flag(e, "--pairing", ed, "which inverted noise a step merges: the mirror of its own step "
-         "(λ 1 = the input back) or, as the authors' code, the one evaluated at its timestep "
-         "(one grid step higher under the source convention)", choices=["mirror", "authors"])
+         "(λ 1 = the input back); as the authors' code, the one evaluated at its timestep (one "
+         "grid step higher under the source convention); or x_T, the inverted noise itself, as "
+         "the paper", choices=["mirror", "authors", "x_T"])
     e.add_argument("--clip", help="CLIP checkpoint for the CLIP scores in OUT.json: a transformers "
                    "CLIPModel folder (default: the model's own tiny CLIP when it has one, as the "
                    "embedded model does)")

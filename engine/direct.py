@@ -11,8 +11,10 @@ Which inverted ε a sampling step takes (`pairing`):
   pairs them (noises[N−1−i]). With their ("source") convention that is the ε of the inverse step
   leaving t, one grid step above the mirror's, and at x̃_T the ε of their last, identity inversion
   step (`top_noise`); λ = 1 then does not give the inversion back. With the "destination"
-  convention the two pairings are the same.
-λ = 0 is plain CFG sampling from the inverted noise either way. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
+  convention the two pairings are the same;
+- "x_T": x̃_T itself on every step, as the paper describes it ("repeated injection of the original
+  encoded noise x̃_T") and as the authors' code does without `stochastic_injection_exp_method`.
+λ = 0 is plain CFG sampling from the inverted noise in every case. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
 into the model's output. At a timestep where ᾱ_t = 0 (zero terminal SNR) every prediction's ε is x_t
 itself, so there the merge is done on x0 instead, with the x0 whose step lands on the inversion's
 latent.
@@ -39,7 +41,7 @@ def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> l
     return list(range(0, k, every))
 
 
-PAIRINGS = ("mirror", "authors")
+PAIRINGS = ("mirror", "authors", "x_T")
 
 
 def check_lambda(lam):
@@ -50,8 +52,9 @@ def check_lambda(lam):
 
 def check_pairing(pairing):
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing={pairing!r}: use 'mirror' (λ = 1 gives the inversion back) or "
-                         "'authors' (the inverted ε at the step's own timestep, as the authors' code)")
+        raise ValueError(f"pairing={pairing!r}: use 'mirror' (λ = 1 gives the inversion back), "
+                         "'authors' (the inverted ε at the step's own timestep, as the authors' code) "
+                         "or 'x_T' (the inverted noise x̃_T itself on every step, as the paper)")
 
 
 def needs_top_noise(traj: Trajectory, pairing: str) -> bool:
@@ -89,6 +92,8 @@ class Injected:
             return out
         x0, eps = schedule.predict_x0_eps(self.sched, out, t, x)
         if schedule.abar(self.sched, t) == 0:  # zero terminal SNR: ε is x itself, so merge x0 instead
+            if self.pairing == "x_T":  # x is x̃_T there: merging it into ε changes nothing
+                return out
             merged = (1 - self.lam) * x0 + self.lam * landing_x0(self.sched, self.traj, t, x).to(x0)
             return schedule.x0_to_output(self.sched, merged, t, x)
         merged = (1 - self.lam) * eps + self.lam * self.inverted_noise(t).to(eps)
@@ -96,6 +101,8 @@ class Injected:
 
     def inverted_noise(self, t: int) -> torch.Tensor:
         """The inverted ε merged into the step leaving t."""
+        if self.pairing == "x_T":
+            return self.traj.latents[-1]
         if not needs_top_noise(self.traj, self.pairing):
             return self.traj.noise_into(t)
         k = self.traj.timesteps.index(int(t), 1)  # source convention: noises[k] was evaluated at t

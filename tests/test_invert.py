@@ -105,6 +105,22 @@ def test_direct_inversion_authors_pairing_follows_their_code(d):
                        direct.edit(guided_den, dest, guided, sched, lam, progress=False))
 
 
+@pytest.mark.parametrize("d", [EPS, V], ids=["eps", "v"])
+def test_direct_inversion_x_t_pairing_merges_the_inverted_noise_itself(d):
+    """The paper's "repeated injection of the original encoded noise x̃_T": ε ← (1−λ)·ε_cfg + λ·x̃_T."""
+    sched, den, z0 = _toy(d, True)
+    traj = invert(den, z0, constant(torch.zeros(2, 3, 5, dtype=torch.float64)), sched, 20, convention="source",
+                  progress=False)
+    guided_den, lam = Denoiser(den.unet, 3.0), 0.3
+    guided = constant(torch.cat([torch.full((2, 3, 5), 0.5, dtype=torch.float64), torch.zeros(2, 3, 5).double()]))
+    x_t = x = traj.latents[-1]
+    for i, (t, t_prev) in enumerate(traj.sampling_pairs):
+        e = S.predict_x0_eps(sched, guided_den(x, t, guided), t, x)[1]
+        x = S.ddim_eps_step(sched, (1 - lam) * e + lam * x_t if i < 5 else e, t, t_prev, x)
+    got = direct.edit(guided_den, traj, guided, sched, lam, inject_steps=5, pairing="x_T", progress=False)
+    assert (got - x).abs().max() <= 1e-8
+
+
 ZERO_SNR = {**V, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
@@ -246,6 +262,8 @@ def test_edit_pairings_at_lambda_one(tiny):
     authors, _ = pipe.edit(x[:1], ["a blue ring", "a red star"], pairing="authors", **kw)
     assert (mirror - back).abs().max() <= 1e-3 and (authors - back).abs().max() > 1e-2
     assert torch.equal(authors[0], authors[1])  # λ = 1: the prompt is not used
+    x_t, _ = pipe.edit(x[:1], "a blue ring", pairing="x_T", **{**kw, "lam": 0.5})
+    assert torch.isfinite(x_t).all() and (x_t - back).abs().max() > 1e-2
     with pytest.raises(ValueError, match="pairing='next'"):
         pipe.edit(x[:1], "a blue ring", pairing="next", **kw)
 
