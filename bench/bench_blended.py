@@ -38,6 +38,7 @@ from PIL import Image
 import engine
 from engine import blended, images, metrics, regions, world
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
+from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "blended.json"
@@ -45,9 +46,7 @@ ROWS = ("multistage", "multistage-backproject", "multistage-bicubic", "stage1-bi
 
 
 def save(key, value):
-    d = json.loads(OUT.read_text()) if OUT.exists() else {}
-    d[key] = value
-    OUT.write_text(json.dumps(d, indent=1))
+    save_part(OUT, key, value, STAMP, indent=1)
 
 
 def cases(seed: int, n: int):
@@ -197,7 +196,8 @@ def rss(size, seed, max_side=None):
     row = {"size": size, "max_side": max_side or blended.Options().max_side,
            "command": f"python -m engine blend --image IN --mask MASK --prompt TEXT{flag} --out OUT",
            "prompt": new.caption(), "peak_rss_gib": peak, "seconds": seconds, "cores": torch.get_num_threads(),
-           "stages": report["stages"], "outside_mask_max_abs_diff": report["outside_mask_max_abs_diff"]}
+           "stages": report["stages"], "outside_mask_max_abs_diff": report["outside_mask_max_abs_diff"],
+           "commit": STAMP["commit"], "model_version": STAMP["model_version"]}  # "command": the edit's
     d = json.loads(OUT.read_text()) if OUT.exists() else {}
     save("rss", [r for r in d.get("rss", []) if (r["size"], r.get("max_side", 256)) != (size, row["max_side"])] + [row])
     write_markdown()
@@ -213,6 +213,7 @@ if __name__ == "__main__":
     ap.add_argument("--rss", type=int, help="measure one CLI edit at this size instead")
     ap.add_argument("--max-side", type=int, help="with --rss: the CLI's --max-side")
     a = ap.parse_args()
+    STAMP = stamp("bench_blended.py")
     if a.rss:
         rss(a.rss, a.seed, a.max_side)
     else:

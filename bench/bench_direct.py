@@ -30,6 +30,7 @@ from engine.denoiser import Denoiser, constant
 from engine.invert import invert, null_text
 from engine.embedded import DEFAULT_MODEL
 from engine.sample import ddim
+from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "direct_inversion.json"
@@ -42,9 +43,7 @@ def load():
 
 
 def save(part, value):
-    d = load()
-    d[part] = value
-    OUT.write_text(json.dumps(d, indent=1))
+    save_part(OUT, part, value, STAMP, indent=1)
 
 
 def data(n):
@@ -235,6 +234,8 @@ def main():
     ap.add_argument("--source", choices=["empty", "caption"], default="empty",
                     help="inversion prompt of the λ sweep: \"\" (Direct Inversion's default) or the source caption")
     args = ap.parse_args()
+    global STAMP
+    STAMP = stamp("bench_direct.py")
     torch.manual_seed(0)
     pipe = engine.load()
     for part in args.only:

@@ -37,6 +37,7 @@ from engine.invert import invert
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.rng import generator, randn_tensor
 from engine.sample import ddim
+from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "iterinv.json"
@@ -45,9 +46,7 @@ ROWS = {"ddim-all": ("ddim", "ddim-reference"), "ddim-sr": ("fast", "ddim-refere
 
 
 def save(key, value):
-    d = json.loads(OUT.read_text()) if OUT.exists() else {}
-    d[key] = value
-    OUT.write_text(json.dumps(d, indent=1))
+    save_part(OUT, key, value, STAMP, indent=1)
 
 
 def pil(scene, res):
@@ -272,6 +271,7 @@ if __name__ == "__main__":
     ap.add_argument("--timing", action="store_true", help="only the paper-vs-fast solve timing at 256²")
     ap.add_argument("--mask", action="store_true", help="only the DiffEdit mask settings against the world's masks")
     ARGS = ap.parse_args()
+    STAMP = stamp("bench_iterinv.py")
     torch.manual_seed(0)
     if ARGS.timing:
         timing()

@@ -25,6 +25,7 @@ from engine.embedded import DEFAULT_MODEL
 from engine.metrics import Scorer
 from engine.profile import cpu_name
 from engine.world import Obj, Scene
+from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN, INIT = "stripy", "star"
@@ -108,8 +109,8 @@ def fig3(args):
 
 def _merge(part: dict):
     path = RESULTS / "multires.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**data, **part}, indent=2) + "\n")
+    for key, value in part.items():
+        save_part(path, key, value, STAMP)
     print(f"wrote {path}")
 
 
@@ -222,6 +223,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="speed: cpu (2 threads) or cuda; cuda results go to 'speed_cuda'")
     args = ap.parse_args()
+    global STAMP
+    STAMP = stamp("bench_multires.py")
     if args.part in ("speed", "all"):
         speed(args)
     if args.part in ("fig3", "all"):

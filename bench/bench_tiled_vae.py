@@ -33,12 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine import tiled_vae  # noqa: E402
-from engine.embedded import DEFAULT_MODEL, source_commit, versions  # noqa: E402
+from engine.embedded import DEFAULT_MODEL  # noqa: E402
 from engine.checkpoints import load_component  # noqa: E402
 from engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from stamps import save_part, stamp  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "tiled_vae.json"
-COMMIT = source_commit()  # before this run writes its own results file, which would read as -dirty
+STAMP = stamp(Path(__file__).name)  # before this run writes its own results file, which would read as -dirty
 UNTILED = 10 ** 12  # a pixel budget no image reaches
 
 
@@ -177,17 +178,10 @@ def load():
 
 
 def save(part, value):
-    results = load()
-    older = results.pop("model_version", None)  # files that stamped the model once, for every part
-    for v in results.values():
-        if isinstance(v, dict) and older is not None:
-            v.setdefault("model_version", older)
-    results.update(device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
-                   torch=torch.__version__, dtype="float32",
-                   note="parts without a commit stamp were measured on a CPU shared with other "
-                        "test runs: their timings are noisy")
-    results[part] = {**value, "commit": COMMIT, "model_version": versions()}
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    save_part(OUT, part, value, STAMP, device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
+              torch=torch.__version__, dtype="float32",
+              note="parts without a commit stamp were measured on a CPU shared with other test runs: their "
+                   "timings are noisy")
 
 
 PARTS = {"sd": part_sd, "tiny": part_tiny, "attention": part_attention, "rss": part_rss,

@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import json
 import re
-import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -23,8 +22,9 @@ from PIL import Image
 import engine
 from engine import demo, images, judge, world
 from engine.checkpoints import load_component
-from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER, source_commit, versions
+from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from engine.metrics import Scorer, psnr
+from stamps import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "tiny_gates.json"
@@ -304,18 +304,13 @@ GATES = {  # name: (function, [(metric, comparison, bound)])
 }
 
 
-def stamp(argv: list[str]) -> dict:
-    return {"commit": source_commit(), "model_version": versions(),
-            "command": " ".join(["python bench/bench_tiny.py", *argv])}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(GATES))
     args = ap.parse_args()
     torch.set_num_threads(2)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    stamped = stamp(sys.argv[1:])  # before the run writes its pictures, which would make the checkout dirty
+    stamped = stamp("bench_tiny.py")
     for name in args.only or list(GATES):
         fn, checks = GATES[name]
         t0 = time.perf_counter()

@@ -73,17 +73,17 @@ def headline(g, t, u, d, it, b, m):
         ["SD1.5 UNet, one CFG step (CPU)", "time ours / diffusers",
          f(u["ratio_ours_over_diffusers"], 3), on(u)],
         ["Direct Inversion, λ 0.5, CFG 3", "edit success; PSNR outside the object",
-         f"{pct(lam['edit_success'])}; {f(lam['psnr_outside'], 1)} dB", on(d)],
+         f"{pct(lam['edit_success'])}; {f(lam['psnr_outside'], 1)} dB", on(d["tradeoff"])],
         ["null-text inversion, fast vs reference", "time fast / reference; PSNR gap",
-         f"{f(d['nti']['time_ratio_median'])}; {f(d['nti']['psnr_gap_db'], 2, '+')} dB", on(d)],
+         f"{f(d['nti']['time_ratio_median'])}; {f(d['nti']['psnr_gap_db'], 2, '+')} dB", on(d["nti"])],
         ["IterInv fast, 64² → 256²", "PSNR vs the VAE ceiling; solve time fast / paper",
          f"{f(fast['psnr'])} vs {f(vae['psnr'])} dB; "
-         f"{f(it['timing_256']['median_fast_over_paper'], 3)}", on(it)],
+         f"{f(it['timing_256']['median_fast_over_paper'], 3)}", on(it["table_256"])],
         ["multi-stage blended diffusion, 1024²", "edit success; outside the mask",
-         f"{pct(bp['success'])}; " + ("exact" if bp["outside_max_abs_diff"] == 0 else "not exact"), on(b)],
+         f"{pct(bp['success'])}; " + ("exact" if bp["outside_max_abs_diff"] == 0 else "not exact"), on(b["size_1024"])],
         ["multiresolution textual inversion", "CLIP-I of `<C>` vs \"red star\"; training speed",
          f"{f(cl['native <C>']['mean'], 3)} vs {f(star, 3)}; "
-         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop", on(m)]])
+         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop", on(m["fig3"])]])
 
 
 GATE_ROWS = [  # (part, key, what, unit): unit "%" for a share, "dB", "/255" for a difference of pixel values
