@@ -53,11 +53,12 @@ def repaint_walk(pairs: list[tuple[int, int]], repeats: int,
                  jump: int = 1) -> list[tuple[int, int]]:
     """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves
     (t, t_next): walk `jump` steps down, then `repeats` times jump back up to where the walk started
-    and walk down again."""
+    and walk down again; but not from the walk's end: Alg. 1 resamples only while t > 1, and MSBD's
+    code does not re-noise its last step either."""
     walk = []
     for i in range(0, len(pairs), jump):
         chunk = pairs[i:i + jump]
-        for r in range(repeats + 1):
+        for r in range((repeats if i + jump < len(pairs) else 0) + 1):
             if r:
                 walk.append((chunk[-1][1], chunk[0][0]))
             walk += chunk

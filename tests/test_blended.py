@@ -66,7 +66,8 @@ def test_repaint_schedule():
     pairs = S.step_pairs(EPS, 4)
     assert B.repaint_walk(pairs, 0) == pairs
     walk = B.repaint_walk(pairs, 2)
-    assert sum(tn < t for t, tn in walk) == 12 and sum(tn > t for t, tn in walk) == 8
+    assert sum(tn < t for t, tn in walk) == 10 and sum(tn > t for t, tn in walk) == 6
+    assert walk[-1] == pairs[-1] and walk[-2] == pairs[-2]  # no re-noise after the last step
     (t, tp), up = pairs[0], walk[1]
     assert walk[0] == (t, tp) and up == (tp, t)  # jump back up to where the step started
     walk = B.repaint_walk(pairs, 1, jump=2)
