@@ -71,7 +71,8 @@ def _invert(sub):
     flag(v, "--convention", inv, "evaluate the noise at the next timestep (null-text inversion, "
          "diffusers) or the current one (Direct Inversion)", choices=["destination", "source"])
     flag(v, "--null-text", inv, "also optimise per-step unconditional embeddings for guided "
-         "reconstruction: the reference method or our fast variant", choices=["reference", "fast"])
+         "reconstruction: the reference method (P2P's), our fast variant, or IterInv's settings "
+         "(51 Adam steps at lr 1e-3 per step)", choices=["reference", "fast", "iterinv"])
     flag(v, "--guidance", inv, "CFG scale the null-text embeddings are optimised for")
     v.add_argument("--out", required=True, help="trajectory file (.safetensors); written only when "
                    "complete")
@@ -152,8 +153,8 @@ def _iterinv(sub, edit: bool):
     flag(p, "--mode", inv, "SR-stage inversion: IterInv paper (50 × 21 gradient steps) or fast "
          "(ours: Anderson fixed point), or the baselines ddim (v-aware) and ddim-reference (the "
          "reference code's)", param="method", choices=["paper", "fast", "ddim", "ddim-reference"])
-    flag(p, "--stage1", inv, "base-stage inversion: null-text fast / reference, NPI, or plain DDIM",
-         choices=["fast", "reference", "npi", "ddim"])
+    flag(p, "--stage1", inv, "base-stage inversion: null-text fast / reference (P2P's settings) / "
+         "iterinv (IterInv's), NPI, or plain DDIM", choices=["fast", "reference", "iterinv", "npi", "ddim"])
     flag(p, "--steps", inv, "DDIM steps of every stage")
     flag(p, "--guidance", inv, "CFG of the base stage's null-text inversion")
     flag(p, "--noise-level", inv, "noise level of the low-res conditioning")

@@ -23,7 +23,7 @@ from .images import open_tensors, save_tensors
 from .sample import ddim
 
 CONVENTIONS = ("destination", "source")
-NULL_TEXT_METHODS = ("reference", "fast")
+NULL_TEXT_METHODS = ("reference", "fast", "iterinv")
 
 
 @dataclass
@@ -132,7 +132,7 @@ def check_null_text(method: str | None, guidance: float):
     """A null-text method (None: none) and the guidance it optimises for, or a one-line error;
     call it before long work."""
     if method is not None and method not in NULL_TEXT_METHODS:
-        raise ValueError(f"null_text={method!r}: use None, 'reference' or 'fast'")
+        raise ValueError(f"null_text={method!r}: use None, 'reference', 'fast' or 'iterinv'")
     if method is not None and not guidance > 1:
         raise ValueError(f"null-text inversion needs guidance > 1 (got {guidance}); "
                          "7.5 is the reference")
@@ -148,6 +148,10 @@ def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: 
     reference: P2P's NullInversion: Adam, lr·(1 − i/2N) (= 1e-2·(1 − i/100) at 50 steps),
     ≤ inner_steps iterations, stop once the loss < early_stop + 1e-3·i/N (= 1e-5 + i·2e-5 at 50
     steps).
+    iterinv: IterInv's stage I (its IFInvPipeline): the same Adam with lr 1e-3·(1 − i/2N), 51
+    iterations every step with no early stop, on the summed (not mean) squared error; lr,
+    inner_steps and early_stop are not used. (Its dynamic thresholding is DeepFloyd IF's, a pixel
+    model's, and is not done here.)
     fast: ours. The guided step is affine in ε_u, so the loss is a least-squares problem in the UNet
     output: each iteration takes the gradient direction and the step length that minimises the loss
     along it to first order (a finite-difference directional derivative: one extra forward), at most
@@ -178,20 +182,23 @@ def null_text(denoiser: Denoiser, traj: Trajectory, cond: torch.Tensor, uncond: 
         stop = early_stop + 1e-3 * i / n
         if method == "reference":
             u = _adam(lambda emb: step(emb) - target, u, lr * (1 - i / (2 * n)), inner_steps, stop)
-            with torch.no_grad():
-                x = step(u)
+        elif method == "iterinv":
+            u = _adam(lambda emb: step(emb) - target, u, 1e-3 * (1 - i / (2 * n)), 51, 0.0, "sum")
         else:
             u, x = _line_search(step, target, cond if i == 0 else u, min(inner_steps, 2), stop)
+        if method != "fast":
+            with torch.no_grad():
+                x = step(u)
         out.append(u)
     return replace(traj, uncond=out, guidance=float(w))
 
 
-def _adam(residual, u, lr, iters, stop):
+def _adam(residual, u, lr, iters, stop, reduce="mean"):
     u = u.clone().requires_grad_(True)
     opt = torch.optim.Adam([u], lr=lr)
     for _ in range(iters):
         with torch.enable_grad():
-            loss = residual(u).square().mean()
+            loss = getattr(residual(u).square(), reduce)()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import diffedit, images, schedule, tiles
 from .cascade_files import CascadeInversion, SRInversion
 from .denoiser import Cond, constant, repeat_cond
-from .invert import invert as ddim_invert, invert_image, reconstruct
+from .invert import NULL_TEXT_METHODS, invert as ddim_invert, invert_image, reconstruct
 from .model import check_pair
 from .rng import generator, randn_tensor
 from .sample import check_args, check_fraction, ddim
@@ -154,7 +154,7 @@ def solve(mode: str, den, z0, cond, sched, steps=50, progress=True, **kw) -> Sol
 # ---- the cascade: base model at 64² → ×4 → ×4 ----------------------------------------------------
 
 # null-text fast / reference; u = c (NPI); plain DDIM + CFG
-STAGE1 = ("fast", "reference", "npi", "ddim")
+STAGE1 = (*NULL_TEXT_METHODS, "npi", "ddim")
 METHODS = MODES + ("ddim", "ddim-reference")  # SR-stage inversions; the last two are the baselines
 
 
@@ -195,7 +195,7 @@ class Cascade:
 
     def _stage1(self, x64, prompts, stage1, steps, guidance, progress):
         b = self.base
-        null_text = stage1 if stage1 in ("fast", "reference") else None
+        null_text = stage1 if stage1 in NULL_TEXT_METHODS else None
         traj = invert_image(b, x64, prompts, steps, "destination", null_text, guidance,
                             progress=progress)
         if stage1 != "ddim":  # npi: u = c, so CFG collapses to the conditional prediction
@@ -211,8 +211,9 @@ class Cascade:
                progress: bool = True, **solver) -> CascadeInversion:
         """Invert `image` (PIL, square) through the cascade up to `size`, then reconstruct every
         stage.
-        stage1: null-text inversion 'fast' or 'reference' at CFG `guidance` (IterInv's default 3),
-        'npi', or 'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or
+        stage1: null-text inversion at CFG `guidance` (IterInv's default 3): 'fast' (ours),
+        'reference' (P2P's settings) or 'iterinv' (IterInv's: engine.invert.null_text); 'npi'; or
+        'ddim' (plain DDIM inversion sampled back with CFG). method: IterInv 'paper' or
         'fast' for the SR stages, or the baselines 'ddim' (v-aware DDIM inversion, same ĉ) and
         'ddim-reference' (the reference code's: the v output read as ε, ĉ redrawn for the
         reconstruction)."""
