@@ -6,6 +6,9 @@ from dataclasses import dataclass
 BLENDS = ("after", "exact", "before")
 UPSCALERS = ("sr", "bicubic")
 STAGE_MODELS = ("sr", "base")
+# the schedule the stages' start fractions count on: the stage model's own, or SD's (MSBD's), carried
+# over to the stage model's by noise level
+START_ON = ("stage", "sd")
 RERANKS = ("whole", "masked")
 
 
@@ -33,6 +36,8 @@ class Options:
     stage_steps: int = 100
     start: float = 0.4
     tiled_start: float = 0.25
+    # ours: counted on the stage model's schedule (on the ×4 model's, 0.4 is less noise than MSBD's)
+    start_on: str = "stage"
     max_side: int = 256             # the memory budget: larger stages run in tiles of this side
     overlap: int = 64               # tile overlap; the alpha ramp is half of it
     # crop a square of margin × the mask's box around it; None: the whole image
@@ -66,6 +71,7 @@ class Options:
                 ("blend", self.blend in BLENDS, f"one of {BLENDS}"),
                 ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),
                 ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
+                ("start_on", self.start_on in START_ON, f"one of {START_ON}"),
                 ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")

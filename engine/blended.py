@@ -49,6 +49,20 @@ def check_scorer(scorer, o: Options):
                          "(--clip) or use 1 candidate (--candidates 1)")
 
 
+# SD 1.x's training schedule and MSBD's DDIM grid on it (100 stage steps: t = 1, 11, …, 991)
+SD_SCHEDULE = schedule.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+
+
+def stage_strength(sched: schedule.SchedulerConfig, o: Options, start: float) -> float:
+    """The fraction of a stage's schedule `sched` that runs: `start`, or with start_on='sd' the one
+    that starts at the noise level where `start` starts on SD's schedule (MSBD's 0.4: t = 391)."""
+    if o.start_on == "stage":
+        return start
+    t = int(schedule.timesteps(SD_SCHEDULE, o.stage_steps, start)[0])
+    return schedule.strength_at(sched, o.stage_steps, schedule.abar(SD_SCHEDULE, t))
+
+
 def repaint_walk(pairs: list[tuple[int, int]], repeats: int,
                  jump: int = 1) -> list[tuple[int, int]]:
     """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 with jump length j) as DDIM moves
@@ -288,6 +302,7 @@ class MultiStage:
         f = p.downscale
         z_src = p.encode(comp)
         m_z = binary_mask(m, (m.shape[-2] // f, m.shape[-1] // f)).to(z_src)
+        start = stage_strength(p.scheduler, o, start)
         t_start = int(schedule.timesteps(p.scheduler, o.stage_steps, start)[0])
         x = schedule.q_sample(p.scheduler, z_src, t_start,
                               randn_tensor(z_src.shape, gen, p.device, torch.float32).to(p.dtype))

@@ -172,6 +172,14 @@ def timesteps(cfg, num_steps, strength=1.0):
     return torch.from_numpy(ts[t_start:].copy())
 
 
+def strength_at(cfg, num_steps, a) -> float:
+    """The strength whose grid (`timesteps(cfg, num_steps, strength)`) starts at the noise level
+    nearest ᾱ = a: a start set on another schedule, carried over by its noise level."""
+    ab = alphas_cumprod(cfg)[timesteps(cfg, num_steps)]  # from the noisiest step down
+    kept = num_steps - int((ab - float(a)).abs().argmin())
+    return min(1.0, (kept + 0.5) / num_steps)  # int(num_steps · strength) == kept, whatever the rounding
+
+
 def prev_timestep(cfg, t, num_steps):
     """t_prev = t - T // num_steps (diffusers DDIM; may be < 0, meaning final alpha)."""
     return int(t) - cfg.num_train_timesteps // num_steps

@@ -166,10 +166,30 @@ def test_crop_box_and_stage_sides():
                                        (dict(max_side=100), "max_side"), (dict(overlap=256), "overlap"),
                                        (dict(start=0), "start"), (dict(margin=0.5), "margin"),
                                        (dict(stage_steps=3), "stage_steps"),
-                                       (dict(backproject=-1), "backproject")])
+                                       (dict(backproject=-1), "backproject"), (dict(start_on="ddpm"), "start_on")])
 def test_options_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         B.Options(**bad)
+
+
+def test_stage_starts_carried_over_from_sd_by_noise_level():
+    """MSBD's 0.4 and 0.25 start SD's 100-step grid at t = 391 and 241; carried over to another
+    schedule, the stage starts at the grid step whose noise level is nearest."""
+    sd = B.SD_SCHEDULE
+    for start, t in ((0.4, 391), (0.25, 241)):
+        assert int(S.timesteps(sd, 100, start)[0]) == t
+        assert B.stage_strength(sd, B.Options(start_on="sd"), start) == pytest.approx(start, abs=0.01)
+        assert B.stage_strength(sd, B.Options(), start) == start
+    x4 = S.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, steps_offset=1)
+    want = S.abar(sd, 391).item()
+    ab = S.alphas_cumprod(x4)[S.timesteps(x4, 100)]
+    s = B.stage_strength(x4, B.Options(start_on="sd"), 0.4)
+    got = S.abar(x4, int(S.timesteps(x4, 100, s)[0])).item()
+    assert abs(got - want) == (ab - want).abs().min().item()
+    assert got < S.abar(x4, int(S.timesteps(x4, 100, 0.4)[0])).item()  # more noise than 0.4 on its own grid
+    for n in (7, 22, 100, 500):  # every count of kept steps comes back, whatever the float rounding
+        ab = S.alphas_cumprod(x4)[S.timesteps(x4, n)]
+        assert [len(S.timesteps(x4, n, S.strength_at(x4, n, a))) for a in ab] == list(range(n, 0, -1))
 
 
 # ---- the embedded cascade -----------------------------------------------------------------------------------
@@ -226,7 +246,7 @@ def test_edit_with_an_empty_mask_returns_the_source(editor):
 def test_edit_variants_run_and_refuse_bad_input(editor):
     _, new, src, mask = _scene(256)
     for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2),
-                    dict(backproject=0, max_side=128, overlap=32)):
+                    dict(backproject=0, max_side=128, overlap=32, start_on="sd")):
         res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
         m = torch.from_numpy(mask)[None, None]
         assert torch.equal(res.image * (1 - m), src * (1 - m))
