@@ -154,7 +154,8 @@ def _iterinv(sub, edit: bool):
          "(ours: Anderson fixed point), or the baselines ddim (v-aware) and ddim-reference (the "
          "reference code's)", param="method", choices=["paper", "fast", "ddim", "ddim-reference"])
     flag(p, "--stage1", inv, "base-stage inversion: null-text fast / reference (P2P's settings) / "
-         "iterinv (IterInv's), NPI, or plain DDIM", choices=["fast", "reference", "iterinv", "npi", "ddim"])
+         "iterinv (IterInv's), NPI, or plain DDIM",
+         choices=["fast", "reference", "iterinv", "npi", "ddim"])
     flag(p, "--steps", inv, "DDIM steps of every stage")
     flag(p, "--guidance", inv, "CFG of the base stage's null-text inversion")
     flag(p, "--noise-level", inv, "noise level of the low-res conditioning")

@@ -162,8 +162,7 @@ def edit(a) -> list[Path]:
     report = {"image": str(a.image), **reports.edit_report(
         image, edited, prompts, source=a.source, steps=a.steps, guidance=a.guidance, lam=a.lam,
         inject_steps=a.inject_steps, every=a.every, convention=a.convention, pairing=a.pairing,
-        scorer=scorer,
-        scorer_name=a.clip or a.model, files=outs)}
+        scorer=scorer, scorer_name=a.clip or a.model, files=outs)}
     pils = images.to_pil(edited)
     sheet = reports.edit_sheet(image, pils, prompts, a.source, a.lam)
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")

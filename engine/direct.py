@@ -14,10 +14,10 @@ Which inverted ε a sampling step takes (`pairing`):
   convention the two pairings are the same;
 - "x_T": x̃_T itself on every step, as the paper describes it ("repeated injection of the original
   encoded noise x̃_T") and as the authors' code does without `stochastic_injection_exp_method`.
-λ = 0 is plain CFG sampling from the inverted noise in every case. The merge is done on ε; for v- or x0-predicting models the merged ε is turned back
-into the model's output. At a timestep where ᾱ_t = 0 (zero terminal SNR) every prediction's ε is x_t
-itself, so there the merge is done on x0 instead, with the x0 whose step lands on the inversion's
-latent.
+λ = 0 is plain CFG sampling from the inverted noise in every case. The merge is done on ε; for v- or
+x0-predicting models the merged ε is turned back into the model's output. At a timestep where
+ᾱ_t = 0 (zero terminal SNR) every prediction's ε is x_t itself, so there the merge is done on x0
+instead, with the x0 whose step lands on the inversion's latent.
 """
 from dataclasses import dataclass
 
@@ -27,6 +27,8 @@ from . import schedule
 from .denoiser import Cond, Denoiser
 from .invert import Trajectory
 from .sample import ddim
+
+PAIRINGS = ("mirror", "authors", "x_T")
 
 
 def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> list[int]:
@@ -39,9 +41,6 @@ def injected_steps(n: int, inject_steps: int | None = None, every: int = 1) -> l
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r}: need a whole number ≥ 1 (1 = every step)")
     return list(range(0, k, every))
-
-
-PAIRINGS = ("mirror", "authors", "x_T")
 
 
 def check_lambda(lam):

@@ -99,7 +99,8 @@ def prompt_args(p):
                    "(write <name>); repeat for several. A backslash keeps text as written: "
                    "\\<b> is the text <b>")
     flag(p, "--semi", "engine:load", "what <C(i)> puts in the concept's place: a zero input vector "
-         "up to bin i (the paper's code) or nothing below bin i (its DreamBooth pipeline)", choices=["zero", "remove"])
+         "up to bin i (the paper's code) or nothing below bin i (its DreamBooth pipeline)",
+         choices=["zero", "remove"])
     p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="FILE[:SCALE]",
                    help="a LoRA merged into the model's weights at SCALE (default 1): kohya / "
                    "AUTOMATIC1111 (with LoCon) or diffusers / PEFT .safetensors; repeat for "

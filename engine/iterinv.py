@@ -153,7 +153,7 @@ def solve(mode: str, den, z0, cond, sched, steps=50, progress=True, **kw) -> Sol
 
 # ---- the cascade: base model at 64² → ×4 → ×4 ----------------------------------------------------
 
-# null-text fast / reference; u = c (NPI); plain DDIM + CFG
+# null-text inversion (engine.invert.NULL_TEXT_METHODS); u = c (NPI); plain DDIM + CFG
 STAGE1 = (*NULL_TEXT_METHODS, "npi", "ddim")
 METHODS = MODES + ("ddim", "ddim-reference")  # SR-stage inversions; the last two are the baselines
 

@@ -297,9 +297,9 @@ class Pipeline:
         sample each edit prompt with CFG from the inverted noise, merging λ of the inverted noise on
         the injected steps. Defaults are the authors' recommended run: 100/100 steps, CFG 3, λ 0.5,
         injection on every step. `pairing` picks the inverted ε each step merges (engine.direct):
-        "mirror" (λ = 1 gives the input back), "authors" (as their code) or "x_T" (x̃_T
-        itself, as the paper). Returns (edited images,
-        trajectory); one image and several prompts give one edit per prompt."""
+        "mirror" (λ = 1 gives the input back), "authors" (as their code) or "x_T" (x̃_T itself, as
+        the paper). Returns (edited images, trajectory); one image and several prompts give one
+        edit per prompt."""
         sources = _texts(source, "source")
         prompts, negative = self._begin(prompt, negative, steps, guidance, 0.0, output,
                                         also=sources)

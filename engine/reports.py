@@ -58,7 +58,8 @@ def edit_report(image, edited: torch.Tensor, prompts: list[str], *, source="", s
                        clip_score_edit=round(after.item(), 2))
     return {"source": source, "steps": steps, "guidance": guidance, "lambda": lam,
             "inject_steps": inject_steps, "every": every, "convention": convention,
-            "pairing": pairing, "clip_scorer": scorer_name if scorer is not None else None, "edits": rows}
+            "pairing": pairing, "clip_scorer": scorer_name if scorer is not None else None,
+            "edits": rows}
 
 
 def edit_lines(report: dict) -> list[str]:
