@@ -32,6 +32,9 @@ class Options:
     backproject: int = 3
     # ours: the SR model denoises the stages (the base one knows only its own size)
     stage_model: str = "sr"
+    # CFG of the stages' blended diffusion; None: the stage model's (sr_guidance, or guidance for the
+    # base model). MSBD: 7.5
+    stage_guidance: float | None = None
     # the stages' schedule, of which the lowest `start` fraction runs
     stage_steps: int = 100
     start: float = 0.4
@@ -61,6 +64,8 @@ class Options:
                  "a whole number < max_side"),
                 ("guidance", _num(self.guidance, 0), "a number ≥ 0"),
                 ("sr_guidance", _num(self.sr_guidance, 0), "a number ≥ 0"),
+                ("stage_guidance", self.stage_guidance is None or _num(self.stage_guidance, 0),
+                 "None or a number ≥ 0"),
                 ("eta", _num(self.eta, 0), "a number ≥ 0"),
                 ("start", _num(self.start, 0) and 0 < self.start <= 1, "a number in (0, 1]"),
                 ("tiled_start", _num(self.tiled_start, 0) and 0 < self.tiled_start <= 1,
@@ -75,6 +80,14 @@ class Options:
                 ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")
+
+
+    @property
+    def stage_cfg(self) -> float:
+        """The CFG scale of the stages' blended diffusion."""
+        if self.stage_guidance is not None:
+            return self.stage_guidance
+        return self.sr_guidance if self.stage_model == "sr" else self.guidance
 
 
 def _whole(v, least):

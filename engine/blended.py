@@ -12,7 +12,7 @@ outside the mask, pixel for pixel.
 """
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -200,10 +200,11 @@ class MultiStage:
         parts = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
         copies = b.reordered_bytes()
         if "sr" in (o.stage_model, o.upscaler):
-            parts += self.sr.peak_memory(t, t, 1 + (o.sr_guidance > 1))
+            guided = (o.upscaler == "sr" and o.sr_guidance > 1) or (o.stage_model == "sr" and o.stage_cfg > 1)
+            parts += self.sr.peak_memory(t, t, 1 + guided)
             copies += self.sr.reordered_bytes()
         if o.stage_model == "base":
-            parts += b.peak_memory(t, t, 1 + (o.guidance > 1))
+            parts += b.peak_memory(t, t, 1 + (o.stage_cfg > 1))
         return copies + max(parts) + 12 * (7 * side * side + 3 * area)
 
     def _inputs(self, image: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,11 +218,13 @@ class MultiStage:
         return image, prepare_mask(mask, image.shape[-2:]).to(image)
 
     def _conds(self, prompt: str, o: Options) -> dict:
-        """The prompt encoded once for every stage: by the base model (CFG at o.guidance) and the ×4
-        model."""
+        """The prompt encoded once for every stage: by the base model (CFG at o.guidance), the ×4
+        model's upscale (at o.sr_guidance) and the stages' diffusion (at o.stage_cfg)."""
         conds = {"base": self.base.prompt_cond([prompt], None, o.guidance > 1)}
         if self.sr is not None and (o.upscaler == "sr" or o.stage_model == "sr"):
             conds["sr"] = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1)
+        stage = self.sr if o.stage_model == "sr" else self.base
+        conds["stage"] = stage.prompt_cond([prompt], None, o.stage_cfg > 1)
         return conds
 
     def _stage1(self, crop, mc, prompt, conds, o: Options, res: Result, progress, desc, side=None):
@@ -294,9 +297,10 @@ class MultiStage:
             up = bicubic
         comp = m * up + (1 - m) * ref
         if o.stage_model == "sr":
-            p, den, cond = sr, sr_den, conds["sr"]
+            p, den = sr, replace(sr_den, guidance=o.stage_cfg)  # the same ĉ
         else:
-            p, den, cond = self.base, self.base.denoiser(o.guidance), conds["base"]
+            p, den = self.base, self.base.denoiser(o.stage_cfg)
+        cond = conds["stage"]
         if p is self.base:
             den = p.inpainting_denoiser(den, comp, m)
         f = p.downscale

@@ -183,6 +183,8 @@ BLEND_FLAGS = (  # (flag, help, flag()'s keywords): every one an Options field
     ("--backproject", "back-projection iterations on each stage's output, so that its 4×4 means "
      "are the stage it upscaled; 0 gives MSBD's stages", {}),
     ("--stage-model", "the model of the stages' blended diffusion", {"choices": STAGE_MODELS}),
+    ("--stage-guidance", "CFG of the stages' blended diffusion, e.g. 7.5 as MSBD",
+     {"none": "the stage model's: none for the ×4 model, --guidance for the base", "type": float}),
     ("--stage-steps", "the stages' DDIM schedule, of which the lowest --start runs", {}),
     ("--start", "start of whole stages", {}),
     ("--tiled-start", "start of tiled stages", {}),
