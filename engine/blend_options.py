@@ -10,6 +10,9 @@ STAGE_MODELS = ("sr", "base")
 # over to the stage model's by noise level
 START_ON = ("stage", "sd")
 RERANKS = ("whole", "masked")
+# the original the stages blend in outside the mask: low-passed to the previous stage's detail
+# (MSBD's 'matching'), to half the stage's side, or as it is
+LOWPASS = ("matching", "half", "no")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Options:
     tiled_start: float = 0.25
     # ours: counted on the stage model's schedule (on the ×4 model's, 0.4 is less noise than MSBD's)
     start_on: str = "stage"
+    lowpass: str = "matching"
     max_side: int = 256             # the memory budget: larger stages run in tiles of this side
     overlap: int = 64               # tile overlap; the alpha ramp is half of it
     # crop a square of margin × the mask's box around it; None: the whole image
@@ -77,6 +81,7 @@ class Options:
                 ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),
                 ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
                 ("start_on", self.start_on in START_ON, f"one of {START_ON}"),
+                ("lowpass", self.lowpass in LOWPASS, f"one of {LOWPASS}"),
                 ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")

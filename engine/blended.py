@@ -251,12 +251,12 @@ class MultiStage:
         return cands[res.chosen:res.chosen + 1]
 
     def _upscale(self, prev, crop, mc, side, conds, o: Options, progress, desc):
-        """One stage: SR (or bicubic) of the previous stage, composited with the low-passed original
-        outside the mask, then blended diffusion from `start`; in tiles above `max_side`. Returns
+        """One stage: SR (or bicubic) of the previous stage, composited with the original outside the
+        mask (low-passed: o.lowpass), then blended diffusion from `start`; in tiles above `max_side`. Returns
         (stitched, tiles, skipped)."""
-        # the original, low-passed to prev's detail
-        ref = resize(resize(crop, prev.shape[-1]), side)
         orig = resize(crop, side)
+        detail = {"matching": prev.shape[-1], "half": side // 2, "no": side}[o.lowpass]
+        ref = resize(resize(crop, detail), side)
         m = binary_mask(mc, side)
         lr = resize(prev, side // 4)                                  # what the ×4 model upscales
         canvas = resize(prev, side, "bicubic")

@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from .blend_options import BLENDS, RERANKS, STAGE_MODELS, START_ON, UPSCALERS
+from .blend_options import BLENDS, LOWPASS, RERANKS, STAGE_MODELS, START_ON, UPSCALERS
 from .embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
 from .flags import cascade_args, flag, model_args, prompt_args, sampling_args
 from .templates import TEMPLATES
@@ -190,6 +190,8 @@ BLEND_FLAGS = (  # (flag, help, flag()'s keywords): every one an Options field
     ("--tiled-start", "start of tiled stages", {}),
     ("--start-on", "the schedule --start and --tiled-start count on: the stage model's own, or SD's "
      "(MSBD's), carried over by noise level", {"choices": START_ON}),
+    ("--lowpass", "the original the stages blend in outside the mask: low-passed to the previous "
+     "stage's detail (MSBD's), to half the stage's side, or as it is", {"choices": LOWPASS}),
     ("--max-side", "the memory budget: stages larger than this side run in tiles of it", {}),
     ("--overlap", "tile overlap in pixels", {}),
     ("--margin", "edit a square crop of MARGIN × the mask's bounding box around it, e.g. 1.2 for "

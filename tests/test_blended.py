@@ -167,7 +167,7 @@ def test_crop_box_and_stage_sides():
                                        (dict(start=0), "start"), (dict(margin=0.5), "margin"),
                                        (dict(stage_steps=3), "stage_steps"),
                                        (dict(backproject=-1), "backproject"), (dict(start_on="ddpm"), "start_on"),
-                                       (dict(stage_guidance=-1), "stage_guidance")])
+                                       (dict(stage_guidance=-1), "stage_guidance"), (dict(lowpass="box"), "lowpass")])
 def test_options_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         B.Options(**bad)
@@ -246,7 +246,8 @@ def test_edit_with_an_empty_mask_returns_the_source(editor):
 
 def test_edit_variants_run_and_refuse_bad_input(editor):
     _, new, src, mask = _scene(256)
-    for variant in (dict(upscaler="bicubic", stage_model="base"), dict(margin=1.2, candidates=1, dilate=2),
+    for variant in (dict(upscaler="bicubic", stage_model="base", lowpass="half"),
+                    dict(margin=1.2, candidates=1, dilate=2, lowpass="no"),
                     dict(backproject=0, max_side=128, overlap=32, start_on="sd", stage_guidance=7.5)):
         res = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant}), progress=False)
         m = torch.from_numpy(mask)[None, None]
@@ -254,6 +255,9 @@ def test_edit_variants_run_and_refuse_bad_input(editor):
     unguided = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant, "stage_guidance": None}),
                            progress=False, first=res.stages[0])
     assert not torch.equal(unguided.image, res.image)  # the stages ran with CFG 7.5
+    sharp = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant, "lowpass": "no"}), progress=False,
+                        first=res.stages[0])
+    assert not torch.equal(sharp.image, res.image)  # the stages blended in the original as it is
     assert (B.Options().stage_cfg, B.Options(stage_model="base").stage_cfg, B.Options(stage_guidance=3).stage_cfg) == (
         1.0, 7.5, 3)
     first = res.stages[0]
