@@ -52,6 +52,8 @@ ATTENTION = [  # (batch, heads, query length, key length, head dim, causal): wha
 
 @pytest.mark.parametrize("b,h,nq,nk,d,causal", ATTENTION)
 def test_attention_forward_backward(b, h, nq, nk, d, causal):
+    if DEVICE == "cuda" and d > kernels.flash.MAX_CUDA_HEAD_DIM:
+        pytest.skip("on CUDA, heads this wide go to torch: the kernel's tiles exceed shared memory")
     q, k, v = (randn(b, h, n, d, seed=i).requires_grad_() for i, n in enumerate((nq, nk, nk)))
     out, _ = kernels.flash.attention_op(q, k, v, d ** -0.5, causal)
     grad = randn(*out.shape, seed=9)
@@ -141,7 +143,8 @@ def test_conv(b, c, o, h, w, k, s, p, res, silu, cl):
     x = randn(b, c, h, w).contiguous(memory_format=fmt)
     wt = (randn(o, c, k, k, seed=1) / (c * k * k) ** 0.5).contiguous(memory_format=fmt)
     bias = randn(o, seed=2)
-    ref = F.conv2d(x, wt, bias, s, p)
+    # in float64: on CUDA an fp32 F.conv2d runs cuDNN in TF32 by default, about 1e-3 off
+    ref = F.conv2d(x.double(), wt.double(), bias.double(), s, p).float()
     r = randn(*ref.shape, seed=3) if res else None
     act = "silu" if silu else None
     ours = kernels.conv.triton_conv2d(x, wt, bias, s, p, r, act)
@@ -204,6 +207,7 @@ def test_dispatch_traces_under_torch_compile(monkeypatch):
 def test_tiny_unet_through_the_kernels(monkeypatch):
     """The embedded UNet, forward and input gradient, with every op through the Triton kernels vs torch."""
     unet = load_component(DEFAULT_MODEL / "unet", "unet", device=DEVICE).eval()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # torch's fp32 convolutions in fp32
     x = randn(1, unet.config.in_channels, 8, 8).requires_grad_()
     t, ctx = torch.tensor([700], device=DEVICE), randn(1, 77, 128, seed=1)
     results = {}

@@ -15,6 +15,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # the forward; the VAE's single head is 512 wide
+# on CUDA: the 512-wide forward's tiles need more shared memory than an H200 has (475 KB in fp32,
+# 311 KB in fp16, against 227 KB: bench/results/gpu_kernels_h200.json), so wider heads go to torch
+MAX_CUDA_HEAD_DIM = 256
 # the backward (UNet and CLIP heads); wider heads differentiate through torch's math
 MAX_BWD_HEAD_DIM = 256
 
@@ -175,9 +178,10 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh,
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    widest = MAX_CUDA_HEAD_DIM if q.is_cuda else MAX_HEAD_DIM
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and q.dtype == k.dtype == v.dtype
-            and q.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_HEAD_DIM
+            and q.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] <= widest
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
