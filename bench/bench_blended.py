@@ -42,7 +42,7 @@ from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "blended.json"
-ROWS = ("multistage", "multistage-backproject", "multistage-bicubic", "stage1-bicubic", "direct")
+ROWS = ("multistage", "multistage-backproject", "multistage-bicubic", "stage1-sr", "stage1-bicubic", "direct")
 
 
 def save(key, value):
@@ -76,6 +76,7 @@ def table(size, seed, n, with_bicubic=True):
     opts = blended.Options(backproject=0)
     bicubic = blended.Options(upscaler="bicubic", start=0.25, backproject=0)  # chosen on 8 other scenes (seed 108)
     direct = blended.Options(candidates=1, repaint=0)
+    sr_only = blended.Options(start=0, tiled_start=0, backproject=0)  # MSBD's Fig. 5 ablation
     backproject = blended.Options(backproject=3)
     per, sheet = [], []
     for i, (sc, new, colour) in enumerate(cases(seed, n)):
@@ -93,6 +94,7 @@ def table(size, seed, n, with_bicubic=True):
             t0 = time.perf_counter()
             rb = ms.edit(src, m, prompt, replace(bicubic, seed=i), progress=False, first=r.stages[0])
             t_b = time.perf_counter() - t0
+        rs = ms.edit(src, m, prompt, replace(sr_only, seed=i), progress=False, first=r.stages[0])
         up = regions.resize(r.stages[0], size, "bicubic")
         s1 = m * up + (1 - m) * src
         t0 = time.perf_counter()
@@ -107,6 +109,7 @@ def table(size, seed, n, with_bicubic=True):
                               "stages": r.log},
                "multistage-backproject": {**scores(rp.image, src, truth, m, scorer, new, colour),
                                           "seconds_after_stage1": round(t_p, 2)},
+               "stage1-sr": scores(rs.image, src, truth, m, scorer, new, colour),
                "stage1-bicubic": scores(s1, src, truth, m, scorer, new, colour),
                "direct": {**scores(dr, src, truth, m, scorer, new, colour), "seconds": round(t_d, 2)}}
         if with_bicubic:
@@ -125,7 +128,9 @@ def table(size, seed, n, with_bicubic=True):
         save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts),
                               "backproject_options": {"backproject": backproject.backproject},
                               "bicubic_options": {"upscaler": "bicubic", "start": 0.25, "backproject": 0},
-                              "direct_options": {"candidates": 1, "repaint": 0}, "summary": summary, "per_scene": per})
+                              "direct_options": {"candidates": 1, "repaint": 0},
+                              "sr_only_options": {"start": 0, "tiled_start": 0, "backproject": 0},
+                              "summary": summary, "per_scene": per})
     images.contact_sheet(sheet, cell=192, columns=6 + with_bicubic).save(RESULTS / f"blended_{size}.png")
     write_markdown()
     return summary

@@ -290,7 +290,9 @@ def blended(j):
         rows.append([size, "source / truth", *[""] * 4,
                      f"{pct(s['source_success'])} / {pct(s['truth_success'])}", "", ""])
         for a, b in (("multistage-backproject", "stage1-bicubic"), ("multistage", "stage1-bicubic"),
-                     ("multistage-backproject", "multistage")):
+                     ("multistage-backproject", "multistage"), ("multistage", "stage1-sr")):
+            if a not in per[0] or b not in per[0]:  # a row this run did not have
+                continue
             pairs.append([size, f"{a} − {b}", paired([p[a]["psnr"] for p in per],
                                                      [p[b]["psnr"] for p in per]),
                           f(st.mean(p[a]["ssim"] - p[b]["ssim"] for p in per), 4, "+")])

@@ -38,7 +38,8 @@ class Options:
     # CFG of the stages' blended diffusion; None: the stage model's (sr_guidance, or guidance for the
     # base model). MSBD: 7.5
     stage_guidance: float | None = None
-    # the stages' schedule, of which the lowest `start` fraction runs
+    # the stages' schedule, of which the lowest `start` fraction runs (0: none, the upscale as it is,
+    # as MSBD's "SR only" ablation)
     stage_steps: int = 100
     start: float = 0.4
     tiled_start: float = 0.25
@@ -71,11 +72,12 @@ class Options:
                 ("stage_guidance", self.stage_guidance is None or _num(self.stage_guidance, 0),
                  "None or a number ≥ 0"),
                 ("eta", _num(self.eta, 0), "a number ≥ 0"),
-                ("start", _num(self.start, 0) and 0 < self.start <= 1, "a number in (0, 1]"),
-                ("tiled_start", _num(self.tiled_start, 0) and 0 < self.tiled_start <= 1,
-                 "a number in (0, 1]"),
+                ("start", _num(self.start, 0) and self.start <= 1, "a number in [0, 1]"),
+                ("tiled_start", _num(self.tiled_start, 0) and self.tiled_start <= 1,
+                 "a number in [0, 1]"),
                 ("margin", self.margin is None or _num(self.margin, 1), "None or a number ≥ 1"),
-                ("stage_steps", int(self.stage_steps * min(self.start, self.tiled_start)) >= 1,
+                ("stage_steps", all(s == 0 or int(self.stage_steps * s) >= 1
+                                    for s in (self.start, self.tiled_start)),
                  "stage_steps × start ≥ 1 (at least one step from the intermediate start)"),
                 ("blend", self.blend in BLENDS, f"one of {BLENDS}"),
                 ("upscaler", self.upscaler in UPSCALERS, f"one of {UPSCALERS}"),

@@ -296,6 +296,8 @@ class MultiStage:
         else:
             up = bicubic
         comp = m * up + (1 - m) * ref
+        if start == 0:  # no diffusion: the upscale, with the original outside the mask
+            return images.back_project(comp.float(), lr.float(), o.backproject)
         if o.stage_model == "sr":
             p, den = sr, replace(sr_den, guidance=o.stage_cfg)  # the same ĉ
         else:

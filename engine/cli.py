@@ -186,8 +186,8 @@ BLEND_FLAGS = (  # (flag, help, flag()'s keywords): every one an Options field
     ("--stage-guidance", "CFG of the stages' blended diffusion, e.g. 7.5 as MSBD",
      {"none": "the stage model's: none for the ×4 model, --guidance for the base", "type": float}),
     ("--stage-steps", "the stages' DDIM schedule, of which the lowest --start runs", {}),
-    ("--start", "start of whole stages", {}),
-    ("--tiled-start", "start of tiled stages", {}),
+    ("--start", "start of whole stages (0: no diffusion, the upscale as it is)", {}),
+    ("--tiled-start", "start of tiled stages (0: as --start 0)", {}),
     ("--start-on", "the schedule --start and --tiled-start count on: the stage model's own, or SD's "
      "(MSBD's), carried over by noise level", {"choices": START_ON}),
     ("--lowpass", "the original the stages blend in outside the mask: low-passed to the previous "

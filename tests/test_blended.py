@@ -164,7 +164,7 @@ def test_crop_box_and_stage_sides():
 
 @pytest.mark.parametrize("bad,match", [(dict(candidates=0), "candidates"), (dict(blend="during"), "blend"),
                                        (dict(max_side=100), "max_side"), (dict(overlap=256), "overlap"),
-                                       (dict(start=0), "start"), (dict(margin=0.5), "margin"),
+                                       (dict(start=-0.1), "start"), (dict(margin=0.5), "margin"),
                                        (dict(stage_steps=3), "stage_steps"),
                                        (dict(backproject=-1), "backproject"), (dict(start_on="ddpm"), "start_on"),
                                        (dict(stage_guidance=-1), "stage_guidance"), (dict(lowpass="box"), "lowpass")])
@@ -258,6 +258,11 @@ def test_edit_variants_run_and_refuse_bad_input(editor):
     sharp = editor.edit(src, mask, new.caption(), B.Options(**{**FAST, **variant, "lowpass": "no"}), progress=False,
                         first=res.stages[0])
     assert not torch.equal(sharp.image, res.image)  # the stages blended in the original as it is
+    # start 0: no diffusion in the stages (MSBD's "SR only"): the edit is stage 1 upscaled, as it is
+    only = editor.edit(src, mask, new.caption(), B.Options(**FAST, upscaler="bicubic", start=0, backproject=0),
+                       progress=False, first=res.stages[0])
+    m = torch.from_numpy(mask)[None, None]
+    assert torch.equal(only.image * m, R.resize(res.stages[0], 256, "bicubic") * m)
     assert (B.Options().stage_cfg, B.Options(stage_model="base").stage_cfg, B.Options(stage_guidance=3).stage_cfg) == (
         1.0, 7.5, 3)
     first = res.stages[0]
