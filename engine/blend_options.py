@@ -6,8 +6,8 @@ from dataclasses import dataclass
 BLENDS = ("after", "exact", "before")
 UPSCALERS = ("sr", "bicubic")
 STAGE_MODELS = ("sr", "base")
-# the schedule the stages' start fractions count on: the stage model's own, or SD's (MSBD's), carried
-# over to the stage model's by noise level
+# the schedule the stages' start fractions count on: the stage model's own, or SD's (MSBD's),
+# carried over to the stage model's by noise level
 START_ON = ("stage", "sd")
 RERANKS = ("whole", "masked")
 # the original the stages blend in outside the mask: low-passed to the previous stage's detail
@@ -35,11 +35,11 @@ class Options:
     backproject: int = 3
     # ours: the SR model denoises the stages (the base one knows only its own size)
     stage_model: str = "sr"
-    # CFG of the stages' blended diffusion; None: the stage model's (sr_guidance, or guidance for the
-    # base model). MSBD: 7.5
+    # CFG of the stages' blended diffusion; None: the stage model's (sr_guidance, or guidance for
+    # the base model). MSBD: 7.5
     stage_guidance: float | None = None
-    # the stages' schedule, of which the lowest `start` fraction runs (0: none, the upscale as it is,
-    # as MSBD's "SR only" ablation)
+    # the stages' schedule, of which the lowest `start` fraction runs (0: none, the upscale as it
+    # is, as MSBD's "SR only" ablation)
     stage_steps: int = 100
     start: float = 0.4
     tiled_start: float = 0.25

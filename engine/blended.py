@@ -200,7 +200,8 @@ class MultiStage:
         parts = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
         copies = b.reordered_bytes()
         if "sr" in (o.stage_model, o.upscaler):
-            guided = (o.upscaler == "sr" and o.sr_guidance > 1) or (o.stage_model == "sr" and o.stage_cfg > 1)
+            guided = ((o.upscaler == "sr" and o.sr_guidance > 1)
+                      or (o.stage_model == "sr" and o.stage_cfg > 1))
             parts += self.sr.peak_memory(t, t, 1 + guided)
             copies += self.sr.reordered_bytes()
         if o.stage_model == "base":
@@ -251,9 +252,9 @@ class MultiStage:
         return cands[res.chosen:res.chosen + 1]
 
     def _upscale(self, prev, crop, mc, side, conds, o: Options, progress, desc):
-        """One stage: SR (or bicubic) of the previous stage, composited with the original outside the
-        mask (low-passed: o.lowpass), then blended diffusion from `start`; in tiles above `max_side`. Returns
-        (stitched, tiles, skipped)."""
+        """One stage: SR (or bicubic) of the previous stage, composited with the original outside
+        the mask (low-passed: o.lowpass), then blended diffusion from `start`; in tiles above
+        `max_side`. Returns (stitched, tiles, skipped)."""
         orig = resize(crop, side)
         detail = {"matching": prev.shape[-1], "half": side // 2, "no": side}[o.lowpass]
         ref = resize(resize(crop, detail), side)

@@ -188,8 +188,8 @@ BLEND_FLAGS = (  # (flag, help, flag()'s keywords): every one an Options field
     ("--stage-steps", "the stages' DDIM schedule, of which the lowest --start runs", {}),
     ("--start", "start of whole stages (0: no diffusion, the upscale as it is)", {}),
     ("--tiled-start", "start of tiled stages (0: as --start 0)", {}),
-    ("--start-on", "the schedule --start and --tiled-start count on: the stage model's own, or SD's "
-     "(MSBD's), carried over by noise level", {"choices": START_ON}),
+    ("--start-on", "the schedule --start and --tiled-start count on: the stage model's own, or "
+     "SD's (MSBD's), carried over by noise level", {"choices": START_ON}),
     ("--lowpass", "the original the stages blend in outside the mask: low-passed to the previous "
      "stage's detail (MSBD's), to half the stage's side, or as it is", {"choices": LOWPASS}),
     ("--max-side", "the memory budget: stages larger than this side run in tiles of it", {}),

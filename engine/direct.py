@@ -52,12 +52,14 @@ def check_lambda(lam):
 def check_pairing(pairing):
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing={pairing!r}: use 'mirror' (λ = 1 gives the inversion back), "
-                         "'authors' (the inverted ε at the step's own timestep, as the authors' code) "
-                         "or 'x_T' (the inverted noise x̃_T itself on every step, as the paper)")
+                         "'authors' (the inverted ε at the step's own timestep, as the authors' "
+                         "code) or 'x_T' (the inverted noise x̃_T itself on every step, as the "
+                         "paper)")
 
 
 def needs_top_noise(traj: Trajectory, pairing: str) -> bool:
-    """Whether `pairing` on traj needs the inversion's ε at x̃_T, which its steps did not evaluate."""
+    """Whether `pairing` on traj needs the inversion's ε at x̃_T, which its steps did not
+    evaluate."""
     return pairing == "authors" and traj.convention == "source"
 
 
@@ -126,8 +128,8 @@ def edit(denoiser: Denoiser, traj: Trajectory, cond: Cond, sched: schedule.Sched
     check_lambda(lam)
     check_pairing(pairing)
     if needs_top_noise(traj, pairing) and top is None:
-        raise ValueError("pairing='authors' on a source-convention inversion needs top=top_noise(...), "
-                         "the ε at x̃_T")
+        raise ValueError("pairing='authors' on a source-convention inversion needs "
+                         "top=top_noise(...), the ε at x̃_T")
     pairs = traj.sampling_pairs
     steps = frozenset(pairs[i][0] for i in injected_steps(len(pairs), inject_steps, every))
     den = Injected(denoiser, traj, sched, float(lam), steps, pairing, top)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import images, kernels, lora, memory, multires, prompt as pr, schedule, sdxl, tiled_vae, tiles
+from . import (images, kernels, lora, memory, multires, prompt as pr, schedule, sdxl, tiled_vae,
+               tiles)
 from .denoiser import Cond, Denoiser, constant, guided_texts, mapped, zero_uncond
 from .checkpoints import Components, LoadError
 from .profile import stage

@@ -7,7 +7,8 @@ A prompt is text with pseudo-word references:
 |---|---|---|
 | `<C>` | native | S[r] (an imported pseudo-word: its vectors, always) |
 | `<C\\|i\\|>` or `C*\\|t\\|` | fixed | S[i] |
-| `<C(i)>` or `C*(t)` | semi | a zero input vector while r ≤ i, else S[r] (semi='zero'); no token while r < i, else S[r] (semi='remove') |
+| `<C(i)>` or `C*(t)` | semi | S[r] while r > i, else a zero input vector |
+| the same, semi='remove' | semi | S[r] while r ≥ i, else no token |
 | `<C[i]>` or `C*[t]` | fully | S[i] while r ≤ i, else S[r] |
 
 i is a bin 0..K−1; the paper's t ∈ [0, 1] is bin ⌊t·K⌋ (S*(0.8) is bin 8 of 10). r = ⌊t·K/T⌋ for a

@@ -177,7 +177,8 @@ def strength_at(cfg, num_steps, a) -> float:
     nearest ᾱ = a: a start set on another schedule, carried over by its noise level."""
     ab = alphas_cumprod(cfg)[timesteps(cfg, num_steps)]  # from the noisiest step down
     kept = num_steps - int((ab - float(a)).abs().argmin())
-    return min(1.0, (kept + 0.5) / num_steps)  # int(num_steps · strength) == kept, whatever the rounding
+    # int(num_steps · strength) == kept, whatever the rounding
+    return min(1.0, (kept + 0.5) / num_steps)
 
 
 def prev_timestep(cfg, t, num_steps):

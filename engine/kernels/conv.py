@@ -39,8 +39,8 @@ except ImportError:  # triton is Linux-only; the CPU paths below need none of it
 
 # (output pixels per image H' × W' at most, input channels at least) where im2col beat oneDNN on
 # 2 cores, at batch 2 (a CFG pair), in fp32 (in bf16 oneDNN's convolution with its weights
-# reordered once wins, engine.kernels.cpu). Per image, not per batch, so that an image is computed the same
-# way whatever else shares its batch.
+# reordered once wins, engine.kernels.cpu). Per image, not per batch, so that an image is computed
+# the same way whatever else shares its batch.
 IM2COL_WINS = ((16, 320), (64, 640), (256, 1280))
 # Output pixels per image at most where, in a compiled graph (engine.graphs), im2col beat oneDNN
 # at any channel count: the gather is one fused loop there, and oneDNN reorders the weights at

@@ -78,8 +78,8 @@ def conv2d_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and x.dtype == weight.dtype == torch.bfloat16 and weight.shape[1] == x.shape[1]
             and not weight.is_inference()  # whose changes leave no trace in _version
             and all(t is None or t.dtype == x.dtype for t in (bias, residual))
-            and not (torch.is_grad_enabled()
-                     and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))))
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias, residual))))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
