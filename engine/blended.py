@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from . import images, memory, schedule
+from . import images, ldm, memory, schedule
 from .blend_options import (BLENDS, RERANKS as RERANKS, STAGE_MODELS as STAGE_MODELS,
                             UPSCALERS as UPSCALERS, Options)
 from .denoiser import Cond, repeat_cond
@@ -50,8 +50,7 @@ def check_scorer(scorer, o: Options):
 
 
 # SD 1.x's training schedule and MSBD's DDIM grid on it (100 stage steps: t = 1, 11, …, 991)
-SD_SCHEDULE = schedule.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+SD_SCHEDULE = schedule.SchedulerConfig.from_dict(ldm.preset("sd1")["scheduler"])
 
 
 def stage_strength(sched: schedule.SchedulerConfig, o: Options, start: float) -> float:
