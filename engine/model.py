@@ -270,6 +270,10 @@ class Model:
                                  f"one fixed prompt; write <{ref.name}|i|>")
         return self._encoded(enc, resolved, negative, guided, self._chunks(like))
 
+    def prompt_tokens(self, text: str) -> list[int]:
+        """The first text encoder's ids for a one-chunk prompt of words, padded (prompt.Encoder)."""
+        return self._encoder().token_ids(self._strip_loras([text])[0])
+
     def prompt_chunks(self, text: str) -> int:
         """How many 75-token chunks a prompt encodes to (prompts of a batch are padded to the
         most)."""

@@ -5,10 +5,10 @@ papers' modules share."""
 import torch
 import torch.nn.functional as F
 
-from . import direct, images, invert as inv, ksample, regions, tiles
+from . import direct, images, invert as inv, ksample, p2p, regions, tiles
 from . import schedule as schedules  # `schedule` is the σ-grid argument here
 from .checkpoints import Components
-from .denoiser import constant
+from .denoiser import constant, guided_batch, per_step
 from .model import Model
 from .rng import generator as make_generator, generators, randn_tensor
 from .sample import check_args, check_fraction, ddim
@@ -320,3 +320,40 @@ class Pipeline:
         z = direct.edit(den, traj.expand(len(prompts)), cond, m.scheduler, lam, inject_steps, every,
                         progress, pairing, top)
         return self._out(z, output), traj
+
+    @torch.no_grad()
+    def prompt_to_prompt(self, image, prompt, source, steps=50, guidance=7.5, cross=0.8,
+                         self_attention=0.5, null_text="fast", output="pil", progress=True):
+        """Null-text inversion + Prompt-to-Prompt (engine.p2p), as P2P's null_text_w_ptp notebook:
+        invert the image under `source` with null-text embeddings for CFG at `guidance`, then
+        sample the source and each edit prompt side by side from the inverted noise, each edit
+        taking the source's cross-attention maps on the first `cross` of the steps and its
+        self-attention maps on the first `self_attention`. null_text=None inverts with plain DDIM
+        and guides with "". Returns (edited images, trajectory); one image and several prompts give
+        one edit per prompt."""
+        sources = _texts(source, "source")
+        prompts, _ = self._begin(prompt, None, steps, guidance, 0.0, output, also=sources)
+        inv.check_null_text(null_text, guidance)
+        p2p.replaced_steps(steps, cross, self_attention)
+        m = self.model
+        tokens = [m.prompt_tokens(t) for t in sources], [m.prompt_tokens(t) for t in prompts]
+        x = m.pixels(image)
+        pairs = len(prompts)
+        den = m.denoiser(guidance)
+        m.check_memory("prompt_to_prompt", *x.shape[2:], 2 * pairs * (1 + den.guided), pairs)
+        traj = self._invert(x, sources, steps, "destination", null_text, guidance,
+                            progress=progress).expand(pairs)
+        sources = sources * pairs if len(sources) == 1 else sources
+        grid = [t for t, _ in traj.sampling_pairs]
+        swap = p2p.swap(tokens[0] * pairs if len(tokens[0]) == 1 else tokens[0], tokens[1], grid,
+                        cross, self_attention)
+        if traj.uncond is not None:
+            texts = m.encode_prompt(sources + prompts)
+            cond = per_step({t: guided_batch(torch.cat([u, u]), texts)
+                             for t, u in zip(grid, traj.uncond)})
+        else:
+            cond = m.prompt_cond(sources + prompts, None, den.guided)
+        x_t = torch.cat([traj.latents[-1]] * 2)
+        z = ddim(p2p.Swapped(den, swap), x_t, cond, m.scheduler, traj.num_steps, traj.strength,
+                 progress=progress, desc="edit (Prompt-to-Prompt)")
+        return self._out(z[pairs:], output), traj

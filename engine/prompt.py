@@ -373,6 +373,22 @@ class Encoder:
         resolved = self.resolve(text)
         return max(len(self._chunks(resolved, 0, e)) for e in range(len(self.pairs)))
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids the first text encoder reads for a prompt of words in one chunk: bos, the
+        tokens, eos, padding (emphasis moves none of them)."""
+        tok, ids = self.pairs[0][0], []
+        for item in self.resolve(text):
+            if item is None or not isinstance(item[1], list):
+                what = "BREAK" if item is None else f"the pseudo-word {item[1][0]}"
+                raise PromptError(f"{text!r}: {what} has no place among the prompt's tokens here; "
+                                  "write the prompt in words")
+            ids += item[1][0]
+        room = tok.max_length - 2
+        if len(ids) > room:
+            raise PromptError(f"{text!r} is {len(ids)} tokens; here a prompt must fit one chunk of "
+                              f"{room}: shorten it")
+        return [tok.bos_id, *ids, tok.eos_id] + [tok.pad_id] * (room - len(ids))
+
     def _key(self, resolved, t: int) -> tuple:
         return tuple(selection(*seg[1], t, self.T, self.semi)
                      for seg in resolved if seg is not None and isinstance(seg[1], tuple))

@@ -13,6 +13,9 @@ from .. import kernels
 # When set, GroupNorm.forward(x, act) returns GROUP_NORM_HOOK(module, x, act): engine.tiled_vae uses
 # it to normalise every tile with statistics of the whole image.
 GROUP_NORM_HOOK: ContextVar = ContextVar("GROUP_NORM_HOOK", default=None)
+# When set, Attention.forward returns ATTENTION_HOOK(module, q, k, v, out, is_cross), given its own
+# result `out` (B, heads, N, D): engine.p2p uses it to edit attention maps.
+ATTENTION_HOOK: ContextVar = ContextVar("ATTENTION_HOOK", default=None)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -123,13 +126,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(0.0)])
 
     def forward(self, x, context=None, residual=None):
-        context = x if context is None else context
+        is_cross, context = context is not None, x if context is None else context
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in
                    (self.to_q(x), self.to_k(context), self.to_v(context)))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = kernels.attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             out = kernels.attention(q, k, v)
+        hook = None if torch.compiler.is_compiling() else ATTENTION_HOOK.get()
+        if hook is not None:
+            out = hook(self, q, k, v, out, is_cross)
         return self.to_out[0](out.transpose(1, 2).flatten(2), residual)
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .. import graphs
-from .blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
-                     Transformer2DModel, Upsample2D, by_row, timestep_embedding)
+from .blocks import (ATTENTION_HOOK, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
+                     TimestepEmbedding, Transformer2DModel, Upsample2D, by_row, timestep_embedding)
 
 # config.json fields that must hold exactly this value (diffusers' default) for this engine to be
 # correct
@@ -170,6 +170,8 @@ class UNet2DConditionModel(nn.Module):
         takes the pooled text embedding (B, P) and the micro-conditioning time_ids (B, n). copies: the
         batch is that many blocks of the same images (CFG's 2), see engine.graphs.run."""
         emb = self.embedding(x, t, class_labels, text_embeds, time_ids)
+        if ATTENTION_HOOK.get() is not None:  # a compiled graph would not call it
+            return self.body(x, emb, context)
         return graphs.run(self, "body", x, emb, context, copies=copies)
 
     def body(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
