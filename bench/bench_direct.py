@@ -13,6 +13,13 @@ tradeoff  paper Fig. 7: editability vs fidelity as λ sweeps 0 → 1 (100/100 st
           truth of the edit (the whole image).
 nti       null-text inversion (50 steps, CFG 7.5), reference vs fast: reconstruction PSNR and wall time of the
           optimisation, one image at a time (as the reference runs), alternating which goes first.
+rivals    the tradeoff's scenes and edits through the paper's rivals and its variants, each at its authors'
+          settings, one image at a time through the Pipeline (pixels in, pixels out), with the time per edit:
+          Direct Inversion (100/100 steps, CFG 3, source "") at λ 0, 0.5, 1 and the x̃_T-only pairing;
+          SDEdit (img2img, 50 steps, CFG 7.5) at strengths 0.5 and 0.75; Prompt-to-Prompt word swap (50 steps,
+          CFG 7.5, cross 0.8, self 0.5) after null-text inversion (our fast method) and after plain DDIM
+          inversion. Besides the tradeoff's metrics, the edit read from the pixels (engine.judge): object 0
+          drawn in the target colour, and every attribute of the edited scene drawn.
 """
 import argparse
 import json
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine import direct, images, metrics, world
+from engine import direct, images, judge, metrics, world
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert, null_text
 from engine.embedded import DEFAULT_MODEL
@@ -173,6 +180,58 @@ def part_nti(pipe, n):
     return out
 
 
+RIVALS = {
+    "direct λ 0": lambda p, x, s, t: p.edit(x, t, "", lam=0.0, **DI)[0],
+    "direct λ 0.5": lambda p, x, s, t: p.edit(x, t, "", lam=0.5, **DI)[0],
+    "direct λ 1": lambda p, x, s, t: p.edit(x, t, "", lam=1.0, **DI)[0],
+    "direct x̃_T λ 0.5": lambda p, x, s, t: p.edit(x, t, "", lam=0.5, pairing="x_T", **DI)[0],
+    "SDEdit 0.5": lambda p, x, s, t: p.img2img(x, t, strength=0.5, **QUIET),
+    "SDEdit 0.75": lambda p, x, s, t: p.img2img(x, t, strength=0.75, **QUIET),
+    "null-text + P2P": lambda p, x, s, t: p.prompt_to_prompt(x, t, s, **QUIET)[0],
+    "DDIM inversion + P2P": lambda p, x, s, t: p.prompt_to_prompt(x, t, s, null_text=None, **QUIET)[0],
+}
+QUIET = dict(output="pt", progress=False)
+DI = dict(steps=100, guidance=3.0, **QUIET)
+
+
+def judged(x, scenes):
+    """From the pixels (engine.judge): object 0 drawn in its colour, and every attribute of the scene drawn."""
+    checked = [judge.check(judge.read(im), s) for im, s in zip((x.permute(0, 2, 3, 1).numpy() + 1) / 2, scenes)]
+    return dict(judge_colour=float(np.mean([c["colour"][0] for c in checked])),
+                judge_scene=float(np.mean([all(v for vs in judge.named(c).values() for v in vs) for c in checked])))
+
+
+def part_rivals(pipe, n):
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    ss, x = data(n)
+    tgt = edits(ss)
+    truth = torch.from_numpy(world.render_batch(tgt, 64))
+    obj = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None]
+    outside = 1 - F.max_pool2d(obj, 5, 1, 2).gt(0.01).float()
+    cands = [[t.replace(0, colour=col).caption() for col in world.COLOURS] for t in tgt]
+    want = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in tgt])
+    rows = []
+    for name, run in RIVALS.items():
+        out, secs = [], []
+        for k in range(n):
+            t0 = time.perf_counter()
+            out.append(run(pipe, x[k:k + 1], ss[k].caption(), tgt[k].caption()).float())
+            secs.append(time.perf_counter() - t0)
+        out = torch.cat(out)
+        row = dict(method=name, edit_success=(scorer.classify(out, cands) == want).float().mean().item(),
+                   **judged(out, tgt),
+                   psnr_outside=metrics.psnr(out, x, outside).mean().item(),
+                   ssim_outside=metrics.ssim(out, x, outside).mean().item(),
+                   psnr_to_truth=metrics.psnr(out, truth).mean().item(),
+                   seconds_per_edit=statistics.median(secs))
+        rows.append(row)
+        print(f"rivals {row}", flush=True)
+    out = dict(scenes=n, seed=104, source_edit="object 0 recoloured; prompts: the source and edited captions",
+               judge_on_truth=judged(truth, tgt), rows=rows)
+    save("rivals", out)
+    return out
+
+
 def plots():
     import matplotlib
     matplotlib.use("Agg")
@@ -227,7 +286,8 @@ def plots():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", choices=["recon", "tradeoff", "nti"], default=["recon", "tradeoff", "nti"])
+    ap.add_argument("--only", nargs="+", choices=["recon", "tradeoff", "nti", "rivals"],
+                    default=["recon", "tradeoff", "nti", "rivals"])
     ap.add_argument("--scenes", type=int, default=50)
     ap.add_argument("--nti-scenes", type=int, default=20)
     ap.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="CFG scales of the λ sweep")
@@ -243,6 +303,8 @@ def main():
             part_recon(pipe, args.scenes)
         elif part == "tradeoff":
             part_tradeoff(pipe, args.scenes, tuple(args.guidance), args.source)
+        elif part == "rivals":
+            part_rivals(pipe, args.scenes)
         else:
             part_nti(pipe, args.nti_scenes)
         plots()
