@@ -117,6 +117,40 @@ def _edit(sub):
                    "complete")
 
 
+def _p2p(sub):
+    e = sub.add_parser("p2p", help="image + text → edited image (null-text inversion + "
+                       "Prompt-to-Prompt)", description="Prompt-to-Prompt on a real image, as "
+                       "P2P's null-text notebook: invert the image under --source with null-text "
+                       "embeddings, then sample the source and the edit prompt side by side, the "
+                       "edit taking the source's attention maps on the early steps, so that the "
+                       "layout stays and the changed words change. Write the edit as --source "
+                       "with a few words changed, added or removed. Writes the edit, a "
+                       "before/after sheet (OUT_sheet.png) and metrics (OUT.json).")
+    model_args(e, DEFAULT_MODEL)
+    prompt_args(e)
+    e.add_argument("--image", required=True, help=f"input image; {MULTIPLE}")
+    prompt = e.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the edit prompt: --source with words swapped, added or "
+                        "removed")
+    prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit "
+                        "each, written as OUT_0, OUT_1, …")
+    pp = "engine.pipeline:Pipeline.prompt_to_prompt"
+    e.add_argument("--source", required=True, help="the words that describe the input image")
+    flag(e, "--steps", pp, "inversion and sampling steps")
+    flag(e, "--guidance", pp, "classifier-free guidance scale")
+    flag(e, "--cross", pp, "fraction of the steps whose cross-attention maps the edit takes from "
+         "the source")
+    flag(e, "--self-attention", pp, "fraction of the steps whose self-attention maps (at levels of "
+         "≤ 32² pixels) the edit takes from the source")
+    flag(e, "--null-text", pp, "null-text embeddings for the inversion: our fast method, the "
+         "reference one (P2P's), IterInv's settings, or none (plain DDIM inversion, guided by \"\")",
+         choices=["fast", "reference", "iterinv", "none"])
+    e.add_argument("--clip", help="CLIP checkpoint for the CLIP scores in OUT.json (default: the "
+                   "model's own tiny CLIP when it has one)")
+    e.add_argument("--out", required=True, help="output image (.png/.jpg); written only when "
+                   "complete")
+
+
 def _iterinv(sub, edit: bool):
     p = sub.add_parser(
         "iterinv-edit" if edit else "iterinv",
@@ -323,6 +357,7 @@ def parser(cls=Parser) -> argparse.ArgumentParser:
     _sampling(sub)
     _invert(sub)
     _edit(sub)
+    _p2p(sub)
     _iterinv(sub, edit=False)
     _iterinv(sub, edit=True)
     _blend(sub)

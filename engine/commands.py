@@ -12,6 +12,7 @@ from . import (checkpoints, demo as demos, diffedit, direct, images, invert as i
                lora, multires, prompt, regions, reports, rng, tiles)
 from .blended import MultiStage, Options, check_scorer
 from .iterinv import Cascade, CascadeInversion, pyramid
+from .p2p import replaced_steps
 from .profile import profiled
 from .sample import check_args, check_fraction
 
@@ -146,9 +147,7 @@ def edit(a) -> list[Path]:
     image = images.load(a.image)
     t0 = time.perf_counter()
     prompts = _prompts(a)
-    out, _ = images.check_out(a.out)
-    outs = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
-                                            for i in range(len(prompts))]
+    out, outs = _outs(a.out, len(prompts))
     check_args(a.steps, a.guidance)
     direct.check_lambda(a.lam)
     direct.check_pairing(a.pairing)
@@ -159,12 +158,47 @@ def edit(a) -> list[Path]:
         edited, _ = _load(a).edit(image, prompts, a.source, a.steps, a.guidance, a.lam,
                                   a.inject_steps, a.every, a.negative, a.convention, output="pt",
                                   progress=not a.quiet, pairing=a.pairing)
+    settings = {"source": a.source, "steps": a.steps, "guidance": a.guidance, "lambda": a.lam,
+                "inject_steps": a.inject_steps, "every": a.every, "convention": a.convention,
+                "pairing": a.pairing}
+    return _edits(a, image, edited, prompts, out, outs, settings, f"lambda {a.lam}", scorer, t0)
+
+
+def p2p(a) -> list[Path]:
+    image = images.load(a.image)
+    t0 = time.perf_counter()
+    prompts = _prompts(a)
+    out, outs = _outs(a.out, len(prompts))
+    check_args(a.steps, a.guidance)
+    null_text = None if a.null_text == "none" else a.null_text
+    inv.check_null_text(null_text, a.guidance)
+    replaced_steps(a.steps, a.cross, a.self_attention)
+    _words(a, *prompts, a.source)
+    scorer = reports.load_scorer(a.clip, a.model)
+    with profiled(a.profile):
+        edited, _ = _load(a).prompt_to_prompt(image, prompts, a.source, a.steps, a.guidance,
+                                              a.cross, a.self_attention, null_text, output="pt",
+                                              progress=not a.quiet)
+    settings = {"method": "prompt-to-prompt", "source": a.source, "steps": a.steps,
+                "guidance": a.guidance, "cross": a.cross, "self_attention": a.self_attention,
+                "null_text": null_text}
+    return _edits(a, image, edited, prompts, out, outs, settings, "P2P", scorer, t0)
+
+
+def _outs(path, n: int) -> tuple[Path, list[Path]]:
+    """OUT (checked) and the file of each of n edits: OUT itself, or OUT_0, OUT_1, …"""
+    out, _ = images.check_out(path)
+    return out, [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                      for i in range(n)]
+
+
+def _edits(a, image, edited, prompts, out, outs, settings, label, scorer, t0) -> list[Path]:
+    """Write the edits, their before/after sheet (OUT_sheet.png) and report (OUT.json)."""
     report = {"image": str(a.image), **reports.edit_report(
-        image, edited, prompts, source=a.source, steps=a.steps, guidance=a.guidance, lam=a.lam,
-        inject_steps=a.inject_steps, every=a.every, convention=a.convention, pairing=a.pairing,
-        scorer=scorer, scorer_name=a.clip or a.model, files=outs)}
+        image, edited, prompts, settings, scorer=scorer, scorer_name=a.clip or a.model,
+        files=outs)}
     pils = images.to_pil(edited)
-    sheet = reports.edit_sheet(image, pils, prompts, a.source, a.lam)
+    sheet = reports.edit_sheet(image, pils, prompts, a.source, label)
     sheet_path, json_path = out.with_name(f"{out.stem}_sheet.png"), out.with_suffix(".json")
     written = [images.save(im, o) for im, o in zip(pils, outs)]
     written += [images.save(images.contact_sheet(sheet, columns=min(4, len(sheet))), sheet_path),
@@ -390,6 +424,6 @@ def demo(a) -> list[Path]:
 
 
 HANDLERS = {"generate": generate, "img2img": img2img, "inpaint": inpaint, "upscale": upscale,
-            "invert": invert, "edit": edit, "iterinv": iterinv, "iterinv-edit": iterinv_edit,
-            "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "serve": serve,
+            "invert": invert, "edit": edit, "p2p": p2p, "iterinv": iterinv,
+            "iterinv-edit": iterinv_edit, "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "serve": serve,
             "demo": demo}

@@ -270,8 +270,9 @@ class Model:
                                  f"one fixed prompt; write <{ref.name}|i|>")
         return self._encoded(enc, resolved, negative, guided, self._chunks(like))
 
-    def prompt_tokens(self, text: str) -> list[int]:
-        """The first text encoder's ids for a one-chunk prompt of words, padded (prompt.Encoder)."""
+    def prompt_tokens(self, text: str) -> list:
+        """What the first text encoder reads, place by place, for a one-chunk prompt, padded
+        (prompt.Encoder.token_ids)."""
         return self._encoder().token_ids(self._strip_loras([text])[0])
 
     def prompt_chunks(self, text: str) -> int:

@@ -21,9 +21,9 @@ from .denoiser import Cond
 from .models.blocks import ATTENTION_HOOK
 
 
-def align(source: list[int], edit: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def align(source: list, edit: list) -> tuple[torch.Tensor, torch.Tensor]:
     """A (L, L) with edit map j = Σ_i source map i · A[i, j], and the (L,) mask of edit tokens that
-    keep their own map, for two padded token sequences of one length L."""
+    keep their own map, for two padded token sequences of one length L (Model.prompt_tokens)."""
     if len(source) != len(edit):
         raise ValueError(f"token sequences of {len(source)} and {len(edit)}: "
                          "pad both to one length")
@@ -106,7 +106,7 @@ class Swapped:
             ATTENTION_HOOK.reset(token)
 
 
-def swap(sources: list[list[int]], edits: list[list[int]], timesteps: list[int], cross: float = 0.8,
+def swap(sources: list[list], edits: list[list], timesteps: list[int], cross: float = 0.8,
          self_attention: float = 0.5, max_tokens: int = 32 ** 2) -> Swap:
     """The Swap for pairs of padded token sequences, sampled on `timesteps` (the grid, first step
     first)."""

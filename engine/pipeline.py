@@ -339,6 +339,9 @@ class Pipeline:
         tokens = [m.prompt_tokens(t) for t in sources], [m.prompt_tokens(t) for t in prompts]
         x = m.pixels(image)
         pairs = len(prompts)
+        if x.shape[0] not in (1, pairs) or len(sources) not in (1, pairs):
+            raise ValueError(f"{x.shape[0]} images and {len(sources)} source prompts for {pairs} "
+                             "edit prompts: give one of each or one per edit prompt")
         den = m.denoiser(guidance)
         m.check_memory("prompt_to_prompt", *x.shape[2:], 2 * pairs * (1 + den.guided), pairs)
         traj = self._invert(x, sources, steps, "destination", null_text, guidance,

@@ -373,16 +373,25 @@ class Encoder:
         resolved = self.resolve(text)
         return max(len(self._chunks(resolved, 0, e)) for e in range(len(self.pairs)))
 
-    def token_ids(self, text: str) -> list[int]:
-        """The ids the first text encoder reads for a prompt of words in one chunk: bos, the
-        tokens, eos, padding (emphasis moves none of them)."""
+    def token_ids(self, text: str) -> list:
+        """What the first text encoder reads, place by place, for a prompt in one chunk: bos, the
+        token ids, eos, padding (emphasis moves none of them); a pseudo-word's vectors are
+        (its name, k)."""
         tok, ids = self.pairs[0][0], []
         for item in self.resolve(text):
-            if item is None or not isinstance(item[1], list):
-                what = "BREAK" if item is None else f"the pseudo-word {item[1][0]}"
-                raise PromptError(f"{text!r}: {what} has no place among the prompt's tokens here; "
-                                  "write the prompt in words")
-            ids += item[1][0]
+            if item is None:
+                raise PromptError(f"{text!r}: BREAK starts a chunk, but here a prompt must be one "
+                                  "chunk; remove it")
+            if isinstance(item[1], list):
+                ids += item[1][0]
+                continue
+            ref, c = item[1]
+            if self.dynamic([[item]]) is not None:
+                raise PromptError(f"{text!r}: {ref} changes with t, but here a prompt needs fixed "
+                                  f"places for its tokens; write <{ref.name}|i|>")
+            s = selection(ref, c, 0, self.T, self.semi)
+            n = len(c.embeds) if s == ALL else 0 if s == DROP else 1
+            ids += [(str(ref), k) for k in range(n)]
         room = tok.max_length - 2
         if len(ids) > room:
             raise PromptError(f"{text!r} is {len(ids)} tokens; here a prompt must fit one chunk of "

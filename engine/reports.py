@@ -39,12 +39,11 @@ def reconstruction(rec: torch.Tensor, image) -> dict:
     return {"psnr": metrics.psnr(rec, src).item(), "ssim": metrics.ssim(rec, src).item()}
 
 
-def edit_report(image, edited: torch.Tensor, prompts: list[str], *, source="", steps=None,
-                guidance=None, lam=None, inject_steps=None, every=None, convention=None,
-                pairing=None, scorer=None, scorer_name=None, files=None) -> dict:
-    """Direct Inversion (Pipeline.edit): the run's settings and, per edit prompt, PSNR / SSIM of the
-    edit `edited` (B, 3, H, W) to the source `image` (PIL) and CLIP scores of both against the
-    prompt."""
+def edit_report(image, edited: torch.Tensor, prompts: list[str], settings: dict, *,
+                scorer=None, scorer_name=None, files=None) -> dict:
+    """An edit of a real image (Direct Inversion, Prompt-to-Prompt): the run's settings and, per
+    edit prompt, PSNR / SSIM of the edit `edited` (B, 3, H, W) to the source `image` (PIL) and CLIP
+    scores of both against the prompt."""
     src = images.to_tensor(image).to(edited).expand_as(edited)
     files = files or [None] * len(prompts)
     rows = [{"prompt": p, "file": None if f is None else str(f),
@@ -56,10 +55,7 @@ def edit_report(image, edited: torch.Tensor, prompts: list[str], *, source="", s
                                       scorer.score(edited.float(), prompts)):
             row.update(clip_score_source=round(before.item(), 2),
                        clip_score_edit=round(after.item(), 2))
-    return {"source": source, "steps": steps, "guidance": guidance, "lambda": lam,
-            "inject_steps": inject_steps, "every": every, "convention": convention,
-            "pairing": pairing, "clip_scorer": scorer_name if scorer is not None else None,
-            "edits": rows}
+    return {**settings, "clip_scorer": scorer_name if scorer is not None else None, "edits": rows}
 
 
 def edit_lines(report: dict) -> list[str]:
@@ -73,11 +69,11 @@ def edit_lines(report: dict) -> list[str]:
     return lines
 
 
-def edit_sheet(image, edits, prompts: list[str], source: str, lam) -> list:
-    """Contact-sheet items of a Direct Inversion edit: the source, then each edit (PIL) with its
-    prompt."""
+def edit_sheet(image, edits, prompts: list[str], source: str, label: str) -> list:
+    """Contact-sheet items of an edit: the source, then each edit (PIL) with its prompt after
+    `label`."""
     return ([(image, f"source: {source or '(empty prompt)'}")] +
-            [(im, f"lambda {lam}: {p}") for im, p in zip(edits, prompts)])
+            [(im, f"{label}: {p}") for im, p in zip(edits, prompts)])
 
 
 def iterinv_report(image, inv, sr, scorer=None, seconds=None) -> dict:

@@ -28,6 +28,7 @@ APIS = {
     "upscale": ([Pipeline.upscale, engine.load], {}),
     "invert": ([Pipeline.invert, engine.load], {}),
     "edit": ([Pipeline.edit, engine.load], {}),
+    "p2p": ([Pipeline.prompt_to_prompt, engine.load], {}),
     "iterinv": ([Cascade.invert, Cascade, engine.load], {"mode": (Cascade.invert, "method")}),
     "iterinv-edit": ([Cascade.invert, Cascade.edit, Cascade, engine.load],
                      {"mode": (Cascade.invert, "method"), "guidance": (Cascade.invert, "guidance"),

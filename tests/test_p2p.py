@@ -91,7 +91,7 @@ class Processor:
 @pytest.fixture(scope="module")
 def sd1(tiny):
     folder, ref = tiny("sd1")
-    return engine.load(str(folder)), ref
+    return engine.load(str(folder)), ref, folder
 
 
 def tokens(m, *texts):
@@ -134,7 +134,7 @@ def test_alignment_keeps_the_edits_own_words_and_drops_removed_ones():
 def test_word_swap_matches_the_authors_controller_on_diffusers_unet(sd1, max_pixels, cross, self_):
     from diffusers import DDIMScheduler
 
-    pipe, ref = sd1
+    pipe, ref, _ = sd1
     m = pipe.model
     source, edit = "a big cat", "a big dog"
     g = torch.Generator().manual_seed(0)
@@ -209,3 +209,42 @@ def test_bad_arguments_are_refused_before_any_work(sd1, image, kw, match):
     args = dict(prompt="a big dog", source="a big cat", steps=10, progress=False) | kw
     with pytest.raises((ValueError, PromptError), match=match):
         sd1[0].prompt_to_prompt(image, **args)
+
+
+def test_pseudo_words_hold_their_places_and_dynamic_ones_are_refused(sd1):
+    from engine.prompt import Concept, Encoder
+
+    m = sd1[0].model
+    width = m.text_pairs[0][1].config.hidden_size
+    concepts = {"plain": Concept("plain", torch.zeros(2, width), multires=False),
+                "C": Concept("C", torch.zeros(10, width))}
+    enc = Encoder(m.text_pairs, concepts)
+    ids = enc.token_ids("a <plain> cat")
+    tok = m.text_pairs[0][0]
+    want = [tok.bos_id, *tok.ids("a"), ("<plain>", 0), ("<plain>", 1), *tok.ids("cat"), tok.eos_id]
+    assert ids[:len(want)] == want
+    assert len(ids) == tok.max_length and len(enc.token_ids("a <C|3|> cat")) == tok.max_length
+    with pytest.raises(PromptError, match="changes with t"):
+        enc.token_ids("a <C> cat")
+
+
+def test_cli_writes_the_edit_its_sheet_and_report(sd1, image, tmp_path):
+    import json
+
+    from engine import images
+    from engine.cli import main
+
+    src = images.save(images.to_pil(image)[0], tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["p2p", "--model", str(sd1[2]), "--image", str(src), "--source", "a big cat",
+                 "--prompt", "a big dog", "--steps", "4", "--null-text", "none", "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["method"] == "prompt-to-prompt" and report["null_text"] is None
+    assert report["cross"] == 0.8 and report["edits"][0]["prompt"] == "a big dog"
+    assert (tmp_path / "out_sheet.png").is_file()
+
+
+def test_a_mismatched_batch_is_refused_before_the_inversion(sd1, image):
+    with pytest.raises(ValueError, match="2 source prompts for 3 edit prompts"):
+        sd1[0].prompt_to_prompt(image, ["a", "b", "c"], ["a big cat", "a cat"], steps=10)
