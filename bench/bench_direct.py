@@ -8,9 +8,10 @@ recon     paper Fig. 5/6/8: DDIM reconstruction MSE / PSNR vs inversion and infe
           under "" (source convention, as Direct Inversion), sampling under "" without CFG and without injection.
 tradeoff  paper Fig. 7: editability vs fidelity as λ sweeps 0 → 1 (100/100 steps, injection on every step).
           Edit: object 0's colour → another colour, the prompt is the edited scene's caption. Success: the tiny
-          CLIP picks the target colour among the 8 captions that differ only in that colour. Fidelity: PSNR / SSIM
-          to the source outside the edited object (its mask dilated by 2 px). Also PSNR to the re-rendered ground
-          truth of the edit (the whole image).
+          CLIP picks the target colour among the 8 captions that differ only in that colour; also read from the
+          pixels (engine.judge): object 0 in the target colour, every attribute of the edited scene. Fidelity:
+          PSNR / SSIM to the source outside the edited object (its mask dilated by 2 px). Also PSNR to the
+          re-rendered ground truth of the edit (the whole image).
 nti       null-text inversion (50 steps, CFG 7.5), reference vs fast: reconstruction PSNR and wall time of the
           optimisation, one image at a time (as the reference runs), alternating which goes first.
 rivals    the tradeoff's scenes and edits through the paper's rivals and its variants, each at its authors'
@@ -118,6 +119,7 @@ def part_tradeoff(pipe, n, guidances=(3.0,), source="empty"):
             out = c.vae.decode_latents(direct.edit(den, traj, cond, c.scheduler, lam, progress=False))
             pred = scorer.classify(out, cands)
             row = dict(source=source, guidance=w, lam=lam, edit_success=(pred == want).float().mean().item(),
+                       **judged(out, tgt),
                        kept_source_colour=(pred == src_col).float().mean().item(),
                        clip_score=scorer.score(out, [t.caption() for t in tgt]).mean().item(),
                        psnr_outside=metrics.psnr(out, x, outside).mean().item(),

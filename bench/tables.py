@@ -223,9 +223,22 @@ def direct_tradeoff(j):
     for key, src in (("tradeoff", '""'), ("tradeoff_source_caption", "caption")):
         t = j[key]["rows"]
         rows.append([f"edit success (source {src})", *(pct(r["edit_success"]) for r in t)])
+        rows.append([f"recoloured, from the pixels (source {src})", *(pct(r["judge_colour"]) for r in t)])
         rows.append([f"PSNR outside, dB (source {src})", *(f(r["psnr_outside"], 1) for r in t)])
     lam = [f"**{r['lam']:g}**" if r["lam"] == 0.5 else f"{r['lam']:g}" for r in t]
     return md(["λ (CFG 3)", *lam], rows)
+
+
+@table("direct-rivals", "direct_inversion.json", "python bench/bench_direct.py --only rivals")
+def direct_rivals(j):
+    r, truth = j["rivals"], j["rivals"]["judge_on_truth"]
+    rows = [[x["method"], pct(x["edit_success"]), pct(x["judge_colour"]), pct(x["judge_scene"]),
+             f(x["psnr_outside"], 1), f(x["ssim_outside"], 3), f(x["psnr_to_truth"], 1),
+             f(x["seconds_per_edit"], 1)] for x in r["rows"]]
+    rows.append(["the true edit (re-rendered)", "", pct(truth["judge_colour"]),
+                 pct(truth["judge_scene"]), "", "", "", ""])
+    return md(["method", "edit success (tiny CLIP)", "recoloured (pixels)", "whole scene right (pixels)",
+               "PSNR outside (dB)", "SSIM outside", "PSNR to the true edit (dB)", "s per edit"], rows)
 
 
 ITERINV = {"vae": "VAE round trip (the ceiling)", "ddim-all": "DDIM, all stages (reference's)",
