@@ -336,20 +336,20 @@ class Pipeline:
         inv.check_null_text(null_text, guidance)
         p2p.replaced_steps(steps, cross, self_attention)
         m = self.model
-        tokens = [m.prompt_tokens(t) for t in sources], [m.prompt_tokens(t) for t in prompts]
-        x = m.pixels(image)
-        pairs = len(prompts)
+        x, pairs = m.pixels(image), len(prompts)
         if x.shape[0] not in (1, pairs) or len(sources) not in (1, pairs):
             raise ValueError(f"{x.shape[0]} images and {len(sources)} source prompts for {pairs} "
                              "edit prompts: give one of each or one per edit prompt")
+        src_tokens = [m.prompt_tokens(t) for t in sources] * (pairs // len(sources))
+        swap_tokens = [m.prompt_tokens(t) for t in prompts]
         den = m.denoiser(guidance)
         m.check_memory("prompt_to_prompt", *x.shape[2:], 2 * pairs * (1 + den.guided), pairs)
-        traj = self._invert(x, sources, steps, "destination", null_text, guidance,
-                            progress=progress).expand(pairs)
-        sources = sources * pairs if len(sources) == 1 else sources
+        n = max(x.shape[0], len(sources))  # the inversion's batch: 1 or `pairs`
+        traj = self._invert(x.repeat(n // x.shape[0], 1, 1, 1), sources, steps, "destination",
+                            null_text, guidance, progress=progress).expand(pairs)
+        sources = sources * (pairs // len(sources))
         grid = [t for t, _ in traj.sampling_pairs]
-        swap = p2p.swap(tokens[0] * pairs if len(tokens[0]) == 1 else tokens[0], tokens[1], grid,
-                        cross, self_attention)
+        swap = p2p.swap(src_tokens, swap_tokens, grid, cross, self_attention)
         if traj.uncond is not None:
             texts = m.encode_prompt(sources + prompts)
             cond = per_step({t: guided_batch(torch.cat([u, u]), texts)

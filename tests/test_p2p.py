@@ -248,3 +248,10 @@ def test_cli_writes_the_edit_its_sheet_and_report(sd1, image, tmp_path):
 def test_a_mismatched_batch_is_refused_before_the_inversion(sd1, image):
     with pytest.raises(ValueError, match="2 source prompts for 3 edit prompts"):
         sd1[0].prompt_to_prompt(image, ["a", "b", "c"], ["a big cat", "a cat"], steps=10)
+
+
+def test_one_image_with_a_source_per_edit_is_inverted_under_each(sd1, image):
+    out, traj = sd1[0].prompt_to_prompt(image, ["a big dog", "a red cat"], ["a big cat", "a red cat"],
+                                        steps=4, null_text=None, output="pt", progress=False)
+    assert out.shape[0] == 2 and traj.latents[-1].shape[0] == 2
+    assert not torch.equal(traj.latents[-1][0], traj.latents[-1][1])  # two prompts, two inversions
