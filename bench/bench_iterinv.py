@@ -4,6 +4,7 @@
     python bench/bench_iterinv.py --size 1024 --scenes 5 --methods ddim fast
     python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle, two ways
     python bench/bench_iterinv.py --edit-table --scenes 20   # 256²: 20 recolouring edits, two ways
+    python bench/bench_iterinv.py --edit-zt --scenes 20      # 256²: the same edits from three z_T
     python bench/bench_iterinv.py --timing                   # paper vs fast solve time, alone, alternating
     python bench/bench_iterinv.py --mask                     # DiffEdit mask settings vs the world's masks
 
@@ -32,6 +33,7 @@ from PIL import Image
 
 import engine
 from engine import diffedit, images, iterinv, metrics, world
+from engine.cascade_files import SRInversion
 from engine.denoiser import Denoiser, constant
 from engine.invert import invert
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
@@ -259,6 +261,52 @@ def edit_table(n=20, size=256, backproject=3):
     save(f"edit_table_{size}", result)
 
 
+def edit_zt(n=20, size=256):
+    """IterInv for editing: does the inversion matter? The edit table's scenes and edits (reference settings, no
+    back-projection), the SR stages sampled from three z_T under the same ĉ, below them the same DiffEdit edit of
+    stage 1: IterInv's (fast), fair DDIM inversion's (v-aware) and a random one (plain SR of the edited stage).
+    At full resolution: edit success (tiny CLIP; from the pixels, engine.judge), PSNR / SSIM outside the object
+    dilated by size/64 px against the source, PSNR to the world's drawn edit and edge sharpness against it."""
+    from bench_direct import edits, judged
+    from bench_tiny import sharpness
+
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    ss = world.scenes(109, n)
+    new = edits(ss)
+    caps, targets = [s.caption() for s in ss], [s.caption() for s in new]
+    pils = [pil(s, size) for s in ss]
+    src, truth = images.to_tensor(pils), images.to_tensor([pil(s, size) for s in new])
+    r = size // 64
+    obj = torch.from_numpy(np.stack([world.masks(s, size)[0] for s in ss]))[:, None]
+    keep = 1 - torch.nn.functional.max_pool2d(obj, 2 * r + 1, 1, r)
+    cands = [[t.replace(0, colour=c).caption() for c in world.COLOURS] for t in new]
+    target = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in new])
+    starts = {}
+    for name, method in (("IterInv", "fast"), ("fair DDIM", "ddim")):
+        t0 = time.perf_counter()
+        inv = cas.invert(pils, caps, size, method, "fast", progress=False)
+        starts[name] = dict(stages=inv.stages, seconds_invert=time.perf_counter() - t0,
+                            reconstruction_psnr=metrics.psnr(inv.images[-1], src).mean().item())
+    g = torch.Generator().manual_seed(0)
+    starts["random"] = dict(stages=[SRInversion(torch.randn(st.z_T.shape, generator=g).to(st.z_T), st.noise)
+                                    for st in starts["IterInv"]["stages"]], seconds_invert=0.0,
+                            reconstruction_psnr=None)
+    rows = {}
+    for name, start in starts.items():
+        t0 = time.perf_counter()
+        x = cas.edit(pils, caps, targets, start.pop("stages"), progress=False)[0][-1]
+        per = {"success": (scorer.classify(x, cands) == target).float().tolist(),
+               "psnr_outside_object": metrics.psnr(x, src, keep).tolist(),
+               "ssim_outside_object": metrics.ssim(x, src, keep).tolist(),
+               "psnr_to_ground_truth_edit": metrics.psnr(x, truth).tolist()}
+        rows[name] = {**start, "seconds_edit": time.perf_counter() - t0, **judged(x, new),
+                      "sharpness_to_truth": sharpness(x, truth),
+                      **{k: statistics.mean(v) for k, v in per.items()}, "per_scene": per}
+        print(name, {k: v for k, v in rows[name].items() if k != "per_scene"}, flush=True)
+    save(f"edit_zt_{size}", {"scenes": n, "seed": 109, "size": size, "rows": rows})
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256, choices=[256, 1024])
@@ -268,6 +316,7 @@ if __name__ == "__main__":
     ap.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--edit", action="store_true", help="only the 1024² edit example")
     ap.add_argument("--edit-table", action="store_true", help="only the edit on --scenes scenes at --size, both ways")
+    ap.add_argument("--edit-zt", action="store_true", help="only the edit on --scenes scenes at --size from three z_T")
     ap.add_argument("--timing", action="store_true", help="only the paper-vs-fast solve timing at 256²")
     ap.add_argument("--mask", action="store_true", help="only the DiffEdit mask settings against the world's masks")
     ARGS = ap.parse_args()
@@ -281,5 +330,7 @@ if __name__ == "__main__":
         edit()
     elif ARGS.edit_table:
         edit_table(ARGS.scenes, ARGS.size)
+    elif ARGS.edit_zt:
+        edit_zt(ARGS.scenes, ARGS.size)
     else:
         table(ARGS.size, ARGS.paper_scenes, ARGS.scenes)
