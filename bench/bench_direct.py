@@ -69,6 +69,19 @@ def edits(ss, seed=104):
     return out
 
 
+def edit_set(n):
+    """The tradeoff's and rivals' edits: the scenes and their images, the edited scenes and their renders, the
+    mask outside object 0 dilated by 2 px, and the 8 recoloured captions of each edit with the one wanted."""
+    ss, x = data(n)
+    tgt = edits(ss)
+    truth = torch.from_numpy(world.render_batch(tgt, 64))
+    obj = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None]
+    outside = 1 - F.max_pool2d(obj, 5, 1, 2).gt(0.01).float()
+    cands = [[t.replace(0, colour=col).caption() for col in world.COLOURS] for t in tgt]
+    want = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in tgt])
+    return ss, x, tgt, truth, outside, cands, want
+
+
 @torch.no_grad()
 def part_recon(pipe, n):
     c = pipe.model
@@ -97,13 +110,7 @@ def part_recon(pipe, n):
 def part_tradeoff(pipe, n, guidances=(3.0,), source="empty"):
     c = pipe.model
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    ss, x = data(n)
-    tgt = edits(ss)
-    truth = torch.from_numpy(world.render_batch(tgt, 64))
-    obj = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None]
-    outside = 1 - F.max_pool2d(obj, 5, 1, 2).gt(0.01).float()
-    cands = [[t.replace(0, colour=col).caption() for col in world.COLOURS] for t in tgt]
-    want = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in tgt])
+    ss, x, tgt, truth, outside, cands, want = edit_set(n)
     src_col = torch.tensor([list(world.COLOURS).index(s.objects[0].colour) for s in ss])
     z0 = c.vae.encode_latents(x)
     src_prompts = [""] * n if source == "empty" else [s.caption() for s in ss]
@@ -205,13 +212,7 @@ def judged(x, scenes):
 
 def part_rivals(pipe, n):
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    ss, x = data(n)
-    tgt = edits(ss)
-    truth = torch.from_numpy(world.render_batch(tgt, 64))
-    obj = torch.from_numpy(np.stack([world.masks(s, 64)[0] for s in ss]))[:, None]
-    outside = 1 - F.max_pool2d(obj, 5, 1, 2).gt(0.01).float()
-    cands = [[t.replace(0, colour=col).caption() for col in world.COLOURS] for t in tgt]
-    want = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in tgt])
+    ss, x, tgt, truth, outside, cands, want = edit_set(n)
     rows = []
     for name, run in RIVALS.items():
         out, secs = [], []

@@ -224,14 +224,12 @@ def edit(backproject=3):
     print(json.dumps(result, indent=1))
 
 
-def edit_table(n=20, size=256, backproject=3):
-    """IterInv + DiffEdit on n held-out scenes (seed 109, object 0 recoloured), as the reference and with
-    back-projection, from one inversion: edit success (tiny CLIP picks the target colour among the 8), PSNR outside
-    the object dilated by size/64 px against the source, PSNR to the world's drawn edit, CLIP of the edit prompt."""
+def edit_scenes(n, size):
+    """The edit tables' n held-out scenes (seed 109) at `size`, object 0 recoloured (bench_direct.edits): the scenes
+    and edited scenes, their captions, images and renders, the mask outside the object dilated by size/64 px, and
+    the 8 recoloured captions of each edit with the one wanted."""
     from bench_direct import edits
 
-    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
-    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
     ss = world.scenes(109, n)
     new = edits(ss)
     caps, targets = [s.caption() for s in ss], [s.caption() for s in new]
@@ -239,9 +237,19 @@ def edit_table(n=20, size=256, backproject=3):
     src, truth = images.to_tensor(pils), images.to_tensor([pil(s, size) for s in new])
     r = size // 64
     obj = torch.from_numpy(np.stack([world.masks(s, size)[0] for s in ss]))[:, None]
-    keep = 1 - torch.nn.functional.max_pool2d(obj, 2 * r + 1, 1, r)  # outside the object dilated by r px
+    keep = 1 - torch.nn.functional.max_pool2d(obj, 2 * r + 1, 1, r)
     cands = [[t.replace(0, colour=c).caption() for c in world.COLOURS] for t in new]
     target = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in new])
+    return ss, new, caps, targets, pils, src, truth, keep, cands, target
+
+
+def edit_table(n=20, size=256, backproject=3):
+    """IterInv + DiffEdit on n held-out scenes (seed 109, object 0 recoloured), as the reference and with
+    back-projection, from one inversion: edit success (tiny CLIP picks the target colour among the 8), PSNR outside
+    the object dilated by size/64 px against the source, PSNR to the world's drawn edit, CLIP of the edit prompt."""
+    cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
+    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
+    ss, new, caps, targets, pils, src, truth, keep, cands, target = edit_scenes(n, size)
     t0 = time.perf_counter()
     inv = cas.invert(pils, caps, size, "fast", "fast", progress=False)
     result = {"scenes": n, "seed": 109, "size": size, "seconds_invert": time.perf_counter() - t0,
@@ -267,21 +275,12 @@ def edit_zt(n=20, size=256):
     stage 1: IterInv's (fast), fair DDIM inversion's (v-aware) and a random one (plain SR of the edited stage).
     At full resolution: edit success (tiny CLIP; from the pixels, engine.judge), PSNR / SSIM outside the object
     dilated by size/64 px against the source, PSNR to the world's drawn edit and edge sharpness against it."""
-    from bench_direct import edits, judged
+    from bench_direct import judged
     from bench_tiny import sharpness
 
     cas = iterinv.Cascade(engine.load(DEFAULT_MODEL).model, engine.load(DEFAULT_UPSCALER).model)
     scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    ss = world.scenes(109, n)
-    new = edits(ss)
-    caps, targets = [s.caption() for s in ss], [s.caption() for s in new]
-    pils = [pil(s, size) for s in ss]
-    src, truth = images.to_tensor(pils), images.to_tensor([pil(s, size) for s in new])
-    r = size // 64
-    obj = torch.from_numpy(np.stack([world.masks(s, size)[0] for s in ss]))[:, None]
-    keep = 1 - torch.nn.functional.max_pool2d(obj, 2 * r + 1, 1, r)
-    cands = [[t.replace(0, colour=c).caption() for c in world.COLOURS] for t in new]
-    target = torch.tensor([list(world.COLOURS).index(t.objects[0].colour) for t in new])
+    ss, new, caps, targets, pils, src, truth, keep, cands, target = edit_scenes(n, size)
     starts = {}
     for name, method in (("IterInv", "fast"), ("fair DDIM", "ddim")):
         t0 = time.perf_counter()

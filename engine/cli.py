@@ -80,20 +80,24 @@ def _invert(sub):
                    "with .png)")
 
 
+def _edit_inputs(e, what: str):
+    """The model, the input image and the edit prompts, as edit and p2p take them."""
+    model_args(e, DEFAULT_MODEL)
+    prompt_args(e)
+    e.add_argument("--image", required=True, help=f"input image; {MULTIPLE}")
+    prompt = e.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help=f"the edit prompt: {what}")
+    prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit "
+                        "each, written as OUT_0, OUT_1, …")
+
+
 def _edit(sub):
     e = sub.add_parser("edit", help="image + text → edited image (Direct Inversion)",
                        description="Direct Inversion: DDIM-invert the image under --source, then "
                        "sample the edit prompt with CFG from the inverted noise, merging λ of the "
                        "inverted noise on the injected steps. Writes the edit, a before/after "
                        "sheet (OUT_sheet.png) and metrics (OUT.json).")
-    model_args(e, DEFAULT_MODEL)
-    prompt_args(e)
-    e.add_argument("--image", required=True, help=f"input image; {MULTIPLE}")
-    prompt = e.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the edit prompt: the whole target image described in "
-                        "words")
-    prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit "
-                        "each, written as OUT_0, OUT_1, …")
+    _edit_inputs(e, "the whole target image described in words")
     ed = "engine.pipeline:Pipeline.edit"
     flag(e, "--source", ed, "prompt the image is inverted under", none="empty")
     flag(e, "--negative", ed, "negative prompt of CFG", none="empty")
@@ -126,14 +130,7 @@ def _p2p(sub):
                        "layout stays and the changed words change. Write the edit as --source "
                        "with a few words changed, added or removed. Writes the edit, a "
                        "before/after sheet (OUT_sheet.png) and metrics (OUT.json).")
-    model_args(e, DEFAULT_MODEL)
-    prompt_args(e)
-    e.add_argument("--image", required=True, help=f"input image; {MULTIPLE}")
-    prompt = e.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the edit prompt: --source with words swapped, added or "
-                        "removed")
-    prompt.add_argument("--prompt-file", help="a text file of edit prompts, one per line: one edit "
-                        "each, written as OUT_0, OUT_1, …")
+    _edit_inputs(e, "--source with words swapped, added or removed")
     pp = "engine.pipeline:Pipeline.prompt_to_prompt"
     e.add_argument("--source", required=True, help="the words that describe the input image")
     flag(e, "--steps", pp, "inversion and sampling steps")

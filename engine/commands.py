@@ -144,11 +144,7 @@ def _prompts(a) -> list[str]:
 
 
 def edit(a) -> list[Path]:
-    image = images.load(a.image)
-    t0 = time.perf_counter()
-    prompts = _prompts(a)
-    out, outs = _outs(a.out, len(prompts))
-    check_args(a.steps, a.guidance)
+    image, t0, prompts, out, outs = _edit_job(a)
     direct.check_lambda(a.lam)
     direct.check_pairing(a.pairing)
     direct.injected_steps(a.steps, a.inject_steps, a.every)
@@ -165,11 +161,7 @@ def edit(a) -> list[Path]:
 
 
 def p2p(a) -> list[Path]:
-    image = images.load(a.image)
-    t0 = time.perf_counter()
-    prompts = _prompts(a)
-    out, outs = _outs(a.out, len(prompts))
-    check_args(a.steps, a.guidance)
+    image, t0, prompts, out, outs = _edit_job(a)
     null_text = None if a.null_text == "none" else a.null_text
     inv.check_null_text(null_text, a.guidance)
     replaced_steps(a.steps, a.cross, a.self_attention)
@@ -185,11 +177,15 @@ def p2p(a) -> list[Path]:
     return _edits(a, image, edited, prompts, out, outs, settings, "P2P", scorer, t0)
 
 
-def _outs(path, n: int) -> tuple[Path, list[Path]]:
-    """OUT (checked) and the file of each of n edits: OUT itself, or OUT_0, OUT_1, …"""
-    out, _ = images.check_out(path)
-    return out, [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
-                                      for i in range(n)]
+def _edit_job(a):
+    """edit's and p2p's input image, start time, edit prompts, OUT and the file of each edit (OUT
+    itself, or OUT_0, OUT_1, …), checked with the steps and guidance."""
+    image, t0, prompts = images.load(a.image), time.perf_counter(), _prompts(a)
+    out, _ = images.check_out(a.out)
+    check_args(a.steps, a.guidance)
+    outs = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                            for i in range(len(prompts))]
+    return image, t0, prompts, out, outs
 
 
 def _edits(a, image, edited, prompts, out, outs, settings, label, scorer, t0) -> list[Path]:
