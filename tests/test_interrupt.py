@@ -16,8 +16,10 @@ def interrupt(args, cwd, ready, signum=signal.SIGINT, timeout=180):
     """Start `python -m engine ARGS`, send `signum` once ready(stderr so far) holds; (rc, stderr)."""
     log = cwd / "stderr.txt"
     with open(log, "w") as err:
+        # a test run started in the background ignores SIGINT, and its children would inherit that
         proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         t0 = time.time()
         try:
             while not ready(log.read_text()):
