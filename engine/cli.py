@@ -140,7 +140,8 @@ def _p2p(sub):
     flag(e, "--self-attention", pp, "fraction of the steps whose self-attention maps (at levels of "
          "≤ 32² pixels) the edit takes from the source")
     flag(e, "--null-text", pp, "null-text embeddings for the inversion: our fast method, the "
-         "reference one (P2P's), IterInv's settings, or none (plain DDIM inversion, guided by \"\")",
+         "reference one (P2P's), IterInv's settings, or none (plain DDIM inversion, guided by "
+         "\"\")",
          choices=["fast", "reference", "iterinv", "none"])
     e.add_argument("--clip", help="CLIP checkpoint for the CLIP scores in OUT.json (default: the "
                    "model's own tiny CLIP when it has one)")

@@ -421,5 +421,5 @@ def demo(a) -> list[Path]:
 
 HANDLERS = {"generate": generate, "img2img": img2img, "inpaint": inpaint, "upscale": upscale,
             "invert": invert, "edit": edit, "p2p": p2p, "iterinv": iterinv,
-            "iterinv-edit": iterinv_edit, "blend": blend, "train-ti": train_ti, "export-ti": export_ti, "serve": serve,
-            "demo": demo}
+            "iterinv-edit": iterinv_edit, "blend": blend, "train-ti": train_ti,
+            "export-ti": export_ti, "serve": serve, "demo": demo}
