@@ -88,7 +88,6 @@ class Options:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")
 
-
     @property
     def stage_cfg(self) -> float:
         """The CFG scale of the stages' blended diffusion."""

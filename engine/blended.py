@@ -223,8 +223,11 @@ class MultiStage:
         conds = {"base": self.base.prompt_cond([prompt], None, o.guidance > 1)}
         if self.sr is not None and (o.upscaler == "sr" or o.stage_model == "sr"):
             conds["sr"] = self.sr.prompt_cond([prompt], None, o.sr_guidance > 1)
-        stage = self.sr if o.stage_model == "sr" else self.base
-        conds["stage"] = stage.prompt_cond([prompt], None, o.stage_cfg > 1)
+        name = "sr" if o.stage_model == "sr" else "base"
+        model, scale = (self.sr, o.sr_guidance) if name == "sr" else (self.base, o.guidance)
+        # the same model with or without CFG alike: the same conditioning
+        conds["stage"] = (conds[name] if (scale > 1) == (o.stage_cfg > 1)
+                          else model.prompt_cond([prompt], None, o.stage_cfg > 1))
         return conds
 
     def _stage1(self, crop, mc, prompt, conds, o: Options, res: Result, progress, desc, side=None):
