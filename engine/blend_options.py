@@ -13,6 +13,8 @@ RERANKS = ("whole", "masked")
 # the original the stages blend in outside the mask: low-passed to the previous stage's detail
 # (MSBD's 'matching'), to half the stage's side, or as it is
 LOWPASS = ("matching", "half", "no")
+# the side ratio between stages: ours ×4, one ×4 upscale each; MSBD's ≤ ×2.7, as ×2
+STAGE_RATIOS = (4, 2)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class Options:
     sr_guidance: float = 1.0
     # ours: back-project each stage's output onto what it upscaled (images.back_project)
     backproject: int = 3
+    # ours: ×4 stages, the ×4 model upscaling the previous stage resized to a quarter of the stage;
+    # 2: ×2 stages, the ×4 model upscaling the previous stage resized to half the stage (as it is
+    # but in the last stage), its output resized to the stage (MSBD: Real-ESRGAN ×4, resized)
+    stage_ratio: int = 4
     # ours: the SR model denoises the stages (the base one knows only its own size)
     stage_model: str = "sr"
     # CFG of the stages' blended diffusion; None: the stage model's (sr_guidance, or guidance for
@@ -84,6 +90,7 @@ class Options:
                 ("stage_model", self.stage_model in STAGE_MODELS, f"one of {STAGE_MODELS}"),
                 ("start_on", self.start_on in START_ON, f"one of {START_ON}"),
                 ("lowpass", self.lowpass in LOWPASS, f"one of {LOWPASS}"),
+                ("stage_ratio", self.stage_ratio in STAGE_RATIOS, f"one of {STAGE_RATIOS}"),
                 ("rerank", self.rerank in RERANKS, f"one of {RERANKS}")):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need {need}")

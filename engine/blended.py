@@ -155,7 +155,7 @@ class MultiStage:
             memory.available(self.base.device, self.base.max_memory), 16,
             "pass a smaller --size, or edit a crop around the mask (--margin)")
         crop, mc = image[..., y:y + side, x:x + side], m[..., y:y + side, x:x + side]
-        sides = stage_sides(side, self.base_side)
+        sides = stage_sides(side, self.base_side, opts.stage_ratio)
         res = Result(image, [], m, (y, x, side))
         conds = self._conds(prompt, opts)
         t0 = time.perf_counter()
@@ -201,7 +201,8 @@ class MultiStage:
         if "sr" in (o.stage_model, o.upscaler):
             guided = ((o.upscaler == "sr" and o.sr_guidance > 1)
                       or (o.stage_model == "sr" and o.stage_cfg > 1))
-            parts += self.sr.peak_memory(t, t, 1 + guided)
+            u = 4 * t // o.stage_ratio  # the ×4 model's upscale of a tile
+            parts += self.sr.peak_memory(u, u, 1 + guided)
             copies += self.sr.reordered_bytes()
         if o.stage_model == "base":
             parts += b.peak_memory(t, t, 1 + (o.stage_cfg > 1))
@@ -261,7 +262,9 @@ class MultiStage:
         detail = {"matching": prev.shape[-1], "half": side // 2, "no": side}[o.lowpass]
         ref = resize(resize(crop, detail), side)
         m = binary_mask(mc, side)
-        lr = resize(prev, side // 4)                                  # what the ×4 model upscales
+        # what the ×4 model upscales: the previous stage at 1/stage_ratio of this one
+        k = o.stage_ratio
+        low = resize(prev, side // k)
         canvas = resize(prev, side, "bicubic")
         tiled = side > o.max_side
         boxes = tile_boxes(side, side, o.max_side, o.overlap) if tiled else [(0, 0, side, side)]
@@ -274,33 +277,39 @@ class MultiStage:
                 skipped += 1
                 continue
             box = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
-            lbox = (slice(None), slice(None), slice(y // 4, (y + th) // 4),
-                    slice(x // 4, (x + tw) // 4))
-            im = self._stage_tile(lr[lbox], canvas[box], ref[box], mt, conds, o,
+            lbox = (slice(None), slice(None), slice(y // k, (y + th) // k),
+                    slice(x // k, (x + tw) // k))
+            im = self._stage_tile(low[lbox], canvas[box], ref[box], mt, conds, o,
                                   o.tiled_start if tiled else o.start, progress and not tiled)
             done.append(((y, x, th, tw), im))
         out = composite(canvas, done, o.overlap // 2)
         return m * out + (1 - m) * orig, len(boxes), skipped
 
-    def _stage_tile(self, lr, bicubic, ref, m, conds, o: Options, start, progress):
+    def _stage_tile(self, low, bicubic, ref, m, conds, o: Options, start, progress):
         # re-seeded per tile, as MSBD: a tile's result does not depend on the others
         gen = make_generator(o.seed)
+        sr, th, tw = self.sr, *m.shape[-2:]
+        lr = resize(low, (th // 4, tw // 4))  # what the ×4 model's diffusion of the tile sees
+
+        def sr_denoiser(x):
+            noise = randn_tensor(x.shape, gen, sr.device, torch.float32)
+            return sr.upscaler_denoiser(x.to(sr.device, sr.dtype), o.sr_noise_level, noise,
+                                        o.sr_guidance)
+
         if o.stage_model == "sr" or o.upscaler == "sr":
-            sr = self.sr
-            noise = randn_tensor(lr.shape, gen, sr.device, torch.float32)
-            sr_den = sr.upscaler_denoiser(lr.to(sr.device, sr.dtype), o.sr_noise_level, noise,
-                                          o.sr_guidance)
+            sr_den = sr_denoiser(lr)
         if o.upscaler == "sr":
+            up_den = sr_den if low.shape == lr.shape else sr_denoiser(low)
             shape = (1, sr.vae.config.latent_channels,
-                     *(4 * n // sr.downscale for n in lr.shape[-2:]))
+                     *(4 * n // sr.downscale for n in low.shape[-2:]))
             z = randn_tensor(shape, gen, sr.device, torch.float32).to(sr.dtype)
-            up = sr.decode(ddim(sr_den, z, conds["sr"], sr.scheduler, o.sr_steps,
-                                progress=False)).float()
+            up = resize(sr.decode(ddim(up_den, z, conds["sr"], sr.scheduler, o.sr_steps,
+                                       progress=False)).float(), (th, tw))
         else:
             up = bicubic
         comp = m * up + (1 - m) * ref
         if start == 0:  # no diffusion: the upscale, with the original outside the mask
-            return images.back_project(comp.float(), lr.float(), o.backproject)
+            return images.back_project(comp.float(), low.float(), o.backproject)
         if o.stage_model == "sr":
             p, den = sr, replace(sr_den, guidance=o.stage_cfg)  # the same ĉ
         else:
@@ -317,4 +326,4 @@ class MultiStage:
                               randn_tensor(z_src.shape, gen, p.device, torch.float32).to(p.dtype))
         z = blended(den, x, z_src, m_z, cond, p.scheduler, o.stage_steps, start, o.eta, o.blend,
                     0, 1, gen, progress, "stage diffusion")
-        return images.back_project(p.decode(z).float(), lr.float(), o.backproject)
+        return images.back_project(p.decode(z).float(), low.float(), o.backproject)

@@ -105,11 +105,11 @@ def crop_box(mask: torch.Tensor, margin: float | None, least: int,
             place(x0, x1, xs.float().mean().item(), w), side)
 
 
-def stage_sides(side: int, base: int) -> list[int]:
-    """Every stage's side: the base model's, ×4 while below `side`, then `side` itself."""
+def stage_sides(side: int, base: int, ratio: int = 4) -> list[int]:
+    """Every stage's side: the base model's, × `ratio` while below `side`, then `side` itself."""
     sides = [base]
-    while sides[-1] * 4 < side:
-        sides.append(sides[-1] * 4)
+    while sides[-1] * ratio < side:
+        sides.append(sides[-1] * ratio)
     return sides + [side] if side > sides[-1] else sides
 
 

@@ -190,6 +190,7 @@ CASES = [
     cli("edit-lambda-above-1", "edit --lambda 1.5", "lambda=1.5"),
     cli("edit-inject-steps-above-steps", "edit --inject-steps 5", "inject_steps=5"),
     cli("edit-every-zero", "edit --every 0", "every=0"),
+    cli("edit-pairing-unknown", "edit --pairing next", "pairing"),
     cli("edit-prompt-file-missing", "edit --prompt-file nope.txt", "no such prompt file"),
     cli("edit-prompt-file-empty", "edit --prompt-file blank.txt", "has no prompts"),
     cli("edit-source-unknown-pseudo-word", "edit --source '<b>'", "unknown pseudo-word <b>"),
@@ -237,7 +238,7 @@ CASES = [
     cli("blend-candidates-zero", "blend --candidates 0", "candidates=0"),
     cli("blend-start-above-one", "blend --start 1.5", "start=1.5"),
     cli("blend-stage-guidance-negative", "blend --stage-guidance -1", "stage_guidance=-1.0"),
-    cli("edit-pairing-unknown", "edit --pairing next", "pairing"),
+    cli("blend-stage-ratio-3", "blend --stage-ratio 3", "invalid choice: 3"),
     # ---- p2p
     cli("p2p-cross-above-1", "p2p --cross 1.5", "cross=1.5"),
     cli("p2p-self-attention-negative", "p2p --self-attention -0.5", "self_attention=-0.5"),

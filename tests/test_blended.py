@@ -14,7 +14,7 @@ from engine import blended as B, regions as R, images, metrics, schedule as S, w
 from engine.cli import main
 from engine.denoiser import Denoiser, constant
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
-from engine.rng import generator
+from engine.rng import generator, randn_tensor
 from engine.sample import ddim
 
 EPS = S.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -160,6 +160,8 @@ def test_crop_box_and_stage_sides():
         R.crop_box(m, None, 64)
     assert [R.stage_sides(s, 64) for s in (64, 256, 512, 1024, 2048)] == [
         [64], [64, 256], [64, 256, 512], [64, 256, 1024], [64, 256, 1024, 2048]]
+    assert [R.stage_sides(s, 64, 2) for s in (64, 256, 768, 1024)] == [
+        [64], [64, 128, 256], [64, 128, 256, 512, 768], [64, 128, 256, 512, 1024]]
 
 
 @pytest.mark.parametrize("bad,match", [(dict(candidates=0), "candidates"), (dict(blend="during"), "blend"),
@@ -167,7 +169,8 @@ def test_crop_box_and_stage_sides():
                                        (dict(start=-0.1), "start"), (dict(margin=0.5), "margin"),
                                        (dict(stage_steps=3), "stage_steps"),
                                        (dict(backproject=-1), "backproject"), (dict(start_on="ddpm"), "start_on"),
-                                       (dict(stage_guidance=-1), "stage_guidance"), (dict(lowpass="box"), "lowpass")])
+                                       (dict(stage_guidance=-1), "stage_guidance"), (dict(lowpass="box"), "lowpass"),
+                                       (dict(stage_ratio=3), "stage_ratio")])
 def test_options_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         B.Options(**bad)
@@ -235,6 +238,39 @@ def test_backprojected_stages_keep_stage_1_colours(editor):
         drift[k] = (F.avg_pool2d(res.stages[1], 4) - res.stages[0]).abs()[inner.expand(1, 3, -1, -1)].max().item()
     assert B.Options().backproject == 3
     assert drift[3] < 0.1 * drift[0], drift
+
+
+def test_ratio_2_stages_upscale_the_previous_stage_as_it_is(editor):
+    """MSBD's ×2 stages: the ×4 model upscales each stage whole and its output is resized to twice
+    it; back-projected, each stage's 2×2 means are the stage below it, also in tiles."""
+    _, new, src, mask = _scene(256)
+    opts = B.Options(**FAST, stage_ratio=2, max_side=128, overlap=32)
+    res = editor.edit(src, mask, new.caption(), opts, progress=False)
+    m = torch.from_numpy(mask)[None, None]
+    assert [s.shape[-1] for s in res.stages] == [64, 128, 256] and res.log[2]["tiles"] == 9
+    assert torch.equal(res.image * (1 - m), src * (1 - m))
+    inner = F.max_pool2d(-F.avg_pool2d(m, 4), 3, 1, 1) == -1  # 64² blocks well inside the mask
+    for lo, hi in zip(res.stages, res.stages[1:]):
+        k = hi.shape[-1] // 64
+        inside = F.interpolate(inner.float(), size=lo.shape[-2:]).bool().expand(1, 3, -1, -1)
+        assert (F.avg_pool2d(hi, 2) - lo).abs()[inside].max() < 0.02, k
+    plain = editor.edit(src, mask, new.caption(), replace(opts, backproject=0), progress=False,
+                        first=res.stages[0])
+    drift = (F.avg_pool2d(plain.stages[1], 2) - res.stages[0]).abs()[inner.expand(1, 3, -1, -1)]
+    assert drift.max() > 0.05  # without back-projection the means are not held by construction
+    # SR only: the stage is the ×4 upscale of the whole previous stage, resized to twice it
+    only = editor.edit(src, mask, new.caption(), replace(opts, start=0, tiled_start=0, backproject=0,
+                                                         max_side=256), progress=False, first=res.stages[0])
+    gen, sr = generator(opts.seed), editor.sr
+    randn_tensor((1, 3, 32, 32), gen, sr.device, torch.float32)  # the ĉ of the stage's diffusion, not run
+    den = sr.upscaler_denoiser(res.stages[0], opts.sr_noise_level,
+                               randn_tensor((1, 3, 64, 64), gen, sr.device, torch.float32), opts.sr_guidance)
+    z = randn_tensor((1, sr.vae.config.latent_channels, 256 // sr.downscale, 256 // sr.downscale), gen,
+                     sr.device, torch.float32)
+    cond = sr.prompt_cond([new.caption()], None, False)
+    up = R.resize(sr.decode(ddim(den, z, cond, sr.scheduler, opts.sr_steps, progress=False)).float(), 128)
+    m128 = R.binary_mask(m, 128)
+    assert torch.allclose(only.stages[1] * m128, up * m128, atol=1e-5)
 
 
 def test_edit_with_an_empty_mask_returns_the_source(editor):
