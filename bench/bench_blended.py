@@ -1,28 +1,33 @@
-"""Multi-stage blended diffusion on the embedded cascade, over held-out world scenes (seed 107).
+"""Multi-stage blended diffusion (MSBD) on the embedded cascade, against its ablations and baselines, over held-out
+world scenes (seed 107), judged at full resolution against the world's re-render of the edit.
 
-    python bench/bench_blended.py --size 256 --scenes 30
-    python bench/bench_blended.py --size 1024 --scenes 30 --no-bicubic-row
-    python bench/bench_blended.py --rss 2048                 # one 2048² CLI edit: peak RSS and time
+    python bench/bench_blended.py --size 256 1024 --scenes 10 --direct-scenes 5
+    python bench/bench_blended.py --rss 2048 1024 2048:512     # one CLI edit each: peak RSS and time
 
-Each scene: the mask is object 0's mask from the world (coverage ≥ 0.5), the prompt is the scene's caption with
-that object's colour changed (never to another object's or the background's colour), and the ground truth is the
-world's re-render of the edited scene at the same size. Rows:
-multistage      `MultiStage.edit` with MSBD's stages: Options(backproject=0)
-multistage-backproject  the same stage 1, each stage's output back-projected onto the stage it upscaled
-                (Options(backproject=3): its 4×4 means are that stage's pixels)
-multistage-bicubic  the same stage 1, upscaled by bicubic instead of our ×4 model, stages from 0.25: the best of
-                five upscaling variants on 8 other scenes (seed 108; our ×4 model shifts colours)
-stage1-bicubic  the same run's stage 1 (64²), bicubic to the size, tight stitch
-direct          blended diffusion with the base model directly at min(size, max_side = 256)², then bicubic to the
-                size, tight stitch; 1 candidate and no RePaint (its cost at 64² latents: 0.33 s per guided call)
-Metrics on [0, 1]: PSNR and SSIM to the ground truth (whole image, and PSNR inside the mask); outside the mask the
-largest difference to the source (0 = exact paste, PSNR ∞); edit success = tiny CLIP picks the target colour
-among the 8 colours in the caption (`Scorer.classify`); the CLIP score of the prompt. The reranker of the
-candidates is the same tiny CLIP, so the success rate of the multi-stage rows is not independent of it.
+Each scene: object 0 recoloured (never to another object's or the background's colour); the prompt is the edited
+scene's caption and the truth the world's render of it. Three masks: the object (coverage ≥ 0.5), the object dilated
+by size/16 px, and its bounding box grown by size/16 px: the last two make the edit redraw background around the
+object. Every multi-stage row upscales the same stage 1 (MSBD's: 5 candidates reranked by the tiny CLIP, RePaint 5,
+CFG 7.5, 50 steps). Rows (`ROWS`):
+msbd                MSBD's stages: ×2 (the ×4 model's upscale resized), CFG 7.5, starts 0.4 / 0.25 at SD's noise
+                    levels, the original low-passed to the previous stage, no back-projection
+msbd-x4 … msbd-nolowpass   MSBD with one setting changed: ×4 stages; no CFG in the stages; starts counted on the ×4
+                    model's own schedule; back-projection (3); the original as it is
+ours                the engine's defaults: all four of ours at once (×4, no CFG, own schedule, back-projection)
+sr-only             stage 1, the ×4 model's upscales only, no diffusion (MSBD's Fig. 5 ablation)
+bicubic             stage 1, bicubic to the size
+direct-1            blended diffusion with the base model directly at min(size, 256)², bicubic to the size: one
+                    candidate, no RePaint
+direct-equal        the same with stage 1's settings (5 candidates, RePaint 5, rerank): on --direct-scenes scenes
+Every row is the source outside the mask, pixel for pixel (the final stitch; checked, not a result). Metrics, at full
+resolution against the truth: PSNR and SSIM in the mask, PSNR on the object and on the rest of the mask (the
+background redrawn; dilated and box masks), edge sharpness (bench_tiny.sharpness) on the truth's edges within the
+mask dilated by size/32 px; from the pixels (engine.judge, which reads at 64²): object 0 in the target colour, and
+every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing.
 """
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import engine
@@ -42,7 +48,21 @@ from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "blended.json"
-ROWS = ("multistage", "multistage-backproject", "multistage-bicubic", "stage1-sr", "stage1-bicubic", "direct")
+MSBD = blended.Options(stage_ratio=2, stage_guidance=7.5, start_on="sd", backproject=0)
+STAGED = {  # the rows that upscale stage 1 with MultiStage.edit
+    "msbd": MSBD,
+    "msbd-x4": replace(MSBD, stage_ratio=4),
+    "msbd-nocfg": replace(MSBD, stage_guidance=None),
+    "msbd-ownstart": replace(MSBD, start_on="stage"),
+    "msbd-backproject": replace(MSBD, backproject=3),
+    "msbd-nolowpass": replace(MSBD, lowpass="no"),
+    "ours": blended.Options(),
+    "sr-only": replace(MSBD, stage_ratio=4, start=0, tiled_start=0),
+}
+ROWS = (*STAGED, "bicubic", "direct-1", "direct-equal")
+GOAL = ("msbd", "ours", "sr-only", "bicubic", "direct-1", "direct-equal")  # the rows at sizes above 256
+MASKS = ("object", "dilated", "box")
+DIRECT_SIDE = blended.Options().max_side
 
 
 def save(key, value):
@@ -60,128 +80,113 @@ def cases(seed: int, n: int):
     return out
 
 
-def scores(x, src, truth, m, scorer, new, colour):
-    cands = [[new.replace(0, colour=c).caption() for c in world.COLOURS]]
-    outside = (x - src).abs().mul(1 - m).max().item()
-    return {"psnr": metrics.psnr(x, truth).item(), "ssim": metrics.ssim(x, truth).item(),
-            "psnr_in_mask": metrics.psnr(x, truth, m).item(), "outside_max_abs_diff": outside,
-            "success": list(world.COLOURS)[scorer.classify(x, cands).item()] == colour,
-            "clip": scorer.score(x, [new.caption()]).item()}
+def grow(m, r):
+    return F.max_pool2d(m, 2 * r + 1, 1, r)
 
 
-def table(size, seed, n, with_bicubic=True):
+def mask_of(kind, obj, size):
+    """The edit's mask (1, 1, size, size) from object 0's (coverage ≥ 0.5)."""
+    r = size // 16
+    if kind == "object":
+        return obj
+    if kind == "dilated":
+        return grow(obj, r)
+    ys, xs = torch.nonzero(obj[0, 0], as_tuple=True)
+    box = torch.zeros_like(obj)
+    box[..., max(ys.min() - r, 0):ys.max() + 1 + r, max(xs.min() - r, 0):xs.max() + 1 + r] = 1
+    return box
+
+
+def scores(x, src, truth, m, obj, new):
+    from bench_direct import judged
+    from bench_tiny import sharpness
+
+    rest = m * (1 - grow(obj, max(x.shape[-1] // 64, 1)))  # the mask off the object: background redrawn
+    assert torch.equal(x * (1 - m), src * (1 - m)), "not the source outside the mask"
+    return {"psnr_mask": metrics.psnr(x, truth, m).item(), "ssim_mask": metrics.ssim(x, truth, m).item(),
+            "psnr_object": metrics.psnr(x, truth, obj).item(),
+            "psnr_rest": metrics.psnr(x, truth, rest).item() if rest.mean() > 0.005 else None,
+            "sharpness": sharpness(x, truth, grow(m, x.shape[-1] // 32)), **judged(x, [new])}
+
+
+def run(sizes, n, seed, masks, direct_scenes):
+    """Scene by scene, each size and mask: every result file part rewritten after each scene."""
     base, sr = engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER)
-    scorer = metrics.Scorer.from_pretrained(DEFAULT_MODEL)
-    ms = blended.MultiStage(base.model, sr.model, scorer)
-    opts = blended.Options(backproject=0)
-    bicubic = blended.Options(upscaler="bicubic", start=0.25, backproject=0)  # chosen on 8 other scenes (seed 108)
-    direct = blended.Options(candidates=1, repaint=0)
-    sr_only = blended.Options(start=0, tiled_start=0, backproject=0)  # MSBD's Fig. 5 ablation
-    backproject = blended.Options(backproject=3)
-    per, sheet = [], []
+    ms = blended.MultiStage(base.model, sr.model, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
+    direct_1 = blended.Options(candidates=1, repaint=0)
+    per = {(size, kind): [] for size in sizes for kind in masks}
+    sheets = {size: [] for size in sizes}
     for i, (sc, new, colour) in enumerate(cases(seed, n)):
-        src = torch.from_numpy(world.render_batch([sc], size))
-        truth = torch.from_numpy(world.render_batch([new], size))
-        m = torch.from_numpy((world.masks(sc, size)[:1] >= 0.5).astype(np.float32))[None]
-        prompt = new.caption()
-        t0 = time.perf_counter()
-        r = ms.edit(src, m, prompt, replace(opts, seed=i), progress=False)
-        t_ms = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rp = ms.edit(src, m, prompt, replace(backproject, seed=i), progress=False, first=r.stages[0])
-        t_p = time.perf_counter() - t0
-        if with_bicubic:
-            t0 = time.perf_counter()
-            rb = ms.edit(src, m, prompt, replace(bicubic, seed=i), progress=False, first=r.stages[0])
-            t_b = time.perf_counter() - t0
-        rs = ms.edit(src, m, prompt, replace(sr_only, seed=i), progress=False, first=r.stages[0])
-        up = regions.resize(r.stages[0], size, "bicubic")
-        s1 = m * up + (1 - m) * src
-        t0 = time.perf_counter()
-        d = min(size, opts.max_side)
-        low = ms.direct(src, m, prompt, replace(direct, seed=i), side=d, progress=False)
-        dr = m * regions.resize(low, size, "bicubic") + (1 - m) * src
-        t_d = time.perf_counter() - t0
-        row = {"scene": i, "prompt": prompt, "target": colour, "mask_fraction": m.mean().item(),
-               "source_success": scores(src, src, truth, m, scorer, new, colour)["success"],
-               "truth_success": scores(truth, src, truth, m, scorer, new, colour)["success"],
-               "multistage": {**scores(r.image, src, truth, m, scorer, new, colour), "seconds": round(t_ms, 2),
-                              "stages": r.log},
-               "multistage-backproject": {**scores(rp.image, src, truth, m, scorer, new, colour),
-                                          "seconds_after_stage1": round(t_p, 2)},
-               "stage1-sr": scores(rs.image, src, truth, m, scorer, new, colour),
-               "stage1-bicubic": scores(s1, src, truth, m, scorer, new, colour),
-               "direct": {**scores(dr, src, truth, m, scorer, new, colour), "seconds": round(t_d, 2)}}
-        if with_bicubic:
-            row["multistage-bicubic"] = {**scores(rb.image, src, truth, m, scorer, new, colour),
-                                         "seconds_after_stage1": round(t_b, 2)}
-        per.append(row)
-        print(f"{i:2d} {prompt[:60]:60s} " + "  ".join(
-            f"{k} {row[k]['psnr']:.2f}/{'ok' if row[k]['success'] else '--'}" for k in ROWS if k in row) +
-            f"  ({t_ms:.0f}s + {t_d:.0f}s)", flush=True)
-        if i < 6:
-            sheet += [(images.to_pil(src)[0], f"{i}: source"), (images.to_pil(truth)[0], f"truth: {prompt}")]
-            shots = [("multistage", r.image), ("multistage, back-projected", rp.image)]
-            shots += [("multistage, bicubic x4", rb.image)] if with_bicubic else []
-            sheet += [(images.to_pil(x)[0], k) for k, x in shots + [("stage 1 + bicubic", s1), ("direct", dr)]]
-        summary = summarize(per)
-        save(f"size_{size}", {"seed": seed, "scenes": len(per), "options": vars(opts),
-                              "backproject_options": {"backproject": backproject.backproject},
-                              "bicubic_options": {"upscaler": "bicubic", "start": 0.25, "backproject": 0},
-                              "direct_options": {"candidates": 1, "repaint": 0},
-                              "sr_only_options": {"start": 0, "tiled_start": 0, "backproject": 0},
-                              "summary": summary, "per_scene": per})
-    images.contact_sheet(sheet, cell=192, columns=6 + with_bicubic).save(RESULTS / f"blended_{size}.png")
-    write_markdown()
-    return summary
+        prompt, firsts, directs = new.caption(), {}, {}  # stage 1 and the direct rows, shared by the sizes
+        for size in sizes:
+            rows = ROWS if size <= DIRECT_SIDE else GOAL
+            src = torch.from_numpy(world.render_batch([sc], size))
+            truth = torch.from_numpy(world.render_batch([new], size))
+            obj = torch.from_numpy((world.masks(sc, size)[:1] >= 0.5).astype(np.float32))[None]
+            for kind in masks:
+                m = mask_of(kind, obj, size)
+                row = {"scene": i, "prompt": prompt, "target": colour, "mask_fraction": m.mean().item()}
+                out = {}
+                for name, opts in ((k, v) for k, v in STAGED.items() if k in rows):
+                    t0 = time.perf_counter()
+                    r = ms.edit(src, m, prompt, replace(opts, seed=i), progress=False, first=firsts.get(kind))
+                    if kind not in firsts:
+                        firsts[kind] = r.stages[0]
+                        row["stage1_seconds"] = r.log[0]["seconds"]
+                    out[name] = r.image
+                    row[name] = {"seconds_after_stage1": round(time.perf_counter() - t0 - r.log[0]["seconds"], 2)}
+                out["bicubic"] = m * regions.resize(firsts[kind], size, "bicubic") + (1 - m) * src
+                row["bicubic"] = {}
+                for name, opts in (("direct-1", direct_1), ("direct-equal", MSBD)):
+                    if name not in rows or (name == "direct-equal" and i >= direct_scenes):
+                        continue
+                    if (name, kind) not in directs:
+                        t0 = time.perf_counter()
+                        low = ms.direct(src, m, prompt, replace(opts, seed=i), side=min(size, DIRECT_SIDE),
+                                        progress=False)
+                        directs[name, kind] = (low, round(time.perf_counter() - t0, 2))
+                    low, secs = directs[name, kind]
+                    out[name] = m * regions.resize(low, size, "bicubic") + (1 - m) * src
+                    row[name] = {"seconds": secs}
+                for name, x in out.items():
+                    row[name].update(scores(x, src, truth, m, obj, new))
+                row["truth"] = scores(truth * m + src * (1 - m), src, truth, m, obj, new)  # the true edit, pasted
+                per[size, kind].append(row)
+                print(f"{size} {kind:7s} {i:2d} " + "  ".join(
+                    f"{k} {row[k]['psnr_mask']:.2f}/{'ok' if row[k]['judge_colour'] else '--'}" for k in out),
+                    flush=True)
+                if i < 3 and kind in ("object", "box"):
+                    shots = [("source", src), ("truth", truth)] + [
+                        (k, out[k]) for k in ("msbd", "ours", "sr-only", "bicubic", "direct-1")]
+                    sheets[size] += [(images.to_pil(x)[0], f"{i}, {kind} mask: {k}") for k, x in shots]
+        for (size, kind), rows_ in per.items():
+            shown = ROWS if size <= DIRECT_SIDE else GOAL
+            save(f"size_{size}_{kind}", {"seed": seed, "size": size, "mask": kind, "scenes": len(rows_),
+                                         "options": {k: vars(v) for k, v in STAGED.items() if k in shown},
+                                         "direct_options": {"direct-1": vars(direct_1), "direct-equal": vars(MSBD),
+                                                            "side": DIRECT_SIDE},
+                                         "summary": summarize(rows_), "per_scene": rows_})
+        for size, sheet in sheets.items():
+            images.contact_sheet(sheet, cell=192, columns=7).save(RESULTS / f"blended_{size}.png")
 
 
 def summarize(per):
-    out = {"source_success": statistics.mean(r["source_success"] for r in per),
-           "truth_success": statistics.mean(r["truth_success"] for r in per)}
-    for k in (k for k in ROWS if k in per[0]):
-        rows = [r[k] for r in per]
-        out[k] = {"psnr": statistics.mean(r["psnr"] for r in rows), "ssim": statistics.mean(r["ssim"] for r in rows),
-                  "psnr_in_mask": statistics.mean(r["psnr_in_mask"] for r in rows),
-                  "outside_max_abs_diff": max(r["outside_max_abs_diff"] for r in rows),
-                  "success": statistics.mean(r["success"] for r in rows),
-                  "clip": statistics.mean(r["clip"] for r in rows)}
-        for t in ("seconds", "seconds_after_stage1"):
-            if t in rows[0]:
-                out[k][t] = statistics.median(r[t] for r in rows)
+    out = {}
+    for k in (k for k in (*ROWS, "truth") if k in per[0]):
+        rows = [r[k] for r in per if k in r]
+        out[k] = {"scenes": len(rows)}
+        for metric in ("psnr_mask", "ssim_mask", "psnr_object", "psnr_rest", "sharpness", "judge_colour",
+                       "judge_scene", "seconds", "seconds_after_stage1"):
+            vals = [r[metric] for r in rows if r.get(metric) is not None]
+            if vals:
+                out[k][metric] = (statistics.median if metric.startswith("seconds") else statistics.mean)(vals)
     return out
 
 
-def secs(r):
-    if "seconds" in r:
-        return f"{r['seconds']:.0f}"
-    return f"+{r['seconds_after_stage1']:.0f} after stage 1" if "seconds_after_stage1" in r else ""
-
-
-def write_markdown():
-    d = json.loads(OUT.read_text())
-    lines = ["| size | method | PSNR to truth | SSIM | PSNR in mask | outside mask | edit success | CLIP | s/edit (median) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted((k for k in d if k.startswith("size_")), key=lambda k: int(k[5:])):
-        s = d[key]["summary"]
-        for k in (k for k in ROWS if k in s):
-            r = s[k]
-            outside = "exact (∞ dB)" if r["outside_max_abs_diff"] == 0 else f"{r['outside_max_abs_diff']:.1e}"
-            lines.append(f"| {key[5:]}² ({d[key]['scenes']} scenes) | {k} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-                         f"{r['psnr_in_mask']:.2f} | {outside} | {100 * r['success']:.0f}% | {r['clip']:.1f} | "
-                         f"{secs(r)} |")
-        lines.append(f"| | source / truth | | | | | {100 * s['source_success']:.0f}% / "
-                     f"{100 * s['truth_success']:.0f}% | | |")
-    if "rss" in d:
-        for r in d["rss"]:
-            lines.append(f"\n{r['size']}² edit (`{r['command']}`): peak RSS {r['peak_rss_gib']:.2f} GiB, "
-                         f"{r['seconds']:.0f} s on {r['cores']} cores" +
-                         ("" if r.get("alone", True) else " (beside other runs: the time is not comparable)"))
-    (RESULTS / "blended.md").write_text("\n".join(lines) + "\n")
-
-
-def rss(size, seed, max_side=None):
-    """One `python -m engine blend` at size² in a child process: its peak RSS (ru_maxrss) and wall time."""
+def rss(spec, seed):
+    """One `python -m engine blend` at SIZE² (spec "SIZE" or "SIZE:MAX_SIDE") in a child process: its peak RSS
+    (ru_maxrss of that child) and wall time."""
+    size, max_side = (int(v) for v in (spec.split(":") + [0])[:2])
     sc, new, _ = cases(seed, 1)[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -191,35 +196,37 @@ def rss(size, seed, max_side=None):
                "--prompt", new.caption(), "--quiet", "--out", str(tmp / "out.png")]
         cmd += ["--max-side", str(max_side)] if max_side else []
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        _, status, usage = os.wait4(subprocess.Popen(cmd).pid, 0)
         seconds = time.perf_counter() - t0
+        if status:
+            sys.exit(f"{' '.join(cmd)} failed")
         report = json.loads((tmp / "out.json").read_text())
         if not max_side:
             Image.open(tmp / "out_sheet.png").save(RESULTS / f"blended_{size}_sheet.png")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB
     flag = f" --max-side {max_side}" if max_side else ""
     row = {"size": size, "max_side": max_side or blended.Options().max_side,
            "command": f"python -m engine blend --image IN --mask MASK --prompt TEXT{flag} --out OUT",
-           "prompt": new.caption(), "peak_rss_gib": peak, "seconds": seconds, "cores": torch.get_num_threads(),
-           "stages": report["stages"], "outside_mask_max_abs_diff": report["outside_mask_max_abs_diff"],
+           "prompt": new.caption(), "peak_rss_gib": usage.ru_maxrss / 2**20, "seconds": seconds,
+           "cores": torch.get_num_threads(), "stages": report["stages"],
+           "outside_mask_max_abs_diff": report["outside_mask_max_abs_diff"],
            "commit": STAMP["commit"], "model_version": STAMP["model_version"]}  # "command": the edit's
     d = json.loads(OUT.read_text()) if OUT.exists() else {}
-    save("rss", [r for r in d.get("rss", []) if (r["size"], r.get("max_side", 256)) != (size, row["max_side"])] + [row])
-    write_markdown()
+    save("rss", [r for r in d.get("rss", []) if (r["size"], r["max_side"]) != (size, row["max_side"])] + [row])
     print(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--scenes", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, nargs="+", default=[256])
+    ap.add_argument("--scenes", type=int, default=10)
     ap.add_argument("--seed", type=int, default=107)
-    ap.add_argument("--no-bicubic-row", action="store_true", help="skip the multistage-bicubic row (saves time)")
-    ap.add_argument("--rss", type=int, help="measure one CLI edit at this size instead")
-    ap.add_argument("--max-side", type=int, help="with --rss: the CLI's --max-side")
+    ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    ap.add_argument("--direct-scenes", type=int, default=5, help="scenes of the direct-equal row (263 s each)")
+    ap.add_argument("--rss", nargs="+", metavar="SIZE[:MAX_SIDE]", help="measure one CLI edit each instead")
     a = ap.parse_args()
     STAMP = stamp("bench_blended.py")
     if a.rss:
-        rss(a.rss, a.seed, a.max_side)
+        for spec in a.rss:
+            rss(spec, a.seed)
     else:
-        print(json.dumps(table(a.size, a.seed, a.scenes, not a.no_bicubic_row), indent=1))
+        run(a.size, a.scenes, a.seed, a.masks, a.direct_scenes)
