@@ -21,9 +21,11 @@ direct-1            blended diffusion with the base model directly at min(size, 
 direct-equal        the same with stage 1's settings (5 candidates, RePaint 5, rerank): on --direct-scenes scenes
 Every row is the source outside the mask, pixel for pixel (the final stitch; checked, not a result). Metrics, at full
 resolution against the truth: PSNR and SSIM in the mask, PSNR on the object and on the rest of the mask (the
-background redrawn; dilated and box masks), edge sharpness (bench_tiny.sharpness) on the truth's edges within the
-mask dilated by size/32 px; from the pixels (engine.judge, which reads at 64²): object 0 in the target colour, and
-every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing.
+background redrawn; dilated and box masks); within the mask dilated by size/32 px, edge sharpness on the truth's
+edges (bench_tiny.sharpness: edges drawn where the truth has them) and edge energy Σ|∇x| / Σ|∇truth| (as much edge
+as the truth, wherever it is drawn); from the pixels (engine.judge, which reads at 64²): object 0 in the target colour, and
+every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing. Every output is
+kept as a PNG in bench/cache/blended/.
 """
 import argparse
 import json
@@ -48,6 +50,7 @@ from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "blended.json"
+CACHE = Path(__file__).parent / "cache" / "blended"  # every output, to judge again without a rerun
 MSBD = blended.Options(stage_ratio=2, stage_guidance=7.5, start_on="sd", backproject=0)
 STAGED = {  # the rows that upscale stage 1 with MultiStage.edit
     "msbd": MSBD,
@@ -97,16 +100,31 @@ def mask_of(kind, obj, size):
     return box
 
 
+def gradient(a):
+    """|∇a| of (1, 3, H, W) in [−1, 1], by central differences on [0, 1], over the channels: (1, 1, H−2, W−2)."""
+    a = (a + 1) / 2
+    gx, gy = (a[..., 1:-1, 2:] - a[..., 1:-1, :-2]) / 2, (a[..., 2:, 1:-1] - a[..., :-2, 1:-1]) / 2
+    return (gx.square() + gy.square()).sum(1, keepdim=True).sqrt()
+
+
+def edge_energy(x, truth, within):
+    """Σ|∇x| / Σ|∇truth| where `within` is 1: as much edge as the truth (1) wherever it is drawn; blur lowers it,
+    noise and extra edges raise it."""
+    w = within[..., 1:-1, 1:-1]
+    return ((gradient(x) * w).sum() / (gradient(truth) * w).sum()).item()
+
+
 def scores(x, src, truth, m, obj, new):
     from bench_direct import judged
     from bench_tiny import sharpness
 
     rest = m * (1 - grow(obj, max(x.shape[-1] // 64, 1)))  # the mask off the object: background redrawn
+    near = grow(m, x.shape[-1] // 32)
     assert torch.equal(x * (1 - m), src * (1 - m)), "not the source outside the mask"
     return {"psnr_mask": metrics.psnr(x, truth, m).item(), "ssim_mask": metrics.ssim(x, truth, m).item(),
             "psnr_object": metrics.psnr(x, truth, obj).item(),
             "psnr_rest": metrics.psnr(x, truth, rest).item() if rest.mean() > 0.005 else None,
-            "sharpness": sharpness(x, truth, grow(m, x.shape[-1] // 32)), **judged(x, [new])}
+            "sharpness": sharpness(x, truth, near), "edge_energy": edge_energy(x, truth, near), **judged(x, [new])}
 
 
 def run(sizes, n, seed, masks, direct_scenes):
@@ -115,6 +133,7 @@ def run(sizes, n, seed, masks, direct_scenes):
     ms = blended.MultiStage(base.model, sr.model, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
     direct_1 = blended.Options(candidates=1, repaint=0)
     per = {(size, kind): [] for size in sizes for kind in masks}
+    CACHE.mkdir(parents=True, exist_ok=True)
     sheets = {size: [] for size in sizes}
     for i, (sc, new, colour) in enumerate(cases(seed, n)):
         prompt, firsts, directs = new.caption(), {}, {}  # stage 1 and the direct rows, shared by the sizes
@@ -150,6 +169,7 @@ def run(sizes, n, seed, masks, direct_scenes):
                     row[name] = {"seconds": secs}
                 for name, x in out.items():
                     row[name].update(scores(x, src, truth, m, obj, new))
+                    images.to_pil(x)[0].save(CACHE / f"{size}_{kind}_{i}_{name}.png")
                 row["truth"] = scores(truth * m + src * (1 - m), src, truth, m, obj, new)  # the true edit, pasted
                 per[size, kind].append(row)
                 print(f"{size} {kind:7s} {i:2d} " + "  ".join(
@@ -175,7 +195,7 @@ def summarize(per):
     for k in (k for k in (*ROWS, "truth") if k in per[0]):
         rows = [r[k] for r in per if k in r]
         out[k] = {"scenes": len(rows)}
-        for metric in ("psnr_mask", "ssim_mask", "psnr_object", "psnr_rest", "sharpness", "judge_colour",
+        for metric in ("psnr_mask", "ssim_mask", "psnr_object", "psnr_rest", "sharpness", "edge_energy", "judge_colour",
                        "judge_scene", "seconds", "seconds_after_stage1"):
             vals = [r[metric] for r in rows if r.get(metric) is not None]
             if vals:
