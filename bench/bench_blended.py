@@ -1,7 +1,8 @@
 """Multi-stage blended diffusion (MSBD) on the embedded cascade, against its ablations and baselines, over held-out
 world scenes (seed 107), judged at full resolution against the world's re-render of the edit.
 
-    python bench/bench_blended.py --size 256 1024 --scenes 10 --direct-scenes 5
+    python bench/bench_blended.py --size 256 1024 --scenes 8 --direct-scenes 2
+    python bench/bench_blended.py --size 256 1024 --scenes 12 --direct-scenes 2 --resume   # scenes 8 to 11 added
     python bench/bench_blended.py --rss 2048 1024 2048:512     # one CLI edit each: peak RSS and time
 
 Each scene: object 0 recoloured (never to another object's or the background's colour); the prompt is the edited
@@ -23,8 +24,8 @@ Every row is the source outside the mask, pixel for pixel (the final stitch; che
 resolution against the truth: PSNR and SSIM in the mask, PSNR on the object and on the rest of the mask (the
 background redrawn; dilated and box masks); within the mask dilated by size/32 px, edge sharpness on the truth's
 edges (bench_tiny.sharpness: edges drawn where the truth has them) and edge energy Σ|∇x| / Σ|∇truth| (as much edge
-as the truth, wherever it is drawn); from the pixels (engine.judge, which reads at 64²): object 0 in the target colour, and
-every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing. Every output is
+as the truth, wherever it is drawn); from the pixels (engine.judge, which reads at 64²): object 0 in the target
+colour, and every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing. Every output is
 kept as a PNG in bench/cache/blended/.
 """
 import argparse
@@ -84,7 +85,8 @@ def cases(seed: int, n: int):
 
 
 def grow(m, r):
-    return F.max_pool2d(m, 2 * r + 1, 1, r)
+    """m dilated by a (2r + 1)² square: max pooling as two 1-D passes."""
+    return F.max_pool2d(F.max_pool2d(m, (1, 2 * r + 1), 1, (0, r)), (2 * r + 1, 1), 1, (r, 0))
 
 
 def mask_of(kind, obj, size):
@@ -100,18 +102,14 @@ def mask_of(kind, obj, size):
     return box
 
 
-def gradient(a):
-    """|∇a| of (1, 3, H, W) in [−1, 1], by central differences on [0, 1], over the channels: (1, 1, H−2, W−2)."""
-    a = (a + 1) / 2
-    gx, gy = (a[..., 1:-1, 2:] - a[..., 1:-1, :-2]) / 2, (a[..., 2:, 1:-1] - a[..., :-2, 1:-1]) / 2
-    return (gx.square() + gy.square()).sum(1, keepdim=True).sqrt()
-
-
 def edge_energy(x, truth, within):
     """Σ|∇x| / Σ|∇truth| where `within` is 1: as much edge as the truth (1) wherever it is drawn; blur lowers it,
     noise and extra edges raise it."""
-    w = within[..., 1:-1, 1:-1]
-    return ((gradient(x) * w).sum() / (gradient(truth) * w).sum()).item()
+    from bench_tiny import gradients
+
+    w = within[:, 0, 1:-1, 1:-1]
+    energy = lambda a: (gradients(a).square().sum((0, 2)).sqrt() * w).sum().item()  # noqa: E731
+    return energy(x) / energy(truth)
 
 
 def scores(x, src, truth, m, obj, new):
@@ -127,26 +125,38 @@ def scores(x, src, truth, m, obj, new):
             "sharpness": sharpness(x, truth, near), "edge_energy": edge_energy(x, truth, near), **judged(x, [new])}
 
 
-def run(sizes, n, seed, masks, direct_scenes):
-    """Scene by scene, each size and mask: every result file part rewritten after each scene."""
+def run(sizes, n, seed, masks, direct_scenes, resume=False):
+    """Scene by scene, each size and mask: every result file part rewritten after each scene. resume: keep the
+    scenes the result file has for every size and mask (each row keeps its run's commit) and go on from there."""
     base, sr = engine.load(DEFAULT_MODEL), engine.load(DEFAULT_UPSCALER)
     ms = blended.MultiStage(base.model, sr.model, metrics.Scorer.from_pretrained(DEFAULT_MODEL))
     direct_1 = blended.Options(candidates=1, repaint=0)
     per = {(size, kind): [] for size in sizes for kind in masks}
+    if resume:
+        old = json.loads(OUT.read_text())
+        for size, kind in per:
+            part = old.get(f"size_{size}_{kind}", {"seed": seed, "per_scene": []})
+            if part["seed"] != seed:
+                sys.exit(f"--resume: {OUT} holds seed {part['seed']}, not {seed}")
+            per[size, kind] = [{"commit": part.get("commit"), **r} for r in part["per_scene"]]
+    done = min(len(rows) for rows in per.values())
+    per = {k: rows[:done] for k, rows in per.items()}
     CACHE.mkdir(parents=True, exist_ok=True)
-    sheets = {size: [] for size in sizes}
     for i, (sc, new, colour) in enumerate(cases(seed, n)):
+        if i < done:
+            continue
         prompt, firsts, directs = new.caption(), {}, {}  # stage 1 and the direct rows, shared by the sizes
         for size in sizes:
-            rows = ROWS if size <= DIRECT_SIDE else GOAL
+            names = ROWS if size <= DIRECT_SIDE else GOAL
             src = torch.from_numpy(world.render_batch([sc], size))
             truth = torch.from_numpy(world.render_batch([new], size))
             obj = torch.from_numpy((world.masks(sc, size)[:1] >= 0.5).astype(np.float32))[None]
             for kind in masks:
                 m = mask_of(kind, obj, size)
-                row = {"scene": i, "prompt": prompt, "target": colour, "mask_fraction": m.mean().item()}
+                row = {"scene": i, "commit": STAMP["commit"], "prompt": prompt, "target": colour,
+                       "mask_fraction": m.mean().item()}
                 out = {}
-                for name, opts in ((k, v) for k, v in STAGED.items() if k in rows):
+                for name, opts in ((k, v) for k, v in STAGED.items() if k in names):
                     t0 = time.perf_counter()
                     r = ms.edit(src, m, prompt, replace(opts, seed=i), progress=False, first=firsts.get(kind))
                     if kind not in firsts:
@@ -157,14 +167,15 @@ def run(sizes, n, seed, masks, direct_scenes):
                 out["bicubic"] = m * regions.resize(firsts[kind], size, "bicubic") + (1 - m) * src
                 row["bicubic"] = {}
                 for name, opts in (("direct-1", direct_1), ("direct-equal", MSBD)):
-                    if name not in rows or (name == "direct-equal" and i >= direct_scenes):
+                    if name not in names or (name == "direct-equal" and i >= direct_scenes):
                         continue
-                    if (name, kind) not in directs:
+                    key = (name, kind, min(size, DIRECT_SIDE))
+                    if key not in directs:
                         t0 = time.perf_counter()
                         low = ms.direct(src, m, prompt, replace(opts, seed=i), side=min(size, DIRECT_SIDE),
                                         progress=False)
-                        directs[name, kind] = (low, round(time.perf_counter() - t0, 2))
-                    low, secs = directs[name, kind]
+                        directs[key] = (low, round(time.perf_counter() - t0, 2))
+                    low, secs = directs[key]
                     out[name] = m * regions.resize(low, size, "bicubic") + (1 - m) * src
                     row[name] = {"seconds": secs}
                 for name, x in out.items():
@@ -175,19 +186,31 @@ def run(sizes, n, seed, masks, direct_scenes):
                 print(f"{size} {kind:7s} {i:2d} " + "  ".join(
                     f"{k} {row[k]['psnr_mask']:.2f}/{'ok' if row[k]['judge_colour'] else '--'}" for k in out),
                     flush=True)
-                if i < 3 and kind in ("object", "box"):
-                    shots = [("source", src), ("truth", truth)] + [
-                        (k, out[k]) for k in ("msbd", "ours", "sr-only", "bicubic", "direct-1")]
-                    sheets[size] += [(images.to_pil(x)[0], f"{i}, {kind} mask: {k}") for k, x in shots]
-        for (size, kind), rows_ in per.items():
-            shown = ROWS if size <= DIRECT_SIDE else GOAL
-            save(f"size_{size}_{kind}", {"seed": seed, "size": size, "mask": kind, "scenes": len(rows_),
-                                         "options": {k: vars(v) for k, v in STAGED.items() if k in shown},
+        for (size, kind), rows in per.items():
+            names = ROWS if size <= DIRECT_SIDE else GOAL
+            save(f"size_{size}_{kind}", {"seed": seed, "size": size, "mask": kind, "scenes": len(rows),
+                                         "options": {k: vars(v) for k, v in STAGED.items() if k in names},
                                          "direct_options": {"direct-1": vars(direct_1), "direct-equal": vars(MSBD),
                                                             "side": DIRECT_SIDE},
-                                         "summary": summarize(rows_), "per_scene": rows_})
-        for size, sheet in sheets.items():
-            images.contact_sheet(sheet, cell=192, columns=7).save(RESULTS / f"blended_{size}.png")
+                                         "summary": summarize(rows), "per_scene": rows})
+        for size in sizes:
+            sheet(size, seed, [k for k in ("object", "box") if k in masks])
+
+
+def sheet(size, seed, masks, scenes=3):
+    """The first scenes' source, truth and five rows, from the kept outputs."""
+    shots = []
+    for i, (sc, new, _) in enumerate(cases(seed, scenes)):
+        for kind in masks:
+            names = [k for k in ("msbd", "ours", "sr-only", "bicubic", "direct-1")
+                     if (CACHE / f"{size}_{kind}_{i}_{k}.png").exists()]
+            if len(names) < 5:
+                continue
+            src, truth = images.to_pil(torch.from_numpy(world.render_batch([sc, new], size)))
+            shots += [(src, f"{i}, {kind} mask: source"), (truth, "truth")]
+            shots += [(Image.open(CACHE / f"{size}_{kind}_{i}_{k}.png"), k) for k in names]
+    if shots:
+        images.contact_sheet(shots, cell=192, columns=7).save(RESULTS / f"blended_{size}.png")
 
 
 def summarize(per):
@@ -242,6 +265,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=107)
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
     ap.add_argument("--direct-scenes", type=int, default=5, help="scenes of the direct-equal row (263 s each)")
+    ap.add_argument("--resume", action="store_true", help="go on from the scenes the result file has")
     ap.add_argument("--rss", nargs="+", metavar="SIZE[:MAX_SIDE]", help="measure one CLI edit each instead")
     a = ap.parse_args()
     STAMP = stamp("bench_blended.py")
@@ -249,4 +273,4 @@ if __name__ == "__main__":
         for spec in a.rss:
             rss(spec, a.seed)
     else:
-        run(a.size, a.scenes, a.seed, a.masks, a.direct_scenes)
+        run(a.size, a.scenes, a.seed, a.masks, a.direct_scenes, a.resume)

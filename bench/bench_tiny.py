@@ -230,15 +230,17 @@ def gate_base(n=200, steps=50, guidance=5.0):
             "first_prompts": first_prompts(pipe, steps, guidance)}
 
 
+def gradients(a: torch.Tensor) -> torch.Tensor:
+    """Central differences of (N, 3, H, W) in [−1, 1], on [0, 1]: (2 directions, N, 3, H − 2, W − 2)."""
+    a = (a + 1) / 2
+    return torch.stack([a[..., 1:-1, 2:] - a[..., 1:-1, :-2], a[..., 2:, 1:-1] - a[..., :-2, 1:-1]]) / 2
+
+
 def sharpness(x: torch.Tensor, truth: torch.Tensor, within: torch.Tensor | None = None) -> float:
     """Edge sharpness: on the true image's edges, x's gradient projected on the truth's, Σ ∇x·∇t / Σ |∇t|²
     (1 for the truth; blur and misplaced edges lower it, overshoot raises it above 1, and zero-mean noise leaves
     it unchanged on average). `within`: (N, 1, H, W), count only the edges where it is 1."""
-    def grad(a):
-        a = (a + 1) / 2
-        return torch.stack([a[..., 1:-1, 2:] - a[..., 1:-1, :-2], a[..., 2:, 1:-1] - a[..., :-2, 1:-1]]) / 2
-
-    gx, gt = grad(x), grad(truth)
+    gx, gt = gradients(x), gradients(truth)
     edges = (gt.square().sum((0, 2)).sqrt() > 0.05)[None, :, None]  # (1, N, 1, H, W) over 2 directions, 3 channels
     if within is not None:
         edges = edges & (within[None, :, :, 1:-1, 1:-1] > 0)

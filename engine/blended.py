@@ -4,11 +4,11 @@ editing (Ackermann & Li 2022, "High-Resolution Image Editing via Multi-Stage Ble
 Blended diffusion samples the whole latent under the prompt and, at every step, replaces what lies
 outside the mask with the source latent noised to the same level, so only the masked region is
 generated. The multi-stage edit runs it at the base model's resolution (with RePaint resampling and
-CLIP reranking of a batch of candidates), then upscales in stages: ×4 super-resolution, then blended
-diffusion started at an intermediate step against a low-passed original. Stages larger than
-`max_side` run in overlapping tiles composited with sigmoid alpha ramps, so the working set depends
-on the tile; only the full-resolution image buffers grow with the output. The result is the original
-outside the mask, pixel for pixel.
+CLIP reranking of a batch of candidates), then upscales in stages: ×4 super-resolution (resized to
+×2 with MSBD's stage ratio), then blended diffusion started at an intermediate step against a
+low-passed original. Stages larger than `max_side` run in overlapping tiles composited with
+sigmoid alpha ramps, so the working set depends on the tile; only the full-resolution image
+buffers grow with the output. The result is the original outside the mask, pixel for pixel.
 """
 import time
 import warnings
@@ -192,17 +192,19 @@ class MultiStage:
     def peak_memory(self, side: int, area: int, o: Options) -> int:
         """Estimated peak bytes of an edit of a side² square in an image of `area` pixels
         (engine.memory): the largest of stage 1's candidates at the base side, a stage's tile of
-        at most max_side and its ×4 upscale, plus the float32 images kept (about 10 copies when
-        the square is the whole image, measured; 3 of them are of the whole image), plus the
-        models' weight copies still to be reordered (Model.reordered_bytes)."""
+        at most max_side and the ×4 model's output for it (twice the tile with stage_ratio 2),
+        plus the float32 images kept (about 10 copies when the square is the whole image,
+        measured; 3 of them are of the whole image), plus the models' weight copies still to be
+        reordered (Model.reordered_bytes)."""
         b, t = self.base, min(side, o.max_side)
         parts = b.peak_memory(b.side, b.side, (1 + (o.guidance > 1)) * o.candidates, o.candidates)
         copies = b.reordered_bytes()
+        if o.upscaler == "sr":
+            u = 4 * t // o.stage_ratio  # the ×4 model's output for a tile
+            parts += self.sr.peak_memory(u, u, 1 + (o.sr_guidance > 1))
+        if o.stage_model == "sr":
+            parts += self.sr.peak_memory(t, t, 1 + (o.stage_cfg > 1))
         if "sr" in (o.stage_model, o.upscaler):
-            guided = ((o.upscaler == "sr" and o.sr_guidance > 1)
-                      or (o.stage_model == "sr" and o.stage_cfg > 1))
-            u = 4 * t // o.stage_ratio  # the ×4 model's upscale of a tile
-            parts += self.sr.peak_memory(u, u, 1 + guided)
             copies += self.sr.reordered_bytes()
         if o.stage_model == "base":
             parts += b.peak_memory(t, t, 1 + (o.stage_cfg > 1))

@@ -216,7 +216,8 @@ BLEND_FLAGS = (  # (flag, help, flag()'s keywords): every one an Options field
     ("--backproject", "back-projection iterations on each stage's output, so that its 4×4 means "
      "are the stage it upscaled; 0 gives MSBD's stages", {}),
     ("--stage-ratio", "the side ratio between stages: 4, the ×4 model's own, or 2, MSBD's "
-     "(≤ ×2.7), the ×4 upscale of each stage resized to twice its input", {"choices": STAGE_RATIOS}),
+     "(≤ ×2.7), the ×4 upscale of each stage resized to twice its input; the ×4 model then "
+     "draws twice --max-side", {"choices": STAGE_RATIOS}),
     ("--stage-model", "the model of the stages' blended diffusion", {"choices": STAGE_MODELS}),
     ("--stage-guidance", "CFG of the stages' blended diffusion, e.g. 7.5 as MSBD",
      {"none": "the stage model's: none for the ×4 model, --guidance for the base", "type": float}),
@@ -239,9 +240,9 @@ def _blend(sub):
         "blend", help="image + mask + text → high-resolution edit (multi-stage blended diffusion)",
         description="Edit the masked region: blended latent diffusion at the base model's size "
         "(RePaint, CLIP-reranked candidates), then stages of ×4 super-resolution (×2 as MSBD "
-        "with --stage-ratio 2) + blended diffusion from an intermediate step against a low-passed original, tiled above "
-        "--max-side. The result is the original outside the mask, pixel for pixel. Writes OUT, "
-        "OUT_sheet.png (every stage) and OUT.json.")
+        "with --stage-ratio 2) + blended diffusion from an intermediate step against a low-passed "
+        "original, tiled above --max-side. The result is the original outside the mask, pixel "
+        "for pixel. Writes OUT, OUT_sheet.png (every stage) and OUT.json.")
     cascade_args(p, "reranking and the CLIP score")
     p.add_argument("--image", required=True, help="the input image")
     p.add_argument("--mask", required=True, help="the mask image: white = edit (grey values are "
