@@ -25,8 +25,8 @@ resolution against the truth: PSNR and SSIM in the mask, PSNR on the object and 
 background redrawn; dilated and box masks); within the mask dilated by size/32 px, edge sharpness on the truth's
 edges (bench_tiny.sharpness: edges drawn where the truth has them) and edge energy Σ|∇x| / Σ|∇truth| (as much edge
 as the truth, wherever it is drawn); from the pixels (engine.judge, which reads at 64²): object 0 in the target
-colour, and every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing. Every output is
-kept as a PNG in bench/cache/blended/.
+colour, and every attribute of the edited scene. The tiny CLIP that reranks the candidates judges nothing. Every
+output is kept as a PNG in bench/cache/blended/.
 """
 import argparse
 import json
