@@ -201,12 +201,12 @@ def sheet(size, seed, masks, scenes=3):
     """The first scenes' source, truth and five rows, from the kept outputs."""
     shots = []
     for i, (sc, new, _) in enumerate(cases(seed, scenes)):
+        src, truth = images.to_pil(torch.from_numpy(world.render_batch([sc, new], size)))
         for kind in masks:
             names = [k for k in ("msbd", "ours", "sr-only", "bicubic", "direct-1")
                      if (CACHE / f"{size}_{kind}_{i}_{k}.png").exists()]
             if len(names) < 5:
                 continue
-            src, truth = images.to_pil(torch.from_numpy(world.render_batch([sc, new], size)))
             shots += [(src, f"{i}, {kind} mask: source"), (truth, "truth")]
             shots += [(Image.open(CACHE / f"{size}_{kind}_{i}_{k}.png"), k) for k in names]
     if shots:

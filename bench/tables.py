@@ -334,11 +334,11 @@ def blended(j):
                 r = p["summary"][k]
                 psnr = f(r["psnr_mask"]) if k != "truth" else "∞"  # the truth pasted: no error in the mask
                 cells += [psnr, f(r["sharpness"]), f(r["edge_energy"]), pct(r["judge_colour"])]
-            secs = parts[0]["summary"][k]
-            secs = (f(secs["seconds"], 0) if "seconds" in secs else
-                    f"+{f(secs['seconds_after_stage1'], 0)}" if "seconds_after_stage1" in secs else "")
-            n = parts[0]["summary"][k]["scenes"]
-            rows.append([label + ("" if n == parts[0]["scenes"] else f" ({n} scenes)"), *cells, secs])
+            r = parts[0]["summary"][k]
+            secs = (f(r["seconds"], 0) if "seconds" in r else
+                    f"+{f(r['seconds_after_stage1'], 0)}" if "seconds_after_stage1" in r else "")
+            n = "" if r["scenes"] == parts[0]["scenes"] else f" ({r['scenes']} scenes)"
+            rows.append([label + n, *cells, secs])
         stage1 = [r["stage1_seconds"] for p in parts for r in p["per_scene"] if "stage1_seconds" in r]
         stage1 = f"{f(st.median(stage1), 0)} s (median)" if stage1 else "the 256² runs'"
         out.append(f"**{size}²**, {parts[0]['scenes']} scenes; stage 1: {stage1}\n\n" + md(
