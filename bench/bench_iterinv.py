@@ -75,7 +75,8 @@ def table(size, n_paper, n):
     truth = images.to_tensor(pils)
     vae = cas.sr.vae
     old = json.loads(OUT.read_text()).get(f"table_{size}", {}) if OUT.exists() else {}
-    rows = old.get("per_scene", {}) if old.get("scenes") == n else {}  # rows of earlier runs on these scenes
+    same_run = old.get("scenes") == n and old.get("model_version") == STAMP["model_version"]
+    rows = old.get("per_scene", {}) if same_run else {}  # rows of earlier runs on these scenes and models
     with torch.no_grad():
         rows["vae"] = scores(vae.decode_latents(vae.encode_latents(truth)), truth, scorer, caps)
     print(f"{size}² vae: {statistics.mean(rows['vae']['psnr']):.2f} dB")
