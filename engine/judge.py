@@ -9,6 +9,10 @@ darker or lighter tone of it) lies nearest the pixels of a band inside the image
 pixels are those nearer to an object colour than to that segment; each 4-connected region of one
 colour is an object, and its shape is the world shape whose mask, fitted to the region's centroid and
 area and rotated over its symmetry period, overlaps the region best (intersection over union).
+
+`read(image, striped=True)` reads striped objects: each 4-connected region of object pixels, whatever
+their colours, is one object, whose colour is the region's most frequent one and whose stripes are the
+second, where that covers at least STRIPE_SHARE of the region. Two objects that touch then read as one.
 """
 import itertools
 import math
@@ -20,6 +24,7 @@ from . import world
 
 READ_RES = 64
 MIN_AREA = 0.004      # of the image: smaller regions are noise, not objects (a small ring covers 0.038)
+STRIPE_SHARE = 0.2    # of a region, for its second colour to be stripes (world stripes cover half)
 # area of each shape at size r, in units of r² (world.shape_sd's geometry)
 AREA = {"circle": math.pi, "ring": math.pi * (1 - 0.4**2), "square": 1.8**2,
         "triangle": 3 * math.sqrt(3) / 4 * 1.15**2, "star": 5 * 1.1 * 0.45 * math.sin(math.pi / 5)}
@@ -35,12 +40,14 @@ class Found:
     cy: float
     r: float       # the size of the fitted shape, as world.SIZES
     iou: float
+    stripes: str | None = None
 
 
 @dataclass(frozen=True)
 class Reading:
     bg_colour: str
     objects: tuple   # Found, largest first
+    striped: bool = False   # read with read(..., striped=True)
 
 
 def _rgb(name: str) -> np.ndarray:
@@ -106,8 +113,8 @@ def _fit(region: np.ndarray, n: int) -> tuple[str, float, float, float, float]:
     return best
 
 
-def read(image: np.ndarray) -> Reading:
-    """Read an (H, W, 3) image in [0, 1] (square, any resolution)."""
+def read(image: np.ndarray, striped: bool = False) -> Reading:
+    """Read an (H, W, 3) image in [0, 1] (square, any resolution); with striped, objects of two colours."""
     px = _resize(np.clip(np.asarray(image, np.float64), 0, 1))
     n = px.shape[0]
     band = np.zeros((n, n), bool)
@@ -120,13 +127,17 @@ def read(image: np.ndarray) -> Reading:
     d = np.stack([np.linalg.norm(px - _rgb(c), axis=-1) for c in names])
     label = d.argmin(0)
     is_obj = d.min(0) < d_bg
+    regions = _components(is_obj) if striped else [
+        region for k in range(len(names)) for region in _components(is_obj & (label == k))]
     found = []
-    for k, name in enumerate(names):
-        for region in _components(is_obj & (label == k)):
-            if len(region) >= MIN_AREA * n * n:
-                shape, cx, cy, r, iou = _fit(region, n)
-                found.append((len(region), Found(name, shape, cx, cy, r, iou)))
-    return Reading(bg, tuple(f for _, f in sorted(found, key=lambda x: -x[0])))
+    for region in regions:
+        if len(region) < MIN_AREA * n * n:
+            continue
+        counts = np.bincount(label[region[:, 0], region[:, 1]], minlength=len(names))
+        first, second = np.argsort(-counts, kind="stable")[:2]
+        stripes = names[second] if counts[second] >= STRIPE_SHARE * len(region) else None
+        found.append((len(region), Found(names[first], *_fit(region, n), stripes)))
+    return Reading(bg, tuple(f for _, f in sorted(found, key=lambda x: -x[0])), striped)
 
 
 def place(f: Found) -> str:
@@ -137,7 +148,10 @@ def place(f: Found) -> str:
 def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict:
     """For each object of the scene, whether the attributes the caption named were drawn; with no
     phrase, the caption is the template, which names everything. Keys: colour, shape, size, position
-    (lists, one entry per object, None where not named) and bg_colour (None where not named).
+    (lists, one entry per object, None where not named) and bg_colour (None where not named); for a
+    striped reading also stripes (the object's two colours as body and stripes, in either order, or
+    no stripes on a plain object), which no caption names. There an object's colour is drawn if it
+    is the body's or the stripes' colour.
 
     Each found object stands for at most one of the scene's: of every one-to-one assignment of found
     objects to the scene's, the one with the most named attributes drawn counts."""
@@ -147,12 +161,17 @@ def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict
     mid = sum(world.SIZES.values()) / 2
 
     def hits(o, size, pos, f):
-        if f is None or f.colour != o.colour:
-            return {"colour": False, "shape": False, "size": False if size else None,
-                    "position": False if pos else None}
-        return {"colour": True, "shape": f.shape == o.shape,
-                "size": (f.r > mid) == (world.SIZES[o.size] > mid) if size else None,
-                "position": place(f) == o.position if pos else None}
+        if f is None or o.colour not in ((f.colour, f.stripes) if r.striped else (f.colour,)):
+            h = {"colour": False, "shape": False, "size": False if size else None,
+                 "position": False if pos else None}
+        else:
+            h = {"colour": True, "shape": f.shape == o.shape,
+                 "size": (f.r > mid) == (world.SIZES[o.size] > mid) if size else None,
+                 "position": place(f) == o.position if pos else None}
+        if r.striped:
+            h["stripes"] = f is not None and ({f.colour, f.stripes} == {o.colour, o.stripes} if o.stripes
+                                              else f.stripes is None)
+        return h
 
     pool = list(r.objects) + [None] * n
     best = None
@@ -161,7 +180,7 @@ def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict
         score = sum(v is True for x in h for v in x.values())
         if best is None or score > best[0]:
             best = (score, h)
-    out = {k: [x[k] for x in best[1]] for k in ("colour", "shape", "size", "position")}
+    out = {k: [x[k] for x in best[1]] for k in best[1][0]}
     out["bg_colour"] = r.bg_colour == s.bg_colour if (named is None or named.bg_colour) else None
     return out
 

@@ -181,6 +181,21 @@ def scenes(seed: int, n: int) -> list[Scene]:
     return [sample_scene(rng) for _ in range(n)]
 
 
+def striped(ss: list[Scene], seed: int, share: float) -> list[Scene]:
+    """The same scenes with each object striped at rate `share`, in a colour that is neither its own nor
+    the background's, drawn for scene i from default_rng([seed, i]). Captions do not change: no caption
+    names stripes."""
+    out = []
+    for i, s in enumerate(ss):
+        rng = np.random.default_rng([seed, i])
+        for k, o in enumerate(s.objects):
+            if rng.random() < share:
+                other = [c for c in COLOURS if c not in (o.colour, s.bg_colour)]
+                s = s.replace(k, stripes=str(rng.choice(other)))
+        out.append(s)
+    return out
+
+
 def grid(res: int, window: tuple[int, int, int] | None = None):
     """Pixel centres in image units, u (x, right) and v (y, down); of the (x, y, side) window only, if given."""
     c = (np.arange(res, dtype=np.float64) + 0.5) / res

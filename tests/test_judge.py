@@ -5,10 +5,11 @@ import pytest
 from engine import judge, world
 
 
-def rates(ss, images, phrases=None):
+def rates(ss, images, phrases=None, striped=False):
     hits = {}
     for k, (s, im) in enumerate(zip(ss, images)):
-        for attr, v in judge.named(judge.check(judge.read(im), s, phrases[k] if phrases else None)).items():
+        r = judge.read(im, striped)
+        for attr, v in judge.named(judge.check(r, s, phrases[k] if phrases else None)).items():
             hits.setdefault(attr, []).extend(v)
     return {a: float(np.mean(v)) for a, v in hits.items()}
 
@@ -19,6 +20,25 @@ def test_true_renders_read_back(res, n):
     r = rates(ss, [world.render(s, res) for s in ss])
     assert r["bg_colour"] == 1.0 and r["colour"] == 1.0 and r["position"] == 1.0
     assert r["shape"] >= 0.97 and r["size"] >= 0.97, r  # an object partly hidden by the other may misread
+
+
+def test_striped_objects_read_back():
+    """Read as striped, half the objects of true renders striped: on one-object scenes (two objects that touch
+    read as one) the stripes' colour is read on large objects (stripes 4 px wide at 64²) and no stripes on plain
+    ones; on small striped ones (2.3 px) it is not bound."""
+    ss = [s for s in world.striped(world.scenes(13, 160), 13, 0.5) if len(s.objects) == 1]
+    hits = {(size, bool(stripes)): [] for size in world.SIZES for stripes in (0, 1)}
+    for s in ss:
+        c = judge.check(judge.read(world.render(s, 64), striped=True), s)
+        assert set(c) == {"colour", "shape", "size", "position", "stripes", "bg_colour"}
+        for o, hit in zip(s.objects, c["stripes"]):
+            hits[o.size, o.stripes is not None].append(hit)
+    rate = {k: float(np.mean(v)) for k, v in hits.items()}
+    assert min(len(v) for v in hits.values()) >= 15, {k: len(v) for k, v in hits.items()}
+    assert rate["large", True] >= 0.95 and rate["large", False] >= 0.95 and rate["small", False] >= 0.95, rate
+    r = rates(ss, [world.render(s, 64) for s in ss], striped=True)
+    assert r["colour"] == 1.0 and r["shape"] >= 0.9, r
+    assert "stripes" not in judge.check(judge.read(world.render(ss[0], 64)), ss[0])  # plain reading: no key
 
 
 def test_changed_scenes_read_as_changed():

@@ -126,3 +126,14 @@ def test_phrasings_use_every_word():
     assert not missing
     assert world.phrasings(world.scenes(5, 3), 5, 3) == world.phrasings(world.scenes(5, 3), 5, 3)
     assert all(cs[0] == s.caption() for cs, s in zip(world.phrasings(world.scenes(5, 3), 5, 3), world.scenes(5, 3)))
+
+
+def test_stripes_are_neither_the_object_nor_the_background_colour():
+    ss = world.striped(world.scenes(14, 200), 14, 0.5)
+    assert [s.caption() for s in ss] == [s.caption() for s in world.scenes(14, 200)]
+    objs = [(o, s) for s in ss for o in s.objects]
+    share = np.mean([o.stripes is not None for o, _ in objs])
+    assert 0.4 < share < 0.6
+    assert all(o.stripes not in (o.colour, s.bg_colour) for o, s in objs if o.stripes)
+    plain = world.scenes(14, 5)
+    assert world.striped(plain, 14, 0.0) == plain
