@@ -180,7 +180,8 @@ def check(r: Reading, s: world.Scene, named: world.Phrase | None = None) -> dict
         score = sum(v is True for x in h for v in x.values())
         if best is None or score > best[0]:
             best = (score, h)
-    out = {k: [x[k] for x in best[1]] for k in best[1][0]}
+    keys = ("colour", "shape", "size", "position") + (("stripes",) if r.striped else ())
+    out = {k: [x[k] for x in best[1]] for k in keys}
     out["bg_colour"] = r.bg_colour == s.bg_colour if (named is None or named.bg_colour) else None
     return out
 
