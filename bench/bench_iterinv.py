@@ -5,6 +5,7 @@
     python bench/bench_iterinv.py --edit                     # 1024²: a red circle → a blue circle, two ways
     python bench/bench_iterinv.py --edit-table --scenes 20   # 256²: 20 recolouring edits, two ways
     python bench/bench_iterinv.py --edit-zt --scenes 20      # 256²: the same edits from three z_T
+    python bench/bench_iterinv.py --edit-zt --size 1024 --scenes 6
     python bench/bench_iterinv.py --timing                   # paper vs fast solve time, alone, alternating
     python bench/bench_iterinv.py --mask                     # DiffEdit mask settings vs the world's masks
 
