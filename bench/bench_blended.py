@@ -47,6 +47,8 @@ from PIL import Image
 import engine
 from engine import blended, images, metrics, regions, world
 from engine.embedded import DEFAULT_MODEL, DEFAULT_UPSCALER
+from bench_direct import judged
+from bench_tiny import gradients, sharpness
 from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,17 +107,12 @@ def mask_of(kind, obj, size):
 def edge_energy(x, truth, within):
     """Σ|∇x| / Σ|∇truth| where `within` is 1: as much edge as the truth (1) wherever it is drawn; blur lowers it,
     noise and extra edges raise it."""
-    from bench_tiny import gradients
-
     w = within[:, 0, 1:-1, 1:-1]
     energy = lambda a: (gradients(a).square().sum((0, 2)).sqrt() * w).sum().item()  # noqa: E731
     return energy(x) / energy(truth)
 
 
 def scores(x, src, truth, m, obj, new):
-    from bench_direct import judged
-    from bench_tiny import sharpness
-
     rest = m * (1 - grow(obj, max(x.shape[-1] // 64, 1)))  # the mask off the object: background redrawn
     near = grow(m, x.shape[-1] // 32)
     assert torch.equal(x * (1 - m), src * (1 - m)), "not the source outside the mask"
