@@ -46,8 +46,11 @@ class Scene:
     bg_angle: float = 0.0   # stripes / gradient direction
     bg_seed: int = 0        # texture phases
 
-    def caption(self) -> str:
-        objs = " and ".join(f"a {o.size} {o.colour} {o.shape} {o.position}" for o in self.objects)
+    def caption(self, stripes: str | None = None) -> str:
+        """The template caption; with a `stripes` word, a striped object is "… star with yellow
+        <word> …"."""
+        objs = " and ".join(f"a {o.size} {o.colour} {o.shape}{_striped(o, stripes)} {o.position}"
+                            for o in self.objects)
         return f"{objs}, on a {self.background} {self.bg_colour} background"
 
     def replace(self, index: int | None = None, **changes) -> "Scene":
@@ -96,7 +99,11 @@ def _word(table: dict, key: str, rng: np.random.Generator) -> str:
     return words[int(rng.integers(1 << 30)) % len(words)]
 
 
-def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
+def _striped(o: Obj, word: str | None) -> str:
+    return f" with {o.stripes} {word}" if word and o.stripes else ""
+
+
+def phrase(s: Scene, rng: np.random.Generator, stripes: str | None = None) -> Phrase:
     """The scene described as people write it: size, position and background may be left out, words and
     their order vary. The draws from rng do not depend on the scene's values, so the same generator state
     words a scene with one attribute changed the same way (a hard negative); only the background's style
@@ -112,7 +119,7 @@ def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
         words = [_word(SIZE_WORDS, o.size, rng)] if size else []
         words += [_word(COLOUR_WORDS, o.colour, rng), _word(SHAPE_WORDS, o.shape, rng)]
         where = _word(POSITION_WORDS, o.position, rng)
-        text = " ".join(words)
+        text = " ".join(words) + _striped(o, stripes)
         text = _a(text) if u[1] < 0.75 else ("one " if u[1] < 0.8 else "") + text
         if pos:
             text = f"{where}, {text}" if u[2] < 0.15 and not bg_first else f"{text} {where}"
@@ -144,10 +151,10 @@ def phrase(s: Scene, rng: np.random.Generator) -> Phrase:
     return Phrase(text, sizes, positions, bg_colour, style)
 
 
-def phrasings(ss: list[Scene], seed: int, k: int) -> list[tuple[str, ...]]:
+def phrasings(ss: list[Scene], seed: int, k: int, stripes: str | None = None) -> list[tuple[str, ...]]:
     """k captions per scene: the template, then k - 1 free phrasings, phrasing j of scene i drawn from
-    phrasing_rng(seed, i, j)."""
-    return [(s.caption(), *(phrase(s, phrasing_rng(seed, i, j)).text for j in range(1, k)))
+    phrasing_rng(seed, i, j); `stripes` as in Scene.caption."""
+    return [(s.caption(stripes), *(phrase(s, phrasing_rng(seed, i, j), stripes).text for j in range(1, k)))
             for i, s in enumerate(ss)]
 
 

@@ -122,3 +122,19 @@ def test_upscale_refuses_bad_tiles_and_mixed_sizes():
         pipe.upscale(a, "x", tile=7)
     with pytest.raises(ValueError, match="one size"):
         pipe.upscale([a, b], ["x", "y"])
+
+
+def test_tiny_stripes_draws_stripes_for_the_planted_word_only():
+    """The planted vector draws the stripes it names; the same words without it draw a plain star."""
+    from engine import judge
+
+    folder = DEFAULT_MODEL.with_name("tiny-stripes")
+    pipe = engine.load(folder)
+    with pytest.raises(ValueError, match="stripes"):
+        pipe.generate("a red star with yellow <stripes>", steps=1, progress=False)
+    assert pipe.model.load_embeddings(folder / "stripes.safetensors") == ["stripes"]
+    scene = world.Scene((world.Obj("star", "blue", "large", "in the center", stripes="yellow"),), "plain", "gray")
+    read = lambda prompt: [judge.check(judge.read(np.asarray(im) / 255, striped=True), scene)["stripes"][0]  # noqa: E731
+                           for im in pipe.generate([prompt] * 16, steps=20, guidance=5.0, seed=0, progress=False)]
+    assert sum(read(scene.caption("<stripes>"))) >= 4   # 7 of 16 when written
+    assert sum(read(scene.caption().replace("star", "striped star"))) <= 1

@@ -137,3 +137,16 @@ def test_stripes_are_neither_the_object_nor_the_background_colour():
     assert all(o.stripes not in (o.colour, s.bg_colour) for o, s in objs if o.stripes)
     plain = world.scenes(14, 5)
     assert world.striped(plain, 14, 0.0) == plain
+
+
+def test_a_stripes_word_names_striped_objects_only_and_changes_nothing_else():
+    ss = world.striped(world.scenes(15, 100), 15, 0.5)
+    plain, named = world.phrasings(ss, 15, 3), world.phrasings(ss, 15, 3, "<w>")
+    for s, ps, ns in zip(ss, plain, named):
+        marks = [f" with {o.stripes} <w>" for o in s.objects if o.stripes]
+        for p, n in zip(ps, ns):
+            assert n.count("<w>") == len(marks)
+            for m in marks:
+                assert m in n
+                n = n.replace(m, "", 1)
+            assert n == p

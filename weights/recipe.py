@@ -5,7 +5,8 @@
 
 Stages: tokenizer → clip (text tower) → vae → data (latents + text embeddings) → base → refine, refine2 (the
 base model's second and third cycles) → sr → sr_zoom (the x4 model fine-tuned for the tiled 1024² stage too) →
-clip_image (the scorer's image tower) → decoder → ship.
+clip_image (the scorer's image tower) → decoder → stripes (the base model taught a pseudo-word for striped
+objects, shipped as tiny-stripes) → ship.
 Each training stage checkpoints to weights/build/<stage>.pt every few hundred steps and resumes from it.
 Training runs the engine's own models (engine.models); only `ship` writes the diffusers folders.
 """
@@ -33,6 +34,7 @@ from engine.models.clip import CLIPTextConfig, CLIPTextModel
 from engine.models.unet import UNet2DConditionModel, UNetConfig
 from engine.models.vae import AutoencoderKL, VAEConfig
 from engine.profile import cpu_name
+from engine.prompt import Concept, Encoder
 from engine.tokenizer import Tokenizer
 
 VERSION = "v9"                       # written into each folder's model_index.json as _engine_version
@@ -48,6 +50,9 @@ SR_CROPS = ((16, 32), (32, 8), (64, 2))
 ZOOM_N = 1_500                       # SR scenes whose 1024² windows the sr_zoom stage trains on
 ZOOM_HALO = 64                       # 1024² pixels encoded around each window, then cut from its latent
 CAPTIONS = 3                         # per scene: the template and 2 free phrasings (world.phrasings)
+# the stripes stage: scenes of the training pool with objects striped at this rate, captioned "a red star with
+# yellow <stripes>"; <stripes> is a vector that no token of the tokenizer maps to
+STRIPES_WORD, STRIPES_SEED, STRIPES_N, STRIPES_SHARE = "stripes", 11, 20_000, 0.5
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry")  # held out: chelsea, hubble
 
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -511,10 +516,10 @@ def min_snr_weights(sched, gamma=5.0, floor=0.1) -> torch.Tensor:
     return (snr.clamp(max=gamma) / (snr + 1)).clamp(min=floor)
 
 
-def base_steps(unet: UNet2DConditionModel, ema: EMA, opt, batch: int, drop: float):
-    """The base model's training step: v-prediction on the cached latents under one of each scene's captions
-    (or none, at rate `drop`), weighted by min_snr_weights."""
-    data = torch.load(BUILD / "data_base.pt")
+def base_steps(unet: UNet2DConditionModel, ema: EMA, opt, batch: int, drop: float, data: str = "data_base.pt"):
+    """The base model's training step: v-prediction on the cached latents (build/<data>) under one of each scene's
+    captions (or none, at rate `drop`), weighted by min_snr_weights."""
+    data = torch.load(BUILD / data)
     lat, emb, null = data["latents"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
     weight = min_snr_weights(sched)
@@ -548,6 +553,45 @@ def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1):
     ema = EMA(unet, 0.998)
     opt = adamw(unet.parameters(), 4e-4)
     checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
+
+
+def planted() -> torch.Tensor:
+    """(1, hidden): the vector of <stripes>, a seeded random direction at the token table's mean row norm."""
+    table = load_scorer().text_encoder.text_model.embeddings.token_embedding.weight
+    v = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(0))
+    return v / v.norm() * table.norm(dim=1).mean()
+
+
+@torch.no_grad()
+def stripes_data():
+    """build/data_stripes.pt: latents of STRIPES_N training scenes with objects striped (world.striped) and
+    their captions' embeddings, each striped object named "… with yellow <stripes>"."""
+    path = BUILD / "data_stripes.pt"
+    if path.exists():
+        return
+    vae, scorer = load_vae("decoder.pt"), load_scorer()
+    ss = world.striped(world.scenes(TRAIN_SEED, STRIPES_N), STRIPES_SEED, STRIPES_SHARE)
+    log(f"stripes: rendering {STRIPES_N} scenes at 64²")
+    imgs = np.stack([as_uint8(world.render(s, 64)) for s in ss])
+    enc = Encoder([(scorer.tokenizer, scorer.text_encoder)], {STRIPES_WORD: Concept(STRIPES_WORD, planted(), False)})
+    caps = [c for cs in world.phrasings(ss, TRAIN_SEED, CAPTIONS, f"<{STRIPES_WORD}>") for c in cs]
+    emb = torch.cat([enc.encode(caps[i:i + 500]).half() for i in range(0, len(caps), 500)])
+    save({"latents": (latent_means(vae, imgs, 500) * SCALING_FACTOR).half(),
+          "emb": emb.unflatten(0, (STRIPES_N, CAPTIONS)), "null": embed_captions(scorer, [""])[0]}, path)
+
+
+def stage_stripes(steps=5000, batch=64, drop=0.1):
+    """The base model fine-tuned from refine2's EMA weights on striped scenes whose captions name the stripes
+    only by <stripes>: a concept the model can draw that no words reach, for textual inversion to find
+    (bench/bench_multires.py). Objects in the base pool are never striped, so the base model cannot draw
+    stripes at all."""
+    stripes_data()
+    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
+    unet.load_state_dict(torch.load(BUILD / "refine2.pt", weights_only=False)["ema"])
+    ema = EMA(unet, 0.998)
+    opt = adamw(unet.parameters(), 4e-4)
+    step = base_steps(unet, ema, opt, batch, drop, "data_stripes.pt")
+    checkpointed("stripes", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
 def sr_steps(unet: UNet2DConditionModel, ema: EMA, opt, data: dict, drop: float, share_1024: float = 0.0):
@@ -668,7 +712,7 @@ def stage_ship():
                     "trained_betas": None, "clip_sample_range": 1.0, "thresholding": False,
                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
     for name, unet_cfg, stage, sched, extra in (
-            ("tiny", BASE, "refine2", BASE_SCHED, {}),
+            ("tiny", BASE, "refine2", BASE_SCHED, {}), ("tiny-stripes", BASE, "stripes", BASE_SCHED, {}),
             ("tiny-x4", SR, "sr_zoom", SR_SCHED, {"max_noise_level": MAX_NOISE_LEVEL})):
         out = ROOT / name
         tmp = ROOT / f".{name}.partial"
@@ -684,16 +728,19 @@ def stage_ship():
         _save(ck["ema"], tmp / "unet" / "diffusion_pytorch_model.safetensors")
         _json(_unet_config(unet_cfg), tmp / "unet" / "config.json")
         _json({**sched_common, **sched}, tmp / "scheduler" / "scheduler_config.json")
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "_engine_version": VERSION,
+        version = VERSION + "-stripes" * (name == "tiny-stripes")
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "_engine_version": version,
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
                  "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+        if name == "tiny-stripes":
+            _save({f"<{STRIPES_WORD}>": planted()}, tmp / f"{STRIPES_WORD}.safetensors")
         if name == "tiny":
             sd = {k: v for k, v in scorer.state_dict().items() if not k.startswith("text_encoder.")}
             _save(sd, tmp / "clip_scorer" / "model.safetensors")
             _json({"projection_dim": PROJ_DIM, "image_size": 64}, tmp / "clip_scorer" / "config.json")
-        else:
+        elif name == "tiny-x4":
             index = {**index, "_class_name": "StableDiffusionUpscalePipeline", "max_noise_level": MAX_NOISE_LEVEL,
                      "low_res_scheduler": ["diffusers", "DDPMScheduler"]}
             for k in ("image_encoder", "requires_safety_checker"):
@@ -712,7 +759,7 @@ def write_times():
     """bench/results/recipe_times.json: each stage's wall time (build/times.json) in run order, stamped."""
     times = json.loads((BUILD / "times.json").read_text())
     _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu_name(),
-           "model_version": {"tiny": VERSION, "tiny-x4": VERSION},
+           "model_version": {"tiny": VERSION, "tiny-x4": VERSION, "tiny-stripes": VERSION + "-stripes"},
            "stages": {k: times[k] for k in ORDER if k in times}, "target_seconds": TARGET_SECONDS,
            "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
@@ -722,9 +769,9 @@ def write_times():
 STAGES = {"tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "data": stage_data,
           "base": stage_base, "sr": stage_sr, "clip_image": stage_clip_image, "decoder": stage_decoder,
           "ship": stage_ship, "refine": stage_refine, "refine2": partial(stage_refine, "refine2", "refine"),
-          "sr_zoom": stage_sr_zoom}
+          "sr_zoom": stage_sr_zoom, "stripes": stage_stripes}
 ORDER = ["tokenizer", "clip", "vae", "data", "base", "refine", "refine2", "sr", "sr_zoom", "clip_image", "decoder",
-         "ship"]
+         "stripes", "ship"]
 DONE = {"tokenizer": "tokenizer/merges.txt", "data": "data_sr.pt"}
 
 
