@@ -1,13 +1,21 @@
-"""Multiresolution textual inversion on the embedded model.
+"""Multiresolution textual inversion on the embedded model, read from the pixels.
 
-    python bench/bench_multires.py --part fig3    # learn a striped star, the 3 × 5 grid and its CLIP-I table
+    python bench/bench_multires.py --part model   # does tiny-stripes draw stripes for <stripes>, and only then?
+    python bench/bench_multires.py --part fig3    # learn a striped star; the 3 × 5 grid and the baselines
+    python bench/bench_multires.py --part compose # two learned concepts in one prompt: fixed + fully
     python bench/bench_multires.py --part speed   # training steps/s: ours vs a diffusers + transformers loop
     python bench/bench_multires.py --part speed --device cuda   # the same on a GPU (not yet run)
 
-fig3: the concept (a red star with yellow stripes: no caption of the training world has stripes on an object)
-is learned from 4 renders; then for each mode (fixed <C|i|>, semi <C(i)>, fully <C[i]>) and i ∈ {0, 3, 5, 7, 9},
-16 samples (the same 16 seeds in every cell) are scored by tiny-CLIP image–image cosine similarity to the 4
-concept images. Writes bench/results/multires.json, multires_grid.png, multires_star.safetensors.
+The concepts are objects with stripes of a second colour. The embedded base model never saw one, so no
+inversion can find them there; fig3 and compose run on weights/tiny-stripes, the base model taught to draw
+them under a pseudo-word <stripes> whose vector no token gives ("a red star with yellow <stripes>"). No words
+reach stripes on it, and textual inversion has to find a vector that does from 4 renders at 64².
+
+Every sample is read by engine.judge (striped=True) against the concept's scene: stripes (the object's two
+colours, as body and stripes), shape, and both. fig3: for each mode (fixed <C|i|>, semi <C(i)>, fully <C[i]>)
+and i ∈ {0, 3, 5, 7, 9}, --samples samples with the same seeds in every cell; baselines: one-vector textual
+inversion (bins 1, the same steps), the planted <stripes> (the ceiling), words. Writes
+bench/results/multires.json, multires_grid.png and the learned embeddings.
 speed: the same batch of 4 at 64², alternating runs of --speed-steps steps, median of --repeats.
 """
 import argparse
@@ -20,91 +28,185 @@ from pathlib import Path
 import torch
 
 import engine
-from engine import images, multires, templates, world
-from engine.embedded import DEFAULT_MODEL
-from engine.metrics import Scorer
+from engine import images, judge, multires, templates, world
+from engine.embedded import DEFAULT_MODEL, versions
 from engine.profile import cpu_name
 from engine.world import Obj, Scene
 from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
+STRIPES_MODEL = DEFAULT_MODEL.with_name("tiny-stripes")
 TOKEN, INIT = "stripy", "star"
-BACKGROUNDS = [("plain", "white", 0.1), ("plain", "gray", -0.15), ("plain", "black", 0.25), ("gradient", "blue", 0.0)]
+BACKGROUNDS = [("plain", "white", 0.1), ("plain", "gray", -0.15), ("plain", "black", 0.25), ("gradient", "red", 0.0)]
 PROMPT = "a large {} in the center, on a plain gray background"
 MODES = {"fixed": "<{}|{}|>", "semi": "<{}({})>", "fully": "<{}[{}]>"}
 BINS = (0, 3, 5, 7, 9)
+# blue and yellow, not red and yellow: those two average to orange, itself a world colour
+STAR = Obj("star", "blue", "large", "in the center", stripes="yellow")
+# the second concept of `compose`, and the scene both are read against
+SQUARE, SQUARE_TOKEN, SQUARE_INIT = Obj("square", "green", "large", "in the center", stripes="purple"), "boxy", "square"
+PAIR = Scene((Obj("star", "blue", "large", "on the left", stripes="yellow"),
+              Obj("square", "green", "large", "on the right", stripes="purple")), "plain", "gray")
+PAIR_PROMPT = "a large {} on the left and a large {} on the right, on a plain gray background"
 
 
-def concept_images(res: int = 64) -> torch.Tensor:
-    ss = [Scene((Obj("star", "red", "large", "in the center", 0.0, 0.0, a, "yellow"),), b, c, 0.5)
+def concept_images(obj: Obj = STAR, res: int = 64) -> torch.Tensor:
+    ss = [Scene((Obj(obj.shape, obj.colour, obj.size, obj.position, 0.0, 0.0, a, obj.stripes),), b, c, 0.5)
           for b, c, a in BACKGROUNDS]
     return torch.from_numpy(world.render_batch(ss, res)).float()
 
 
-def fig3(args):
-    pipe = engine.load()
-    scorer = Scorer.from_pretrained(DEFAULT_MODEL)
-    pixels = concept_images()
-    cfg = multires.TrainConfig(TOKEN, INIT, steps=args.steps, batch=4, seed=0)
-    path = RESULTS / "multires_star.safetensors"
+def readings(x: torch.Tensor, scene: Scene) -> dict:
+    """Per sample and object of `scene`: stripes right, shape right, both; and every object's stripes right."""
+    out = {"stripes": [], "shape": [], "drawn": [], "all": []}
+    for im in ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).double().numpy():
+        c = judge.check(judge.read(im, striped=True), scene)
+        drawn = [a and b for a, b in zip(c["stripes"], c["shape"])]
+        out["stripes"].append(c["stripes"])
+        out["shape"].append(c["shape"])
+        out["drawn"].append(drawn)
+        out["all"].append(all(c["stripes"]))
+    return out
+
+
+def rates(r: dict) -> dict:
+    flat = lambda k: [v for row in r[k] for v in (row if isinstance(row, list) else [row])]  # noqa: E731
+    return {k: sum(flat(k)) / len(flat(k)) for k in r}
+
+
+def load_stripes_model():
+    pipe = engine.load(STRIPES_MODEL)
+    pipe.model.load_embeddings(STRIPES_MODEL / "stripes.safetensors")
+    return pipe
+
+
+def sample(pipe, prompt, args):
+    return pipe.generate([prompt] * args.samples, steps=50, guidance=args.guidance, seed=args.seed,
+                         output="pt", progress=False)
+
+
+def learn(pipe, obj, token, init, args, bins=10, name=None):
+    cfg = multires.TrainConfig(token, init, bins=bins, steps=args.steps, batch=4, seed=0)
+    name = name or f"multires_{token}"
     losses = []
     t0 = time.perf_counter()
-    concept = multires.train(pipe.model, pixels, cfg, path, RESULTS / "multires_star.ckpt.safetensors",
-                             on_step=lambda s, loss: losses.append(loss))
-    train_s = time.perf_counter() - t0
-    pipe.model.concepts[TOKEN] = concept
-    ref = scorer.encode_image(pixels)
+    concept = multires.train(pipe.model, concept_images(obj), cfg, RESULTS / f"{name}.safetensors",
+                             RESULTS / f"{name}.ckpt.safetensors", on_step=lambda s, loss: losses.append(loss))
+    pipe.model.concepts[concept.name] = concept
+    return {**vars(cfg), "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first_100": statistics.mean(losses[:100]), "loss_last_100": statistics.mean(losses[-100:])}
 
-    def similarity(prompt):
-        x = pipe.generate([prompt] * args.samples, steps=50, guidance=args.guidance, seed=args.seed, output="pt",
-                          progress=False)
-        with torch.no_grad():
-            sim = scorer.encode_image(x) @ ref.T  # (samples, 4)
-        return x, sim.mean(1)
 
+def model(args):
+    """tiny and tiny-stripes on held-out scenes (seed 555), 30% of objects striped: with captions that name the
+    stripes by <stripes> (tiny-stripes), and with the plain template captions (both)."""
+    ss = world.striped(world.scenes(555, args.model_scenes), 555, 0.3)
+    out = {}
+    for name, pipe, word in (("tiny, template captions", engine.load(), None),
+                             ("tiny-stripes, template captions", load_stripes_model(), None),
+                             ("tiny-stripes, captions with <stripes>", load_stripes_model(), "<stripes>")):
+        caps = [s.caption(word) for s in ss]
+        x = torch.cat([pipe.generate(caps[i:i + 50], steps=50, guidance=args.guidance, seed=i, output="pt",
+                                     progress=False) for i in range(0, len(caps), 50)])
+        hits = {"colour": [], "shape": [], "striped object": [], "plain object": []}
+        for im, s in zip(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).double().numpy(), ss):
+            c = judge.check(judge.read(im, striped=True), s)
+            hits["colour"] += c["colour"]
+            hits["shape"] += c["shape"]
+            for o, ok in zip(s.objects, c["stripes"]):
+                hits["striped object" if o.stripes else "plain object"].append(ok)
+        out[name] = {k: sum(v) / len(v) for k, v in hits.items()}
+        out[name]["objects"] = {k: len(v) for k, v in hits.items()}
+        print(name, json.dumps(out[name]), flush=True)
+    _merge({"model": {"scenes": args.model_scenes, "seed": 555, "striped_share": 0.3, "steps": 50,
+                      "guidance": args.guidance, "rates": out,
+                      "metric": "engine.judge read(striped=True): per object, colour and shape as the caption names "
+                                "them; stripes right = the two colours as body and stripes on a striped object, no "
+                                "stripes on a plain one"}})
+
+
+def fig3(args):
+    pipe = load_stripes_model()
+    train = {"multires": learn(pipe, STAR, TOKEN, INIT, args)}
+    train["one vector"] = learn(pipe, STAR, TOKEN + "1", INIT, args, bins=1)
+    scene = Scene((STAR,), "plain", "gray")
     table, cells = {}, {}
     for mode, fmt in MODES.items():
         table[mode] = {}
         for i in BINS:
             p = PROMPT.format(fmt.format(TOKEN, i))
-            x, s = similarity(p)
-            table[mode][str(i)] = {"mean": s.mean().item(), "std": s.std().item(), "prompt": p}
-            cells[(mode, i)] = x
-            print(f"{mode:6s} i={i}: CLIP-I {s.mean().item():.3f} ± {s.std().item():.3f}", flush=True)
+            cells[(mode, i)] = x = sample(pipe, p, args)
+            table[mode][str(i)] = {**rates(readings(x, scene)), "prompt": p}
+            print(f"{mode:6s} i={i}: {json.dumps(table[mode][str(i)])}", flush=True)
     baselines = {}
-    for name, p in (("native <C>", PROMPT.format(f"<{TOKEN}>")), ("init word", PROMPT.format(INIT)),
-                    ("caption of the concept's colour", PROMPT.format("red star")),
-                    ("no concept", "a large red circle in the center, on a plain gray background")):
-        x, s = similarity(p)
-        baselines[name] = {"mean": s.mean().item(), "std": s.std().item(), "prompt": p}
-        cells[("baseline", name)] = x
-        print(f"{name}: CLIP-I {s.mean().item():.3f}", flush=True)
-    with torch.no_grad():
-        sim = scorer.encode_image(pixels) @ ref.T
-    baselines["concept images to each other"] = {"mean": sim[~torch.eye(4, dtype=bool)].mean().item()}
+    for name, p in (("native <C>", PROMPT.format(f"<{TOKEN}>")),
+                    ("one vector (textual inversion)", PROMPT.format(f"<{TOKEN}1>")),
+                    ("planted <stripes> (the ceiling)", PROMPT.format("blue star with yellow <stripes>")),
+                    ("words: striped", PROMPT.format("striped blue star")),
+                    ("words: with yellow stripes", PROMPT.format("blue star with yellow stripes")),
+                    ("words: the concept's colour", PROMPT.format("blue star")),
+                    ("init word", PROMPT.format(INIT))):
+        cells[("baseline", name)] = x = sample(pipe, p, args)
+        baselines[name] = {**rates(readings(x, scene)), "prompt": p}
+        print(f"{name}: {json.dumps(baselines[name])}", flush=True)
+    base = engine.load()  # the same inversion on tiny, which never saw a striped object
+    train["multires on tiny"] = learn(base, STAR, TOKEN, INIT, args, name="multires_stripy_tiny")
+    cells[("baseline", "native <C>, learned on tiny")] = x = sample(base, PROMPT.format(f"<{TOKEN}>"), args)
+    baselines["native <C>, learned on tiny"] = {**rates(readings(x, scene)), "prompt": PROMPT.format(f"<{TOKEN}>")}
+    truth = rates(readings(concept_images(), scene))
 
-    fixed, semi, fully = ([table[m][str(i)]["mean"] for i in BINS] for m in MODES)
-    checks = {"fixed loses agreement as i rises (i=0 > i=9)": fixed[0] > fixed[-1],
-              "semi loses agreement as i rises (i=0 > i=9)": semi[0] > semi[-1],
-              "fully above semi at every i > 0": all(f > s for f, s in zip(fully[1:], semi[1:]))}
-    result = {"model": "weights/tiny", "concept": "a red star with yellow stripes (4 renders, 64²)",
-              "token": TOKEN, "init_token": INIT, "train": {**{k: v for k, v in vars(cfg).items()},
-                                                             "seconds": round(train_s, 1),
-                                                             "loss_first_100": statistics.mean(losses[:100]),
-                                                             "loss_last_100": statistics.mean(losses[-100:])},
-              "sampling": {"steps": 50, "guidance": args.guidance, "samples_per_cell": args.samples,
-                           "seed": args.seed, "prompt": PROMPT, "semi": pipe.model.semi},
-              "metric": "tiny-CLIP image-image cosine similarity of each sample to the 4 concept images, mean",
-              "clip_i": table, "baselines": baselines, "checks": checks}
-    _merge({"fig3": result})
+    got = {m: [table[m][str(i)]["stripes"] for i in BINS] for m in MODES}
+    checks = {"fixed loses the stripes as i rises (i=0 > i=9)": got["fixed"][0] > got["fixed"][-1],
+              "semi loses the stripes as i rises (i=0 > i=9)": got["semi"][0] > got["semi"][-1],
+              "fully at or above semi at every i > 0": all(f >= s for f, s in zip(got["fully"][1:], got["semi"][1:])),
+              "native <C> above every words baseline": baselines["native <C>"]["stripes"] > max(
+                  v["stripes"] for k, v in baselines.items() if k.startswith("words"))}
+    _merge({"fig3": {"model": STRIPES_MODEL.name, "concept": "a blue star with yellow stripes (4 renders, 64²)",
+                     "token": TOKEN, "init_token": INIT, "train": train,
+                     "sampling": {"steps": 50, "guidance": args.guidance, "samples_per_cell": args.samples,
+                                  "seed": args.seed, "prompt": PROMPT, "semi": pipe.model.semi},
+                     "metric": "engine.judge read(striped=True) against the concept's scene: stripes (blue and "
+                               "yellow as body and stripes), shape (star), drawn (both); share of samples",
+                     "concept_renders": truth, "table": table, "baselines": baselines, "checks": checks}})
 
     cell = lambda x: images.contact_sheet([(im, "") for im in images.to_pil(x[:4])], cell=64, columns=2)  # noqa: E731
+    pixels = concept_images()
     items = [(images.to_pil(pixels)[k], f"concept {k}") for k in range(4)] + [(images.Image.new("RGB", (8, 8)), "")]
+    pct = lambda v: f"{100 * v['stripes']:.0f}%"  # noqa: E731
     for mode in MODES:
-        items += [(cell(cells[(mode, i)]), f"{mode} i={i}: {table[mode][str(i)]['mean']:.2f}") for i in BINS]
-    items += [(cell(cells[("baseline", n)]), f"{n}: {baselines[n]['mean']:.2f}") for n in list(baselines)[:4]]
+        items += [(cell(cells[(mode, i)]), f"{mode} i={i}: {pct(table[mode][str(i)])}") for i in BINS]
+    items += [(cell(cells[("baseline", n)]), f"{n}: {pct(baselines[n])}") for n in baselines]
     images.contact_sheet(items, cell=160, columns=5).save(RESULTS / "multires_grid.png")
     print(json.dumps(checks, indent=1))
+
+
+def compose(args):
+    """Two concepts learned apart (the star of fig3, a green square with purple stripes), then drawn side by
+    side in one prompt: fixed <stripy|0|> with fully <boxy[5]>, each native, and the planted words."""
+    pipe = load_stripes_model()
+    train = {TOKEN: learn(pipe, STAR, TOKEN, INIT, args), SQUARE_TOKEN: learn(pipe, SQUARE, SQUARE_TOKEN,
+                                                                             SQUARE_INIT, args)}
+    alone = Scene((SQUARE,), "plain", "gray")
+    rows = {"square alone, native <boxy>": (PROMPT.format(f"<{SQUARE_TOKEN}>"), alone)}
+    for name, a, b in (("fixed <stripy|0|> + fully <boxy[5]>", f"<{TOKEN}|0|>", f"<{SQUARE_TOKEN}[5]>"),
+                       ("native + native", f"<{TOKEN}>", f"<{SQUARE_TOKEN}>"),
+                       ("planted <stripes> (the ceiling)", "blue star with yellow <stripes>",
+                        "green square with purple <stripes>"),
+                       ("words: the concepts' colours", "blue star", "green square")):
+        rows[name] = (PAIR_PROMPT.format(a, b), PAIR)
+    out = {}
+    for name, (p, scene) in rows.items():
+        r = readings(sample(pipe, p, args), scene)
+        per = [sum(d[k] for d in r["stripes"]) / len(r["stripes"]) for k in range(len(scene.objects))]
+        out[name] = {"prompt": p, "objects_striped": per, "all_striped": sum(r["all"]) / len(r["all"]),
+                     **{k: v for k, v in rates(r).items() if k != "all"}}
+        print(name, json.dumps(out[name]), flush=True)
+    _merge({"compose": {"model": STRIPES_MODEL.name, "train": train, "rows": out,
+                        "sampling": {"steps": 50, "guidance": args.guidance, "samples": args.samples,
+                                     "seed": args.seed},
+                        "metric": "engine.judge read(striped=True) against the two-object scene: per object, "
+                                  "its stripes right (its two colours as body and stripes); all_striped: every "
+                                  "object's in one sample"}})
 
 
 def _merge(part: dict):
@@ -214,9 +316,10 @@ def speed(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["fig3", "speed", "all"], default="all")
+    ap.add_argument("--part", choices=["model", "fig3", "compose", "speed", "all"], default="all")
     ap.add_argument("--steps", type=int, default=3000, help="training steps of the concept (default 3000)")
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--model-scenes", type=int, default=200)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--speed-steps", type=int, default=20)
@@ -224,11 +327,12 @@ def main():
     ap.add_argument("--device", default="cpu", help="speed: cpu (2 threads) or cuda; cuda results go to 'speed_cuda'")
     args = ap.parse_args()
     global STAMP
-    STAMP = stamp("bench_multires.py")
-    if args.part in ("speed", "all"):
-        speed(args)
-    if args.part in ("fig3", "all"):
-        fig3(args)
+    index = json.loads((STRIPES_MODEL / "model_index.json").read_text())
+    STAMP = stamp("bench_multires.py", {**versions(), STRIPES_MODEL.name: index["_engine_version"]})
+    parts = {"model": model, "fig3": fig3, "compose": compose, "speed": speed}
+    for name, fn in parts.items():
+        if args.part in (name, "all"):
+            fn(args)
     return 0
 
 

@@ -61,7 +61,6 @@ def headline(g, t, u, d, it, b, m):
     lam = next(r for r in d["tradeoff"]["rows"] if r["lam"] == 0.5)
     fast, vae = it["table_256"]["rows"]["fast"], it["table_256"]["rows"]["vae"]
     bl, cl = b["size_1024_dilated"], m["fig3"]["baselines"]
-    star = cl["caption of the concept's colour"]["mean"]
     def on(j):  # the embedded model version a result was measured on
         v = j.get("model_version")
         return f"tiny {v['tiny']}" if isinstance(v, dict) else "—"
@@ -85,9 +84,12 @@ def headline(g, t, u, d, it, b, m):
          "PSNR in the mask: defaults / MSBD's settings / stage 1 + bicubic; recoloured (pixels): defaults / MSBD's",
          " / ".join(f(bl["summary"][k]["psnr_mask"]) for k in ("ours", "msbd", "bicubic")) + " dB; "
          + " / ".join(pct(bl["summary"][k]["judge_colour"]) for k in ("ours", "msbd")), on(bl)],
-        ["multiresolution textual inversion", "CLIP-I of `<C>` vs \"red star\"; training speed",
-         f"{f(cl['native <C>']['mean'], 3)} vs {f(star, 3)}; "
-         f"{f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop", on(m["fig3"])]])
+        ["multiresolution textual inversion", "stripes of a learned striped star, read from the pixels: `<C>` / "
+         "one-vector TI / the planted word (ceiling); training speed",
+         " / ".join(pct(cl[k]["stripes"]) for k in ("native <C>", "one vector (textual inversion)",
+                                                  "planted <stripes> (the ceiling)"))
+         + f"; {f(m['speed']['ratio_ours_over_diffusers'])}× the diffusers loop",
+         f"tiny-stripes {m['fig3']['model_version']['tiny-stripes']}"]])
 
 
 GATE_ROWS = [  # (part, key, what, unit): unit "%" for a share, "dB", "/255" for a difference of pixel values
@@ -386,16 +388,38 @@ def blended_rss(j):
                    for s in r["stages"] if s.get("tiles", 1) > 1)] for r in j["rss"]])
 
 
+def _seen(r):
+    return f"{pct(r['stripes'])} ({pct(r['shape'])} / {pct(r['drawn'])})"
+
+
+@table("multires-model", "multires.json", "python bench/bench_multires.py --part model")
+def multires_model(j):
+    m = j["model"]
+    return md(["model, captions", "colour", "shape", "stripes right: striped objects", "no stripes: plain objects"],
+              [[k, *(pct(v[c]) for c in ("colour", "shape", "striped object", "plain object"))]
+               for k, v in m["rates"].items()])
+
+
 @table("multires-fig3", "multires.json", "python bench/bench_multires.py --part fig3")
 def multires_fig3(j):
-    c, b, n = j["fig3"]["clip_i"], j["fig3"]["baselines"], j["fig3"]["sampling"]["samples_per_cell"]
+    t, b = j["fig3"]["table"], j["fig3"]["baselines"]
     mode = {"fixed": "fixed `<C|i|>`", "semi": "semi `<C(i)>`", "fully": "fully `<C[i]>`"}
-    cell = lambda v: f"{f(v['mean'], 3)} ± {f(v['std'] / math.sqrt(n), 3)}"
-    base = [[k.replace("<C>", "`<C>`"), f"`{v['prompt']}`" if "prompt" in v else "",
-             f(v["mean"], 3)] for k, v in b.items()]
-    return md(["mode (CLIP-I, mean ± s.e.)", *(f"i = {i}" for i in c["fixed"])],
-              [[mode[m], *map(cell, c[m].values())] for m in c]) + "\n\n" + md(
-        ["baseline", "prompt", "CLIP-I"], base)
+    return md(["mode: stripes right (star / both)", *(f"i = {i}" for i in t["fixed"])],
+              [[mode[m], *map(_seen, t[m].values())] for m in t]) + "\n\n" + md(
+        ["baseline", "prompt", "stripes right (star / both)"],
+        [[k.replace("<C>", "`<C>`").replace("<stripes>", "`<stripes>`"), f"`{v['prompt']}`", _seen(v)]
+         for k, v in b.items()] + [["the 4 concept renders", "", _seen(j["fig3"]["concept_renders"])]])
+
+
+@table("multires-compose", "multires.json", "python bench/bench_multires.py --part compose")
+def multires_compose(j):
+    rows = j["compose"]["rows"]
+    return md(["prompt", "", "star: stripes right", "square: stripes right", "both in one sample"],
+              [[k.replace("<", "`<").replace(">", ">`"), f"`{v['prompt']}`",
+                *(map(pct, v["objects_striped"]) if len(v["objects_striped"]) == 2 else
+                  ["", pct(v["objects_striped"][0])]),
+                pct(v["all_striped"]) if len(v["objects_striped"]) == 2 else ""]
+               for k, v in rows.items()])
 
 
 @table("multires-speed", "multires.json", "python bench/bench_multires.py --part speed")
