@@ -279,8 +279,9 @@ def speed(args):
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
         cached = dist.mean, dist.std
-    z, tt = torch.randn(4, 4, 16, 16, device=dev), torch.randint(1000, (4,), device=dev)
-    emb = torch.randn(4, 77, 128, device=dev, requires_grad=True)
+    z = torch.randn(4, ours.model.unet.config.in_channels, 16, 16, device=dev)
+    tt = torch.randint(1000, (4,), device=dev)
+    emb = torch.randn(4, 77, ours.model.unet.config.cross_attention_dim, device=dev, requires_grad=True)
 
     def unet_alone(n):  # the floor of any loop on this model: our UNet's forward + backward to the text embeddings
         ours.model.unet.requires_grad_(False)
