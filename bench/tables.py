@@ -396,7 +396,8 @@ def _seen(r):
 def multires_model(j):
     m = j["model"]
     return md(["model, captions", "colour", "shape", "stripes right: striped objects", "no stripes: plain objects"],
-              [[k, *(pct(v[c]) for c in ("colour", "shape", "striped object", "plain object"))]
+              [[k.replace("<stripes>", "`<stripes>`"), *(pct(v[c]) for c in ("colour", "shape", "striped object",
+                                                                             "plain object"))]
                for k, v in m["rates"].items()])
 
 
@@ -414,7 +415,7 @@ def multires_fig3(j):
 @table("multires-compose", "multires.json", "python bench/bench_multires.py --part compose")
 def multires_compose(j):
     rows = j["compose"]["rows"]
-    return md(["prompt", "", "star: stripes right", "square: stripes right", "both in one sample"],
+    return md(["row", "prompt", "star: stripes right", "square: stripes right", "both in one sample"],
               [[k.replace("<", "`<").replace(">", ">`"), f"`{v['prompt']}`",
                 *(map(pct, v["objects_striped"]) if len(v["objects_striped"]) == 2 else
                   ["", pct(v["objects_striped"][0])]),

@@ -38,6 +38,7 @@ from engine.prompt import Concept, Encoder
 from engine.tokenizer import Tokenizer
 
 VERSION = "v9"                       # written into each folder's model_index.json as _engine_version
+STRIPES_VERSION = VERSION + "-stripes"  # tiny-stripes'
 TARGET_SECONDS = 4 * 3600             # the whole recipe, from scratch, on 2 CPU cores
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
@@ -728,7 +729,7 @@ def stage_ship():
         _save(ck["ema"], tmp / "unet" / "diffusion_pytorch_model.safetensors")
         _json(_unet_config(unet_cfg), tmp / "unet" / "config.json")
         _json({**sched_common, **sched}, tmp / "scheduler" / "scheduler_config.json")
-        version = VERSION + "-stripes" * (name == "tiny-stripes")
+        version = STRIPES_VERSION if name == "tiny-stripes" else VERSION
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "_engine_version": version,
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
                  "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
@@ -759,7 +760,7 @@ def write_times():
     """bench/results/recipe_times.json: each stage's wall time (build/times.json) in run order, stamped."""
     times = json.loads((BUILD / "times.json").read_text())
     _json({"command": "python weights/recipe.py", "commit": source_commit(), "cpu": cpu_name(),
-           "model_version": {"tiny": VERSION, "tiny-x4": VERSION, "tiny-stripes": VERSION + "-stripes"},
+           "model_version": {"tiny": VERSION, "tiny-x4": VERSION, "tiny-stripes": STRIPES_VERSION},
            "stages": {k: times[k] for k in ORDER if k in times}, "target_seconds": TARGET_SECONDS,
            "total_seconds": round(sum(t["seconds"] for t in times.values()))},
           ROOT.parent / "bench" / "results" / "recipe_times.json")
