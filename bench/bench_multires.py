@@ -19,6 +19,7 @@ bench/results/multires.json, multires_grid.png and the learned embeddings.
 speed: the same batch of 4 at 64², alternating runs of --speed-steps steps, median of --repeats.
 """
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,6 +33,7 @@ from engine import images, judge, multires, templates, world
 from engine.embedded import DEFAULT_MODEL, versions
 from engine.profile import cpu_name
 from engine.world import Obj, Scene
+from bench_tiny import pixels
 from stamps import save_part, stamp
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,15 +53,14 @@ PAIR_PROMPT = "a large {} on the left and a large {} on the right, on a plain gr
 
 
 def concept_images(obj: Obj = STAR, res: int = 64) -> torch.Tensor:
-    ss = [Scene((Obj(obj.shape, obj.colour, obj.size, obj.position, 0.0, 0.0, a, obj.stripes),), b, c, 0.5)
-          for b, c, a in BACKGROUNDS]
+    ss = [Scene((dataclasses.replace(obj, dx=0.0, dy=0.0, angle=a),), b, c, 0.5) for b, c, a in BACKGROUNDS]
     return torch.from_numpy(world.render_batch(ss, res)).float()
 
 
 def readings(x: torch.Tensor, scene: Scene) -> dict:
     """Per sample and object of `scene`: stripes right, shape right, both; and every object's stripes right."""
     out = {"stripes": [], "shape": [], "drawn": [], "all": []}
-    for im in ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).double().numpy():
+    for im in pixels(x):
         c = judge.check(judge.read(im, striped=True), scene)
         drawn = [a and b for a, b in zip(c["stripes"], c["shape"])]
         out["stripes"].append(c["stripes"])
@@ -101,15 +102,15 @@ def model(args):
     """tiny and tiny-stripes on held-out scenes (seed 555), 30% of objects striped: with captions that name the
     stripes by <stripes> (tiny-stripes), and with the plain template captions (both)."""
     ss = world.striped(world.scenes(555, args.model_scenes), 555, 0.3)
-    out = {}
+    out, stripes = {}, load_stripes_model()
     for name, pipe, word in (("tiny, template captions", engine.load(), None),
-                             ("tiny-stripes, template captions", load_stripes_model(), None),
-                             ("tiny-stripes, captions with <stripes>", load_stripes_model(), "<stripes>")):
+                             ("tiny-stripes, template captions", stripes, None),
+                             ("tiny-stripes, captions with <stripes>", stripes, "<stripes>")):
         caps = [s.caption(word) for s in ss]
         x = torch.cat([pipe.generate(caps[i:i + 50], steps=50, guidance=args.guidance, seed=i, output="pt",
                                      progress=False) for i in range(0, len(caps), 50)])
         hits = {"colour": [], "shape": [], "striped object": [], "plain object": []}
-        for im, s in zip(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).double().numpy(), ss):
+        for im, s in zip(pixels(x), ss):
             c = judge.check(judge.read(im, striped=True), s)
             hits["colour"] += c["colour"]
             hits["shape"] += c["shape"]
