@@ -1,21 +1,19 @@
 """Tiled vs untiled VAE (engine.tiled_vae), fp32 on the CPU, 2 threads; writes
 bench/results/tiled_vae.json.
 
-    python bench/bench_tiled_vae.py                  # sd, tiny, attention, rss (2048² and 4096²), sd_rss
+    python bench/bench_tiled_vae.py                  # sd, tiny, rss (2048² and 4096²), sd_rss
     python bench/bench_tiled_vae.py --only rss --sizes 4096
 
 sd:        SD-VAE-architecture decoder (128/256/512/512, 2 layers, 32 groups, f=8), random weights,
            512² output.
 tiny:      the embedded tiny VAE (weights/tiny/vae, f=4) at 1024²: decode and encode.
-attention: the tiny VAE's mid-block attention at 65k tokens, to extrapolate the 1M tokens of a 4096²
-           decode.
 rss:       peak RSS of one tiny-VAE decode, tiled and untiled, each in a fresh subprocess (its own
            ru_maxrss).
 sd_rss:    the same for the SD-architecture VAE, tiled only (python bench/bench_tiled_vae.py --only sd_rss
            --sizes 2048).
 Untiled runs are the plain VAE module; tiled runs go through the strategy (tiled_vae.decode /
 encode, or decode_latents with pixels=0). Each part replaces its own entry in the JSON file, so
-parts can run separately (the 4096² runs take an hour).
+parts can run separately.
 """
 import argparse
 import copy
@@ -130,20 +128,11 @@ def part_tiny(args):
     return dict(output_px=1024, decode=decode, encode=encode)
 
 
-def part_attention(args):
-    from engine import kernels
-    q, k, v = (torch.randn(1, 1, 65536, 64) for _ in range(3))
-    _, t = timed(lambda: kernels.attention(q, k, v))
-    return dict(tokens=65536, channels=64, seconds=round(t, 2),
-                extrapolated_1M_tokens_s=round(t * 16 ** 2),
-                note="quadratic in tokens: a 4096² tiny-VAE decode has 1024² tokens, tiled or not")
-
-
 def child(mode, size, which="tiny"):
     """One decode in this process; prints a JSON line with its time and this process's peak RSS."""
     vae, pixels = (tiny_vae() if which == "tiny" else sd_vae()), 0 if mode == "tiled" else UNTILED
     n = size // vae.downscale
-    z = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, vae.config.latent_channels, n, n, generator=torch.Generator().manual_seed(1))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     img, t = timed(lambda: tiled_vae.decode_latents(vae, z, pixels=pixels))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -184,8 +173,7 @@ def save(part, value):
                    "timings are noisy")
 
 
-PARTS = {"sd": part_sd, "tiny": part_tiny, "attention": part_attention, "rss": part_rss,
-         "sd_rss": part_sd_rss}
+PARTS = {"sd": part_sd, "tiny": part_tiny, "rss": part_rss, "sd_rss": part_sd_rss}
 
 
 def main():
