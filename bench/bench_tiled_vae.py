@@ -168,9 +168,7 @@ def load():
 
 def save(part, value):
     save_part(OUT, part, value, STAMP, device=f"CPU {platform.machine()} x{torch.get_num_threads()} threads",
-              torch=torch.__version__, dtype="float32",
-              note="parts without a commit stamp were measured on a CPU shared with other test runs: their "
-                   "timings are noisy")
+              torch=torch.__version__, dtype="float32")
 
 
 PARTS = {"sd": part_sd, "tiny": part_tiny, "rss": part_rss, "sd_rss": part_sd_rss}
