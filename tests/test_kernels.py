@@ -157,11 +157,11 @@ def test_attention_matches_reference():
                                                  (True, False, "gelu", False), (True, False, None, True)])
 def test_linear_matches_reference(bias, residual, act, mul, dtype, tol):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 300, 96, generator=g)
-    w = torch.randn(160, 96, generator=g) / 96**0.5
-    b = torch.randn(160, generator=g) if bias else None
-    r = torch.randn(2, 300, 160, generator=g) if residual else None
-    m = torch.randn(2, 300, 160, generator=g) if mul else None
+    x = torch.randn(2, 300, 256, generator=g)
+    w = torch.randn(400, 256, generator=g) / 256**0.5  # fp32 too goes to oneDNN from 100k entries
+    b = torch.randn(400, generator=g) if bias else None
+    r = torch.randn(2, 300, 400, generator=g) if residual else None
+    m = torch.randn(2, 300, 400, generator=g) if mul else None
     x, w, b, r, m = (t if t is None else t.to(dtype) for t in (x, w, b, r, m))
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     want = want if r is None else want + r.double()
@@ -272,8 +272,17 @@ def test_linear_differentiates():
 def test_flop_counter_counts_linear():
     from torch.utils.flop_counter import FlopCounterMode
 
-    x, w, r = torch.randn(2, 30, 96), torch.randn(160, 96), torch.randn(2, 30, 160)
+    x, w, r = torch.randn(2, 30, 256), torch.randn(400, 256), torch.randn(2, 30, 400)
+    assert cpu.linear_applies(x, w)
     for kw in ({}, {"residual": r}, {"act": "gelu"}, {"mul": r}):
         with FlopCounterMode(display=False) as fc:
             kernels.linear(x, w, None, **kw)
-        assert fc.get_total_flops() == 2 * 60 * 96 * 160, kw
+        assert fc.get_total_flops() == 2 * 60 * 256 * 400, kw
+
+
+def test_small_fp32_weights_take_aten_whatever_the_batch():
+    small, big = torch.randn(128, 128), torch.randn(400, 256)
+    for rows in (1, 2, 512):
+        assert not cpu.linear_applies(torch.randn(rows, 128), small)
+        assert cpu.linear_applies(torch.randn(rows, 256), big)
+        assert cpu.linear_applies(torch.randn(rows, 128).bfloat16(), small.bfloat16())

@@ -3,7 +3,8 @@
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
 adds the bias, then a residual, a product or GELU, in its epilogue: in bf16 (whose matmuls go to
-oneDNN anyway) that saves a pass over the output for each. In fp32 a row comes out
+oneDNN anyway) that saves a pass over the output for each. Small fp32 layers (the embedded
+model's) stay on aten's matmul, whose call costs less (FP32_MIN_WEIGHT). In fp32 a row comes out
 the same whether 2 or 2000 rows share the call, so an image's rows do not depend on its batch
 (tests/test_batch_invariance.py); one row alone takes another path, which is why per-image vectors
 go through engine.models.blocks.by_row.
@@ -41,6 +42,12 @@ if _CONV is not None:
         return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
+# fp32 weights with fewer entries go to aten's matmul: there oneDNN's per-call cost outweighs its
+# kernel (a 128×128 layer 1.2× aten's time, 320×320 level); the choice depends on the weight only,
+# so an image's rows still do not depend on its batch
+FP32_MIN_WEIGHT = 100_000
+
+
 def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, act: str | None = None,
                    mul: torch.Tensor | None = None) -> bool:
@@ -48,6 +55,7 @@ def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return (_LINEAR is not None and x.device.type == "cpu"
             and not torch.compiler.is_compiling()  # a compiler lowers the matmul itself
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and (x.dtype == torch.bfloat16 or weight.numel() >= FP32_MIN_WEIGHT)
             and (bias is None or bias.dtype == x.dtype)
             and (residual is None or mul is None)
             and (other is None or (other.dtype == x.dtype and act is None))
