@@ -171,8 +171,8 @@ def fig3(args):
                      "concept_renders": truth, "table": table, "baselines": baselines, "checks": checks}})
 
     cell = lambda x: images.contact_sheet([(im, "") for im in images.to_pil(x[:4])], cell=64, columns=2)  # noqa: E731
-    pixels = concept_images()
-    items = [(images.to_pil(pixels)[k], f"concept {k}") for k in range(4)] + [(images.Image.new("RGB", (8, 8)), "")]
+    renders = concept_images()
+    items = [(images.to_pil(renders)[k], f"concept {k}") for k in range(4)] + [(images.Image.new("RGB", (8, 8)), "")]
     pct = lambda v: f"{100 * v['stripes']:.0f}%"  # noqa: E731
     for mode in MODES:
         items += [(cell(cells[(mode, i)]), f"{mode} i={i}: {pct(table[mode][str(i)])}") for i in BINS]
@@ -228,7 +228,7 @@ def speed(args):
     if dev.type == "cpu":
         torch.set_num_threads(2)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    pixels = concept_images().to(dev)
+    renders = concept_images().to(dev)
     ours = engine.load(device=args.device)
     tok = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
     words = [f"<{TOKEN}|{i}|>" for i in range(10)]
@@ -255,7 +255,7 @@ def speed(args):
     def diffusers_steps(n, cached=None):
         for _ in range(n):
             idx = torch.randint(4, (4,), generator=g)
-            x = pixels[idx]
+            x = renders[idx]
             t = torch.randint(1000, (4,), generator=g)
             if cached is None:
                 z = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
@@ -278,7 +278,7 @@ def speed(args):
 
     cfg = lambda n: multires.TrainConfig(TOKEN, INIT, steps=n, batch=4)  # noqa: E731
     with torch.no_grad():
-        dist = vae.encode(pixels).latent_dist
+        dist = vae.encode(renders).latent_dist
         cached = dist.mean, dist.std
     z = torch.randn(4, ours.model.unet.config.in_channels, 16, 16, device=dev)
     tt = torch.randint(1000, (4,), device=dev)
@@ -289,7 +289,7 @@ def speed(args):
         for _ in range(n):
             ours.model.unet(z, tt, emb).square().mean().backward()
 
-    runs = {"ours": lambda n: multires.train(ours.model, pixels, cfg(n), progress=False),
+    runs = {"ours": lambda n: multires.train(ours.model, renders, cfg(n), progress=False),
             "diffusers": diffusers_steps,
             "diffusers + cached latents": lambda n: diffusers_steps(n, cached),
             "our UNet forward + backward alone": unet_alone}
