@@ -545,15 +545,15 @@ def stage_base(steps=9000, batch=64, drop=0.1):
     checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
 
 
-def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1):
-    """A further cosine cycle for the base model, from `source`'s EMA weights, at half the learning rate and with
-    a slower EMA: the base model is undertrained (9000 steps draw small stars as blobs), and a restart from the
-    averaged weights keeps what the earlier cycles learned."""
+def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1, data="data_base.pt"):
+    """A further cosine cycle for the base model, from `source`'s EMA weights, on build/<data>, at half the
+    learning rate and with a slower EMA: the base model is undertrained (9000 steps draw small stars as blobs),
+    and a restart from the averaged weights keeps what the earlier cycles learned."""
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     unet.load_state_dict(torch.load(BUILD / f"{source}.pt", weights_only=False)["ema"])
     ema = EMA(unet, 0.998)
     opt = adamw(unet.parameters(), 4e-4)
-    checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
+    checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop, data))
 
 
 def planted() -> torch.Tensor:
@@ -587,12 +587,7 @@ def stage_stripes(steps=5000, batch=64, drop=0.1):
     (bench/bench_multires.py). Objects in the base pool are never striped, so the base model cannot draw
     stripes at all."""
     stripes_data()
-    unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
-    unet.load_state_dict(torch.load(BUILD / "refine2.pt", weights_only=False)["ema"])
-    ema = EMA(unet, 0.998)
-    opt = adamw(unet.parameters(), 4e-4)
-    step = base_steps(unet, ema, opt, batch, drop, "data_stripes.pt")
-    checkpointed("stripes", {"unet": unet, "ema": ema}, opt, steps, step)
+    stage_refine("stripes", "refine2", steps, batch, drop, "data_stripes.pt")
 
 
 def sr_steps(unet: UNet2DConditionModel, ema: EMA, opt, data: dict, drop: float, share_1024: float = 0.0):
