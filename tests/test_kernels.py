@@ -151,6 +151,49 @@ def test_attention_matches_reference():
     assert (kernels.attention(q, k, v, is_causal=True) - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("n,m,d", [(300, 260, 40), (200, 77, 64), (1, 33, 8)])
+def test_cpu_attention_matches_reference_and_not_the_batch(n, m, d, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    # (B, seq, heads·d) projections seen as (B, heads, seq, d), as the models pass them
+    q = torch.randn(3, n, 2 * d, generator=g).unflatten(-1, (2, d)).transpose(1, 2)
+    k, v = (torch.randn(3, m, 2 * d, generator=g).unflatten(-1, (2, d)).transpose(1, 2) for _ in range(2))
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3, -1) @ v.double()
+    got = cpu.attention(q, k, v, 0.3)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
+    assert torch.equal(cpu.attention(q[1:2], k[1:2], v[1:2], 0.3), got[1:2])
+    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", m * 7)  # blocks of 7 query rows: the same rows
+    assert torch.equal(cpu.attention(q, k, v, 0.3), got)
+    # bf16 scores, as in torch's unfused attention: about 3e-2 of the largest output
+    low = cpu.attention(*(t.bfloat16() for t in (q, k, v)), 0.3)
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+def test_feed_forward_blocks_of_tokens(monkeypatch):
+    from engine.models import blocks
+    ff = blocks.FeedForward(64)
+    x, res = torch.randn(2, 50, 64), torch.randn(2, 50, 64)
+    with torch.no_grad():
+        want = ff.net[2](ff.net[0](x), res)
+        monkeypatch.setattr(blocks, "FF_BLOCK", 2 * 256 * 7)  # blocks of 7 tokens
+        got = ff(x, res)
+    assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-6
+
+
+def test_cpu_attention_rule(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 1024, 40) for _ in range(3))
+    for intel, amx, fp32, bf16 in ((True, True, False, False), (True, False, False, True),
+                                   (False, False, True, True), (False, True, True, False)):
+        monkeypatch.setattr(cpu, "_INTEL", intel)
+        monkeypatch.setattr(cpu, "_AMX", amx)
+        assert cpu.attention_applies(q, k, v) == fp32
+        assert cpu.attention_applies(*(t.bfloat16() for t in (q, k, v))) == bf16
+    assert not cpu.attention_applies(q[:, :, :16], k, v)  # too little work: torch's
+    assert kernels.attention(q, k, v).equal(cpu.attention(q, k, v))
+    assert not kernels.attention(q, k, v, is_causal=True).equal(cpu.attention(q, k, v))
+    with torch.enable_grad():
+        assert not cpu.attention_applies(q.requires_grad_(), k, v)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias,residual,act,mul", [(True, False, None, False), (False, False, None, False),
                                                  (True, True, None, False), (False, True, None, False),

@@ -3,9 +3,11 @@
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except bf16 linear layers, fp32 ones of ≥ 100k weights and bf16 convolutions
-(oneDNN's, the weights reordered once; engine/kernels/cpu.py) and fp32 3×3 convolutions with many
-channels (Winograd where there are many pixels; im2col + GEMM where there are few;
-engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch ops everywhere.
+(oneDNN's, the weights reordered once; engine/kernels/cpu.py), attention where torch's kernel is
+slow (fp32 on CPUs other than Intel's, bf16 without AMX: oneDNN matmuls, cpu.attention) and fp32
+3×3 convolutions with many channels (Winograd where there are many pixels; im2col + GEMM where
+there are few; engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch
+ops everywhere.
 `triton` forces the Triton kernels wherever their guards allow (dtype, shape; anything else falls
 back to torch); on the CPU that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are
 tested).
@@ -56,6 +58,8 @@ def attention(
         if flash.supported(q, k, v):
             return flash.attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale,
                                       is_causal)[0]
+    elif mode() == "auto" and not is_causal and cpu.attention_applies(q, k, v):
+        return cpu.attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 

@@ -71,6 +71,15 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                       (b, h, w))
 
 
+def _tap_gemm(rows: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """rows @ wmᵀ [+ bias] for one Winograd tap: oneDNN's at any weight size where it runs (its
+    rows come out the same however many share the call, MKL's do not on AMD CPUs), else aten's."""
+    if cpu.linear_applies(rows, wm, bias, min_weight=0):
+        return cpu.linear(rows, wm, bias)
+    return F.linear(rows, wm, bias)
+
+
 def _rows_conv(rows, wm, bias, bhw, residual=None) -> torch.Tensor:
     """(B·H·W, K) rows @ (O, K)ᵀ + bias [+ residual] as a channels-last (B, O, H, W) tensor."""
     res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
@@ -96,6 +105,24 @@ WINOGRAD_WINS = ((256, 640), (1024, 256))
 WINOGRAD_BAND = 2**22
 
 
+# transformed filter values computed at once: under the 32 MiB that the heap keeps
+# (engine.kernels.cpu.retain_freed_memory), where one 1280 × 1280 filter bank (105 MB) would be
+# mapped afresh at every call
+FILTER_BLOCK = 2**22
+
+
+def _filter_taps(gg: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The transformed filters, an (O, C) matrix per tap: gg maps each flattened 3×3 filter to its
+    taps, in blocks of taps under FILTER_BLOCK values. (O, kh, kw, C) is a view of the
+    channels-last weights that engine.checkpoints loads."""
+    o, c = weight.shape[:2]
+    w = weight.permute(0, 2, 3, 1).reshape(o, 9, c).contiguous()  # one layout: one rounding
+    step = max(1, FILTER_BLOCK // (o * c))
+    gg = gg.to(weight)
+    return [u for k in range(0, len(gg), step)
+            for u in torch.matmul(gg[k:k + step], w).transpose(0, 1).contiguous()]
+
+
 def winograd_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
@@ -112,7 +139,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     b, c, h, w = x.shape
     o = weight.shape[0]
     th, tw = (h + 1) // 2, (w + 1) // 2
-    u = (WINOGRAD_GG.to(weight) @ weight.permute(2, 3, 0, 1).reshape(9, o * c)).view(16, o, c)
+    u = _filter_taps(WINOGRAD_GG, weight)
     # 4×4 tiles with stride 2 over the padded NHWC input (odd sizes get one more row or column)
     xp = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1).contiguous()
     y = x.new_empty(b, th, 2, tw, 2, o)
@@ -123,7 +150,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.view(b, 2 * th, 2 * tw, o)[:, :h, :w].permute(0, 3, 1, 2)
 
 
-def _winograd_band(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor):
+def _winograd_band(xp: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | None,
+                   y: torch.Tensor):
     """Output tiles y (B, th, 2, tw, 2, O) of a band of padded NHWC rows (B, 2·th + 2, W + 2, C)."""
     d = xp.unfold(1, 4, 2).unfold(2, 4, 2)                          # (B, th, tw, C, 4, 4)
     b, th, tw, c = d.shape[:4]
@@ -139,8 +167,7 @@ def _winograd_band(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     del rows
     v = v.view(16, -1, c)
     # AT's rows sum to one at (1, 1) for every output pixel: the bias goes in that GEMM
-    m = [_rows_conv(v[k], u[k], bias if k == 5 else None, (b, th, tw)).permute(0, 2, 3, 1)
-         for k in range(16)]
+    m = [_tap_gemm(v[k], u[k], bias if k == 5 else None).view(b, th, tw, -1) for k in range(16)]
     del v
     # Aᵀ m A, AT = [[1, 1, 1, 0], [0, 1, -1, -1]]
     top = [m[j] + m[4 + j] + m[8 + j] for j in range(4)]
@@ -185,7 +212,7 @@ def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     o = weight.shape[0]
     th, tw = (h + 3) // 4, (w + 3) // 4
     bb, aa = WINOGRAD4_BB.to(x), WINOGRAD4_AA.to(x)
-    u = (WINOGRAD4_GG.to(weight) @ weight.reshape(o * c, 9).t()).view(36, o, c).transpose(1, 2)
+    u = _filter_taps(WINOGRAD4_GG, weight)
     xp = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h)).permute(0, 2, 3, 1)
     tiles = xp.unfold(1, 6, 4).unfold(2, 6, 4).permute(0, 1, 2, 4, 5, 3)  # (B, th, tw, 6, 6, C)
     y = x.new_empty(b, th, 4, tw, 4, o)
@@ -194,7 +221,7 @@ def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         for r0 in range(0, th, band):
             n = min(band, th - r0)
             v = bb @ tiles[i, r0:r0 + n].reshape(n * tw, 36, c)        # (tiles, 36, C)
-            m = torch.bmm(v.transpose(0, 1), u)                          # (36, tiles, O)
+            m = torch.stack([_tap_gemm(v[:, k], u[k]) for k in range(36)])  # (36, tiles, O)
             yb = (aa @ m.view(36, -1)).view(4, 4, n, tw, o)
             y[i, r0:r0 + n].copy_(yb.permute(2, 0, 3, 1, 4))
     if bias is not None:

@@ -1,4 +1,4 @@
-"""fp32 and bf16 linear layers, and bf16 convolutions, on the CPU through oneDNN.
+"""fp32 and bf16 linear layers, bf16 convolutions and attention, on the CPU through oneDNN.
 
 torch's CPU fp32 matmul calls MKL, whose kernels on AMD CPUs run below oneDNN's AVX-512 ones;
 oneDNN's linear (the op torch.compile's CPU backend emits) is faster at the SD UNet's shapes and
@@ -50,12 +50,12 @@ FP32_MIN_WEIGHT = 100_000
 
 def linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, act: str | None = None,
-                   mul: torch.Tensor | None = None) -> bool:
+                   mul: torch.Tensor | None = None, min_weight: int = FP32_MIN_WEIGHT) -> bool:
     other = residual if residual is not None else mul
     return (_LINEAR is not None and x.device.type == "cpu"
             and not torch.compiler.is_compiling()  # a compiler lowers the matmul itself
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.dtype == torch.bfloat16 or weight.numel() >= FP32_MIN_WEIGHT)
+            and (x.dtype == torch.bfloat16 or weight.numel() >= min_weight)
             and (bias is None or bias.dtype == x.dtype)
             and (residual is None or mul is None)
             and (other is None or (other.dtype == x.dtype and act is None))
@@ -100,6 +100,49 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     if residual is not None:
         return _CONV.binary(x, residual, w, bias, pad, step, one, 1, "add", None, None, [], None)
     return _CONV(x, w, bias, pad, step, one, 1, "none", [], "")
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Where torch's CPU flash attention is slow: fp32 on CPUs other than Intel's (its GEMMs are
+    MKL's, which runs a generic path there: 150–170 GFLOP/s against oneDNN's 300–400 on 2 AMD EPYC
+    cores) and bf16 without AMX (its bf16 kernel is built around AMX tiles)."""
+    return (_LINEAR is not None and q.device.type == "cpu" and q.dim() == 4
+            and not torch.compiler.is_compiling()
+            and q.dtype == k.dtype == v.dtype
+            and (q.dtype == torch.float32 and not _INTEL
+                 or q.dtype == torch.bfloat16 and not _AMX)
+            and q.shape[2] * k.shape[2] * q.shape[3] >= ATTENTION_MIN_WORK
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+
+
+# multiply-adds per head (queries × keys × head dim) below which torch's kernel is as fast: the
+# loop below costs three calls per head and row block
+ATTENTION_MIN_WORK = 2**22
+# scores held at once: under the 32 MiB that the heap keeps (retain_freed_memory)
+ATTENTION_BLOCK = 2**21
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+              ) -> torch.Tensor:
+    """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim), a block of query rows at a time:
+    the scores by one oneDNN matmul, torch's softmax over them, then one oneDNN matmul with v. In
+    bf16 the scores are bf16, as in torch's unfused (math) attention. The block's size depends on
+    the key count only, so an image's rows do not depend on its batch."""
+    b, h, n, d = q.shape
+    qs = (q * (d ** -0.5 if scale is None else scale)).contiguous()
+    kc, vt = k.contiguous(), v.transpose(2, 3).contiguous()
+    out = q.new_empty(b, n, h, d)  # its transpose flattens to (b, n, h·d) without a copy
+    rows = max(1, ATTENTION_BLOCK // k.shape[2])
+    for i in range(b):
+        for j in range(h):
+            for r0 in range(0, n, rows):
+                p = torch.softmax(_LINEAR(qs[i, j, r0:r0 + rows], kc[i, j], None, "none", [], ""),
+                                  -1)
+                # (v p)ᵀ where the head dim is no multiple of oneDNN's 16 fp32 lanes: at 40 (SD
+                # 1.5's 64² level) 0.7× the time of p v
+                out[i, r0:r0 + rows, j] = (_LINEAR(vt[i, j], p, None, "none", [], "").t() if d % 16
+                                           else _LINEAR(p, vt[i, j], None, "none", [], ""))
+    return out.transpose(1, 2)
 
 
 def _reordered(weight: torch.Tensor, how: tuple, reorder) -> torch.Tensor:
@@ -155,4 +198,19 @@ def release_freed_memory():
 
 
 _LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's vendor and feature flags (Linux /proc/cpuinfo); empty elsewhere."""
+    try:
+        first = open("/proc/cpuinfo").read().split("\n\n", 1)[0]  # the first processor's block
+    except OSError:
+        return "", set()
+    field = {k.strip(): v.strip()
+             for k, _, v in (line.partition(":") for line in first.splitlines())}
+    return field.get("vendor_id", ""), set(field.get("flags", "").split())
+
+
+_VENDOR, _FLAGS = _cpuinfo()
+_INTEL, _AMX = _VENDOR == "GenuineIntel", "amx_bf16" in _FLAGS
 _retained = False
