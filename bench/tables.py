@@ -177,6 +177,8 @@ def vs_diffusers(u, t):
 
 
 @table("cpu-peers", "cpu_peers.json", "python bench/bench_cpu_peers.py")
+@table("cpu-peers-epyc", "cpu_peers_epyc.json",
+       "python bench/bench_cpu_peers.py --out bench/results/cpu_peers_epyc.json")
 def cpu_peers(j):
     ov = j["openvino_inference_precision"]
     label = {"ours": "ours, fp32", "ours_bf16": "ours, bf16", "diffusers": "diffusers, fp32",
@@ -190,7 +192,7 @@ def cpu_peers(j):
              f"{j['max_rel_diff_vs_ours_fp32'][k]:.1e}", f(j["one_time_s"][setup[k]], 1)] for k, v in med.items()]
     return (md(["runner", "median s", "GFLOP/s", "ours fp32 / runner", "ours bf16 / runner",
                 "max difference (relative)", "load or compile s"], rows)
-            + f"\n\nCPU {'with' if j['native_bf16'] else 'without'} native bf16, {j['threads']} threads; "
+            + f"\n\n{j['cpu']} ({'with' if j['native_bf16'] else 'without'} native bf16), {j['threads']} threads; "
             f"{len(j['seconds']['ours'])} alternating runs each; "
             f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (done once, then cached) "
             + (f"took {f(export, 0)} s" if (export := j["one_time_s"].get("onnx_export_s")) else "was a cached one")
