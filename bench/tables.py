@@ -176,6 +176,11 @@ def vs_diffusers(u, t):
          f"{f(t['max_abs_pixel_diff_eager'] * 255, 3)}/255"]])
 
 
+def vendor(cpu_name):
+    """'Intel ' or 'AMD ' from a CPU's model name (the docs name no CPU model), else ''."""
+    return next((v + " " for v in ("Intel", "AMD") if v in cpu_name), "")
+
+
 @table("cpu-peers", "cpu_peers.json", "python bench/bench_cpu_peers.py")
 @table("cpu-peers-epyc", "cpu_peers_epyc.json",
        "python bench/bench_cpu_peers.py --out bench/results/cpu_peers_epyc.json")
@@ -192,7 +197,8 @@ def cpu_peers(j):
              f"{j['max_rel_diff_vs_ours_fp32'][k]:.1e}", f(j["one_time_s"][setup[k]], 1)] for k, v in med.items()]
     return (md(["runner", "median s", "GFLOP/s", "ours fp32 / runner", "ours bf16 / runner",
                 "max difference (relative)", "load or compile s"], rows)
-            + f"\n\n{j['cpu']} ({'with' if j['native_bf16'] else 'without'} native bf16), {j['threads']} threads; "
+            + f"\n\n{vendor(j['cpu'])}CPU {'with' if j['native_bf16'] else 'without'} native bf16, "
+            f"{j['threads']} threads; "
             f"{len(j['seconds']['ours'])} alternating runs each; "
             f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (done once, then cached) "
             + (f"took {f(export, 0)} s" if (export := j["one_time_s"].get("onnx_export_s")) else "was a cached one")
