@@ -34,6 +34,7 @@ from bench_unet import weights  # noqa: E402
 
 from engine.checkpoints import load_component  # noqa: E402
 from engine.embedded import source_commit  # noqa: E402
+from engine.kernels.cpu import cpuinfo  # noqa: E402
 from engine.profile import cpu_name  # noqa: E402
 
 RUNNERS = ("ours", "ours_bf16", "diffusers", "onnxruntime", "openvino_f32", "openvino_default")
@@ -43,12 +44,7 @@ INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 def native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX), from its Linux flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo("flags").split()))
 
 
 def export_onnx(model: torch.nn.Module, inputs: tuple, path: Path) -> float:

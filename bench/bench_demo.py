@@ -20,6 +20,7 @@ import engine
 from engine import images, world
 from engine.demo import SR_ETA
 from engine.embedded import DEFAULT_UPSCALER, source_commit, versions
+from engine.profile import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tiny import renders, sr_scores  # noqa: E402
@@ -61,8 +62,7 @@ def main():
         for s in SR_STEPS:
             runs[s].append(demo_seconds(s))
             print(f"demo, x4 stages at {s} steps: {runs[s][-1]:.1f} s", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_name()
     result = {"cpu": cpu, "threads": torch.get_num_threads(), "runs": {str(s): v for s, v in runs.items()},
               "median_s": {str(s): statistics.median(v) for s, v in runs.items()},
               "ratio_10_over_20": statistics.median(runs[10]) / statistics.median(runs[20]),

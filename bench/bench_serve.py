@@ -25,6 +25,7 @@ import httpx
 import torch
 
 from engine.embedded import source_commit, versions
+from engine.profile import cpu_name
 
 OUT = Path(__file__).resolve().parent / "results" / "serve_load.json"
 PROMPTS = ["a red circle", "blue star, yellow background", "a big green triangle in the middle",
@@ -147,8 +148,7 @@ def main():
                   f"status {r['status']}, mean batch {r['mean_batch']:.2f}, RSS {r['rss_mib']}", flush=True)
     ok = all(r["status"] == {"200": args.requests} for rs in runs.values() for r in rs)
     same = all(r["hashes"] == runs["one_at_a_time"][0]["hashes"] for rs in runs.values() for r in rs)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_name()
     med = {k: statistics.median(r["throughput_per_s"] for r in v) for k, v in runs.items()}
     result = {"cpu": cpu, "threads": args.threads, "clients": args.clients, "requests": args.requests,
               "steps": STEPS, "every_request_answered": ok, "batched_equals_one_at_a_time": same,

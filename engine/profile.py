@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from . import images
+from .kernels import cpu
 
 _records: list | None = None
 
@@ -69,10 +70,4 @@ def profiled(out_dir=None):
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else the machine type: what a timing was measured
     on."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return cpu.cpuinfo("model name") or platform.machine()

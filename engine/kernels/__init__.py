@@ -3,8 +3,8 @@
 `ENGINE_KERNELS=auto` (default): on CUDA the Triton kernels (attention, GroupNorm+SiLU) and, per
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except bf16 linear layers, fp32 ones of ≥ 100k weights and bf16 convolutions
-(oneDNN's, the weights reordered once; engine/kernels/cpu.py), attention where torch's kernel is
-slow (fp32 on CPUs other than Intel's, bf16 without AMX: oneDNN matmuls, cpu.attention) and fp32
+(oneDNN's, the weights reordered once; engine/kernels/cpu.py), attention on AMD CPUs, where
+torch's kernel is slow (oneDNN matmuls, cpu.attention), and fp32
 3×3 convolutions with many channels (Winograd where there are many pixels; im2col + GEMM where
 there are few; engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch
 ops everywhere.

@@ -104,14 +104,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Where torch's CPU flash attention is slow: fp32 on CPUs other than Intel's (its GEMMs are
-    MKL's, which runs a generic path there: 150–170 GFLOP/s against oneDNN's 300–400 on 2 AMD EPYC
-    cores) and bf16 without AMX (its bf16 kernel is built around AMX tiles)."""
-    return (_LINEAR is not None and q.device.type == "cpu" and q.dim() == 4
+    """Where torch's CPU flash attention is slow: on AMD CPUs, where in fp32 its GEMMs are MKL's,
+    which runs a generic path there (150–170 GFLOP/s against oneDNN's 300–400 on 2 cores), and its
+    bf16 kernel is built around Intel's AMX tiles."""
+    return (_LINEAR is not None and _AMD and q.device.type == "cpu" and q.dim() == 4
             and not torch.compiler.is_compiling()
-            and q.dtype == k.dtype == v.dtype
-            and (q.dtype == torch.float32 and not _INTEL
-                 or q.dtype == torch.bfloat16 and not _AMX)
+            and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16)
             and q.shape[2] * k.shape[2] * q.shape[3] >= ATTENTION_MIN_WORK
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
@@ -213,17 +211,16 @@ def release_freed_memory():
 _LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """The CPU's vendor and feature flags (Linux /proc/cpuinfo); empty elsewhere."""
+def cpuinfo(field: str) -> str:
+    """A field of the first processor in /proc/cpuinfo ("model name", "vendor_id", "flags"), or ""
+    where there is none (not Linux)."""
     try:
-        first = open("/proc/cpuinfo").read().split("\n\n", 1)[0]  # the first processor's block
+        lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return "", set()
-    field = {k.strip(): v.strip()
-             for k, _, v in (line.partition(":") for line in first.splitlines())}
-    return field.get("vendor_id", ""), set(field.get("flags", "").split())
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if line.split(":", 1)[0].strip() == field), "")
 
 
-_VENDOR, _FLAGS = _cpuinfo()
-_INTEL, _AMX = _VENDOR == "GenuineIntel", "amx_bf16" in _FLAGS
+_AMD = cpuinfo("vendor_id") == "AuthenticAMD"
 _retained = False
