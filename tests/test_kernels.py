@@ -187,6 +187,8 @@ def test_cpu_attention_rule(monkeypatch):
     assert cpu.attention_applies(q, k, v) and cpu.attention_applies(*(t.bfloat16() for t in (q, k, v)))
     assert not cpu.attention_applies(*(t.half() for t in (q, k, v)))
     assert not cpu.attention_applies(q[:, :, :16], k, v)  # too little work: torch's
+    big = torch.empty(1, 1, 2**16, 512)  # a tiled VAE decode's 128 MiB of keys: torch's
+    assert not cpu.attention_applies(q[:, :1, :, :1].expand(1, 1, 1024, 512), big, big)
     assert kernels.attention(q, k, v).equal(cpu.attention(q, k, v))
     assert not kernels.attention(q, k, v, is_causal=True).equal(cpu.attention(q, k, v))
     with torch.enable_grad():

@@ -111,6 +111,7 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
             and not torch.compiler.is_compiling()
             and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16)
             and q.shape[2] * k.shape[2] * q.shape[3] >= ATTENTION_MIN_WORK
+            and k.numel() * k.element_size() <= ATTENTION_MAX_KEYS
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
 
@@ -119,6 +120,11 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
 ATTENTION_MIN_WORK = 2**22
 # scores held at once: under the 32 MiB that the heap keeps (retain_freed_memory)
 ATTENTION_BLOCK = 2**21
+# bytes of keys above which torch's kernel keeps the attention: ours copies the keys and values
+# at every call, which a tiled VAE decode's global attention (its queries in chunks against all
+# keys, 72 MiB of them from 1536² up) would repeat for every chunk. An SD 1.5 UNet at 1024² has
+# 42 MB of keys.
+ATTENTION_MAX_KEYS = 2**26
 _LOG2E = math.log2(math.e)
 
 
