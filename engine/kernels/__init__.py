@@ -4,10 +4,9 @@
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except bf16 linear layers, fp32 ones of ≥ 100k weights and bf16 convolutions
 (oneDNN's, the weights reordered once; engine/kernels/cpu.py), attention on AMD CPUs, where
-torch's kernel is slow (oneDNN matmuls, cpu.attention), and fp32
-3×3 convolutions with many channels (Winograd where there are many pixels; im2col + GEMM where
-there are few; engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch
-ops everywhere.
+torch's kernel is slow (oneDNN matmuls, cpu.attention), and fp32 3×3 convolutions with many
+channels (Winograd where there are many pixels; im2col + GEMM where there are few;
+engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch ops everywhere.
 `triton` forces the Triton kernels wherever their guards allow (dtype, shape; anything else falls
 back to torch); on the CPU that needs `TRITON_INTERPRET=1` (slow and exact: how the kernels are
 tested).

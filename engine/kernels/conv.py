@@ -71,24 +71,22 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                       (b, h, w))
 
 
-def _tap_gemm(rows: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """rows @ wmᵀ [+ bias] for one Winograd tap: oneDNN's at any weight size where it runs (its
-    rows come out the same however many share the call, MKL's do not on AMD CPUs), else aten's."""
-    if cpu.linear_applies(rows, wm, bias, min_weight=0):
-        return cpu.linear(rows, wm, bias)
-    return F.linear(rows, wm, bias)
+def _gemm(rows: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None = None,
+          residual: torch.Tensor | None = None, min_weight: int = cpu.FP32_MIN_WEIGHT
+          ) -> torch.Tensor:
+    """rows @ wmᵀ [+ bias] [+ residual]: oneDNN's where engine.kernels.cpu takes it, else aten's.
+    Winograd's taps pass min_weight=0: oneDNN's rows come out the same however many share the
+    call, MKL's do not on AMD CPUs."""
+    if cpu.linear_applies(rows, wm, bias, residual, min_weight=min_weight):
+        return cpu.linear(rows, wm, bias, residual)
+    out = F.linear(rows, wm, bias)
+    return out if residual is None else out + residual
 
 
 def _rows_conv(rows, wm, bias, bhw, residual=None) -> torch.Tensor:
     """(B·H·W, K) rows @ (O, K)ᵀ + bias [+ residual] as a channels-last (B, O, H, W) tensor."""
     res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
-    if cpu.linear_applies(rows, wm, bias, res):
-        out = cpu.linear(rows, wm, bias, res)
-    else:
-        out = F.linear(rows, wm, bias)
-        out = out if res is None else out + res
-    return out.view(*bhw, -1).permute(0, 3, 1, 2)
+    return _gemm(rows, wm, bias, res).view(*bhw, -1).permute(0, 3, 1, 2)
 
 
 # Winograd F(2×2, 3×3) (Lavin & Gray, 2016): each 2×2 output tile from a 4×4 input tile with 16
@@ -167,7 +165,8 @@ def _winograd_band(xp: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor |
     del rows
     v = v.view(16, -1, c)
     # AT's rows sum to one at (1, 1) for every output pixel: the bias goes in that GEMM
-    m = [_tap_gemm(v[k], u[k], bias if k == 5 else None).view(b, th, tw, -1) for k in range(16)]
+    m = [_gemm(v[k], u[k], bias if k == 5 else None, min_weight=0).view(b, th, tw, -1)
+         for k in range(16)]
     del v
     # Aᵀ m A, AT = [[1, 1, 1, 0], [0, 1, -1, -1]]
     top = [m[j] + m[4 + j] + m[8 + j] for j in range(4)]
@@ -221,7 +220,8 @@ def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         for r0 in range(0, th, band):
             n = min(band, th - r0)
             v = bb @ tiles[i, r0:r0 + n].reshape(n * tw, 36, c)        # (tiles, 36, C)
-            m = torch.stack([_tap_gemm(v[:, k], u[k]) for k in range(36)])  # (36, tiles, O)
+            # (36, tiles, O)
+            m = torch.stack([_gemm(v[:, k], u[k], min_weight=0) for k in range(36)])
             yb = (aa @ m.view(36, -1)).view(4, 4, n, tw, o)
             y[i, r0:r0 + n].copy_(yb.permute(2, 0, 3, 1, 4))
     if bias is not None:
