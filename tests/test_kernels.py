@@ -1,6 +1,7 @@
 """The dispatch point, the CPU im2col and Winograd convolutions and the linear layer against torch's
 reference ops."""
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -163,9 +164,25 @@ def test_cpu_attention_matches_reference_and_not_the_batch(n, m, d, monkeypatch)
     assert torch.equal(cpu.attention(q[1:2], k[1:2], v[1:2], 0.3), got[1:2])
     monkeypatch.setattr(cpu, "ATTENTION_BLOCK", m * 7)  # blocks of 7 query rows (row sums split otherwise)
     assert (cpu.attention(q, k, v, 0.3) - got).abs().max().item() <= 1e-6
-    # bf16 scores, as in torch's unfused attention: about 3e-2 of the largest output
+    # bf16 scores and weights: about 3e-2 of the largest output
     low = cpu.attention(*(t.bfloat16() for t in (q, k, v)), 0.3)
     assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+def test_cpu_attention_shifts_scores_out_of_range():
+    # 2^s overflows for scores past 128 and vanishes below -126 unless shifted by the row maximum
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 40, generator=g) for _ in range(3))
+    near = k[:, :, :1] + 0.1 * k
+    for q, k, scale in ((q, k, 8.0), (-near[:, :, :8], near, 4.0)):  # scores up to 120, under -110
+        s = q.double() @ k.double().transpose(-1, -2) * scale
+        assert s.amax().item() > 128 / math.log2(math.e) or s.amax().item() < -126 / math.log2(math.e)
+        ref = torch.softmax(s, -1) @ v.double()
+        # scores near 120 carry about 1e-5 of fp32 rounding
+        assert (cpu.attention(q, k, v, scale) - ref).abs().max().item() <= 1e-4, scale
+        # in bf16 such scores are rounded to whole numbers: only a mean of v's rows is asked for
+        low = cpu.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale).float()
+        assert (low >= v.amin(2, keepdim=True) - 0.05).all() and (low <= v.amax(2, keepdim=True) + 0.05).all()
 
 
 def test_feed_forward_blocks_of_tokens(monkeypatch):

@@ -116,7 +116,7 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
 
 
 # multiply-adds per head (queries × keys × head dim) below which torch's kernel is as fast: the
-# loop below costs three calls per head and row block
+# loop below costs several calls per head and row block
 ATTENTION_MIN_WORK = 2**22
 # scores held at once: under the 32 MiB that the heap keeps (retain_freed_memory)
 ATTENTION_BLOCK = 2**21
@@ -131,36 +131,45 @@ _LOG2E = math.log2(math.e)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
               ) -> torch.Tensor:
     """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim), a block of query rows at a time:
-    the scores by one oneDNN matmul, their softmax, then one oneDNN matmul with v. In fp32 the
-    softmax is 2^(s − max) on scores in base 2 (log2 e folded into q; torch's exp2 takes a quarter
-    of its exp's time here), divided by the row sums after the matmul with v, on (rows, head_dim)
-    rather than (rows, keys). In bf16, where those elementwise passes cost more than torch's fused
-    softmax, it is torch's, over bf16 scores as in torch's unfused (math) attention. The block's
-    size depends on the key count only, so an image's rows do not depend on its batch."""
+    the scores by one oneDNN matmul, in base 2 (log2 e folded into q), then 2^s in place, one
+    oneDNN matmul with v, and a division by the row sums on (rows, head_dim). The softmax's usual
+    shift by the row maximum only keeps 2^s within range: a block whose row sums fall outside
+    [2^-60, 2^64] is computed again with it, so such scores cost two passes and others no max
+    or subtraction at all. The block's size depends on the key count only, so an image's rows
+    do not depend on its batch."""
     b, h, n, d = q.shape
-    base2 = q.dtype == torch.float32
-    factor = (d ** -0.5 if scale is None else scale) * (_LOG2E if base2 else 1)
-    qs = torch.mul(q, factor, out=q.new_empty(b, h, n, d))  # scaled and made contiguous in one pass
+    qs = torch.mul(q, (d ** -0.5 if scale is None else scale) * _LOG2E, out=q.new_empty(b, h, n, d))
     kc = k.contiguous()
-    # vᵀ with zero rows up to a multiple of oneDNN's 16 fp32 lanes: at SD 1.5's head dim 40, p v
-    # over 48 columns takes 0.85× the time of 40
+    # vᵀ with zero rows up to a multiple of oneDNN's 16 fp32 lanes (at SD 1.5's head dim 40, p v
+    # over 48 columns takes 0.85× the time of 40); where there is a spare row, ones in it give
+    # the row sums from the same matmul
     vt = F.pad(v.transpose(2, 3), (0, 0, 0, -d % 16)).contiguous()
+    sums_in_v = d % 16 != 0
+    if sums_in_v:
+        vt[:, :, d] = 1
     out = q.new_empty(b, n, h, d)  # its transpose flattens to (b, n, h·d) without a copy
     rows = max(1, ATTENTION_BLOCK // k.shape[2])
     for i in range(b):
         for j in range(h):
             for r0 in range(0, n, rows):
-                p = _LINEAR(qs[i, j, r0:r0 + rows], kc[i, j], None, "none", [], "")
-                if base2:
-                    total = p.sub_(p.amax(-1, keepdim=True)).exp2_().sum(-1, keepdim=True)
-                else:
-                    p = torch.softmax(p, -1)
-                o = _LINEAR(p, vt[i, j], None, "none", [], "")[:, :d]
-                if base2:
-                    torch.div(o, total, out=out[i, r0:r0 + rows, j])
-                else:
-                    out[i, r0:r0 + rows, j] = o
+                o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d, sums_in_v)
+                low, high = torch.aminmax(total)
+                if not (low >= 2.0**-60 and high <= 2.0**64):
+                    o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d,
+                                               sums_in_v, shift=True)
+                torch.div(o, total, out=out[i, r0:r0 + rows, j])
     return out.transpose(1, 2)
+
+
+def _attention_rows(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, d: int, sums_in_v: bool,
+                    shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^(q kᵀ) v, its row sums), each row shifted by its maximum if asked."""
+    p = _LINEAR(q, k, None, "none", [], "")
+    if shift:
+        p.sub_(p.amax(-1, keepdim=True))
+    p.exp2_()
+    o = _LINEAR(p, vt, None, "none", [], "")
+    return o[:, :d], (o[:, d:d + 1] if sums_in_v else p.sum(-1, keepdim=True))
 
 
 def _reordered(weight: torch.Tensor, how: tuple, reorder) -> torch.Tensor:
