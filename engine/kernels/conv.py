@@ -141,11 +141,17 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # 4×4 tiles with stride 2 over the padded NHWC input (odd sizes get one more row or column)
     xp = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1).contiguous()
     y = x.new_empty(b, th, 2, tw, 2, o)
-    band = max(1, WINOGRAD_BAND // (16 * b * tw * max(c, o)))
+    band = _band_rows(th, WINOGRAD_BAND // (16 * b * tw * max(c, o)))
     for r0 in range(0, th, band):
         n = min(band, th - r0)
         _winograd_band(xp[:, 2 * r0:2 * (r0 + n) + 2], u, bias, y[:, r0:r0 + n])
     return y.view(b, 2 * th, 2 * tw, o)[:, :h, :w].permute(0, 3, 1, 2)
+
+
+def _band_rows(rows: int, most: int) -> int:
+    """Tile rows per band: as few bands as at most `most` rows each allows, of equal size but the
+    last, so that no GEMM is left with a few rows' tiles."""
+    return -(-rows // -(-rows // max(1, most)))
 
 
 def _winograd_band(xp: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | None,
@@ -204,8 +210,8 @@ def winograd4_applies(x: torch.Tensor, weight: torch.Tensor, stride: int, paddin
 
 def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """3×3, stride 1, padding 1 convolution by Winograd F(4×4, 3×3); returns a channels-last tensor.
-    Each image goes in bands of tile rows (transformed tiles under WINOGRAD4_BAND values) whose
-    shapes depend only on the image's size and the channels: an image is computed the same way
+    The batch goes in bands of tile rows, each image's under WINOGRAD4_BAND transformed values. An
+    image's tiles are computed the same way whatever else shares a GEMM (oneDNN's, in _gemm), so
     whatever else shares its batch."""
     b, c, h, w = x.shape
     o = weight.shape[0]
@@ -215,15 +221,13 @@ def winograd4_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     xp = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h)).permute(0, 2, 3, 1)
     tiles = xp.unfold(1, 6, 4).unfold(2, 6, 4).permute(0, 1, 2, 4, 5, 3)  # (B, th, tw, 6, 6, C)
     y = x.new_empty(b, th, 4, tw, 4, o)
-    band = max(1, WINOGRAD4_BAND // (36 * tw * max(c, o)))
-    for i in range(b):
-        for r0 in range(0, th, band):
-            n = min(band, th - r0)
-            v = bb @ tiles[i, r0:r0 + n].reshape(n * tw, 36, c)        # (tiles, 36, C)
-            # (36, tiles, O)
-            m = torch.stack([_gemm(v[:, k], u[k], min_weight=0) for k in range(36)])
-            yb = (aa @ m.view(36, -1)).view(4, 4, n, tw, o)
-            y[i, r0:r0 + n].copy_(yb.permute(2, 0, 3, 1, 4))
+    band = _band_rows(th, WINOGRAD4_BAND // (36 * tw * max(c, o)))
+    for r0 in range(0, th, band):
+        n = min(band, th - r0)
+        v = bb @ tiles[:, r0:r0 + n].reshape(b * n * tw, 36, c)        # (tiles, 36, C)
+        m = torch.stack([_gemm(v[:, k], u[k], min_weight=0) for k in range(36)])  # (36, tiles, O)
+        yb = (aa @ m.view(36, -1)).view(4, 4, b, n, tw, o)
+        y[:, r0:r0 + n].copy_(yb.permute(2, 3, 0, 4, 1, 5))
     if bias is not None:
         y += bias
     return y.view(b, 4 * th, 4 * tw, o)[:, :h, :w].permute(0, 3, 1, 2)
