@@ -154,7 +154,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             for r0 in range(0, n, rows):
                 o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d, sums_in_v)
                 low, high = torch.aminmax(total)
-                if not (low >= 2.0**-60 and high <= 2.0**64):
+                if not (2.0**-60 <= low.item() and high.item() <= 2.0**64):
                     o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d,
                                                sums_in_v, shift=True)
                 torch.div(o, total, out=out[i, r0:r0 + rows, j])
