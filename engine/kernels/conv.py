@@ -197,8 +197,9 @@ WINOGRAD4_BB, WINOGRAD4_GG, WINOGRAD4_AA = (torch.kron(m, m).float() for m in (_
 # oneDNN on 2 cores (bench/results/conv_cpu.json); below, its 4× larger filter transform costs more
 # than it saves.
 WINOGRAD4_MIN = (4096, 256)
-# Under 32 MiB a block comes from the heap, which keeps it (engine.kernels.cpu.retain_freed_memory):
-# 2**22-value bands left a tiled 2048² SD-VAE decode 3.1 GiB at its peak; 2**21 is as fast.
+# Transformed values per image in a band. Under 32 MiB a block comes from the heap, which keeps it
+# (engine.kernels.cpu.retain_freed_memory): 2**22 left a tiled 2048² SD-VAE decode (one image at a
+# time) 3.1 GiB at its peak; 2**21 is as fast there.
 WINOGRAD4_BAND = 2**21
 
 

@@ -133,10 +133,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """softmax(q kᵀ·scale) v over (batch, heads, seq, head_dim), a block of query rows at a time:
     the scores by one oneDNN matmul, in base 2 (log2 e folded into q), then 2^s in place, one
     oneDNN matmul with v, and a division by the row sums on (rows, head_dim). The softmax's usual
-    shift by the row maximum only keeps 2^s within range: a block whose row sums fall outside
-    [2^-60, 2^64] is computed again with it, so such scores cost two passes and others no max
-    or subtraction at all. The block's size depends on the key count only, so an image's rows
-    do not depend on its batch."""
+    shift by the row maximum only keeps 2^s within range, so it is left out: a block whose row
+    sums fall outside [2^-60, 2^64] is computed again with it. The block's size depends on the key
+    count only, so an image's rows do not depend on its batch."""
     b, h, n, d = q.shape
     qs = torch.mul(q, (d ** -0.5 if scale is None else scale) * _LOG2E, out=q.new_empty(b, h, n, d))
     kc = k.contiguous()
