@@ -192,14 +192,22 @@ def cpu_peers(j):
     setup = {"ours": "ours_load_s", "ours_bf16": "ours_bf16_load_s", "diffusers": "diffusers_load_s",
              "onnxruntime": "onnxruntime_session_s", "openvino_f32": "openvino_f32_compile_s",
              "openvino_default": "openvino_default_compile_s"}
-    med, bf16 = j["median_s"], j["median_s"].get("ours_bf16")
-    rows = [[label[k], f(v), f(j["gflop_per_step"] / v, 1), f(med["ours"] / v), f(bf16 / v) if bf16 else "",
+    med, runs = j["median_s"], j["seconds"]
+
+    def ratio(ours, k):  # of the medians, and (in brackets) the median of the rounds' own ratios
+        if ours not in med:
+            return ""
+        rounds = st.median(a / b for a, b in zip(runs[ours], runs[k]))
+        return f"{f(med[ours] / med[k])} ({f(rounds)})"
+    rows = [[label[k], f(v), f(j["gflop_per_step"] / v, 1), ratio("ours", k), ratio("ours_bf16", k),
              f"{j['max_rel_diff_vs_ours_fp32'][k]:.1e}", f(j["one_time_s"][setup[k]], 1)] for k, v in med.items()]
     return (md(["runner", "median s", "GFLOP/s", "ours fp32 / runner", "ours bf16 / runner",
                 "max difference (relative)", "load or compile s"], rows)
             + f"\n\n{vendor(j['cpu'])}CPU {'with' if j['native_bf16'] else 'without'} native bf16, "
             f"{j['threads']} threads; "
-            f"{len(j['seconds']['ours'])} alternating runs each; "
+            f"{len(j['seconds']['ours'])} alternating runs each, one of every runner per round (in "
+            "brackets: the median of the rounds' own ratios, which a drift in the machine's speed moves "
+            "less); "
             f"{f(j['gflop_per_step'], 0)} GFLOP per step; the ONNX export (done once, then cached) "
             + (f"took {f(export, 0)} s" if (export := j["one_time_s"].get("onnx_export_s")) else "was a cached one")
             + f"; peak RSS of the process, memory-mapped weight files "
