@@ -184,6 +184,16 @@ def test_cpu_attention_shifts_scores_out_of_range():
         # in bf16 such scores are rounded to whole numbers: only a mean of v's rows is asked for
         low = cpu.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale).float()
         assert (low >= v.amin(2, keepdim=True) - 0.05).all() and (low <= v.amax(2, keepdim=True) + 0.05).all()
+    # an image's own scores decide: one in range comes out the same beside one that needs the shift
+    q, k, v = (torch.randn(1, 2, 64, 40, generator=g) for _ in range(3))
+    s = q.double() @ k.double().transpose(-1, -2) * 2.2  # up to about 50: 2^s up to 2^72, unshifted
+    assert 40 < s.amax().item() < 60
+    ref = torch.softmax(s, -1) @ v.double()
+    assert (cpu.attention(q, k, v, 2.2) - ref).abs().max().item() <= 1e-4
+    pair = cpu.attention(torch.cat([20 * q, q]), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), 1.0)
+    assert torch.equal(pair[1:], cpu.attention(q, k, v, 1.0))
+    ref = torch.softmax(20 * q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    assert (pair[:1] - ref).abs().max().item() <= 1e-4
 
 
 def test_feed_forward_blocks_of_tokens(monkeypatch):

@@ -125,6 +125,10 @@ ATTENTION_BLOCK = 2**21
 # keys, 72 MiB of them from 1536² up) would repeat for every chunk. An SD 1.5 UNet at 1024² has
 # 42 MB of keys.
 ATTENTION_MAX_KEYS = 2**26
+# row sums of 2^s that need no shift: from 2^-76 a row's largest term (≥ sum / 2^26 keys) is over
+# 2^-102, so terms 2^-24 of it still lie in fp32's and bf16's normal range; to 2^88, 2^s v stays
+# in that range for |v| under 2^40
+ATTENTION_SUMS = (2.0**-76, 2.0**88)
 _LOG2E = math.log2(math.e)
 
 
@@ -134,7 +138,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     the scores by one oneDNN matmul, in base 2 (log2 e folded into q), then 2^s in place, one
     oneDNN matmul with v, and a division by the row sums on (rows, head_dim). The softmax's usual
     shift by the row maximum only keeps 2^s within range, so it is left out: a block whose row
-    sums fall outside [2^-60, 2^64] is computed again with it. The block's size depends on the key
+    sums fall outside ATTENTION_SUMS is computed again with it, and the image's later blocks take it
+    from the start (an image's scores, not its batch's, decide). The block's size depends on the key
     count only, so an image's rows do not depend on its batch."""
     b, h, n, d = q.shape
     qs = torch.mul(q, (d ** -0.5 if scale is None else scale) * _LOG2E, out=q.new_empty(b, h, n, d))
@@ -149,13 +154,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     out = q.new_empty(b, n, h, d)  # its transpose flattens to (b, n, h·d) without a copy
     rows = max(1, ATTENTION_BLOCK // k.shape[2])
     for i in range(b):
+        shift = False
         for j in range(h):
             for r0 in range(0, n, rows):
-                o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d, sums_in_v)
-                low, high = torch.aminmax(total)
-                if not (2.0**-60 <= low.item() and high.item() <= 2.0**64):
-                    o, total = _attention_rows(qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d,
-                                               sums_in_v, shift=True)
+                block = (qs[i, j, r0:r0 + rows], kc[i, j], vt[i, j], d, sums_in_v)
+                o, total = _attention_rows(*block, shift=shift)
+                if not shift:
+                    low, high = torch.aminmax(total)
+                    if not (ATTENTION_SUMS[0] <= low.item() and high.item() <= ATTENTION_SUMS[1]):
+                        shift = True
+                        o, total = _attention_rows(*block, shift=True)
                 torch.div(o, total, out=out[i, r0:r0 + rows, j])
     return out.transpose(1, 2)
 
