@@ -238,7 +238,8 @@ def cpuinfo(field: str) -> str:
     """A field of the first processor in /proc/cpuinfo ("model name", "vendor_id", "flags"), or ""
     where there is none (not Linux)."""
     try:
-        lines = open("/proc/cpuinfo").read().splitlines()
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
     except OSError:
         return ""
     return next((line.split(":", 1)[1].strip() for line in lines
