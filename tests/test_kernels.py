@@ -223,6 +223,27 @@ def test_cpu_attention_rule(monkeypatch):
         assert not cpu.attention_applies(q.requires_grad_(), k, v)
 
 
+@pytest.mark.parametrize("keys", [77, 256, 512])
+def test_bf16_attention_under_autograd_matches_reference(keys):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 96, 16, generator=g)
+    k, v = (torch.randn(2, 2, keys, 16, generator=g) for _ in range(2))
+    dout = torch.randn(2, 2, 96, 16, generator=g)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.softmax(ref[0] @ ref[1].transpose(-1, -2) * 0.3, -1) @ ref[2]
+    want.backward(dout.double())
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    assert cpu.short_attention_applies(*low) == (keys <= cpu.SHORT_ATTENTION_KEYS)
+    got = kernels.attention(*low, scale=0.3)
+    got.backward(dout.bfloat16())
+    assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max().item() <= 3e-2
+    for a, b in zip(low, ref):  # bf16 rounding of scores, weights and gradients: about 1e-2 of the largest
+        assert (a.grad.double() - b.grad).abs().max().item() <= 3e-2 * b.grad.abs().max().item()
+    with torch.no_grad():
+        assert not cpu.short_attention_applies(*low)
+    assert not cpu.short_attention_applies(*(t.float().requires_grad_() for t in (q, k, v)))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias,residual,act,mul", [(True, False, None, False), (False, False, None, False),
                                                  (True, True, None, False), (False, True, None, False),

@@ -4,7 +4,8 @@
 shape, the faster of the Triton and cuDNN convolutions (measured once, cached on disk); on the CPU
 the torch ops, except bf16 linear layers, fp32 ones of ≥ 100k weights and bf16 convolutions
 (oneDNN's, the weights reordered once; engine/kernels/cpu.py), attention on AMD CPUs, where
-torch's kernel is slow (oneDNN matmuls, cpu.attention), and fp32 3×3 convolutions with many
+torch's kernel is slow (oneDNN matmuls, cpu.attention), bf16 attention over few keys under
+autograd (matmul, softmax, matmul: cpu.short_attention), and fp32 3×3 convolutions with many
 channels (Winograd where there are many pixels; im2col + GEMM where there are few;
 engine/kernels/conv.py). 1×1 convolutions are matmuls. `torch` forces the torch ops everywhere.
 `triton` forces the Triton kernels wherever their guards allow (dtype, shape; anything else falls
@@ -59,6 +60,8 @@ def attention(
                                       is_causal)[0]
     elif mode() == "auto" and not is_causal and cpu.attention_applies(q, k, v):
         return cpu.attention(q, k, v, scale)
+    elif mode() == "auto" and not is_causal and cpu.short_attention_applies(q, k, v):
+        return cpu.short_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 

@@ -115,6 +115,26 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
 
+def short_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Where autograd runs through bf16 attention over few keys on the CPU (training a small model,
+    or cross-attention to the prompt): torch's flash kernel costs 3–10× the plain matmul–softmax–
+    matmul there, forward and backward. Not for long self-attention, where it stays faster."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and k.shape[-2] <= SHORT_ATTENTION_KEYS and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v)))
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float | None) -> torch.Tensor:
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return s.softmax(-1) @ v
+
+
+# keys up to which short_attention runs: measured faster up to 256 keys at head dims 16–160
+# (64×2 heads of 256 queries: level; 1024 queries against 77 keys: 2.2×), slower from 512
+SHORT_ATTENTION_KEYS = 256
+
+
 # multiply-adds per head (queries × keys × head dim) below which torch's kernel is as fast: the
 # loop below costs several calls per head and row block
 ATTENTION_MIN_WORK = 2**22
