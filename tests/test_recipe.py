@@ -54,6 +54,30 @@ def test_a_resumed_stage_equals_an_uninterrupted_one(recipe, tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_bf16_steps_resume_in_bf16_only(recipe, tmp_path):
+    build, precision = recipe.BUILD, recipe.PRECISION
+    for d in "abcd":
+        (tmp_path / d).mkdir()
+    try:
+        full = run_stage(recipe, tmp_path / "a", 6)
+        recipe.PRECISION = "bf16"
+        whole = run_stage(recipe, tmp_path / "b", 6)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(recipe, tmp_path / "c", 6, stop_at=3)
+        resumed = run_stage(recipe, tmp_path / "c", 6)
+        assert run_stage(recipe, tmp_path / "a", 6)["weight"].equal(full["weight"])  # finished: nothing to redo
+        recipe.PRECISION = "fp32"
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(recipe, tmp_path / "d", 6, stop_at=3)
+        recipe.PRECISION = "bf16"
+        with pytest.raises(recipe.RecipeError, match="--precision fp32"):
+            run_stage(recipe, tmp_path / "d", 6)
+    finally:
+        recipe.BUILD, recipe.PRECISION = build, precision
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not torch.equal(whole["weight"], full["weight"])  # the bf16 steps did run in bf16
+
+
 def test_stage_times_add_up_over_runs(recipe, tmp_path):
     build = recipe.BUILD
     recipe.BUILD = tmp_path
