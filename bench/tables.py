@@ -495,12 +495,30 @@ def recipe_times(j):
             return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
         return f"{int(s // 3600)} h" + (f" {int(s % 3600 // 60):02d} min" if s % 3600 >= 60 else "")
 
-    rows = [[f"`{name}`", hm(t["seconds"]), t["runs"], t["machine"].rsplit(", ", 1)[-1]]  # the CPU is in the JSON
-            for name, t in j["stages"].items()]
+    rows = [[f"`{name}`", hm(t["seconds"]), t["runs"],  # the CPU is in the JSON
+             f'{t["machine"].rsplit(", ", 1)[-1]}, {t.get("precision", "fp32")}'] for name, t in j["stages"].items()]
     total, target = j["total_seconds"], j["target_seconds"]
     verdict = (f"within the recipe's {hm(target)} target" if total <= target else
                f"{hm(total - target)} over the recipe's {hm(target)} target")
-    return md(["stage", "wall time", "runs (resumed)", "threads"], rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
+    return md(["stage", "wall time", "runs (resumed)", "threads, training precision"],
+              rows + [["all", f"{hm(total)}, {verdict}", "", ""]])
+
+
+@table("recipe-steps", "recipe_steps.json", "python bench/bench_recipe_steps.py")
+def recipe_steps(j):
+    sp, q = j["speed"], j["quality"]
+    rows = [[name, f"{r['median_s']['fp32']:.3f} s", f"{r['median_s']['bf16']:.3f} s", f(r["ratio_bf16_over_fp32"])]
+            for name, r in sp["models"].items()]
+    speed = md(["training step", "fp32", "bf16 autocast", "bf16 / fp32"], rows)
+    steps = [c["step"] for c in q["runs"]["fp32"]["curve"]]
+    rows = [[p, *(f"{c['held_out']:.4f} ({c['held_out_ema']:.4f})" for c in r["curve"]),
+             f"{r['seconds_per_step']:.3f} s"] for p, r in q["runs"].items()]
+    quality = md(["base UNet from one initialisation", *(f"step {k}" for k in steps), "per step"], rows)
+    native = ", ".join(sp["native_bf16"]) or "none"
+    return (f"{speed}\n\nThe CPU's native bf16 instructions: {native}; {sp['threads']} threads, median of "
+            f"{sp['repeats']} rounds of {sp['steps']} steps, alternating. Held-out v-loss of the base UNet "
+            f"(its EMA's in brackets) on {q['held_out_scenes']} scenes of another seed, trained on "
+            f"{q['train_scenes']} scenes:\n\n{quality}")
 
 
 @table("samplers", "samplers.json", "{command}")
