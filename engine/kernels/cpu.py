@@ -117,7 +117,7 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
 
 def short_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Where autograd runs through bf16 attention over few keys on the CPU (training a small model,
-    or cross-attention to the prompt): torch's flash kernel costs 3–10× the plain matmul–softmax–
+    or cross-attention to the prompt): torch's flash kernel costs 2–10× the plain matmul–softmax–
     matmul there, forward and backward. Not for long self-attention, where it stays faster."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and k.shape[-2] <= SHORT_ATTENTION_KEYS and torch.is_grad_enabled()
