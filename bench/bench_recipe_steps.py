@@ -1,17 +1,18 @@
 """The recipe's training steps (weights/recipe.py) in fp32 and under bf16 autocast (`--precision bf16`).
 
---part speed: the step time of its three largest models, the base UNet (batch 64 of 16² latents), the VAE
-(32 crops of 32²) and the x4 UNet (8 crops of 32²), on random data of the recipe's shapes, with the recipe's
-loss and optimiser step. Precisions alternate; the median of --repeats rounds of --steps steps each.
+--part speed: the step time of its three largest models on random data of the recipe's shapes. The base and
+x4 UNets take the recipe's own steps (base: batch 64 of 16² latents; x4: its mix of crop sides); the VAE's
+step has the recipe's loss and optimiser step (32 crops of 32²). Precisions alternate; the median of
+--repeats rounds of --steps steps each.
 --part quality: the base UNet trained from the same initialisation in each precision, --train-steps steps of
-the `base` stage (its loss, batch, learning rate and EMA) on 6 000 training-pool scenes encoded by the shipped
-VAE and text encoder, and its v-loss on 512 held-out scenes (seed 555) every 250 steps.
+the `base` stage's step (its loss, batch, learning rate and EMA) on 6 000 training-pool scenes encoded by the
+shipped VAE and text encoder, and its v-loss on 512 held-out scenes (seed 555) every 250 steps.
 Writes bench/results/recipe_steps.json.
 """
 import argparse
 import importlib.util
-import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +38,22 @@ spec.loader.exec_module(recipe)
 def base_step():
     unet = UNet2DConditionModel(UNetConfig.from_dict(recipe.BASE))
     opt, ema = recipe.adamw(unet.parameters(), 8e-4), recipe.EMA(unet, 0.995)
-    sched = schedule.SchedulerConfig.from_dict(recipe.BASE_SCHED)
-    x0, c = torch.randn(64, recipe.LATENT, 16, 16), torch.randn(64, 77, 128)
+    n = 256
+    step = base_steps(unet, ema, opt, torch.randn(n, recipe.LATENT, 16, 16),
+                      torch.randn(n, recipe.CAPTIONS, 77, 128), torch.randn(77, 128))
+    return lambda: step(0, None)
 
-    def step():
-        t, noise = torch.randint(0, 1000, (64,)), torch.randn_like(x0)
-        err = unet(schedule.q_sample(sched, x0, t, noise), t, c) - schedule.training_target(sched, x0, t, noise)
-        return recipe.update(err.square().mean(), opt, unet, ema)
 
-    return step
+def base_steps(unet, ema, opt, latents, emb, null, batch: int = 64):
+    """The recipe's base-stage step (recipe.base_steps) on these latents and caption embeddings."""
+    build = recipe.BUILD
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.BUILD = Path(tmp)
+        torch.save({"latents": latents.half(), "emb": emb.half(), "null": null}, recipe.BUILD / "data_base.pt")
+        try:
+            return recipe.base_steps(unet, ema, opt, batch, 0.1)
+        finally:
+            recipe.BUILD = build
 
 
 def vae_step():
@@ -64,17 +72,12 @@ def vae_step():
 def sr_step():
     unet = UNet2DConditionModel(UNetConfig.from_dict(recipe.SR))
     opt, ema = recipe.adamw(unet.parameters(), 5e-4), recipe.EMA(unet, 0.995)
-    sched = schedule.SchedulerConfig.from_dict(recipe.SR_SCHED)
-    x0, low, c = torch.randn(8, recipe.LATENT, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 77, 128)
-
-    def step():
-        t, noise = torch.randint(0, 1000, (8,)), torch.randn_like(x0)
-        level = torch.randint(0, recipe.MAX_NOISE_LEVEL + 1, (8,))
-        x = torch.cat([schedule.q_sample(sched, x0, t, noise), low], 1)
-        err = unet(x, t, c, class_labels=level) - schedule.training_target(sched, x0, t, noise)
-        return recipe.update(err.square().mean(), opt, unet, ema)
-
-    return step
+    n = 64
+    data = {"latents": torch.randn(n, recipe.LATENT, 64, 64).half(),
+            "low": torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8),
+            "emb": torch.randn(n, recipe.CAPTIONS, 77, 128).half(), "null": torch.randn(77, 128)}
+    step, rng = recipe.sr_steps(unet, ema, opt, data, 0.1), np.random.default_rng(0)  # the same crops in each run
+    return lambda: step(0, rng)
 
 
 MODELS = {"base UNet": base_step, "VAE": vae_step, "x4 UNet": sr_step}
@@ -140,19 +143,13 @@ def quality(steps: int, batch: int = 64, every: int = 250) -> dict:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(UNetConfig.from_dict(recipe.BASE))
         ema, opt = recipe.EMA(unet, 0.995), recipe.adamw(unet.parameters(), 8e-4)
+        step = base_steps(unet, ema, opt, lat, emb, null, batch)
         curve, t0 = [], time.perf_counter()
         for i in range(steps):
-            for gr in opt.param_groups:
-                gr["lr"] = gr["base_lr"] * min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / steps))
+            recipe.set_lr(opt, i, steps)
             torch.manual_seed(i)
-            idx = torch.randint(len(lat), (batch,))
-            x0, c = lat[idx], emb[idx, torch.randint(recipe.CAPTIONS, (batch,))]
-            c[torch.rand(batch) < 0.1] = null
-            t, noise = torch.randint(0, 1000, (batch,)), torch.randn_like(x0)
             with torch.autocast("cpu", torch.bfloat16, enabled=p == "bf16"):
-                out_v = unet(schedule.q_sample(sched, x0, t, noise), t, c)
-            err = out_v.float() - schedule.training_target(sched, x0, t, noise)
-            recipe.update((err.square().mean((1, 2, 3)) * weight[t]).mean(), opt, unet, ema)
+                step(i, None)
             if (i + 1) % every == 0 or i + 1 == steps:
                 curve.append({"step": i + 1, "held_out": held_out(unet.state_dict()),
                               "held_out_ema": held_out(ema.state_dict())})

@@ -193,8 +193,7 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
             CLOCK.finished_before = True
     t0, losses = time.time(), []
     for step in range(start, total):
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
+        set_lr(opt, step, total)
         key = list(STAGES).index(name)
         torch.manual_seed(key * 1_000_003 + step)
         with torch.autocast("cpu", torch.bfloat16, enabled=PRECISION == "bf16"):
@@ -206,6 +205,12 @@ def checkpointed(name: str, modules: dict, opt, total: int, step_fn, every: int 
                 f"({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
             if CLOCK is not None:
                 CLOCK.lap()
+
+
+def set_lr(opt, step: int, total: int):
+    """Each group's base_lr, warmed up over 100 steps, on a cosine to 0 at step `total`."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def update(loss, opt, model=None, ema=None) -> float:
