@@ -619,8 +619,9 @@ def sr_steps(unet: UNet2DConditionModel, ema: EMA, opt, data: dict, drop: float,
         side, batch = SR_CROPS[int(rng.integers(len(SR_CROPS)))]
         idx = rng.integers(len(lat), size=batch)
         ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
-        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side] for j, y, x in zip(idx, ys, xs)])  # noqa: E731
-        x0, low = crop(lat).float(), crop(low_all).float() / 127.5 - 1
+        # each crop in fp32 before the stack: autocast's stack takes no float16 (the stored latents)
+        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side].float() for j, y, x in zip(idx, ys, xs)])  # noqa: E731
+        x0, low = crop(lat), crop(low_all) / 127.5 - 1
         c = emb[idx, rng.integers(CAPTIONS, size=batch)].float()
         c[torch.rand(batch) < drop] = null
         # half the levels near the ones upscaling uses (20 by default), half anywhere up to the maximum
