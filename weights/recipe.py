@@ -620,7 +620,8 @@ def sr_steps(unet: UNet2DConditionModel, ema: EMA, opt, data: dict, drop: float,
         idx = rng.integers(len(lat), size=batch)
         ys, xs = rng.integers(0, low_all.shape[-1] - side + 1, (2, batch))
         # each crop in fp32 before the stack: autocast's stack takes no float16 (the stored latents)
-        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side].float() for j, y, x in zip(idx, ys, xs)])  # noqa: E731
+        crop = lambda a: torch.stack([a[j, :, y:y + side, x:x + side].float()  # noqa: E731
+                                      for j, y, x in zip(idx, ys, xs)])
         x0, low = crop(lat), crop(low_all) / 127.5 - 1
         c = emb[idx, rng.integers(CAPTIONS, size=batch)].float()
         c[torch.rand(batch) < drop] = null
