@@ -531,10 +531,9 @@ def min_snr_weights(sched, gamma=5.0, floor=0.1) -> torch.Tensor:
     return (snr.clamp(max=gamma) / (snr + 1)).clamp(min=floor)
 
 
-def base_steps(unet: UNet2DConditionModel, ema: EMA, opt, batch: int, drop: float, data: str = "data_base.pt"):
-    """The base model's training step: v-prediction on the cached latents (build/<data>) under one of each scene's
-    captions (or none, at rate `drop`), weighted by min_snr_weights."""
-    data = torch.load(BUILD / data)
+def base_steps(unet: UNet2DConditionModel, ema: EMA, opt, batch: int, drop: float, data: dict):
+    """The base model's training step: v-prediction on data's latents (as the data stage caches them) under one of
+    each scene's captions (or none, at rate `drop`), weighted by min_snr_weights."""
     lat, emb, null = data["latents"], data["emb"], data["null"].float()
     sched = schedule.SchedulerConfig.from_dict(BASE_SCHED)
     weight = min_snr_weights(sched)
@@ -556,7 +555,8 @@ def stage_base(steps=9000, batch=64, drop=0.1):
     unet = UNet2DConditionModel(UNetConfig.from_dict(BASE))
     ema = EMA(unet, 0.995)
     opt = adamw(unet.parameters(), 8e-4)
-    checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop))
+    step = base_steps(unet, ema, opt, batch, drop, torch.load(BUILD / "data_base.pt"))
+    checkpointed("base", {"unet": unet, "ema": ema}, opt, steps, step)
 
 
 def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1, data="data_base.pt"):
@@ -567,7 +567,8 @@ def stage_refine(name="refine", source="base", steps=9000, batch=64, drop=0.1, d
     unet.load_state_dict(torch.load(BUILD / f"{source}.pt", weights_only=False)["ema"])
     ema = EMA(unet, 0.998)
     opt = adamw(unet.parameters(), 4e-4)
-    checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, base_steps(unet, ema, opt, batch, drop, data))
+    step = base_steps(unet, ema, opt, batch, drop, torch.load(BUILD / data))
+    checkpointed(name, {"unet": unet, "ema": ema}, opt, steps, step)
 
 
 def planted() -> torch.Tensor:
